@@ -1,0 +1,39 @@
+# Two commands that work on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+APT_PACKAGES := janus libjs-janus-gateway libjs-webrtc-adapter chromium sip-tester ffmpeg tshark iproute2
+
+.PHONY: setup system-deps venv test lint demo bench clean
+
+system-deps:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+venv: $(PY)
+	$(PY) -m pip install -q -e '.[dev]'
+
+setup: system-deps venv
+
+lint: setup
+	$(VENV)/bin/ruff check protocol stages sipbridge tests bench
+	$(VENV)/bin/mypy
+
+test: setup lint
+	$(VENV)/bin/pytest -q tests
+
+demo: setup
+	$(VENV)/bin/sipbridge demo
+
+bench: setup
+	$(VENV)/bin/sipbridge bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info

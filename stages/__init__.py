@@ -1,0 +1,1 @@
+"""Stage processes of sipbridge. Each module exposes a click ``command``."""

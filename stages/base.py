@@ -1,0 +1,543 @@
+"""The stage runtime every sipbridge process is built on.
+
+A stage reads messages from its input edges, does its work, and writes to one
+output edge. The runtime owns the sockets; subclasses implement small hooks:
+
+* ``setup()``: open codecs (runs on the stage's codec thread);
+* ``process(msg)``: turn one media message into zero or more messages (codec thread);
+* ``flush(stream_id)``: drain what is buffered when a stream ends ("" = all streams);
+* ``on_keyframe_request(req)``: a consumer asked for a keyframe; return True when
+  handled here, False to pass it further upstream;
+* ``produce()``: for stages that create media themselves (sources, browser, Janus);
+* ``close()``: release resources; idempotent.
+
+Sockets (stable ends bind, dynamic ends connect):
+* output data: PUSH, bound by this stage; control for it: PULL bound at ``control_endpoint(output)``;
+* input data: PULL, connected to each upstream output; control: one PUSH per input,
+  connected to ``control_endpoint(input)``, used for keyframe requests travelling upstream;
+* statistics: PUB bound at ``--stats``, carrying Heartbeat and Stats messages.
+
+Backpressure per edge (see ARCHITECTURE.md): bounded high-water marks on both
+sides; raw video is sent without blocking and dropped (counted) when the consumer
+is full, and a consumer that falls behind keeps only the newest raw frame of each
+stream; encoded video that cannot be sent is dropped and the stage asks for a
+keyframe so the consumer can resynchronise; audio and control messages wait for room.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import contextlib
+import enum
+import logging
+import os
+import signal
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+import protocol
+from protocol import (
+    AudioFrame,
+    EncodedPacket,
+    EndOfStream,
+    ErrorReport,
+    Heartbeat,
+    KeyframeRequest,
+    Message,
+    ProtocolError,
+    Stats,
+    VideoFrame,
+)
+
+HEARTBEAT_INTERVAL_S = 1.0
+STATS_INTERVAL_S = 1.0
+LOG_STATS_INTERVAL_S = 5.0
+DEFAULT_VIDEO_HWM_MSGS = 8
+# pyzmq copies anything under this size anyway; zero-copy only pays off above it.
+ZERO_COPY_THRESHOLD_BYTES = 64 * 1024
+MAX_RECEIVE_BATCH_MSGS = 64
+LINGER_ON_CLOSE_MS = 2000
+LATENCY_WINDOW_SAMPLES = 512
+ERROR_LOG_INTERVAL_S = 1.0
+
+DEFAULT_RUN_DIR = "/tmp/sipbridge"
+
+
+def run_dir() -> str:
+    return os.environ.get("SIPBRIDGE_RUN_DIR", DEFAULT_RUN_DIR)
+
+
+def default_endpoint(name: str, suffix: str = "sock") -> str:
+    return f"ipc://{run_dir()}/{name}.{suffix}"
+
+
+def control_endpoint(data_endpoint: str) -> str:
+    """The control edge that travels against ``data_endpoint``'s direction.
+
+    ipc://PATH gets ipc://PATH.ctl; tcp://HOST:PORT gets tcp://HOST:PORT+1.
+    """
+    if data_endpoint.startswith("ipc://"):
+        return data_endpoint + ".ctl"
+    if data_endpoint.startswith("tcp://"):
+        host, _, port = data_endpoint[len("tcp://") :].rpartition(":")
+        if not port.isdigit():
+            raise ValueError(f"tcp endpoint needs an explicit port: {data_endpoint}")
+        return f"tcp://{host}:{int(port) + 1}"
+    raise ValueError(f"unsupported endpoint {data_endpoint!r} (use ipc:// or tcp://)")
+
+
+class VideoPolicy(enum.StrEnum):
+    """What an edge does when raw video arrives faster than it is consumed."""
+
+    LATEST = "latest"  # real time: drop old frames (counted), never queue
+    ALL = "all"  # offline and benchmarks: block the producer, lose nothing
+
+
+@dataclass
+class StageOptions:
+    name: str
+    inputs: list[str] = field(default_factory=list)
+    output: str | None = None
+    stats: str | None = None
+    video_policy: VideoPolicy = VideoPolicy.LATEST
+    hwm: int = DEFAULT_VIDEO_HWM_MSGS
+
+
+class StreamFigures:
+    """Counters of one stream inside one stage."""
+
+    __slots__ = ("bytes_in", "bytes_out", "first_ns", "frames_in", "frames_out", "last_ns", "latency_ms")
+
+    def __init__(self) -> None:
+        self.frames_in = 0
+        self.frames_out = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.latency_ms: collections.deque[float] = collections.deque(maxlen=LATENCY_WINDOW_SAMPLES)
+        self.first_ns = 0
+        self.last_ns = 0
+
+
+def percentile(values: Iterable[float], q: float) -> float | None:
+    ordered = sorted(values)
+    if not ordered:
+        return None
+    index = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def payload_size(msg: Message) -> int:
+    if isinstance(msg, (VideoFrame, AudioFrame, EncodedPacket)):
+        return memoryview(msg.data).nbytes
+    return 0
+
+
+class Stage:
+    """Base class of every stage process. See the module docstring for the hooks."""
+
+    #: Whether this stage's ``process`` wants raw video dropped when it falls behind.
+    consumes_inputs = True
+
+    def __init__(self, options: StageOptions) -> None:
+        self.options = options
+        self.name = options.name
+        self.log = logging.LoggerAdapter(logging.getLogger("sipbridge"), {"stage": self.name})
+        self._ctx = zmq.asyncio.Context()
+        # One codec context per thread: every codec call of a stage runs on this one thread.
+        self._codec_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"{self.name}-codec")
+        self._out: zmq.asyncio.Socket | None = None
+        self._out_control: zmq.asyncio.Socket | None = None
+        self._ins: list[zmq.asyncio.Socket] = []
+        self._in_controls: list[zmq.asyncio.Socket] = []
+        self._stats_pub: zmq.asyncio.Socket | None = None
+        self._stopping = asyncio.Event()
+        self._closed = False
+        self._eos_inputs = 0
+        self.streams: dict[str, StreamFigures] = collections.defaultdict(StreamFigures)
+        self.drops: collections.Counter[str] = collections.Counter()
+        self.errors: collections.Counter[str] = collections.Counter()
+        self.keyframe_requests_in = 0
+        self.keyframe_requests_out = 0
+        self._process_ms: collections.deque[float] = collections.deque(maxlen=LATENCY_WINDOW_SAMPLES)
+        self._last_error_log = 0.0
+        self._started_ns = time.time_ns()
+        self.exit_code = 0
+
+    # ----- hooks ---------------------------------------------------------------------------
+    def setup(self) -> None:
+        """Open codecs and other per-thread state (codec thread)."""
+
+    def process(self, msg: Message) -> Iterable[Message]:
+        """Default: pass the message through unchanged (codec thread)."""
+        return (msg,)
+
+    def flush(self, stream_id: str) -> Iterable[Message]:
+        """Drain buffered output of ``stream_id``, or of every stream for "" (codec thread)."""
+        return ()
+
+    def on_keyframe_request(self, request: KeyframeRequest) -> bool:
+        """Handle a consumer's keyframe request (codec thread). False passes it upstream."""
+        return False
+
+    async def produce(self) -> None:
+        """Create media for stages without inputs; return when the stream is over."""
+
+    def extra_figures(self) -> dict[str, Any]:
+        """Stage-specific figures added to the periodic statistics."""
+        return {}
+
+    def teardown(self) -> None:
+        """Release codec-thread resources (codec thread)."""
+
+    # ----- helpers for subclasses ------------------------------------------------------------
+    async def run_codec(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._codec_thread, fn, *args)
+
+    def report_error(self, code: str, message: str, stream_id: str = "", call_id: str = "") -> None:
+        """Count an error, log it (rate-limited) and publish it on the statistics socket."""
+        self.errors[code] += 1
+        now = time.monotonic()
+        if now - self._last_error_log >= ERROR_LOG_INTERVAL_S:
+            self._last_error_log = now
+            self.log.error(
+                "%s: %s (stream=%s call=%s, %d so far)",
+                code,
+                message,
+                stream_id or "-",
+                call_id or "-",
+                self.errors[code],
+            )
+        self._publish(ErrorReport(self.name, code, message, stream_id, call_id))
+
+    async def emit(self, msg: Message) -> bool:
+        """Send one message downstream under the edge's backpressure policy.
+
+        Returns False when the message was dropped.
+        """
+        if self._out is None:
+            return False
+        parts = protocol.encode(msg)
+        size = payload_size(msg)
+        copy = size < ZERO_COPY_THRESHOLD_BYTES
+        realtime_video = isinstance(msg, (VideoFrame, EncodedPacket)) and not (
+            isinstance(msg, EncodedPacket) and not msg.codec.is_video
+        )
+        if realtime_video and self.options.video_policy is VideoPolicy.LATEST:
+            try:
+                await self._out.send_multipart(parts, flags=zmq.NOBLOCK, copy=copy)
+            except zmq.Again:
+                stream_id = msg.header.stream_id  # type: ignore[union-attr]
+                self.drops["send_full"] += 1
+                if isinstance(msg, EncodedPacket):
+                    # The consumer will miss a reference frame: make the next one a keyframe.
+                    await self.run_codec(self.on_keyframe_request, KeyframeRequest(stream_id, "dropped on send"))
+                return False
+        else:
+            await self._out.send_multipart(parts, copy=copy)
+        if isinstance(msg, (VideoFrame, AudioFrame, EncodedPacket)):
+            figures = self.streams[msg.header.stream_id]
+            figures.frames_out += 1
+            figures.bytes_out += size
+        return True
+
+    async def request_keyframe_upstream(self, stream_id: str, reason: str) -> None:
+        parts = protocol.encode(KeyframeRequest(stream_id, reason))
+        for sock in self._in_controls:
+            with contextlib.suppress(zmq.Again):
+                await sock.send_multipart(parts, flags=zmq.NOBLOCK)
+                self.keyframe_requests_out += 1
+
+    def request_stop(self) -> None:
+        self._stopping.set()
+
+    # ----- runtime --------------------------------------------------------------------------
+    def _open_sockets(self) -> None:
+        opts = self.options
+        if opts.output:
+            self._out = self._socket(zmq.PUSH)
+            self._out.setsockopt(zmq.SNDHWM, opts.hwm)
+            self._out.bind(opts.output)
+            self._out_control = self._socket(zmq.PULL)
+            self._out_control.bind(control_endpoint(opts.output))
+        for endpoint in opts.inputs:
+            sock = self._socket(zmq.PULL)
+            sock.setsockopt(zmq.RCVHWM, opts.hwm)
+            sock.connect(endpoint)
+            self._ins.append(sock)
+            ctl = self._socket(zmq.PUSH)
+            ctl.setsockopt(zmq.SNDHWM, 16)
+            ctl.connect(control_endpoint(endpoint))
+            self._in_controls.append(ctl)
+        if opts.stats:
+            self._stats_pub = self._socket(zmq.PUB)
+            self._stats_pub.setsockopt(zmq.SNDHWM, 64)
+            self._stats_pub.bind(opts.stats)
+
+    def _socket(self, kind: int) -> zmq.asyncio.Socket:
+        sock = self._ctx.socket(kind)
+        sock.setsockopt(zmq.LINGER, LINGER_ON_CLOSE_MS)
+        return sock
+
+    def _publish(self, msg: Message) -> None:
+        if self._stats_pub is None:
+            return
+        with contextlib.suppress(zmq.Again):
+            # PUB never blocks; the asyncio wrapper returns a done future here.
+            self._stats_pub.send_multipart(protocol.encode(msg), flags=zmq.NOBLOCK)
+
+    async def run(self) -> int:
+        """Run until end of stream or SIGTERM/SIGINT; return the process exit code."""
+        for endpoint in [self.options.output, self.options.stats]:
+            if endpoint and endpoint.startswith("ipc://"):
+                os.makedirs(os.path.dirname(endpoint[len("ipc://") :]) or ".", exist_ok=True)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        self._open_sockets()
+        await self.run_codec(self.setup)
+        self.log.info(
+            "started: inputs=%s output=%s stats=%s policy=%s hwm=%d",
+            self.options.inputs,
+            self.options.output,
+            self.options.stats,
+            self.options.video_policy.value,
+            self.options.hwm,
+        )
+        tasks = [asyncio.create_task(self._stats_loop(), name="stats")]
+        if self._out_control is not None:
+            tasks.append(asyncio.create_task(self._control_loop(), name="control"))
+        work: list[asyncio.Task[Any]] = []
+        for index, sock in enumerate(self._ins):
+            work.append(asyncio.create_task(self._input_loop(index, sock), name=f"input{index}"))
+        work.append(asyncio.create_task(self._produce_and_finish(), name="produce"))
+        stop_wait = asyncio.create_task(self._stopping.wait())
+        done, _ = await asyncio.wait([*work, stop_wait], return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            if task is not stop_wait and task.exception() is not None:
+                exc = task.exception()
+                self.log.error("stage failed: %r", exc, exc_info=exc)
+                self.exit_code = 1
+                self._stopping.set()
+        if not self._stopping.is_set():
+            await self._stopping.wait()
+        for task in [*work, stop_wait]:
+            task.cancel()
+        await asyncio.gather(*work, stop_wait, return_exceptions=True)
+        await self._finish()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.close()
+        return self.exit_code
+
+    def _on_signal(self, sig: int) -> None:
+        self.log.info("received %s: flushing and sending end of stream", signal.Signals(sig).name)
+        self._stopping.set()
+
+    async def _produce_and_finish(self) -> None:
+        await self.produce()
+        if not self._ins:
+            self._stopping.set()
+        else:
+            await asyncio.Event().wait()  # inputs decide when the stage ends
+
+    async def _finish(self) -> None:
+        try:
+            for out in await self.run_codec(lambda: list(self.flush(""))):
+                await self.emit(out)
+        except Exception as exc:
+            self.report_error("flush_failed", repr(exc))
+        if self._out is not None:
+            await self._out.send_multipart(protocol.encode(EndOfStream("")))
+        self._publish_stats()
+        self.log.info("finished: %s", self._summary_line())
+
+    async def _input_loop(self, index: int, sock: zmq.asyncio.Socket) -> None:
+        while True:
+            batch = [await sock.recv_multipart(copy=False)]
+            # Drain what is already queued so a slow stage sees its backlog and can skip stale video.
+            while len(batch) < MAX_RECEIVE_BATCH_MSGS and self._readable(sock):
+                batch.append(await sock.recv_multipart(copy=False))
+            messages: list[Message] = []
+            for frames in batch:
+                try:
+                    messages.append(protocol.decode([f.buffer for f in frames]))
+                except ProtocolError as exc:
+                    self.drops["malformed"] += 1
+                    self.report_error("malformed_message", str(exc))
+            if self.options.video_policy is VideoPolicy.LATEST:
+                messages = self._skip_stale_video(messages)
+            for msg in messages:
+                if isinstance(msg, EndOfStream):
+                    if await self._on_end_of_stream(msg):
+                        return
+                    continue
+                await self._handle(msg)
+
+    @staticmethod
+    def _readable(sock: zmq.asyncio.Socket) -> bool:
+        try:
+            return bool(int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN)
+        except zmq.ZMQError:
+            return False
+
+    def _skip_stale_video(self, messages: list[Message]) -> list[Message]:
+        newest: dict[str, int] = {}
+        for i, msg in enumerate(messages):
+            if isinstance(msg, VideoFrame):
+                newest[msg.header.stream_id] = i
+        if len(newest) == sum(isinstance(m, VideoFrame) for m in messages):
+            return messages
+        kept = []
+        for i, msg in enumerate(messages):
+            if isinstance(msg, VideoFrame) and newest[msg.header.stream_id] != i:
+                self.drops["stale_video"] += 1
+                continue
+            kept.append(msg)
+        return kept
+
+    async def _on_end_of_stream(self, msg: EndOfStream) -> bool:
+        """Returns True when every input has ended."""
+        if msg.stream_id:
+            for out in await self.run_codec(lambda: list(self.flush(msg.stream_id))):
+                await self.emit(out)
+            if self._out is not None:
+                await self._out.send_multipart(protocol.encode(msg))
+            return False
+        self._eos_inputs += 1
+        if self._eos_inputs >= len(self._ins):
+            self.log.info("end of stream on every input")
+            self._stopping.set()
+            return True
+        return False
+
+    async def _handle(self, msg: Message) -> None:
+        if isinstance(msg, (VideoFrame, AudioFrame, EncodedPacket)):
+            figures = self.streams[msg.header.stream_id]
+            figures.frames_in += 1
+            figures.bytes_in += payload_size(msg)
+            now = time.time_ns()
+            figures.last_ns = now
+            if not figures.first_ns:
+                figures.first_ns = now
+            if msg.header.capture_time_ns:
+                figures.latency_ms.append((now - msg.header.capture_time_ns) / 1e6)
+            started = time.perf_counter()
+            try:
+                outputs = await self.run_codec(self._process_all, msg)
+            except Exception as exc:
+                self.drops["process_error"] += 1
+                self.report_error("process_failed", f"{type(exc).__name__}: {exc}", msg.header.stream_id)
+                return
+            self._process_ms.append((time.perf_counter() - started) * 1000)
+            for out in outputs:
+                await self.emit(out)
+        else:
+            # Control messages that travel downstream (events, errors) pass through.
+            if self._out is not None:
+                await self._out.send_multipart(protocol.encode(msg))
+
+    def _process_all(self, msg: Message) -> list[Message]:
+        return list(self.process(msg))
+
+    async def _control_loop(self) -> None:
+        assert self._out_control is not None
+        while True:
+            frames = await self._out_control.recv_multipart(copy=False)
+            try:
+                msg = protocol.decode([f.buffer for f in frames])
+            except ProtocolError as exc:
+                self.drops["malformed_control"] += 1
+                self.report_error("malformed_control", str(exc))
+                continue
+            if isinstance(msg, KeyframeRequest):
+                self.keyframe_requests_in += 1
+                handled = await self.run_codec(self.on_keyframe_request, msg)
+                if not handled:
+                    await self.request_keyframe_upstream(msg.stream_id, msg.reason)
+
+    async def _stats_loop(self) -> None:
+        next_log = time.monotonic() + LOG_STATS_INTERVAL_S
+        while True:
+            await asyncio.sleep(min(HEARTBEAT_INTERVAL_S, STATS_INTERVAL_S))
+            self._publish(Heartbeat(self.name, time.time_ns(), os.getpid()))
+            self._publish_stats()
+            if time.monotonic() >= next_log:
+                next_log += LOG_STATS_INTERVAL_S
+                self.log.info("%s", self._summary_line())
+
+    def figures(self) -> dict[str, Any]:
+        now = time.time_ns()
+        streams = {}
+        for stream_id, f in self.streams.items():
+            span_s = max((f.last_ns - f.first_ns) / 1e9, 1e-9)
+            streams[stream_id] = {
+                "frames_in": f.frames_in,
+                "frames_out": f.frames_out,
+                "bytes_in": f.bytes_in,
+                "bytes_out": f.bytes_out,
+                "fps_in": round((f.frames_in - 1) / span_s, 2) if f.frames_in > 1 else 0.0,
+                "latency_ms_p50": percentile(f.latency_ms, 0.5),
+                "latency_ms_p95": percentile(f.latency_ms, 0.95),
+                "idle_s": round((now - f.last_ns) / 1e9, 3) if f.last_ns else None,
+            }
+        queue_depth = sum(self._readable(sock) for sock in self._ins)
+        return {
+            "pid": os.getpid(),
+            "uptime_s": round((now - self._started_ns) / 1e9, 3),
+            "streams": streams,
+            "drops": dict(self.drops),
+            "errors": dict(self.errors),
+            "process_ms_p50": percentile(self._process_ms, 0.5),
+            "process_ms_p95": percentile(self._process_ms, 0.95),
+            "input_backlog": queue_depth,
+            "codec_queue": self._codec_thread._work_queue.qsize(),
+            "keyframe_requests_in": self.keyframe_requests_in,
+            "keyframe_requests_out": self.keyframe_requests_out,
+            **self.extra_figures(),
+        }
+
+    def _publish_stats(self) -> None:
+        self._publish(Stats(self.name, time.time_ns(), self.figures()))
+
+    def _summary_line(self) -> str:
+        parts = []
+        for stream_id, f in sorted(self.streams.items()):
+            p50 = percentile(f.latency_ms, 0.5)
+            lat = f" lat50={p50:.1f}ms" if p50 is not None else ""
+            parts.append(f"{stream_id}: in={f.frames_in} out={f.frames_out}{lat}")
+        drops = ",".join(f"{k}={v}" for k, v in sorted(self.drops.items())) or "0"
+        return f"{'; '.join(parts) or 'no media yet'} | drops {drops}"
+
+    async def close(self) -> None:
+        """Release sockets and the codec thread; safe to call more than once."""
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(Exception):
+            await self.run_codec(self.teardown)
+        self._codec_thread.shutdown(wait=True)
+        for sock in [self._out, self._out_control, *self._ins, *self._in_controls, self._stats_pub]:
+            if sock is not None:
+                sock.close()
+        self._ctx.term()
+
+
+def configure_logging(level: str = "INFO") -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname)s [%(stage)s] %(message)s", defaults={"stage": "-"})
+    )
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler], force=True)
+
+
+def run_stage(stage: Stage) -> int:
+    """Run a stage to completion in a fresh event loop and return its exit code."""
+    return asyncio.run(stage.run())
