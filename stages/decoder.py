@@ -1,0 +1,218 @@
+"""The decoder stage: encoded packets in, raw I420 video and s16 audio out.
+
+One PyAV codec context per stream id, created lazily on the stage's codec thread
+the first time a stream's packet arrives. Raw frames pass through unchanged.
+
+Damage handling (never a crash):
+* a packet FFmpeg rejects, or one that fails the cheap structural checks in
+  ``stages.codecs.check_payload``, is dropped (``drops["corrupt"]``), reported with
+  an ErrorReport, and a keyframe request is sent upstream;
+* a sequence-number gap on a video stream means a lost reference: the decoder asks
+  upstream for a keyframe and drops (``drops["await_keyframe"]``) until one arrives.
+
+Keyframe requests originate on the codec thread (inside ``process``) while the
+control sockets belong to the event loop, so they are handed to the loop with
+``run_coroutine_threadsafe``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import av
+import click
+import numpy as np
+
+from protocol import AudioFrame, Codec, EncodedPacket, MediaHeader, Message, VideoFrame
+from stages import codecs
+from stages.base import Stage, StageOptions
+from stages.options import build_options, run, stage_options
+
+# Bound the pts -> capture time map so a decoder that never returns a frame cannot grow it.
+MAX_PENDING_TIMESTAMPS = 64
+
+
+@dataclass
+class DecodeStream:
+    codec: Codec
+    context: Any  # av.CodecContext
+    channels: int = 0
+    last_seq: int | None = None
+    # Video only: drop until a keyframe restarts the picture chain.
+    await_keyframe: bool = True
+    out_seq: int = 0
+    # pts -> (capture_time_ns, time_base) of packets sent into the decoder, for the frames that come out.
+    pending: dict[int, tuple[int, Any]] = field(default_factory=dict)
+    last_header: MediaHeader | None = None
+    resampler: Any = None  # av.AudioResampler to packed s16, made on the first non-s16 frame
+
+
+class Decoder(Stage):
+    def __init__(self, options: StageOptions, opus_channels: int = 2, threads: int = 1) -> None:
+        super().__init__(options)
+        self.opus_channels = opus_channels
+        self.threads = threads
+        self._decoders: dict[str, DecodeStream] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.keyframes_in = 0
+        self.frames_decoded = 0
+
+    async def run(self) -> int:
+        # Keep the loop so codec-thread code can schedule keyframe requests on it.
+        self._loop = asyncio.get_running_loop()
+        return await super().run()
+
+    # ----- codec thread ---------------------------------------------------------------------
+    def process(self, msg: Message) -> Iterable[Message]:
+        if not isinstance(msg, EncodedPacket):
+            return (msg,)  # raw frames and anything else pass through
+        return self._decode(msg)
+
+    def _decode(self, packet: EncodedPacket) -> list[Message]:
+        sid = packet.header.stream_id
+        state = self._decoders.get(sid)
+        if state is not None and state.codec is not packet.codec:
+            self.log.info("stream %s changed codec %s -> %s: new decoder", sid, state.codec.name, packet.codec.name)
+            self._decoders.pop(sid)
+            state = None
+        if state is None:
+            try:
+                state = self._open(packet.codec)
+            except (ValueError, av.FFmpegError) as exc:
+                self.drops["unsupported_codec"] += 1
+                self.report_error("unsupported_codec", str(exc), sid)
+                return []
+            self._decoders[sid] = state
+        video = packet.codec.is_video
+        seq = packet.header.seq
+        gap = state.last_seq is not None and seq != state.last_seq + 1
+        state.last_seq = seq
+        if video:
+            keyframe = packet.keyframe or codecs.is_keyframe_payload(packet.codec, packet.data)
+            if keyframe:
+                self.keyframes_in += 1
+            if gap and not keyframe:
+                self.drops["seq_gap"] += 1
+                if not state.await_keyframe:
+                    state.await_keyframe = True
+                    self._request_keyframe(sid, f"sequence gap before seq {seq}")
+            if state.await_keyframe:
+                if not keyframe:
+                    self.drops["await_keyframe"] += 1
+                    if state.last_header is None and self.drops["await_keyframe"] == 1:
+                        # First packet of the stream is not a keyframe: ask once, then wait.
+                        self._request_keyframe(sid, "stream starts without a keyframe")
+                    return []
+                state.await_keyframe = False
+        problem = codecs.check_payload(packet.codec, packet.data)
+        if problem is not None:
+            return self._corrupt(state, sid, problem)
+        av_packet = av.Packet(bytes(packet.data))
+        av_packet.pts = packet.header.pts
+        av_packet.dts = packet.dts if packet.dts is not None else packet.header.pts
+        av_packet.time_base = packet.header.time_base
+        if len(state.pending) >= MAX_PENDING_TIMESTAMPS:
+            state.pending.pop(next(iter(state.pending)))
+        state.pending[packet.header.pts] = (packet.header.capture_time_ns, packet.header.time_base)
+        state.last_header = packet.header
+        try:
+            frames = state.context.decode(av_packet)
+        except (av.FFmpegError, ValueError) as exc:
+            return self._corrupt(state, sid, f"{type(exc).__name__}: {exc}")
+        return [m for m in (self._to_message(state, sid, frame) for frame in frames) if m is not None]
+
+    def _corrupt(self, state: DecodeStream, sid: str, problem: str) -> list[Message]:
+        self.drops["corrupt"] += 1
+        self.report_error("corrupt_packet", f"{state.codec.name}: {problem}", sid)
+        if state.codec.is_video:
+            state.await_keyframe = True
+            self._request_keyframe(sid, f"corrupt {state.codec.name} packet")
+        return []
+
+    def _open(self, codec: Codec) -> DecodeStream:
+        ctx: Any = av.CodecContext.create(codecs.decoder_name(codec), "r")
+        channels = 0
+        if codec.is_video:
+            # Slice threads only: frame threads would hold frames back and add latency.
+            ctx.thread_type = "SLICE"
+            ctx.thread_count = self.threads
+        else:
+            channels = self.opus_channels if codec is Codec.OPUS else codecs.DEFAULT_CHANNELS[codec]
+            ctx.sample_rate = codecs.SAMPLE_RATE_HZ[codec]
+            ctx.layout = codecs.layout_name(channels)
+        ctx.open()
+        self.log.info("opened %s decoder (%s)", codec.name, ctx.name)
+        return DecodeStream(codec, ctx, channels=channels, await_keyframe=codec.is_video)
+
+    def _to_message(self, state: DecodeStream, sid: str, frame: Any) -> Message | None:
+        last = state.last_header
+        assert last is not None
+        pts = frame.pts if frame.pts is not None else last.pts
+        capture_ns, time_base = state.pending.pop(pts, (last.capture_time_ns, last.time_base))
+        header = MediaHeader(sid, state.out_seq, pts, time_base, capture_ns)
+        state.out_seq += 1
+        self.frames_decoded += 1
+        if isinstance(frame, av.VideoFrame):
+            width, height, data = codecs.av_to_i420(frame)
+            return VideoFrame(header, width, height, data)
+        return self._audio_message(state, header, frame)
+
+    def _audio_message(self, state: DecodeStream, header: MediaHeader, frame: av.AudioFrame) -> AudioFrame | None:
+        channels = len(frame.layout.channels)
+        if frame.format.name != "s16":
+            # Opus decodes to planar float; the wire wants interleaved s16 at the same rate and layout.
+            if state.resampler is None:
+                state.resampler = av.AudioResampler(format="s16", layout=frame.layout.name, rate=frame.sample_rate)
+            converted = [codecs.av_to_s16(f) for f in state.resampler.resample(frame)]
+            data = np.concatenate(converted) if converted else np.zeros(0, dtype=np.int16)
+        else:
+            data = codecs.av_to_s16(frame)
+        if data.size == 0:
+            return None  # the resampler may hold back a few samples; nothing to send yet
+        return codecs.make_audio_frame(header, frame.sample_rate, channels, data)
+
+    def flush(self, stream_id: str) -> Iterable[Message]:
+        out: list[Message] = []
+        for sid in [stream_id] if stream_id else list(self._decoders):
+            state = self._decoders.pop(sid, None)
+            if state is None or state.last_header is None:
+                continue
+            try:
+                for frame in state.context.decode(None):
+                    msg = self._to_message(state, sid, frame)
+                    if msg is not None:
+                        out.append(msg)
+            except (av.FFmpegError, ValueError) as exc:
+                self.report_error("flush_failed", f"{type(exc).__name__}: {exc}", sid)
+        return out
+
+    def teardown(self) -> None:
+        self._decoders.clear()
+
+    def extra_figures(self) -> dict[str, Any]:
+        return {
+            "decoders": {sid: s.codec.name for sid, s in self._decoders.items()},
+            "frames_decoded": self.frames_decoded,
+            "keyframes_in": self.keyframes_in,
+        }
+
+    def _request_keyframe(self, stream_id: str, reason: str) -> None:
+        """Ask upstream for a keyframe from the codec thread (the sockets live on the event loop)."""
+        if self._loop is None:
+            return
+        asyncio.run_coroutine_threadsafe(self.request_keyframe_upstream(stream_id, reason), self._loop)
+
+
+@click.command("decoder")
+@stage_options("decoder")
+@click.option("--opus-channels", type=click.IntRange(1, 2), default=2, show_default=True,
+              help="Channels Opus is decoded to (SDP always says 2; mono streams come out duplicated).")
+@click.option("--threads", type=click.IntRange(0, 16), default=1, show_default=True,
+              help="Slice threads per video decoder (0 = one per core).")
+def command(**params: Any) -> None:
+    """Decode H.264/VP8/VP9/Opus/G.711/G.722 packets into raw I420 video and s16 audio."""
+    options = build_options(params)
+    run(Decoder(options, **params))
