@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from fractions import Fraction
+from typing import cast
 
 import av
 import numpy as np
 import pytest
 
-from protocol import AudioFrame, Codec, EncodedPacket, KeyframeRequest, MediaHeader, VideoFrame, i420_size
+from protocol import AudioFrame, Codec, EncodedPacket, KeyframeRequest, MediaHeader, Message, VideoFrame, i420_size
 from stages import codecs
 from stages.base import StageOptions
 from stages.decoder import Decoder
@@ -47,6 +49,18 @@ def peak_hz_and_rms(samples: np.ndarray, rate: int) -> tuple[float, float]:
     body = samples[len(samples) // 4 :].astype(float)
     spectrum = np.abs(np.fft.rfft(body * np.hanning(len(body))))
     return float(np.fft.rfftfreq(len(body), 1 / rate)[spectrum.argmax()]), float(np.sqrt((body**2).mean()))
+
+
+def audio_only(messages: Iterable[Message]) -> list[AudioFrame]:
+    out = list(messages)
+    assert all(isinstance(m, AudioFrame) for m in out)
+    return cast(list[AudioFrame], out)
+
+
+def packets_only(messages: Iterable[Message]) -> list[EncodedPacket]:
+    out = list(messages)
+    assert all(isinstance(m, EncodedPacket) for m in out)
+    return cast(list[EncodedPacket], out)
 
 
 def new_decoder() -> Decoder:
@@ -127,19 +141,19 @@ def test_audio_round_trip_keeps_frequency_and_level(codec: Codec) -> None:
     encoder, decoder = new_encoder(audio_codec=codec), new_decoder()
     signal = tone(1.0)
     chunk = 480  # 10 ms input frames: the encoder must re-chunk them to 20 ms codec frames
-    packets = []
+    packets: list[EncodedPacket] = []
     for i in range(len(signal) // chunk):
         header = MediaHeader("a", i, i * chunk, Fraction(1, INPUT_RATE_HZ), 2_000_000 + i)
         data = signal[i * chunk : (i + 1) * chunk].tobytes()
-        packets += encoder.process(AudioFrame(header, INPUT_RATE_HZ, 1, chunk, data))
-    packets += encoder.flush("")
+        packets += packets_only(encoder.process(AudioFrame(header, INPUT_RATE_HZ, 1, chunk, data)))
+    packets += packets_only(encoder.flush(""))
     rate = codecs.SAMPLE_RATE_HZ[codec]
     step = codecs.audio_frame_samples(codec)
     # pts continue the input clock in the codec's own clock, one 20 ms frame apart.
     assert [p.header.pts for p in packets] == [i * step for i in range(len(packets))]
     assert all(p.header.time_base == Fraction(1, rate) for p in packets)
-    frames = [f for p in packets for f in decoder.process(p)]
-    assert all(isinstance(f, AudioFrame) and f.sample_rate == rate for f in frames)
+    frames = audio_only(f for p in packets for f in decoder.process(p))
+    assert all(f.sample_rate == rate for f in frames)
     decoded = np.concatenate([np.frombuffer(f.data, np.int16).reshape(-1, f.channels)[:, 0] for f in frames])
     peak, rms = peak_hz_and_rms(decoded, rate)
     assert abs(peak - TONE_HZ) < 5
