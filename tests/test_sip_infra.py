@@ -7,10 +7,10 @@ import subprocess
 import urllib.request
 
 import pytest
-from sipfix import janus_fixture, netns_fixture  # noqa: F401  (pytest fixtures)
 
 from sipbridge import netns as netns_mod
 from sipbridge.janus_server import JanusServer
+from tests.sipfix import janus_fixture, netns_fixture  # noqa: F401  (pytest fixtures)
 
 pytestmark = [pytest.mark.media, pytest.mark.timeout(60)]
 

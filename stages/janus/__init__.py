@@ -1,0 +1,645 @@
+"""The Janus stage: the pipeline's SIP leg.
+
+Input: encoded packets (H.264/VP8 video, PCMU/PCMA/G.722/Opus audio) to send to the SIP
+peer, without re-encoding. Output: what the SIP peer sends, as encoded packets on the
+streams ``--video-stream`` / ``--audio-stream`` (the decoder stage decodes them), plus
+Event(CALL_STATE) and Event(DTMF) control messages.
+
+Janus is the SIP user agent (SIP plugin), aiortc is Janus's WebRTC peer. One stage
+process holds one Janus session and one SIP plugin handle, so one call at a time (the SIP
+plugin allows one call per handle); several calls are several stage processes.
+
+Call control: ``--call URI`` dials at start; ``--inbound`` accepts incoming calls whose
+caller matches ``--accept-from`` (others get ``--decline-code``). A ZeroMQ REP socket
+(``--control``, JSON) takes ``{"cmd": "call", "uri": ..., "wait": true}``, ``hangup``,
+``dtmf`` (``digits``), ``hold``, ``unhold`` and ``status``.
+
+Keyframes: a PLI/FIR from the SIP side becomes a KeyframeRequest sent upstream (to the
+encoder); a KeyframeRequest from downstream (the decoder lost its reference) becomes a
+PLI to the SIP side; aiortc also sends PLIs itself on packet loss.
+
+Janus going away (crash, restart) ends the current call with state ``janus_disconnected``;
+the stage reconnects, registers again and takes the next call without a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from fractions import Fraction
+from typing import Any
+
+import click
+import zmq
+
+from protocol import (
+    AudioFrame,
+    Codec,
+    EncodedPacket,
+    EndOfStream,
+    Event,
+    EventType,
+    KeyframeRequest,
+    MediaHeader,
+    Message,
+    VideoFrame,
+)
+from stages.base import Stage, StageOptions, default_endpoint
+from stages.janus.client import JanusClient, JanusDisconnected, JanusError, JanusHandle
+from stages.janus.media import CODEC_BY_RTP_NAME, ReceivedFrame, make_packet
+from stages.janus.sip import ACTIVE_STATES, CallInfo, CallState, SipCall
+from stages.options import build_options, run, stage_options
+
+SIP_PLUGIN = "janus.plugin.sip"
+RECONNECT_MIN_S = 0.2
+RECONNECT_MAX_S = 5.0
+REGISTER_TIMEOUT_S = 10.0
+REGISTER_RETRY_S = 30.0
+CALL_WAIT_TIMEOUT_S = 30.0
+DTMF_DURATION_MS = 160
+DTMF_GAP_S = 0.1
+# One keyframe request per this interval is plenty: an encoder takes a frame or two to react.
+KEYFRAME_REQUEST_MIN_INTERVAL_S = 0.25
+DTMF_RELAY_RE = re.compile(r"Signal\s*=\s*([0-9A-Da-d*#])", re.IGNORECASE)
+DTMF_DURATION_RE = re.compile(r"Duration\s*=\s*(\d+)", re.IGNORECASE)
+DTMF_DIGITS = set("0123456789*#ABCDabcd")
+
+
+@dataclass
+class SipSettings:
+    janus_url: str = "ws://127.0.0.1:8188"
+    api_secret: str | None = None
+    identity: str = "sip:bridge@127.0.0.1"
+    display_name: str | None = None
+    register: str = "guest"  # guest: no REGISTER sent; digest: REGISTER with authuser/secret at proxy
+    proxy: str | None = None
+    authuser: str | None = None
+    secret: str | None = None
+    call_uri: str | None = None
+    inbound: bool = False
+    accept_from: str = ".*"
+    decline_code: int = 486
+    audio_codecs: list[Codec] = field(default_factory=lambda: [Codec.PCMU])
+    video_codec: Codec | None = Codec.H264
+    video_stream: str = "sip-video"
+    audio_stream: str = "sip-audio"
+    control: str | None = None
+
+
+class JanusStage(Stage):
+    def __init__(self, options: StageOptions, settings: SipSettings) -> None:
+        super().__init__(options)
+        self.settings = settings
+        self._accept_re = re.compile(settings.accept_from)
+        self.client: JanusClient | None = None
+        self.handle: JanusHandle | None = None
+        self.call: SipCall | None = None
+        self.registered = False
+        self.registration: dict[str, Any] = {"state": CallState.IDLE}
+        self.last_call: CallInfo | None = None
+        self.counters: dict[str, int] = {"calls_started": 0, "calls_connected": 0, "calls_failed": 0,
+                                         "calls_declined": 0, "janus_reconnects": 0, "dtmf_sent": 0,
+                                         "dtmf_received": 0, "plis_from_sip": 0, "plis_to_sip": 0}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._outbox: asyncio.Queue[Message] = asyncio.Queue()
+        self._seq: dict[str, int] = {}
+        self._media_streams_seen: set[str] = set()
+        self._upstream_video: str = ""
+        self._last_kf_request = 0.0
+        self._state_changed = asyncio.Event()
+        self._first_packet_sent_ns: int | None = None
+        self._dialled_at_start = False
+        self._background: set[asyncio.Task[Any]] = set()
+
+    def _spawn(self, coro: Any) -> None:
+        """Run a coroutine in the background, keeping a reference and logging its failure."""
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+
+        def done(t: asyncio.Task[Any]) -> None:
+            self._background.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                self.report_error("background_task_failed", repr(t.exception()))
+
+        task.add_done_callback(done)
+
+    # ----- statistics -----------------------------------------------------------------------
+    def extra_figures(self) -> dict[str, Any]:
+        call = self.call.info if self.call is not None else self.last_call
+        figures: dict[str, Any] = {"registration": dict(self.registration), **self.counters}
+        if call is not None:
+            figures["call"] = {k: v for k, v in asdict(call).items() if v is not None}
+        if self.call is not None:
+            for kind, track in (("audio", self.call.audio_track), ("video", self.call.video_track)):
+                if track is not None:
+                    figures[f"{kind}_packets_sent"] = track.sent
+                    figures[f"{kind}_packets_dropped"] = track.dropped
+        return figures
+
+    # ----- input: packets to send to the SIP peer (codec thread) -----------------------------------
+    def process(self, msg: Message) -> Iterable[Message]:
+        if isinstance(msg, (VideoFrame, AudioFrame)):
+            self.drops["raw_frame_not_sendable"] += 1
+            return ()
+        if not isinstance(msg, EncodedPacket):
+            return ()
+        packet = make_packet(msg.data, msg.header.pts, msg.header.time_base, msg.keyframe)
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._send_packet, msg.codec, msg.header.stream_id, packet)
+        return ()
+
+    def _send_packet(self, codec: Codec, stream_id: str, packet: Any) -> None:
+        call = self.call
+        if call is None or call.info.state not in (CallState.ACCEPTED, CallState.MEDIA_UP, CallState.RESUMED,
+                                                   CallState.HOLDING, CallState.ON_HOLD):
+            self.drops["no_call"] += 1
+            return
+        kind = "video" if codec.is_video else "audio"
+        track = call.video_track if codec.is_video else call.audio_track
+        negotiated = call.negotiated(kind)
+        if track is None or negotiated is None:
+            self.drops[f"{kind}_not_negotiated"] += 1
+            return
+        if CODEC_BY_RTP_NAME.get(negotiated) is not codec:
+            self.drops["codec_mismatch"] += 1
+            self.report_error("codec_mismatch", f"{stream_id} carries {codec.name} but the call negotiated "
+                              f"{negotiated}", stream_id, call.info.call_id)
+            return
+        if codec.is_video:
+            self._upstream_video = stream_id
+        if self._first_packet_sent_ns is None:
+            self._first_packet_sent_ns = time.time_ns()
+        track.push(packet)
+
+    # ----- keyframes ------------------------------------------------------------------------
+    def on_keyframe_request(self, request: KeyframeRequest) -> bool:
+        """Downstream (our decoder) lost its reference: ask the SIP peer for a keyframe."""
+        if request.stream_id and request.stream_id != self.settings.video_stream:
+            return True  # nothing upstream of us produces the SIP side's media
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(lambda: self._spawn(self._pli_to_sip(request.reason)))
+        return True
+
+    async def _pli_to_sip(self, reason: str) -> None:
+        if self.call is not None and await self.call.request_keyframe_from_peer():
+            self.counters["plis_to_sip"] += 1
+            self.log.info("call %s: asked the SIP peer for a keyframe (%s)", self.call.info.call_id, reason)
+
+    def _keyframe_requested_by_sip(self) -> None:
+        self.counters["plis_from_sip"] += 1
+        self._request_keyframe("PLI/FIR from the SIP peer")
+
+    def _request_keyframe(self, reason: str) -> None:
+        now = time.monotonic()
+        if now - self._last_kf_request < KEYFRAME_REQUEST_MIN_INTERVAL_S:
+            return
+        self._last_kf_request = now
+        self._spawn(self.request_keyframe_upstream(self._upstream_video, reason))
+
+    # ----- output: what the SIP peer sends --------------------------------------------------------
+    def _on_received(self, kind: str, frame: ReceivedFrame) -> None:
+        stream_id = self.settings.video_stream if kind == "video" else self.settings.audio_stream
+        seq = self._seq.get(stream_id, 0)
+        self._seq[stream_id] = seq + 1
+        self._media_streams_seen.add(stream_id)
+        header = MediaHeader(stream_id, seq, frame.timestamp, Fraction(1, frame.clock_rate), time.time_ns())
+        self.streams[stream_id].frames_in += 1
+        self.streams[stream_id].bytes_in += len(frame.data)
+        self._outbox.put_nowait(EncodedPacket(header, frame.codec, frame.keyframe, frame.data))
+
+    async def _drain_outbox(self) -> None:
+        while True:
+            msg = await self._outbox.get()
+            await self.emit(msg)
+
+    # ----- call state ---------------------------------------------------------------------------
+    def _publish_state(self, info: CallInfo | None, state: str, **extra: Any) -> None:
+        attributes: dict[str, Any] = {"state": state, **extra}
+        if info is not None:
+            info.state = state
+            attributes.update({k: v for k, v in asdict(info).items() if v is not None and k != "state"})
+        self.log.info("call %s: %s%s", attributes.get("call_id", "-"), state,
+                      "".join(f" {k}={v}" for k, v in extra.items()))
+        self._outbox.put_nowait(Event(EventType.CALL_STATE, "", attributes))
+        self._state_changed.set()
+
+    async def _end_call(self, state: str, code: int | None = None, reason: str = "") -> None:
+        call, self.call = self.call, None
+        if call is None:
+            return
+        info = call.info
+        info.code = code if code is not None else info.code
+        info.reason = reason or info.reason
+        info.ended_ns = time.time_ns()
+        self.last_call = info
+        if state == CallState.FAILED or (state == CallState.DISCONNECTED and info.accepted_ns is None):
+            self.counters["calls_failed"] += 1
+        self._publish_state(info, state)
+        if state in (CallState.FAILED, CallState.DISCONNECTED):
+            self.report_error("call_failed" if state == CallState.FAILED else "janus_disconnected",
+                              f"SIP {info.code} {info.reason}".strip() if info.code else info.reason or state,
+                              call_id=info.call_id)
+        await call.close()
+        for stream_id in sorted(self._media_streams_seen):
+            self._outbox.put_nowait(EndOfStream(stream_id))
+        self._media_streams_seen.clear()
+
+    # ----- Janus connection and registration -------------------------------------------------------
+    async def produce(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        tasks = [asyncio.create_task(self._drain_outbox(), name="outbox")]
+        control = self.settings.control or default_endpoint(self.name, "control")
+        tasks.append(asyncio.create_task(self._control_loop_rep(control), name="control-rep"))
+        try:
+            await self._janus_loop()
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _janus_loop(self) -> None:
+        backoff = RECONNECT_MIN_S
+        first = True
+        while not self._stopping.is_set():
+            try:
+                self.client = await JanusClient(self.settings.janus_url, self.settings.api_secret).connect()
+            except (TimeoutError, JanusDisconnected, JanusError) as exc:
+                if first:
+                    self.log.warning("Janus not reachable at %s yet: %s", self.settings.janus_url, exc)
+                    first = False
+                await asyncio.sleep(backoff)
+                backoff = min(RECONNECT_MAX_S, backoff * 2)
+                continue
+            if not first or self.counters["janus_reconnects"]:
+                self.log.info("reconnected to Janus")
+            backoff = RECONNECT_MIN_S
+            try:
+                await self._session()
+            except (TimeoutError, JanusDisconnected, JanusError) as exc:
+                self.log.warning("Janus session lost: %s", exc)
+            finally:
+                self.registered = False
+                self.handle = None
+                if self.call is not None:
+                    await self._end_call(CallState.DISCONNECTED, reason="Janus connection lost")
+                if self.registration.get("state") != CallState.REGISTRATION_FAILED:
+                    self.registration = {"state": CallState.IDLE}
+                client, self.client = self.client, None
+                if client is not None:
+                    await client.close()
+            if not self._stopping.is_set():
+                self.counters["janus_reconnects"] += 1
+                self._publish_state(None, CallState.DISCONNECTED, reason="Janus connection lost; reconnecting")
+                await asyncio.sleep(RECONNECT_MIN_S)
+
+    async def _session(self) -> None:
+        assert self.client is not None
+        self.handle = await self.client.attach(SIP_PLUGIN)
+        await self._register(self.handle)
+        if self.settings.call_uri and not self._dialled_at_start:
+            self._dialled_at_start = True
+            self._spawn(self._place_call(self.settings.call_uri))
+        while True:
+            event = await self.handle.events.get()
+            if event.get("janus") == "disconnected":
+                raise JanusDisconnected("Janus connection closed")
+            await self._on_event(event)
+
+    def _register_request(self) -> dict[str, Any]:
+        s = self.settings
+        body: dict[str, Any] = {"request": "register", "username": s.identity}
+        if s.display_name:
+            body["display_name"] = s.display_name
+        if s.register == "guest":
+            body["type"] = "guest"
+        else:
+            if s.secret is not None:
+                body["secret"] = s.secret
+            if s.authuser:
+                body["authuser"] = s.authuser
+            if s.proxy:
+                body["proxy"] = s.proxy
+        return body
+
+    async def _register(self, handle: JanusHandle) -> None:
+        self.registration = {"state": CallState.REGISTERING, "mode": self.settings.register}
+        await handle.message(self._register_request())
+        deadline = time.monotonic() + REGISTER_TIMEOUT_S
+        while time.monotonic() < deadline:
+            try:
+                event = await asyncio.wait_for(handle.events.get(), deadline - time.monotonic())
+            except TimeoutError:
+                break
+            if event.get("janus") == "disconnected":
+                raise JanusDisconnected("Janus connection closed while registering")
+            data = _plugin_data(event)
+            result = data.get("result", {}) if data else {}
+            name = result.get("event")
+            if name == "registered":
+                self.registered = True
+                self.registration = {"state": CallState.REGISTERED, "mode": self.settings.register,
+                                     "username": result.get("username"), "register_sent": result.get("register_sent")}
+                self._publish_state(None, CallState.REGISTERED, identity=self.settings.identity,
+                                    register_sent=bool(result.get("register_sent")))
+                return
+            if name == "registration_failed" or (data and "error_code" in data):
+                code = result.get("code", data.get("error_code"))
+                reason = result.get("reason", data.get("error", ""))
+                self.registration = {"state": CallState.REGISTRATION_FAILED, "code": code, "reason": reason}
+                self._publish_state(None, CallState.REGISTRATION_FAILED, code=code, reason=reason)
+                self.report_error("registration_failed", f"SIP {code} {reason}")
+                # Wrong credentials will not fix themselves: wait long before trying again.
+                await asyncio.sleep(REGISTER_RETRY_S)
+                raise JanusError(int(code or 0), f"registration failed: {reason}")
+            if name != "registering":
+                await self._on_event(event)
+        self.registration = {"state": CallState.REGISTRATION_FAILED, "reason": "timeout"}
+        self._publish_state(None, CallState.REGISTRATION_FAILED, reason="no answer to REGISTER")
+        self.report_error("registration_failed", "no answer to REGISTER")
+        raise TimeoutError("registration timed out")
+
+    # ----- calls -------------------------------------------------------------------------------
+    def _new_call(self, direction: str, peer: str, call_id: str | None = None) -> SipCall:
+        info = CallInfo(call_id=call_id or SipCall.new_call_id(), direction=direction, peer=peer)
+        self._first_packet_sent_ns = None
+        return SipCall(info, self.settings.audio_codecs, self.settings.video_codec, self._on_received,
+                       self._keyframe_requested_by_sip)
+
+    async def _place_call(self, uri: str) -> CallInfo:
+        if self.handle is None or not self.registered:
+            raise RuntimeError("not registered with Janus yet")
+        if self.call is not None:
+            raise RuntimeError(f"a call is already active ({self.call.info.call_id})")
+        call = self._new_call("outbound", uri)
+        self.call = call
+        self.counters["calls_started"] += 1
+        self._publish_state(call.info, CallState.CALLING)
+        try:
+            offer = await call.create_offer()
+            # Our own Call-ID: logs of sipbridge, Janus and the SIP peer then share one id.
+            await self.handle.message({"request": "call", "uri": uri, "call_id": call.info.call_id,
+                                       "autoaccept_reinvites": True}, jsep=offer)
+        except (JanusError, ValueError) as exc:
+            await self._end_call(CallState.FAILED, reason=str(exc))
+        return call.info
+
+    async def _on_event(self, event: dict[str, Any]) -> None:
+        kind = event.get("janus")
+        call = self.call
+        if kind == "webrtcup":
+            if call is not None:
+                call.info.media_up_ns = time.time_ns()
+                self._publish_state(call.info, CallState.MEDIA_UP)
+                self._request_keyframe("call media up")
+            return
+        if kind == "hangup":  # the PeerConnection with Janus closed
+            if call is not None:
+                self.log.info("call %s: Janus closed the PeerConnection (%s)", call.info.call_id,
+                              event.get("reason"))
+            return
+        if kind in ("media", "slowlink", "detached", "timeout"):
+            self.log.info("Janus %s event: %s", kind, {k: v for k, v in event.items() if k not in ("janus",)})
+            return
+        if kind != "event":
+            return
+        data = _plugin_data(event)
+        if not data:
+            return
+        jsep = event.get("jsep")
+        if "error_code" in data:
+            code, error = data.get("error_code"), data.get("error", "")
+            self.report_error("janus_sip_error", f"{code} {error}", call_id=call.info.call_id if call else "")
+            if call is not None and call.info.accepted_ns is None:
+                await self._end_call(CallState.FAILED, int(code or 0), str(error))
+            return
+        result = data.get("result", {})
+        name = result.get("event")
+        sip_call_id = data.get("call_id")
+        if call is not None and sip_call_id and not call.info.sip_call_id:
+            call.info.sip_call_id = sip_call_id
+        if name == "incomingcall":
+            await self._on_incoming(result, jsep, sip_call_id)
+        elif name in ("calling", "ringing", "proceeding") and call is not None:
+            self._publish_state(call.info, name)
+        elif name == "progress" and call is not None:
+            if jsep:
+                await call.set_answer(jsep)
+            self._publish_state(call.info, CallState.PROGRESS)
+        elif name == "accepted" and call is not None:
+            if jsep and call.info.direction == "outbound" and call.pc.signalingState == "have-local-offer":
+                await call.set_answer(jsep)
+            call.info.accepted_ns = time.time_ns()
+            self.counters["calls_connected"] += 1
+            self._publish_state(call.info, CallState.ACCEPTED)
+            self._request_keyframe("call accepted")
+        elif name in ("holding", "resuming", "updatingcall", "updated", "accepting", "hangingup", "declining",
+                      "dtmfsent", "infosent", "messagesent", "registering"):
+            self.log.info("call %s: %s", call.info.call_id if call else "-", name)
+            if name == "holding" and call is not None:
+                self._publish_state(call.info, CallState.ON_HOLD)
+            elif name == "resuming" and call is not None:
+                self._publish_state(call.info, CallState.RESUMED)
+        elif name == "hangup":
+            code, reason = result.get("code"), result.get("reason", "")
+            if call is None:
+                self.log.info("hangup for no active call: %s %s", code, reason)
+                return
+            failed = call.info.accepted_ns is None and call.info.direction == "outbound"
+            await self._end_call(CallState.FAILED if failed else CallState.ENDED, code, reason)
+        elif name == "missed_call":
+            self.log.info("missed call from %s (busy)", result.get("caller"))
+        elif name == "info":
+            self._on_info(result)
+        elif name == "registered":
+            self.registered = True
+        else:
+            self.log.info("SIP plugin event %s: %s", name, result)
+
+    async def _on_incoming(self, result: dict[str, Any], jsep: dict[str, Any] | None, sip_call_id: str | None) -> None:
+        assert self.handle is not None
+        caller = str(result.get("username", ""))
+        call = self._new_call("inbound", caller, call_id=sip_call_id)
+        call.info.sip_call_id = sip_call_id or ""
+        if not self.settings.inbound or not self._accept_re.search(caller) or self.call is not None:
+            code = self.settings.decline_code
+            self.counters["calls_declined"] += 1
+            await self.handle.message({"request": "decline", "code": code})
+            call.info.code = code
+            call.info.reason = "declined by rule" if self.settings.inbound else "inbound calls disabled"
+            self._publish_state(call.info, CallState.DECLINED)
+            await call.close()
+            return
+        if not jsep:
+            self.counters["calls_declined"] += 1
+            await self.handle.message({"request": "decline", "code": 488})
+            call.info.code, call.info.reason = 488, "offerless INVITE not supported"
+            self._publish_state(call.info, CallState.DECLINED)
+            await call.close()
+            return
+        self.call = call
+        self.counters["calls_started"] += 1
+        self._publish_state(call.info, CallState.INCOMING)
+        try:
+            answer = await call.answer(jsep)
+            await self.handle.message({"request": "accept", "autoaccept_reinvites": True}, jsep=answer)
+        except (JanusError, ValueError) as exc:
+            await self._end_call(CallState.FAILED, reason=f"cannot accept: {exc}")
+
+    def _on_info(self, result: dict[str, Any]) -> None:
+        content_type = str(result.get("type", ""))
+        content = str(result.get("content", ""))
+        digit = None
+        duration_ms = None
+        if content_type.lower() == "application/dtmf-relay":
+            match = DTMF_RELAY_RE.search(content)
+            digit = match.group(1) if match else None
+            dmatch = DTMF_DURATION_RE.search(content)
+            duration_ms = int(dmatch.group(1)) if dmatch else None
+        elif content_type.lower() == "application/dtmf" and content.strip()[:1] in DTMF_DIGITS:
+            digit = content.strip()[:1]
+        if digit is None:
+            self.log.info("SIP INFO %s: %.100r", content_type, content)
+            return
+        self.counters["dtmf_received"] += 1
+        call_id = self.call.info.call_id if self.call else ""
+        self.log.info("call %s: DTMF %s received (SIP INFO)", call_id or "-", digit)
+        self._outbox.put_nowait(Event(EventType.DTMF, self.settings.audio_stream,
+                                      {"digit": digit.upper(), "duration_ms": duration_ms, "method": "info",
+                                       "direction": "received", "call_id": call_id}))
+
+    async def hangup(self) -> None:
+        if self.handle is None or self.call is None:
+            raise RuntimeError("no active call")
+        self._publish_state(self.call.info, CallState.HANGINGUP)
+        await self.handle.message({"request": "hangup"})
+
+    async def send_dtmf(self, digits: str, duration_ms: int = DTMF_DURATION_MS) -> None:
+        if self.handle is None or self.call is None:
+            raise RuntimeError("no active call")
+        bad = set(digits) - DTMF_DIGITS
+        if bad:
+            raise ValueError(f"not DTMF digits: {''.join(sorted(bad))}")
+        for digit in digits:
+            await self.handle.message({"request": "dtmf_info", "digit": digit, "duration": duration_ms})
+            self.counters["dtmf_sent"] += 1
+            self.log.info("call %s: DTMF %s sent (SIP INFO)", self.call.info.call_id, digit)
+            await asyncio.sleep(DTMF_GAP_S)
+
+    async def hold(self, on: bool) -> None:
+        if self.handle is None or self.call is None:
+            raise RuntimeError("no active call")
+        if on:
+            self._publish_state(self.call.info, CallState.HOLDING)
+            await self.handle.message({"request": "hold", "direction": "sendonly"})
+        else:
+            await self.handle.message({"request": "unhold"})
+
+    async def _wait_call_settled(self, info: CallInfo, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while info.state not in (CallState.ACCEPTED, CallState.MEDIA_UP, CallState.ENDED, CallState.FAILED,
+                                 CallState.DISCONNECTED) and time.monotonic() < deadline:
+            self._state_changed.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._state_changed.wait(), max(0.0, deadline - time.monotonic()))
+
+    # ----- control socket --------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        call = self.call.info if self.call is not None else self.last_call
+        return {"registered": self.registered, "registration": self.registration,
+                "call": asdict(call) if call is not None else None,
+                "active": self.call is not None and self.call.info.state in ACTIVE_STATES,
+                "counters": dict(self.counters), "drops": dict(self.drops), "errors": dict(self.errors),
+                "first_packet_sent_ns": self._first_packet_sent_ns}
+
+    async def command(self, request: dict[str, Any]) -> dict[str, Any]:
+        cmd = request.get("cmd")
+        if cmd == "status":
+            return {"ok": True, **self.status()}
+        if cmd == "call":
+            uri = request.get("uri")
+            if not isinstance(uri, str) or not uri.startswith(("sip:", "sips:")):
+                return {"ok": False, "error": "call needs a sip: uri"}
+            deadline = time.monotonic() + float(request.get("timeout_s", CALL_WAIT_TIMEOUT_S))
+            while not self.registered and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            info = await self._place_call(uri)
+            if request.get("wait"):
+                await self._wait_call_settled(info, max(0.0, deadline - time.monotonic()))
+            return {"ok": info.state not in (CallState.FAILED, CallState.DISCONNECTED), "call": asdict(info)}
+        if cmd == "hangup":
+            await self.hangup()
+            return {"ok": True}
+        if cmd == "dtmf":
+            await self.send_dtmf(str(request.get("digits", "")), int(request.get("duration_ms", DTMF_DURATION_MS)))
+            return {"ok": True}
+        if cmd in ("hold", "unhold"):
+            await self.hold(cmd == "hold")
+            return {"ok": True}
+        return {"ok": False, "error": f"unknown command {cmd!r}"}
+
+    async def _control_loop_rep(self, endpoint: str) -> None:
+        sock = self._socket(zmq.REP)
+        sock.bind(endpoint)
+        self.log.info("control socket on %s", endpoint)
+        try:
+            while True:
+                raw = await sock.recv()
+                try:
+                    request = json.loads(raw)
+                    if not isinstance(request, dict):
+                        raise ValueError("a command is a JSON object")
+                    reply = await self.command(request)
+                except (TimeoutError, ValueError, RuntimeError, JanusError, JanusDisconnected) as exc:
+                    reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+                await sock.send(json.dumps(reply, default=str).encode())
+        finally:
+            sock.close(linger=0)
+
+
+def _plugin_data(event: dict[str, Any]) -> dict[str, Any]:
+    data = event.get("plugindata", {}).get("data", {})
+    return data if isinstance(data, dict) else {}
+
+
+CODEC_CHOICES = {"h264": Codec.H264, "vp8": Codec.VP8, "pcmu": Codec.PCMU, "pcma": Codec.PCMA, "g722": Codec.G722,
+                 "opus": Codec.OPUS}
+
+
+@click.command("janus")
+@stage_options("janus")
+@click.option("--janus-url", default="ws://127.0.0.1:8188", help="Janus WebSocket API.")
+@click.option("--api-secret", default=None, envvar="SIPBRIDGE_JANUS_API_SECRET", help="Janus API secret.")
+@click.option("--identity", default="sip:bridge@127.0.0.1", help="Our SIP URI (From / registered AOR).")
+@click.option("--display-name", default=None)
+@click.option("--register", "register_mode", type=click.Choice(["guest", "digest"]), default="guest",
+              help="guest: no REGISTER; digest: REGISTER at --proxy with --authuser/--secret.")
+@click.option("--proxy", default=None, help="Registrar/proxy URI, e.g. sip:127.0.0.1:5070.")
+@click.option("--authuser", default=None)
+@click.option("--secret", default=None, envvar="SIPBRIDGE_SIP_SECRET", help="SIP password (prefer the env var).")
+@click.option("--call", "call_uri", default=None, help="Call this SIP URI once registered.")
+@click.option("--inbound/--no-inbound", default=False, help="Accept incoming calls.")
+@click.option("--accept-from", default=".*", help="Regex on the caller URI for calls to accept.")
+@click.option("--decline-code", type=int, default=486, help="SIP code for declined calls.")
+@click.option("--audio-codec", "audio_codecs", multiple=True, type=click.Choice(sorted(c for c in CODEC_CHOICES
+              if not CODEC_CHOICES[c].is_video)), default=("pcmu",), help="Audio codecs to offer, in order.")
+@click.option("--video-codec", type=click.Choice(["h264", "vp8", "none"]), default="h264")
+@click.option("--video-stream", default="sip-video", help="Stream id of the video received from SIP.")
+@click.option("--audio-stream", default="sip-audio", help="Stream id of the audio received from SIP.")
+@click.option("--control", default=None, help="Control REP endpoint [ipc://RUN_DIR/NAME.control].")
+def command(**params: Any) -> None:
+    """Send encoded media to a SIP peer through Janus and emit what it sends back."""
+    options = build_options(params)
+    settings = SipSettings(
+        janus_url=params["janus_url"], api_secret=params["api_secret"], identity=params["identity"],
+        display_name=params["display_name"], register=params["register_mode"], proxy=params["proxy"],
+        authuser=params["authuser"], secret=params["secret"], call_uri=params["call_uri"],
+        inbound=params["inbound"], accept_from=params["accept_from"], decline_code=params["decline_code"],
+        audio_codecs=[CODEC_CHOICES[c] for c in params["audio_codecs"]],
+        video_codec=None if params["video_codec"] == "none" else CODEC_CHOICES[params["video_codec"]],
+        video_stream=params["video_stream"], audio_stream=params["audio_stream"], control=params["control"])
+    run(JanusStage(options, settings))

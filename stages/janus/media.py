@@ -1,0 +1,182 @@
+"""Encoded media in and out of aiortc without re-encoding.
+
+Out: ``PacketTrack`` is a MediaStreamTrack whose ``recv()`` returns ``av.Packet``s.
+aiortc's RTCRtpSender then calls its codec's ``pack()`` (RTP packetisation only) instead
+of ``encode()``: H.264 (Annex B) and VP8 as well as PCMU, PCMA, G.722 and Opus all have a
+``pack()`` in aiortc 1.16, so nothing is transcoded on the way to Janus.
+
+In: ``EncodedTap`` replaces a receiver's decoder queue. aiortc hands every frame its
+jitter buffer re-assembled (already depayloaded: Annex B H.264, whole VP8 frames, raw
+audio payloads) to that queue; the tap gives it to a callback instead of aiortc's
+decoder thread. Why encoded: the pipeline already has a decoder stage (its own process,
+core and keyframe-request logic), decoding here would cost this stage a core per call
+and throw away the option of forwarding H.264 untouched, and PyAV in another process
+decodes exactly the same bytes.
+
+Keyframes: a PLI/FIR from Janus calls ``RTCRtpSender._send_keyframe``, which aiortc uses
+to force its own encoder; ``watch_keyframe_requests`` redirects it to a callback so the
+request travels up the pipeline to the real encoder. ``send_pli`` asks the SIP side for a
+keyframe when our consumer (the decoder stage) lost its reference.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fractions
+import logging
+import queue
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import av
+from aiortc import MediaStreamTrack, RTCRtpReceiver, RTCRtpSender
+from aiortc.mediastreams import MediaStreamError
+
+from protocol import Codec
+
+log = logging.getLogger("sipbridge.janus.media")
+
+# Drop the oldest queued packet beyond this: a sender that cannot keep up must not build latency.
+PACKET_QUEUE_MAX = 64
+
+# Our codec enum <-> RTP names (aiortc's mimeType subtype, upper-cased).
+RTP_NAMES: dict[Codec, str] = {
+    Codec.H264: "H264",
+    Codec.VP8: "VP8",
+    Codec.OPUS: "OPUS",
+    Codec.PCMU: "PCMU",
+    Codec.PCMA: "PCMA",
+    Codec.G722: "G722",
+}
+CODEC_BY_RTP_NAME = {name: codec for codec, name in RTP_NAMES.items()}
+
+H264_NAL_IDR = 5
+H264_NAL_SPS = 7
+
+
+def h264_is_keyframe(data: bytes) -> bool:
+    """True when an Annex B access unit holds an IDR slice or an SPS."""
+    i = 0
+    n = len(data)
+    while True:
+        i = data.find(b"\x00\x00\x01", i)
+        if i < 0 or i + 3 >= n:
+            return False
+        nal_type = data[i + 3] & 0x1F
+        if nal_type in (H264_NAL_IDR, H264_NAL_SPS):
+            return True
+        i += 3
+
+
+def vp8_is_keyframe(data: bytes) -> bool:
+    # RFC 6386 section 9.1: bit 0 of the frame tag is 0 for key frames.
+    return len(data) > 0 and not (data[0] & 0x01)
+
+
+def is_keyframe(codec: Codec, data: bytes) -> bool:
+    if codec is Codec.H264:
+        return h264_is_keyframe(data)
+    if codec is Codec.VP8:
+        return vp8_is_keyframe(data)
+    return True
+
+
+class PacketTrack(MediaStreamTrack):
+    """A track that hands pre-encoded ``av.Packet``s to aiortc's sender."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self._queue: asyncio.Queue[av.Packet | None] = asyncio.Queue()
+        self.dropped = 0
+        self.sent = 0
+
+    def push(self, packet: av.Packet) -> None:
+        """Queue a packet (event loop thread)."""
+        if self.readyState != "live":
+            return
+        if self._queue.qsize() >= PACKET_QUEUE_MAX:
+            self._queue.get_nowait()
+            self.dropped += 1
+        self._queue.put_nowait(packet)
+
+    async def recv(self) -> av.Packet:  # type: ignore[override]
+        if self.readyState != "live":
+            raise MediaStreamError
+        packet = await self._queue.get()
+        if packet is None:
+            raise MediaStreamError
+        self.sent += 1
+        return packet
+
+    def stop(self) -> None:
+        if self.readyState == "live":
+            self._queue.put_nowait(None)
+        super().stop()
+
+
+def make_packet(data: bytes | memoryview, pts: int, time_base: fractions.Fraction, keyframe: bool) -> av.Packet:
+    packet = av.Packet(bytes(data))
+    packet.pts = pts
+    packet.dts = pts
+    packet.time_base = time_base
+    packet.is_keyframe = keyframe
+    return packet
+
+
+@dataclass
+class ReceivedFrame:
+    codec: Codec
+    clock_rate: int
+    timestamp: int  # RTP timestamp of the frame, rebased to start near 0 by aiortc
+    data: bytes
+    keyframe: bool
+
+
+class _TapQueue(queue.Queue):  # type: ignore[type-arg]
+    """Stands in for aiortc's decoder queue: frames go to a callback, the end marker to the thread."""
+
+    def __init__(self, callback: Callable[[ReceivedFrame], None]) -> None:
+        super().__init__()
+        self._callback = callback
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        if item is None:
+            super().put(None)  # lets aiortc's (idle) decoder thread end the remote track
+            return
+        codec_params, encoded_frame = item
+        name = codec_params.mimeType.split("/")[1].upper()
+        codec = CODEC_BY_RTP_NAME.get(name)
+        if codec is None:
+            log.debug("ignoring received frame of unsupported codec %s", name)
+            return
+        data = bytes(encoded_frame.data)
+        self._callback(ReceivedFrame(codec, codec_params.clockRate, int(encoded_frame.timestamp), data,
+                                     is_keyframe(codec, data)))
+
+
+def tap_receiver(receiver: RTCRtpReceiver, callback: Callable[[ReceivedFrame], None]) -> None:
+    """Route ``receiver``'s re-assembled encoded frames to ``callback`` (event loop thread).
+
+    Must run before the receiver starts (before the connection is established).
+    """
+    attr = "_RTCRtpReceiver__decoder_queue"
+    if not hasattr(receiver, attr):
+        raise RuntimeError("this aiortc version has no receiver decoder queue to tap (tested with 1.16)")
+    setattr(receiver, attr, _TapQueue(callback))
+
+
+def watch_keyframe_requests(sender: RTCRtpSender, callback: Callable[[], None]) -> None:
+    """Call ``callback`` (event loop thread) for every PLI/FIR the remote side sends for ``sender``."""
+    sender._send_keyframe = callback  # type: ignore[method-assign]
+
+
+async def send_pli(receiver: RTCRtpReceiver) -> bool:
+    """Ask the remote sender of ``receiver`` for a keyframe; False when nothing was received yet."""
+    sources = receiver.getSynchronizationSources()
+    if not sources:
+        return False
+    for source in sources:
+        await receiver._send_rtcp_pli(source.source)
+    return True

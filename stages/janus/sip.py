@@ -1,0 +1,186 @@
+"""One SIP call through the Janus SIP plugin, with aiortc as Janus's WebRTC peer.
+
+``SipCall`` owns the RTCPeerConnection of one call: the sending tracks
+(``PacketTrack``), codec preferences (audio first, then one video codec; for H.264 the
+single profile 42e01f, packetization-mode=1, see the field notes), the receive taps,
+and the JSEP exchange with Janus. Call control (register, events, state) lives in the
+stage (``stages/janus/__init__.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiortc import RTCPeerConnection, RTCRtpSender, RTCRtpTransceiver, RTCSessionDescription
+from aiortc.rtcrtpparameters import RTCRtpCodecCapability
+
+from protocol import Codec
+from stages.janus.media import RTP_NAMES, PacketTrack, ReceivedFrame, send_pli, tap_receiver, watch_keyframe_requests
+
+log = logging.getLogger("sipbridge.janus.sip")
+
+H264_PROFILE_LEVEL_ID = "42e01f"
+
+
+class CallState:
+    """Values of the ``state`` attribute of CALL_STATE events."""
+
+    IDLE = "idle"
+    REGISTERING = "registering"
+    REGISTERED = "registered"
+    REGISTRATION_FAILED = "registration_failed"
+    CALLING = "calling"
+    INCOMING = "incoming"
+    RINGING = "ringing"
+    PROCEEDING = "proceeding"
+    PROGRESS = "progress"
+    ACCEPTED = "accepted"
+    MEDIA_UP = "media_up"
+    HOLDING = "holding"
+    ON_HOLD = "on_hold"
+    RESUMED = "resumed"
+    HANGINGUP = "hangingup"
+    ENDED = "ended"
+    FAILED = "failed"
+    DECLINED = "declined"
+    DISCONNECTED = "janus_disconnected"
+
+
+ACTIVE_STATES = {CallState.CALLING, CallState.INCOMING, CallState.RINGING, CallState.PROCEEDING,
+                 CallState.PROGRESS, CallState.ACCEPTED, CallState.MEDIA_UP, CallState.HOLDING,
+                 CallState.ON_HOLD, CallState.RESUMED}
+
+
+def codec_capabilities(kind: str, codecs: list[Codec]) -> list[RTCRtpCodecCapability]:
+    """aiortc capabilities for exactly ``codecs``, in that order (no rtx, one H.264 profile)."""
+    available = RTCRtpSender.getCapabilities(kind).codecs
+    chosen = []
+    for codec in codecs:
+        name = RTP_NAMES[codec]
+        for cap in available:
+            if cap.mimeType.split("/")[1].upper() != name:
+                continue
+            if codec is Codec.H264 and (cap.parameters.get("profile-level-id") != H264_PROFILE_LEVEL_ID
+                                        or str(cap.parameters.get("packetization-mode")) != "1"):
+                continue
+            chosen.append(cap)
+            break
+        else:
+            raise ValueError(f"aiortc cannot send {codec.name} over RTP")
+    return chosen
+
+
+@dataclass
+class CallInfo:
+    call_id: str
+    direction: str  # "outbound" or "inbound"
+    peer: str
+    state: str = CallState.IDLE
+    code: int | None = None
+    reason: str = ""
+    requested_ns: int = field(default_factory=time.time_ns)
+    accepted_ns: int | None = None
+    media_up_ns: int | None = None
+    ended_ns: int | None = None
+    audio_codec: str | None = None
+    video_codec: str | None = None
+    sip_call_id: str = ""
+
+
+class SipCall:
+    """The WebRTC side of one call: tracks, codecs, taps, offer/answer."""
+
+    def __init__(self, info: CallInfo, audio_codecs: list[Codec], video_codec: Codec | None,
+                 on_frame: Callable[[str, ReceivedFrame], None], on_keyframe_request: Callable[[], None]) -> None:
+        self.info = info
+        self.audio_codecs = audio_codecs
+        self.video_codec = video_codec
+        self.pc = RTCPeerConnection()
+        self.audio_track = PacketTrack("audio") if audio_codecs else None
+        self.video_track = PacketTrack("video") if video_codec is not None else None
+        self._on_frame = on_frame
+        self._on_keyframe_request = on_keyframe_request
+        self.audio: RTCRtpTransceiver | None = None
+        self.video: RTCRtpTransceiver | None = None
+        self.closed = False
+
+    @staticmethod
+    def new_call_id() -> str:
+        return uuid.uuid4().hex[:12]
+
+    def _prepare(self, transceiver: RTCRtpTransceiver) -> None:
+        kind = transceiver.kind
+        if kind == "audio" and self.audio_track is not None:
+            transceiver.setCodecPreferences(codec_capabilities("audio", self.audio_codecs))
+            self.audio = transceiver
+        elif kind == "video" and self.video_track is not None and self.video_codec is not None:
+            transceiver.setCodecPreferences(codec_capabilities("video", [self.video_codec]))
+            self.video = transceiver
+            watch_keyframe_requests(transceiver.sender, self._on_keyframe_request)
+        else:
+            return
+        tap_receiver(transceiver.receiver, lambda frame, k=kind: self._on_frame(k, frame))
+
+    async def create_offer(self) -> dict[str, str]:
+        # Audio first: when video comes before audio and the SIP peer rejects video, Janus
+        # produces an answer aiortc cannot take (field notes).
+        if self.audio_track is not None:
+            self._prepare(self.pc.addTransceiver(self.audio_track, direction="sendrecv"))
+        if self.video_track is not None:
+            self._prepare(self.pc.addTransceiver(self.video_track, direction="sendrecv"))
+        await self.pc.setLocalDescription(await self.pc.createOffer())
+        return {"type": "offer", "sdp": self.pc.localDescription.sdp}
+
+    async def set_answer(self, jsep: dict[str, Any]) -> None:
+        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=jsep["sdp"], type=jsep["type"]))
+        self._note_codecs()
+
+    async def answer(self, offer: dict[str, Any]) -> dict[str, str]:
+        """Answer Janus's offer for an incoming call."""
+        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=offer["sdp"], type="offer"))
+        for transceiver in self.pc.getTransceivers():
+            if transceiver.kind == "audio" and self.audio_track is not None and self.audio is None:
+                transceiver.sender.replaceTrack(self.audio_track)
+                transceiver.direction = "sendrecv"
+                self._prepare(transceiver)
+            elif transceiver.kind == "video" and self.video_track is not None and self.video is None:
+                transceiver.sender.replaceTrack(self.video_track)
+                transceiver.direction = "sendrecv"
+                self._prepare(transceiver)
+            else:
+                transceiver.direction = "inactive"
+        await self.pc.setLocalDescription(await self.pc.createAnswer())
+        self._note_codecs()
+        return {"type": "answer", "sdp": self.pc.localDescription.sdp}
+
+    def _note_codecs(self) -> None:
+        for transceiver, attr in ((self.audio, "audio_codec"), (self.video, "video_codec")):
+            codecs = getattr(transceiver, "_codecs", None) if transceiver is not None else None
+            if codecs:
+                setattr(self.info, attr, codecs[0].mimeType.split("/")[1].upper())
+
+    def negotiated(self, kind: str) -> str | None:
+        return self.info.audio_codec if kind == "audio" else self.info.video_codec
+
+    async def request_keyframe_from_peer(self) -> bool:
+        if self.video is None or self.closed:
+            return False
+        return await send_pli(self.video.receiver)
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for track in (self.audio_track, self.video_track):
+            if track is not None:
+                track.stop()
+        try:
+            await asyncio.wait_for(self.pc.close(), 5.0)
+        except (TimeoutError, Exception) as exc:
+            log.warning("call %s: closing the PeerConnection failed: %r", self.info.call_id, exc)
