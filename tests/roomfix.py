@@ -1,120 +1,42 @@
-"""Fixtures and helpers for the room-leg tests: a private namespace with Janus, the local room, participants.
+"""Fixtures and helpers for the room-leg tests: the local room, synthetic participants, the bot, a collector.
 
-The namespace and Janus come from the SIP leg's ``tests/sipfix.py`` when it is there; otherwise (or when
-``SIPBRIDGE_ROOM_OWN_JANUS=1``) this module sets up its own with the field-notes recipe, so the room leg can
-be tested on its own.
+Builds on the SIP leg's fixtures (tests/sipfix.py): ``netns`` moves the test's main thread into a fresh
+namespace and ``janus`` runs Janus there, so every process started here (room server, participants' Chromium,
+the browser stage) lives in that namespace, and fixed ports cannot clash with other tests.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import itertools
 import json
 import os
 import queue
-import shutil
 import signal
-import socket
-import string
 import subprocess
-import sys
-import tempfile
 import threading
 import time
 import urllib.request
-import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import av
 import numpy as np
 import pytest
+import zmq
 
-REPO = Path(__file__).resolve().parent.parent
-JANUS_CONF_DIR = REPO / "janus-conf"
-JANUS_START_TIMEOUT_S = 10.0
-PROCESS_STOP_TIMEOUT_S = 5.0
+import protocol
+from sipbridge.janus_server import JanusServer
+from stages.pattern import dominant_frequency, i420_planes, read_counter
+
 ROOM_HTTP_PORT = 8480
-JANUS_WS_PORT = 8188
-JANUS_HTTP_PORT = 8088
-MEDIA_ADDRESS = "127.0.0.2"
-
-
-def _sh(*args: str) -> None:
-    subprocess.run(args, check=True, capture_output=True)
-
-
-@dataclass
-class Namespace:
-    name: str
-
-    def exec_args(self) -> list[str]:
-        return ["ip", "netns", "exec", self.name]
-
-
-def create_namespace(prefix: str = "sbroom") -> Namespace:
-    """A fresh namespace following the field notes: lo up, veth pair, 127.0.0.2 on lo and the veth."""
-    name = f"{prefix}{uuid.uuid4().hex[:6]}"
-    _sh("ip", "netns", "add", name)
-    ex = ["ip", "netns", "exec", name]
-    _sh(*ex, "ip", "link", "set", "lo", "up")
-    _sh(*ex, "ip", "link", "add", "sbv0", "type", "veth", "peer", "name", "sbv1")
-    for dev in ("sbv0", "sbv1"):
-        _sh(*ex, "sysctl", "-q", "-w", f"net.ipv6.conf.{dev}.disable_ipv6=1")
-    _sh(*ex, "ip", "addr", "add", f"{MEDIA_ADDRESS}/32", "dev", "lo")
-    _sh(*ex, "ip", "addr", "add", f"{MEDIA_ADDRESS}/32", "dev", "sbv0")
-    _sh(*ex, "ip", "link", "set", "sbv0", "up")
-    _sh(*ex, "ip", "link", "set", "sbv1", "up")
-    return Namespace(name)
-
-
-def delete_namespace(ns: Namespace) -> None:
-    subprocess.run(["ip", "netns", "delete", ns.name], capture_output=True)
-
-
-def wait_http(ns: Namespace, url: str, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        probe = subprocess.run([*ns.exec_args(), "curl", "-sf", "-m", "1", url], capture_output=True)
-        if probe.returncode == 0:
-            return
-        time.sleep(0.1)
-    raise TimeoutError(f"{url} did not answer within {timeout_s} s")
-
-
-@dataclass
-class JanusProcess:
-    proc: subprocess.Popen[bytes]
-    conf_dir: str
-    ws_url: str = f"ws://127.0.0.1:{JANUS_WS_PORT}"
-
-    def stop(self) -> None:
-        stop_process(self.proc)
-        shutil.rmtree(self.conf_dir, ignore_errors=True)
-
-
-def start_own_janus(ns: Namespace) -> JanusProcess:
-    """Render the project's janus-conf templates into a temporary folder and run Janus in ``ns``."""
-    conf = tempfile.mkdtemp(prefix="sbroom-janus-")
-    values = {
-        "CONFIGS_FOLDER": conf,
-        "LOG_FILE": os.path.join(conf, "janus.log"),
-        "DEBUG_LEVEL": "3",
-        "RTP_PORT_RANGE": "20000-20999",
-        "ICE_ENFORCE_LIST": "sbv0",
-        "BIND_IP": "127.0.0.1",
-        "HTTP_PORT": str(JANUS_HTTP_PORT),
-        "WS_PORT": str(JANUS_WS_PORT),
-        "SIP_IP": "127.0.0.1",
-        "SIP_RTP_PORT_RANGE": "21000-21999",
-    }
-    for src in JANUS_CONF_DIR.glob("*.jcfg"):
-        text = string.Template(src.read_text()).safe_substitute(values)
-        Path(conf, src.name).write_text(text)
-    proc = subprocess.Popen([*ns.exec_args(), "janus", "-F", conf, "-o"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    wait_http(ns, f"http://127.0.0.1:{JANUS_HTTP_PORT}/janus/info", JANUS_START_TIMEOUT_S)
-    return JanusProcess(proc, conf)
+START_TIMEOUT_S = 10.0
+PROCESS_STOP_TIMEOUT_S = 8.0
+PARTICIPANT_SIZE = "320x240"
+PARTICIPANT_FPS = 15
 
 
 def stop_process(proc: subprocess.Popen[Any], timeout_s: float = PROCESS_STOP_TIMEOUT_S) -> int | None:
@@ -133,68 +55,75 @@ def stop_process(proc: subprocess.Popen[Any], timeout_s: float = PROCESS_STOP_TI
     return proc.returncode
 
 
+def wait_until(predicate: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.1) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval_s)
+    raise TimeoutError(f"{what}: not within {timeout_s} s")
+
+
 class JsonLines:
-    """Reads a subprocess's stdout as JSON lines on a thread; tests wait for matching records."""
+    """Reads a subprocess's stdout as JSON lines on a thread."""
 
     def __init__(self, proc: subprocess.Popen[bytes]) -> None:
         self.proc = proc
         self.records: list[dict[str, Any]] = []
-        self._queue: queue.Queue[dict[str, Any]] = queue.Queue()
-        self._thread = threading.Thread(target=self._read, daemon=True)
-        self._thread.start()
+        self._lock = threading.Lock()
+        threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
         for raw in self.proc.stdout:
             line = raw.decode(errors="replace").strip()
-            if not line.startswith("{"):
-                continue
-            with contextlib.suppress(json.JSONDecodeError):
-                record = json.loads(line)
-                self.records.append(record)
-                self._queue.put(record)
+            if line.startswith("{"):
+                with contextlib.suppress(json.JSONDecodeError), self._lock:
+                    self.records.append(json.loads(line))
 
-    def wait_for(self, predicate: Any, timeout_s: float) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout_s
-        for record in list(self.records):
-            if predicate(record):
-                return record
-        while time.monotonic() < deadline:
-            try:
-                record = self._queue.get(timeout=max(0.01, deadline - time.monotonic()))
-            except queue.Empty:
-                break
-            if predicate(record):
-                return record
-        raise TimeoutError(f"no matching record within {timeout_s} s; last: {self.records[-3:]}")
+    def matching(self, predicate: Callable[[dict[str, Any]], bool]) -> list[dict[str, Any]]:
+        with self._lock:
+            return [r for r in self.records if predicate(r)]
 
 
 @dataclass
 class Room:
-    """The local room server and Janus, inside one namespace."""
-
-    ns: Namespace
-    janus_ws: str
+    janus: JanusServer
     http_port: int
     server: subprocess.Popen[bytes]
+    run_dir: Path
     children: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
-    def url(self, room: int, name: str, **params: Any) -> str:
-        query = "&".join(f"{k}={v}" for k, v in {"room": room, "name": name, **params}.items())
-        return f"http://127.0.0.1:{self.http_port}/?{query}"
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}/"
 
-    def spawn(self, *args: str, stdout: Any = subprocess.PIPE) -> subprocess.Popen[bytes]:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        proc = subprocess.Popen([*self.ns.exec_args(), *args], stdout=stdout, stderr=None, env=env,
-                                start_new_session=True)
+    def spawn(self, argv: list[str], stdout: Any = subprocess.PIPE) -> subprocess.Popen[bytes]:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "SIPBRIDGE_RUN_DIR": str(self.run_dir)}
+        proc = subprocess.Popen(argv, stdout=stdout, env=env, start_new_session=True)
         self.children.append(proc)
         return proc
 
-    def participant(self, room: int, name: str, tone_hz: float, *extra: str) -> tuple[subprocess.Popen[bytes], JsonLines]:
-        proc = self.spawn("sipbridge", "room", "participant", "--janus", self.janus_ws,
-                          "--room-url", f"http://127.0.0.1:{self.http_port}/", "--room", str(room),
-                          "--name", name, "--tone", str(tone_hz), *extra)
+    def participants(self, room: int, names_tones: list[tuple[str, float]], *, probe: bool = False,
+                     codec: str = "h264") -> tuple[subprocess.Popen[bytes], JsonLines]:
+        argv = ["sipbridge", "room", "participant", "--room-url", self.url, "--room", str(room), "--codec", codec,
+                "--size", PARTICIPANT_SIZE, "--fps", str(PARTICIPANT_FPS)]
+        for name, tone in names_tones:
+            argv += ["--name", name, "--tone", str(tone)]
+        if probe:
+            argv.append("--probe")
+        proc = self.spawn(argv)
         return proc, JsonLines(proc)
+
+    def bot(self, room: int, out: str, *, mode: str = "raw", inputs: tuple[str, ...] = (), codec: str = "h264",
+            extra: tuple[str, ...] = ()) -> subprocess.Popen[bytes]:
+        argv = ["sipbridge", "stage", "browser", "--name", f"browser-{mode}", "--out", out, "--mode", mode,
+                "--display-name", "bot", "--var", f"room_url={self.url}", "--var", f"room={room}",
+                "--var", f"codec={codec}", "--stats", f"ipc://{self.run_dir}/browser.stats", *extra]
+        for endpoint in inputs:
+            argv += ["--in", endpoint]
+        return self.spawn(argv, stdout=None)
 
     def stop(self) -> None:
         for proc in reversed(self.children):
@@ -202,57 +131,135 @@ class Room:
         stop_process(self.server)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.fixture(scope="module")
-def room_env() -> Iterator[Room]:
-    """One namespace with Janus and the room server for a test module."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root for a network namespace")
-    ns = create_namespace()
-    janus = start_own_janus(ns)
+@pytest.fixture(name="room")
+def room_fixture(janus: JanusServer, tmp_path: Path) -> Iterator[Room]:
+    """The local room server (and Janus) in the test's namespace."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    server = subprocess.Popen([*ns.exec_args(), "sipbridge", "room", "serve", "--port",
-                               str(ROOM_HTTP_PORT), "--janus", janus.ws_url], env=env, start_new_session=True)
+    server = subprocess.Popen(["sipbridge", "room", "serve", "--port", str(ROOM_HTTP_PORT), "--janus", janus.ws_url],
+                              env=env, start_new_session=True)
+    room = Room(janus, ROOM_HTTP_PORT, server, tmp_path)
     try:
-        wait_http(ns, f"http://127.0.0.1:{ROOM_HTTP_PORT}/healthz", JANUS_START_TIMEOUT_S)
-        room = Room(ns, janus.ws_url, ROOM_HTTP_PORT, server)
+        wait_until(lambda: _healthy(f"{room.url}healthz"), START_TIMEOUT_S, "room server")
         yield room
-        room.stop()
     finally:
-        stop_process(server)
-        janus.stop()
-        delete_namespace(ns)
+        room.stop()
 
 
-# ----- pattern helpers (same convention as the lead's source/sink) -------------------------------------------------
-PATTERN_COLUMNS = 16
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
 
 
-def read_counter(y_plane: np.ndarray) -> int:
-    """Counter from the top band of a Y plane: 16 columns, bit (15-i) in column i, threshold 128."""
-    height, width = y_plane.shape
-    band = max(1, height // 8)
-    cell = width // PATTERN_COLUMNS
-    value = 0
-    for i in range(PATTERN_COLUMNS):
-        x0 = i * cell + cell // 4
-        x1 = (i + 1) * cell - cell // 4
-        y0, y1 = band // 4, band - band // 4
-        mean = float(y_plane[y0 : max(y1, y0 + 1), x0 : max(x1, x0 + 1)].mean())
-        if mean >= 128:
-            value |= 1 << (PATTERN_COLUMNS - 1 - i)
-    return value
+# ----- what the bot emits ------------------------------------------------------------------------------------------
+@dataclass
+class StreamRecord:
+    counters: list[tuple[float, int | None]] = field(default_factory=list)  # (arrival time, counter)
+    audio: list[np.ndarray] = field(default_factory=list)
+    sample_rate: int = 0
+    codecs: set[str] = field(default_factory=set)
+    keyframes: int = 0
+    packets: int = 0
 
 
-def dominant_hz(samples: np.ndarray, rate: int) -> float:
-    """Frequency of the strongest spectral peak of mono s16 samples."""
-    x = samples.astype(np.float64)
-    x -= x.mean()
-    spectrum = np.abs(np.fft.rfft(x * np.hanning(len(x))))
-    spectrum[0] = 0
-    return float(np.argmax(spectrum) * rate / len(x))
+class Collector:
+    """A test-side PULL on the bot's output: decodes what it needs to check counters and tones."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.PULL)
+        self.sock.setsockopt(zmq.RCVHWM, 1000)
+        self.sock.connect(endpoint)
+        self.streams: dict[str, StreamRecord] = collections.defaultdict(StreamRecord)
+        self.events: list[tuple[float, protocol.Event]] = []
+        self._decoders: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self.errors: queue.Queue[BaseException] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                if not self.sock.poll(100):
+                    continue
+                msg = protocol.decode(self.sock.recv_multipart())
+                with self._lock:
+                    self._take(msg)
+        except BaseException as exc:  # surfaced by the test through .errors
+            self.errors.put(exc)
+
+    def _take(self, msg: protocol.Message) -> None:
+        now = time.monotonic()
+        if isinstance(msg, protocol.Event):
+            self.events.append((now, msg))
+        elif isinstance(msg, protocol.VideoFrame):
+            y, _, _ = i420_planes(memoryview(msg.data), msg.width, msg.height)
+            self.streams[msg.header.stream_id].counters.append((now, read_counter(y)))
+        elif isinstance(msg, protocol.AudioFrame):
+            record = self.streams[msg.header.stream_id]
+            record.sample_rate = msg.sample_rate
+            record.audio.append(np.frombuffer(memoryview(msg.data), np.int16)[:: msg.channels].copy())
+        elif isinstance(msg, protocol.EncodedPacket):
+            self._decode(msg, now)
+
+    def _decode(self, msg: protocol.EncodedPacket, now: float) -> None:
+        sid = msg.header.stream_id
+        record = self.streams[sid]
+        record.codecs.add(msg.codec.name)
+        record.packets += 1
+        record.keyframes += int(msg.keyframe)
+        if sid not in self._decoders:
+            name = {"H264": "h264", "VP8": "vp8", "OPUS": "opus"}[msg.codec.name]
+            self._decoders[sid] = av.CodecContext.create(name, "r")
+        packet = av.Packet(bytes(msg.data))
+        try:
+            frames = self._decoders[sid].decode(packet)
+        except av.error.InvalidDataError:
+            return
+        for frame in frames:
+            if isinstance(frame, av.VideoFrame):
+                y = frame.to_ndarray(format="gray")
+                record.counters.append((now, read_counter(y)))
+            else:
+                pcm = frame.to_ndarray()
+                mono = pcm[0] if pcm.ndim == 2 else pcm
+                if mono.dtype != np.int16:
+                    mono = np.clip(mono * 32767, -32768, 32767).astype(np.int16)
+                record.sample_rate = frame.sample_rate
+                record.audio.append(mono.copy())
+
+    # ----- queries for tests ------------------------------------------------------------------------------------
+    def counters(self, stream_id: str) -> list[int | None]:
+        with self._lock:
+            return [c for _, c in self.streams[stream_id].counters] if stream_id in self.streams else []
+
+    def tone(self, stream_id: str, seconds: float = 1.0) -> float | None:
+        with self._lock:
+            record = self.streams.get(stream_id)
+            if record is None or not record.audio:
+                return None
+            samples = np.concatenate(record.audio)
+            rate = record.sample_rate
+        if len(samples) < rate * seconds:
+            return None
+        return dominant_frequency(samples[-int(rate * seconds) :], rate)
+
+    def events_of(self, kind: protocol.EventType) -> list[protocol.Event]:
+        with self._lock:
+            return [e for _, e in self.events if e.type == kind]
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self.sock.close(linger=0)
+        self.ctx.term()
+
+
+def in_order(counters: list[int | None]) -> bool:
+    """Readable counters strictly increase (frames may be skipped, never reordered or repeated)."""
+    values = [c for c in counters if c is not None]
+    return len(values) > 1 and all(b > a for a, b in itertools.pairwise(values))

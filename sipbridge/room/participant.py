@@ -69,18 +69,19 @@ async def run_participants(room_url: str, room: int, specs: list[ParticipantSpec
                     elif msg.type == "error":
                         emit_line({"participant": name, "event": "console_error", "text": text})
 
+                def on_crash(_page: Page, name: str = spec.name) -> None:
+                    emit_line({"participant": name, "event": "crashed"})
+
                 page.on("console", on_console)
-                page.on("crash", lambda _p, name=spec.name: emit_line({"participant": name, "event": "crashed"}))
+                page.on("crash", on_crash)
                 await page.goto(page_url(room_url, room, spec, janus=janus, codec=codec, width=width, height=height,
                                          fps=fps, probe=probe))
                 pages[spec.name] = page
             for name, page in pages.items():
                 await page.wait_for_selector('#status[data-state="joined"]', timeout=JOIN_TIMEOUT_S * 1000)
                 emit_line({"participant": name, "event": "joined", "time_ns": time.time_ns()})
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), duration_s)
-            except TimeoutError:
-                pass
             for name, page in pages.items():
                 with contextlib.suppress(Exception):
                     await page.evaluate("window.room.leave()")

@@ -145,6 +145,8 @@
       if (msg.publishers) onPublishers(msg.publishers);
       const gone = msg.unpublished || msg.leaving;
       if (gone && gone !== "ok") unsubscribe(gone);
+      // "leaving: ok" addressed to us: the room dropped us (kicked or destroyed).
+      if (msg.leaving === "ok") { leave(); setStatus("left", "dropped by the room: " + (msg.reason || "unknown")); }
       if (msg.error_code) setStatus("error", msg.error);
       if (msg.configured === "ok") setStatus("joined", "joined room " + ROOM_ID);
     }

@@ -1,0 +1,71 @@
+"""The browser stage: a headless Chromium bot that joins a WebRTC room for the pipeline.
+
+Pieces: ``chromium.py`` (launch flags), ``js/hook.js`` + ``js/encoded_worker.js`` (the page side: capture every
+remote track, replace the camera and microphone), ``stage.py`` (page WebSocket, Playwright session, watchdog and
+rejoin, protocol translation), ``recipes/`` (how to join each app), ``procs.py`` (process-tree CPU/PSS).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from stages.options import build_options, run, stage_options
+
+
+def _parse_vars(values: tuple[str, ...]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in values:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise click.BadParameter(f"expected NAME=VALUE, got {item!r}", param_hint="--var")
+        out[name] = value
+    return out
+
+
+@click.command()
+@stage_options("browser", has_inputs=False)
+@click.option("--in", "inputs", multiple=True, help="Pipeline output(s) to inject as the bot's camera/microphone.")
+@click.option("--recipe", default="local-room", show_default=True,
+              help="Join recipe: built-in name, path to a .toml, or a Python module.")
+@click.option("--var", "variables", multiple=True, help="Recipe variable NAME=VALUE (repeatable).")
+@click.option("--url", default=None, help="Shortcut for --var for recipes whose url is '{url}'-based; "
+              "also sets the 'room_url' variable.")
+@click.option("--display-name", default=None, help="Name the bot joins with (recipe variable display_name).")
+@click.option("--mode", type=click.Choice(["raw", "encoded"]), default="raw", show_default=True,
+              help="raw: decoded I420/s16 out of the page; encoded: frames as received, for the decoder stage.")
+@click.option("--video-tracks", type=int, default=1, show_default=True,
+              help="Cameras the bot offers (one per injected video stream).")
+@click.option("--max-backlog-mb", type=float, default=2.0, show_default=True,
+              help="Unsent page->stage data above which the page drops video (counted).")
+@click.option("--max-restarts", type=int, default=5, show_default=True,
+              help="Rejoins allowed within --restart-window before exiting non-zero (supervisord restarts).")
+@click.option("--restart-window", type=float, default=300.0, show_default=True)
+@click.option("--ws-port", type=int, default=0, show_default=True, help="Page socket port (0: any free port).")
+def command(**params: Any) -> None:
+    """Join a WebRTC room with headless Chromium: capture every participant, inject the pipeline's media."""
+    from stages.browser.recipes import RecipeError, load_recipe
+    from stages.browser.stage import BrowserConfig, BrowserStage, CaptureMode
+
+    options = build_options(params)
+    variables = _parse_vars(params["variables"])
+    if params["url"]:
+        variables.setdefault("room_url", params["url"])
+        variables.setdefault("url", params["url"])
+    if params["display_name"]:
+        variables["display_name"] = params["display_name"]
+    try:
+        recipe = load_recipe(params["recipe"], variables)
+    except RecipeError as exc:
+        raise click.BadParameter(str(exc), param_hint="--recipe") from None
+    config = BrowserConfig(
+        recipe=recipe,
+        mode=CaptureMode(params["mode"]),
+        ws_port=params["ws_port"],
+        max_backlog_bytes=int(params["max_backlog_mb"] * 1024 * 1024),
+        video_tracks=params["video_tracks"],
+        max_restarts=params["max_restarts"],
+        restart_window_s=params["restart_window"],
+    )
+    run(BrowserStage(options, config))

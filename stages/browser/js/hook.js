@@ -1,0 +1,356 @@
+// sipbridge page hook: injected with one Playwright add_init_script before any page script runs.
+// The Python side prepends two constants:
+//   SB_CONFIG         {wsUrl, mode: "raw"|"encoded", maxBacklogBytes, identifyTimeoutMs, participantAttribute,
+//                      participantScript, videoTracks, statsIntervalMs}
+//   SB_WORKER_SOURCE  the text of encoded_worker.js (run as a Blob worker for RTCRtpScriptTransform)
+// It works with WebRTC apps that know nothing of it:
+//   * RTCPeerConnection is replaced by a subclass that sees every remote track. Each track is identified (the
+//     participant the page shows it for), announced to Python, and captured: raw (MediaStreamTrackProcessor,
+//     I420 video and s16 audio) or encoded (RTCRtpScriptTransform in a worker, frames as received).
+//   * navigator.mediaDevices.getUserMedia hands out tracks of MediaStreamTrackGenerators that Python feeds.
+// Page <-> Python messages travel over one local WebSocket per document (and one per worker). Binary messages
+// are [u32 LE header length][UTF-8 JSON header, padded to even length][payload]; text messages are JSON.
+"use strict";
+
+(function () {
+  if (window.__sipbridgeHook) return;
+  const cfg = SB_CONFIG;
+  const NativePC = window.RTCPeerConnection;
+  if (!NativePC) return;
+  const textEncoder = new TextEncoder();
+  const textDecoder = new TextDecoder();
+  const IDENTIFY_POLL_MS = 100;
+  const TRACK_POLL_MS = 500;
+
+  const hook = { tracks: new Map(), pcs: new Set(), drops: {}, injected: { video: 0, audio: 0 }, ws: null };
+  window.__sipbridgeHook = hook;
+  // Track keys are unique across documents and frames sharing one Python side.
+  const DOC_ID = Math.random().toString(36).slice(2, 10);
+  let nextTrackKey = 1;
+  let nextPcId = 1;
+
+  function nowMs() {
+    return performance.timeOrigin + performance.now();
+  }
+
+  function drop(reason) {
+    hook.drops[reason] = (hook.drops[reason] || 0) + 1;
+  }
+
+  // ----- WebSocket to Python -------------------------------------------------------------------------------------
+  const outbox = []; // text messages sent before the socket is open
+  function connect() {
+    const ws = new WebSocket(cfg.wsUrl);
+    ws.binaryType = "arraybuffer";
+    hook.ws = ws;
+    ws.onopen = () => {
+      ws.send(JSON.stringify({ t: "hello", role: "page", href: location.href, top: window === window.top }));
+      for (const msg of outbox.splice(0)) ws.send(msg);
+    };
+    ws.onmessage = (ev) => onPythonMessage(ev.data);
+    ws.onclose = () => { hook.ws = null; };
+  }
+
+  function sendJson(obj) {
+    const text = JSON.stringify(obj);
+    if (hook.ws && hook.ws.readyState === WebSocket.OPEN) hook.ws.send(text);
+    else outbox.push(text);
+  }
+
+  function wsReady() {
+    return hook.ws && hook.ws.readyState === WebSocket.OPEN;
+  }
+
+  // Allocates one message buffer; the caller fills the payload at `offset` (no second copy).
+  function allocMessage(header, payloadBytes) {
+    let json = JSON.stringify(header);
+    if ((4 + json.length) % 2) json += " "; // keep the payload 2-byte aligned for Int16Array views (ASCII JSON)
+    const head = textEncoder.encode(json);
+    const out = new Uint8Array(4 + head.length + payloadBytes);
+    new DataView(out.buffer).setUint32(0, head.length, true);
+    out.set(head, 4);
+    return { out, offset: 4 + head.length };
+  }
+
+  function parseMessage(buffer) {
+    const view = new DataView(buffer);
+    const headLength = view.getUint32(0, true);
+    const header = JSON.parse(textDecoder.decode(new Uint8Array(buffer, 4, headLength)));
+    return { header, offset: 4 + headLength };
+  }
+
+  // ----- identity -------------------------------------------------------------------------------------------------
+  function elementShowing(track) {
+    for (const el of document.querySelectorAll("video,audio")) {
+      const src = el.srcObject;
+      if (src && typeof src.getTracks === "function" && src.getTracks().includes(track)) return el;
+    }
+    return null;
+  }
+
+  function participantOf(track) {
+    const el = elementShowing(track);
+    if (!el) return null;
+    if (cfg.participantScript) {
+      try {
+        const name = new Function("element", "track", cfg.participantScript)(el, track);
+        if (name) return String(name);
+      } catch (err) {
+        drop("identify_script_error");
+      }
+    }
+    if (cfg.participantAttribute) {
+      const holder = el.closest("[" + cfg.participantAttribute + "]");
+      if (holder) return holder.getAttribute(cfg.participantAttribute);
+    }
+    return null;
+  }
+
+  async function identify(track, streams) {
+    const deadline = performance.now() + cfg.identifyTimeoutMs;
+    while (performance.now() < deadline) {
+      const name = participantOf(track);
+      if (name) return { participant: name, identifiedBy: "page" };
+      if (track.readyState === "ended") break;
+      await new Promise((r) => setTimeout(r, IDENTIFY_POLL_MS));
+    }
+    // The page never showed the track: fall back to the stream id the remote side chose (msid).
+    return { participant: (streams[0] && streams[0].id) || track.id, identifiedBy: "msid" };
+  }
+
+  // ----- capture --------------------------------------------------------------------------------------------------
+  let worker = null;
+  function encodedWorker() {
+    if (!worker) {
+      const url = URL.createObjectURL(new Blob([SB_WORKER_SOURCE], { type: "text/javascript" }));
+      worker = new Worker(url);
+      worker.postMessage({ t: "config", wsUrl: cfg.wsUrl, maxBacklogBytes: cfg.maxBacklogBytes,
+        statsIntervalMs: cfg.statsIntervalMs });
+    }
+    return worker;
+  }
+
+  async function captureVideoRaw(info) {
+    const reader = new MediaStreamTrackProcessor({ track: info.track, maxBufferSize: 2 }).readable.getReader();
+    info.reader = reader;
+    for (;;) {
+      const { value: frame, done } = await reader.read();
+      if (done) break;
+      try {
+        if (!wsReady()) { drop("socket_not_open"); continue; }
+        if (hook.ws.bufferedAmount > cfg.maxBacklogBytes) { drop("page_backlog"); continue; }
+        if (frame.format !== "I420") { drop("format_" + frame.format); continue; }
+        const header = { t: "v", k: info.key, w: frame.visibleRect.width, h: frame.visibleRect.height,
+          ts: frame.timestamp, ct: nowMs() };
+        const size = frame.allocationSize();
+        const { out, offset } = allocMessage(header, size);
+        await frame.copyTo(out.subarray(offset));
+        if (wsReady()) hook.ws.send(out);
+      } catch (err) {
+        drop("video_copy_error");
+      } finally {
+        frame.close();
+      }
+    }
+    trackEnded(info, "ended");
+  }
+
+  async function captureAudioRaw(info) {
+    const reader = new MediaStreamTrackProcessor({ track: info.track }).readable.getReader();
+    info.reader = reader;
+    let planes = [];
+    for (;;) {
+      const { value: data, done } = await reader.read();
+      if (done) break;
+      try {
+        if (!wsReady()) { drop("socket_not_open"); continue; }
+        // Audio is small; only a socket far behind drops it.
+        if (hook.ws.bufferedAmount > 4 * cfg.maxBacklogBytes) { drop("page_backlog_audio"); continue; }
+        const n = data.numberOfFrames;
+        const ch = data.numberOfChannels;
+        const header = { t: "a", k: info.key, sr: data.sampleRate, ch, n, ts: data.timestamp, ct: nowMs() };
+        const { out, offset } = allocMessage(header, n * ch * 2);
+        const s16 = new Int16Array(out.buffer, offset, n * ch);
+        if (data.format === "s16") {
+          data.copyTo(s16, { planeIndex: 0 });
+        } else {
+          if (planes.length !== ch || planes[0].length !== n) planes = Array.from({ length: ch }, () => new Float32Array(n));
+          for (let c = 0; c < ch; c++) data.copyTo(planes[c], { planeIndex: c, format: "f32-planar" });
+          for (let i = 0; i < n; i++) {
+            for (let c = 0; c < ch; c++) {
+              const v = planes[c][i];
+              s16[i * ch + c] = v >= 1 ? 32767 : v <= -1 ? -32768 : Math.round(v * 32767);
+            }
+          }
+        }
+        hook.ws.send(out);
+      } catch (err) {
+        drop("audio_copy_error");
+      } finally {
+        data.close();
+      }
+    }
+    trackEnded(info, "ended");
+  }
+
+  function trackEnded(info, reason) {
+    if (info.ended) return;
+    info.ended = true;
+    hook.tracks.delete(info.key);
+    if (info.reader) info.reader.cancel().catch(() => {});
+    if (info.sink) info.sink.srcObject = null;
+    if (worker && info.encoded) worker.postMessage({ t: "end", key: info.key });
+    sendJson({ t: "ended", k: info.key, reason });
+  }
+
+  async function onRemoteTrack(pc, event) {
+    const track = event.track;
+    const info = { key: DOC_ID + "-" + nextTrackKey++, track, kind: track.kind, pc, transceiver: event.transceiver,
+      encoded: cfg.mode === "encoded", ended: false };
+    hook.tracks.set(info.key, info);
+    if (info.encoded) {
+      // Must happen inside the track event, before the first frame is decoded.
+      event.receiver.transform = new RTCRtpScriptTransform(encodedWorker(), { key: info.key, kind: track.kind });
+    }
+    if (track.kind === "audio") {
+      // A remote audio track delivers data only while a media element plays it; muted, so the bot stays silent.
+      const sink = new Audio();
+      sink.muted = true;
+      sink.srcObject = new MediaStream([track]);
+      sink.play().catch(() => {});
+      info.sink = sink;
+    }
+    const who = await identify(track, event.streams);
+    if (info.ended) return;
+    sendJson({ t: "track", k: info.key, kind: track.kind, participant: who.participant, identified_by: who.identifiedBy,
+      track_id: track.id, mid: event.transceiver ? event.transceiver.mid : null, pc: pc.__sbId,
+      stream_ids: event.streams.map((s) => s.id), mode: cfg.mode });
+    if (info.encoded) worker.postMessage({ t: "activate", key: info.key });
+    else if (track.kind === "video") captureVideoRaw(info);
+    else captureAudioRaw(info);
+  }
+
+  // Tracks of a closed connection or a transceiver that stopped receiving never fire "ended": poll for them.
+  setInterval(() => {
+    for (const info of [...hook.tracks.values()]) {
+      const direction = info.transceiver ? info.transceiver.currentDirection : null;
+      if (info.track.readyState === "ended") trackEnded(info, "ended");
+      else if (info.pc.connectionState === "closed" || info.pc.signalingState === "closed") trackEnded(info, "closed");
+      else if (direction === "inactive" || direction === "sendonly" || direction === "stopped") trackEnded(info, direction);
+    }
+  }, TRACK_POLL_MS);
+
+  class SipbridgePeerConnection extends NativePC {
+    constructor(...args) {
+      super(...args);
+      this.__sbId = nextPcId++;
+      hook.pcs.add(this);
+      this.addEventListener("track", (ev) => onRemoteTrack(this, ev));
+      this.addEventListener("connectionstatechange", () => {
+        sendJson({ t: "pc", pc: this.__sbId, state: this.connectionState });
+        if (this.connectionState === "closed") hook.pcs.delete(this);
+      });
+      sendJson({ t: "pc", pc: this.__sbId, state: "new" });
+    }
+
+    close() {
+      for (const info of [...hook.tracks.values()]) if (info.pc === this) trackEnded(info, "closed");
+      hook.pcs.delete(this);
+      sendJson({ t: "pc", pc: this.__sbId, state: "closed" });
+      return super.close();
+    }
+  }
+  window.RTCPeerConnection = SipbridgePeerConnection;
+  if (window.webkitRTCPeerConnection) window.webkitRTCPeerConnection = SipbridgePeerConnection;
+
+  // ----- injection: the bot's camera and microphone ---------------------------------------------------------------
+  const videoSlots = []; // {generator, writer}
+  let audioSlot = null;
+
+  function videoSlot(index) {
+    while (videoSlots.length <= index) {
+      const generator = new MediaStreamTrackGenerator({ kind: "video" });
+      videoSlots.push({ generator, writer: generator.writable.getWriter() });
+    }
+    return videoSlots[index];
+  }
+
+  function audioSlotGet() {
+    if (!audioSlot) {
+      const generator = new MediaStreamTrackGenerator({ kind: "audio" });
+      audioSlot = { generator, writer: generator.writable.getWriter() };
+    }
+    return audioSlot;
+  }
+
+  function deviceIndex(constraint) {
+    // Apps pick a camera by deviceId; ours are "sipbridge-video-N".
+    const wanted = constraint && typeof constraint === "object" ? constraint.deviceId : null;
+    const id = wanted && typeof wanted === "object" ? (wanted.exact || wanted.ideal) : wanted;
+    const match = typeof id === "string" ? /^sipbridge-video-(\d+)$/.exec(id) : null;
+    return match ? Number(match[1]) : null;
+  }
+
+  if (navigator.mediaDevices) {
+    navigator.mediaDevices.getUserMedia = async function (constraints) {
+      const tracks = [];
+      if (constraints && constraints.audio) tracks.push(audioSlotGet().generator.clone());
+      if (constraints && constraints.video) {
+        const chosen = deviceIndex(constraints.video);
+        // Clones share the generator's frames, so an app stopping its track does not end the source.
+        if (chosen !== null) tracks.push(videoSlot(chosen).generator.clone());
+        else for (let i = 0; i < Math.max(1, cfg.videoTracks); i++) tracks.push(videoSlot(i).generator.clone());
+      }
+      return new MediaStream(tracks);
+    };
+    navigator.mediaDevices.getDisplayMedia = async function () {
+      return new MediaStream([videoSlot(Math.max(1, cfg.videoTracks)).generator.clone()]);
+    };
+    navigator.mediaDevices.enumerateDevices = async function () {
+      const devices = [{ deviceId: "sipbridge-audio-0", kind: "audioinput", label: "sipbridge microphone", groupId: "sipbridge" }];
+      for (let i = 0; i < Math.max(1, cfg.videoTracks); i++) {
+        devices.push({ deviceId: "sipbridge-video-" + i, kind: "videoinput", label: "sipbridge camera " + i, groupId: "sipbridge" });
+      }
+      devices.push({ deviceId: "sipbridge-speaker", kind: "audiooutput", label: "sipbridge speaker", groupId: "sipbridge" });
+      return devices.map((d) => ({ ...d, toJSON() { return d; } }));
+    };
+  }
+
+  function onPythonMessage(data) {
+    if (typeof data === "string") {
+      const msg = JSON.parse(data);
+      if (msg.t === "kf" && worker) worker.postMessage({ t: "kf", key: msg.k });
+      return;
+    }
+    const { header, offset } = parseMessage(data);
+    const payload = new Uint8Array(data, offset);
+    if (header.t === "v") {
+      const slot = videoSlot(header.slot || 0);
+      const frame = new VideoFrame(payload, { format: "I420", codedWidth: header.w, codedHeight: header.h,
+        timestamp: header.ts });
+      slot.writer.write(frame).then(() => {
+        hook.injected.video++;
+        sendJson({ t: "ack", seq: header.seq, slot: header.slot || 0 });
+      }, () => drop("inject_video_error"));
+    } else if (header.t === "a") {
+      const audio = new AudioData({ format: "s16", sampleRate: header.sr, numberOfChannels: header.ch,
+        numberOfFrames: header.n, timestamp: header.ts, data: payload });
+      audioSlotGet().writer.write(audio).then(() => { hook.injected.audio++; }, () => drop("inject_audio_error"));
+    }
+  }
+
+  // Drop counts travel to Python as deltas, so the stage's figures include what the page lost.
+  let reported = {};
+  setInterval(() => {
+    const delta = {};
+    let any = false;
+    for (const [reason, count] of Object.entries(hook.drops)) {
+      const d = count - (reported[reason] || 0);
+      if (d > 0) { delta[reason] = d; any = true; }
+    }
+    reported = { ...hook.drops };
+    if (any && wsReady()) sendJson({ t: "drops", drops: delta });
+  }, cfg.statsIntervalMs);
+
+  connect();
+})();

@@ -1,0 +1,561 @@
+"""The browser stage: a headless Chromium bot in a WebRTC room, bridged to the pipeline.
+
+Python side of the page hook (js/hook.js): a local aiohttp WebSocket server the page connects to, the
+Playwright session (launch, join recipe, watchdog, rejoin), and the translation between page messages and
+protocol messages. See the package docstring for the overall picture.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import enum
+import json
+import os
+import re
+import secrets
+import struct
+import time
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+from aiohttp import WSMsgType, web
+from playwright.async_api import Browser, BrowserContext, Page, async_playwright
+
+from protocol import (
+    AudioFrame,
+    Codec,
+    EncodedPacket,
+    EndOfStream,
+    Event,
+    EventType,
+    KeyframeRequest,
+    MediaHeader,
+    Message,
+    VideoFrame,
+    i420_size,
+)
+from stages.base import Stage, StageOptions, percentile
+from stages.browser.chromium import launch_chromium
+from stages.browser.procs import chromium_pids
+from stages.browser.recipes import Recipe, RecipeError
+
+JS_DIR = Path(__file__).resolve().parent / "js"
+WS_PATH = "/sipbridge"
+MAX_WS_MESSAGE_BYTES = 64 * 1024 * 1024
+DEFAULT_MAX_BACKLOG_BYTES = 2 * 1024 * 1024
+IDENTIFY_TIMEOUT_S = 3.0
+PAGE_STATS_INTERVAL_MS = 1000
+WATCHDOG_INTERVAL_S = 1.0
+# Being out of the call this long (recipe's joined check failing) counts as dropped from the room.
+NOT_JOINED_GRACE_S = 3.0
+BROWSER_CLOSE_TIMEOUT_S = 5.0
+DEFAULT_MAX_RESTARTS = 5
+DEFAULT_RESTART_WINDOW_S = 300.0
+RESTART_BACKOFF_S = 0.5
+# Injection: video frames the page has not yet written into its generator; more means the page is behind.
+MAX_INJECT_IN_FLIGHT_FRAMES = 3
+MAX_INJECT_QUEUE_MSGS = 64
+MAX_PENDING_PER_TRACK_MSGS = 32
+LATENCY_WINDOW = 512
+US_PER_S = 1_000_000
+RTP_TIMESTAMP_MODULO = 1 << 32
+
+HEADER_LENGTH = struct.Struct("<I")
+
+CODEC_BY_MIME = {
+    "video/h264": Codec.H264,
+    "video/vp8": Codec.VP8,
+    "video/vp9": Codec.VP9,
+    "video/av1": Codec.AV1,
+    "audio/opus": Codec.OPUS,
+    "audio/pcmu": Codec.PCMU,
+    "audio/pcma": Codec.PCMA,
+    "audio/g722": Codec.G722,
+}
+RTP_CLOCK_HZ = {Codec.OPUS: 48000, Codec.PCMU: 8000, Codec.PCMA: 8000, Codec.G722: 8000}
+VIDEO_RTP_CLOCK_HZ = 90000
+
+
+class CaptureMode(enum.StrEnum):
+    RAW = "raw"  # decoded I420 and s16 out of the page
+    ENCODED = "encoded"  # frames as received from the room, for the decoder stage
+
+
+class PageMessageError(ValueError):
+    """A malformed message from the page (counted and dropped)."""
+
+
+@dataclass
+class BrowserConfig:
+    recipe: Recipe
+    mode: CaptureMode = CaptureMode.RAW
+    ws_host: str = "127.0.0.1"
+    ws_port: int = 0
+    max_backlog_bytes: int = DEFAULT_MAX_BACKLOG_BYTES
+    identify_timeout_s: float = IDENTIFY_TIMEOUT_S
+    video_tracks: int = 1
+    max_restarts: int = DEFAULT_MAX_RESTARTS
+    restart_window_s: float = DEFAULT_RESTART_WINDOW_S
+    chromium_args: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PageTrack:
+    key: str
+    kind: str
+    participant: str
+    stream_id: str
+    attributes: dict[str, Any]
+    rtp_last: int | None = None
+    rtp_base: int = 0
+    ended: bool = False
+
+
+@dataclass(eq=False)
+class PageConnection:
+    ws: web.WebSocketResponse
+    role: str = "unknown"
+    top: bool = False
+    queue: collections.deque[tuple[bytes | str, int | None]] = field(default_factory=collections.deque)
+    wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+    in_flight: dict[int, int] = field(default_factory=dict)  # injected video seq -> send time (ns)
+
+
+def parse_page_message(data: bytes) -> tuple[dict[str, Any], memoryview]:
+    if len(data) < HEADER_LENGTH.size:
+        raise PageMessageError("message shorter than its length prefix")
+    (head_len,) = HEADER_LENGTH.unpack_from(data)
+    if HEADER_LENGTH.size + head_len > len(data):
+        raise PageMessageError("header length beyond the message")
+    try:
+        header = json.loads(data[HEADER_LENGTH.size : HEADER_LENGTH.size + head_len])
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PageMessageError(f"header is not JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise PageMessageError("header is not an object")
+    return header, memoryview(data)[HEADER_LENGTH.size + head_len :]
+
+
+def pack_page_message(header: dict[str, Any], payload: Any) -> bytes:
+    """``payload`` is any buffer (bytes, memoryview, numpy array)."""
+    head = json.dumps(header, separators=(",", ":")).encode()
+    if (HEADER_LENGTH.size + len(head)) % 2:
+        head += b" "  # the page views audio payloads as Int16Array: keep them 2-byte aligned
+    return HEADER_LENGTH.pack(len(head)) + head + memoryview(payload).cast("B").tobytes()
+
+
+_STREAM_ID_UNSAFE = re.compile(r"[^A-Za-z0-9_.@+-]+")
+
+
+def stream_name(participant: str) -> str:
+    return _STREAM_ID_UNSAFE.sub("_", participant).strip("_")[:100] or "participant"
+
+
+class BrowserStage(Stage):
+    """Joins a room with Chromium; emits every remote track; injects pipeline media as camera and microphone."""
+
+    def __init__(self, options: StageOptions, config: BrowserConfig) -> None:
+        super().__init__(options)
+        self.config = config
+        self.recipe = config.recipe
+        self._token = secrets.token_urlsafe(16)
+        self._ws_url = ""
+        self._runner: web.AppRunner | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._connections: set[PageConnection] = set()
+        self._tracks: dict[str, PageTrack] = {}
+        self._pending: dict[str, list[bytes]] = collections.defaultdict(list)
+        self._seq: collections.Counter[str] = collections.Counter()
+        self._active_stream_ids: set[str] = set()
+        self._inject_slots: dict[str, int] = {}
+        self._inject_seq = 0
+        self._inject_latency_ms: collections.deque[float] = collections.deque(maxlen=LATENCY_WINDOW)
+        self._capture_latency_ms: dict[str, collections.deque[float]] = collections.defaultdict(
+            lambda: collections.deque(maxlen=LATENCY_WINDOW))
+        self._session = 0
+        self._session_failed: asyncio.Future[str] | None = None
+        self._state = "starting"
+        self._restarts: collections.deque[float] = collections.deque()
+        self._joined_at_ns = 0
+        self._pc_states: dict[Any, str] = {}
+
+    # ----- statistics --------------------------------------------------------------------------------------------
+    def extra_figures(self) -> dict[str, Any]:
+        capture = {
+            sid: {"p50": percentile(lat, 0.5), "p95": percentile(lat, 0.95)}
+            for sid, lat in self._capture_latency_ms.items()
+        }
+        return {
+            "mode": self.config.mode.value,
+            "state": self._state,
+            "session": self._session,
+            "restarts": len(self._restarts),
+            "tracks": {t.stream_id: t.attributes for t in self._tracks.values() if not t.ended},
+            "capture_latency_ms": capture,
+            "inject_latency_ms_p50": percentile(self._inject_latency_ms, 0.5),
+            "inject_latency_ms_p95": percentile(self._inject_latency_ms, 0.95),
+            "chromium_pids": chromium_pids(os.getpid()),
+        }
+
+    # ----- page WebSocket ----------------------------------------------------------------------------------------
+    async def _start_server(self) -> None:
+        app = web.Application(client_max_size=MAX_WS_MESSAGE_BYTES)
+        app.router.add_get(WS_PATH, self._ws_handler)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.config.ws_host, self.config.ws_port)
+        await site.start()
+        server = site._server
+        assert server is not None and server.sockets  # type: ignore[attr-defined]
+        port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+        self._ws_url = f"ws://{self.config.ws_host}:{port}{WS_PATH}?token={self._token}"
+        self.log.info("page socket on %s:%d", self.config.ws_host, port)
+
+    async def _ws_handler(self, request: web.Request) -> web.StreamResponse:
+        if not secrets.compare_digest(request.query.get("token", ""), self._token):
+            raise web.HTTPForbidden()
+        # Compression off: deflating raw video costs far more than loopback bandwidth (field notes).
+        ws = web.WebSocketResponse(compress=False, max_msg_size=MAX_WS_MESSAGE_BYTES)
+        await ws.prepare(request)
+        conn = PageConnection(ws)
+        self._connections.add(conn)
+        sender = asyncio.create_task(self._sender(conn))
+        try:
+            async for msg in ws:
+                if msg.type == WSMsgType.BINARY:
+                    await self._on_page_media(msg.data)
+                elif msg.type == WSMsgType.TEXT:
+                    try:
+                        body = json.loads(msg.data)
+                    except json.JSONDecodeError:
+                        self.drops["page_bad_control"] += 1
+                        continue
+                    if isinstance(body, dict):
+                        await self._on_page_control(conn, body)
+        finally:
+            sender.cancel()
+            self._connections.discard(conn)
+        return ws
+
+    async def _sender(self, conn: PageConnection) -> None:
+        while True:
+            await conn.wakeup.wait()
+            conn.wakeup.clear()
+            while conn.queue:
+                data, seq = conn.queue.popleft()
+                if seq is not None:
+                    conn.in_flight[seq] = time.time_ns()
+                if isinstance(data, str):
+                    await conn.ws.send_str(data)
+                else:
+                    await conn.ws.send_bytes(data)
+
+    def _top_page(self) -> PageConnection | None:
+        for conn in self._connections:
+            if conn.role == "page" and conn.top:
+                return conn
+        return None
+
+    # ----- page -> pipeline --------------------------------------------------------------------------------------
+    async def _on_page_control(self, conn: PageConnection, body: dict[str, Any]) -> None:
+        kind = body.get("t")
+        if kind == "hello":
+            conn.role = str(body.get("role", "unknown"))
+            conn.top = bool(body.get("top", False))
+        elif kind == "track":
+            await self._track_added(body)
+        elif kind == "ended":
+            await self._track_ended(str(body.get("k")), str(body.get("reason", "ended")))
+        elif kind == "drops":
+            for reason, count in (body.get("drops") or {}).items():
+                if isinstance(count, int) and count > 0:
+                    self.drops[f"page_{reason}"] += count
+        elif kind == "ack":
+            seq = body.get("seq")
+            sent = conn.in_flight.pop(seq, None) if isinstance(seq, int) else None
+            if sent is not None:
+                self._inject_latency_ms.append((time.time_ns() - sent) / 1e6)
+        elif kind == "pc":
+            self._pc_states[body.get("pc")] = str(body.get("state"))
+            self.log.info("session %d: peer connection %s %s", self._session, body.get("pc"), body.get("state"))
+
+    async def _track_added(self, body: dict[str, Any]) -> None:
+        key = str(body.get("k"))
+        kind = "video" if body.get("kind") == "video" else "audio"
+        participant = str(body.get("participant") or key)
+        base = f"{stream_name(participant)}/{kind}"
+        stream_id, n = base, 1
+        while stream_id in self._active_stream_ids:
+            n += 1
+            stream_id = f"{base}{n}"
+        self._active_stream_ids.add(stream_id)
+        attributes = {
+            "participant": participant,
+            "kind": kind,
+            "mode": self.config.mode.value,
+            "track_id": body.get("track_id"),
+            "mid": body.get("mid"),
+            "identified_by": body.get("identified_by"),
+            "session": self._session,
+        }
+        track = PageTrack(key, kind, participant, stream_id, attributes)
+        self._tracks[key] = track
+        self.log.info("track added: %s (%s of %s, %s)", stream_id, kind, participant, body.get("identified_by"))
+        await self.emit(Event(EventType.TRACK_ADDED, stream_id, attributes))
+        for data in self._pending.pop(key, []):
+            await self._on_page_media(data)
+
+    async def _track_ended(self, key: str, reason: str) -> None:
+        track = self._tracks.pop(key, None)
+        self._pending.pop(key, None)
+        if track is None or track.ended:
+            return
+        track.ended = True
+        self._active_stream_ids.discard(track.stream_id)
+        self._capture_latency_ms.pop(track.stream_id, None)
+        self.log.info("track ended: %s (%s)", track.stream_id, reason)
+        await self.emit(EndOfStream(track.stream_id))
+        await self.emit(Event(EventType.TRACK_ENDED, track.stream_id, {**track.attributes, "reason": reason}))
+
+    async def _on_page_media(self, data: bytes) -> None:
+        try:
+            header, payload = parse_page_message(data)
+            key = str(header.get("k"))
+            track = self._tracks.get(key)
+            if track is None:
+                # The worker's socket can overtake the page's track announcement: hold a few messages.
+                pending = self._pending[key]
+                if len(pending) < MAX_PENDING_PER_TRACK_MSGS:
+                    pending.append(data)
+                else:
+                    self.drops["unannounced_track"] += 1
+                return
+            msg = self._to_protocol(track, header, payload)
+        except (PageMessageError, ValueError, TypeError, KeyError) as exc:
+            self.drops["page_malformed"] += 1
+            self.report_error("page_malformed", str(exc))
+            return
+        if await self.emit(msg):
+            assert isinstance(msg, (VideoFrame, AudioFrame, EncodedPacket))
+            self._capture_latency_ms[track.stream_id].append((time.time_ns() - msg.header.capture_time_ns) / 1e6)
+
+    def _header(self, track: PageTrack, pts: int, time_base: Fraction, capture_ms: Any) -> MediaHeader:
+        seq = self._seq[track.stream_id]
+        self._seq[track.stream_id] += 1
+        return MediaHeader(track.stream_id, seq, pts, time_base, int(float(capture_ms) * 1e6))
+
+    def _to_protocol(self, track: PageTrack, h: dict[str, Any], payload: memoryview) -> Message:
+        kind = h.get("t")
+        if kind == "v":
+            width, height = int(h["w"]), int(h["h"])
+            if len(payload) != i420_size(width, height):
+                raise PageMessageError(f"video payload {len(payload)} bytes for {width}x{height}")
+            return VideoFrame(self._header(track, int(h["ts"]), Fraction(1, US_PER_S), h["ct"]), width, height,
+                              payload)
+        if kind == "a":
+            rate, channels, samples = int(h["sr"]), int(h["ch"]), int(h["n"])
+            pts = round(int(h["ts"]) * rate / US_PER_S)
+            return AudioFrame(self._header(track, pts, Fraction(1, rate), h["ct"]), rate, channels, samples, payload)
+        if kind == "e":
+            mime = str(h.get("codec") or "").lower()
+            codec = CODEC_BY_MIME.get(mime)
+            if codec is None:
+                raise PageMessageError(f"unsupported codec {mime or 'unknown'} (payload type {h.get('pt')})")
+            clock = VIDEO_RTP_CLOCK_HZ if codec.is_video else RTP_CLOCK_HZ[codec]
+            pts = self._unwrap_rtp(track, int(h["ts"]))
+            return EncodedPacket(self._header(track, pts, Fraction(1, clock), h["ct"]), codec, bool(h.get("key")),
+                                 payload)
+        raise PageMessageError(f"unknown media message {kind!r}")
+
+    @staticmethod
+    def _unwrap_rtp(track: PageTrack, ts: int) -> int:
+        """RTP timestamps wrap at 2**32; pts must keep growing."""
+        if track.rtp_last is not None:
+            delta = (ts - track.rtp_last) % RTP_TIMESTAMP_MODULO
+            if delta > RTP_TIMESTAMP_MODULO // 2:  # reordered slightly backwards
+                delta -= RTP_TIMESTAMP_MODULO
+            track.rtp_base += delta
+        else:
+            track.rtp_base = ts
+        track.rtp_last = ts
+        return track.rtp_base
+
+    # ----- pipeline -> page (injection) --------------------------------------------------------------------------
+    def process(self, msg: Message) -> list[Message]:
+        """Runs on the codec thread: pack the frame for the page and hand it to the event loop."""
+        if isinstance(msg, VideoFrame):
+            slot = self._inject_slots.get(msg.header.stream_id)
+            if slot is None:
+                if len(self._inject_slots) >= self.config.video_tracks:
+                    self.drops["inject_no_slot"] += 1
+                    return []
+                slot = len(self._inject_slots)
+                self._inject_slots[msg.header.stream_id] = slot
+                self.log.info("injecting %s as camera %d", msg.header.stream_id, slot)
+            ts = int(msg.header.pts * msg.header.time_base * US_PER_S)
+            self._inject_seq += 1
+            header = {"t": "v", "slot": slot, "w": msg.width, "h": msg.height, "ts": ts, "seq": self._inject_seq}
+            data = pack_page_message(header, msg.data)
+            assert self._loop is not None
+            self._loop.call_soon_threadsafe(self._inject, data, self._inject_seq)
+        elif isinstance(msg, AudioFrame):
+            ts = int(msg.header.pts * msg.header.time_base * US_PER_S)
+            header = {"t": "a", "sr": msg.sample_rate, "ch": msg.channels, "n": msg.samples, "ts": ts}
+            data = pack_page_message(header, msg.data)
+            assert self._loop is not None
+            self._loop.call_soon_threadsafe(self._inject, data, None)
+        else:
+            self.drops["inject_unsupported"] += 1
+        return []
+
+    def _inject(self, data: bytes, video_seq: int | None) -> None:
+        conn = self._top_page()
+        if conn is None:
+            self.drops["inject_no_page"] += 1
+            return
+        if video_seq is not None:
+            # Frames the page never acknowledged (it reloaded, or is far behind) must not block forever.
+            now = time.time_ns()
+            for seq, sent in list(conn.in_flight.items()):
+                if now - sent > 1_000_000_000:
+                    del conn.in_flight[seq]
+            queued_video = sum(1 for _, s in conn.queue if s is not None)
+            if len(conn.in_flight) + queued_video >= MAX_INJECT_IN_FLIGHT_FRAMES:
+                self.drops["inject_backlog"] += 1
+                return
+        if len(conn.queue) >= MAX_INJECT_QUEUE_MSGS:
+            self.drops["inject_queue_full"] += 1
+            return
+        conn.queue.append((data, video_seq))
+        conn.wakeup.set()
+
+    def on_keyframe_request(self, request: KeyframeRequest) -> bool:
+        """A consumer of an encoded track lost sync: ask the room's sender for a keyframe via the page."""
+        for track in list(self._tracks.values()):
+            if track.stream_id == request.stream_id:
+                if self.config.mode is CaptureMode.ENCODED and track.kind == "video" and self._loop is not None:
+                    self._loop.call_soon_threadsafe(self._send_keyframe_request, track.key)
+                return True
+        return True  # not ours to pass upstream: our inputs are the injection side
+
+    def _send_keyframe_request(self, key: str) -> None:
+        conn = self._top_page()
+        if conn is not None:
+            conn.queue.append((json.dumps({"t": "kf", "k": key}), None))
+            conn.wakeup.set()
+
+    # ----- the browser session -----------------------------------------------------------------------------------
+    def _init_script(self) -> str:
+        cfg = {
+            "wsUrl": self._ws_url,
+            "mode": self.config.mode.value,
+            "maxBacklogBytes": self.config.max_backlog_bytes,
+            "identifyTimeoutMs": int(self.config.identify_timeout_s * 1000),
+            "participantAttribute": self.recipe.participant_attribute,
+            "participantScript": self.recipe.participant_script,
+            "videoTracks": self.config.video_tracks,
+            "statsIntervalMs": PAGE_STATS_INTERVAL_MS,
+        }
+        worker = (JS_DIR / "encoded_worker.js").read_text()
+        hook = (JS_DIR / "hook.js").read_text()
+        # One script: separate init scripts would not share these top-level names (field notes).
+        return f"const SB_CONFIG = {json.dumps(cfg)};\nconst SB_WORKER_SOURCE = {json.dumps(worker)};\n{hook}"
+
+    async def _set_state(self, state: str, **attributes: Any) -> None:
+        self._state = state
+        self.log.info("state %s %s", state, attributes or "")
+        await self.emit(Event(EventType.STAGE_STATE, "", {"stage": self.name, "state": state,
+                                                          "session": self._session, **attributes}))
+
+    async def produce(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        await self._start_server()
+        try:
+            async with async_playwright() as pw:
+                while True:
+                    self._session += 1
+                    reason = await self._run_session(pw)
+                    now = time.monotonic()
+                    self._restarts.append(now)
+                    while self._restarts and now - self._restarts[0] > self.config.restart_window_s:
+                        self._restarts.popleft()
+                    if len(self._restarts) > self.config.max_restarts:
+                        await self._set_state("failed", reason=reason)
+                        raise RuntimeError(f"giving up after {len(self._restarts)} restarts in "
+                                           f"{self.config.restart_window_s:.0f} s; last: {reason}")
+                    await self._set_state("rejoining", reason=reason)
+                    await asyncio.sleep(RESTART_BACKOFF_S)
+        finally:
+            if self._runner is not None:
+                await self._runner.cleanup()
+
+    async def _run_session(self, pw: Any) -> str:
+        """One browser, one page, one join; returns why it ended."""
+        loop = asyncio.get_running_loop()
+        failed: asyncio.Future[str] = loop.create_future()
+        self._session_failed = failed
+
+        def fail(reason: str) -> None:
+            if not failed.done():
+                failed.set_result(reason)
+
+        browser: Browser | None = None
+        try:
+            await self._set_state("launching")
+            browser = await launch_chromium(pw, self.config.chromium_args)
+            browser.on("disconnected", lambda _b: fail("browser disconnected"))
+            context: BrowserContext = await browser.new_context(bypass_csp=True)
+            await context.add_init_script(script=self._init_script())
+            page: Page = await context.new_page()
+            page.on("crash", lambda _p: fail("page crashed"))
+            page.on("close", lambda _p: fail("page closed"))
+            page.on("console", lambda m: self.log.debug("page: %s", m.text))
+            await self._set_state("joining", url=self.recipe.start_url())
+            join: asyncio.Future[None] = asyncio.ensure_future(self.recipe.join(page))
+            waiters: list[asyncio.Future[Any]] = [join, failed]
+            done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            if failed in done:
+                join.cancel()
+                return failed.result()
+            try:
+                join.result()
+            except (RecipeError, Exception) as exc:
+                return f"join failed: {exc}"
+            self._joined_at_ns = time.time_ns()
+            await self._set_state("joined")
+            return await self._watch(page, failed)
+        except Exception as exc:
+            return failed.result() if failed.done() else f"{type(exc).__name__}: {exc}"
+        finally:
+            self._session_failed = None
+            for track in list(self._tracks.values()):
+                await self._track_ended(track.key, "session ended")
+            self._pending.clear()
+            if browser is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(browser.close(), BROWSER_CLOSE_TIMEOUT_S)
+
+    async def _watch(self, page: Page, failed: asyncio.Future[str]) -> str:
+        not_joined_since: float | None = None
+        while True:
+            try:
+                return await asyncio.wait_for(asyncio.shield(failed), WATCHDOG_INTERVAL_S)
+            except TimeoutError:
+                pass
+            try:
+                joined = await self.recipe.is_joined(page)
+            except Exception as exc:
+                return failed.result() if failed.done() else f"page unreachable: {exc}"
+            if self._top_page() is None:
+                joined = False  # the page's hook lost its socket: no media can flow
+            now = time.monotonic()
+            if joined:
+                not_joined_since = None
+            elif not_joined_since is None:
+                not_joined_since = now
+            elif now - not_joined_since >= NOT_JOINED_GRACE_S:
+                return "dropped from the room"

@@ -1,0 +1,55 @@
+"""The bot captures every participant of the local room: video counters in order and the right tones."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from protocol import EventType
+from tests.roomfix import Collector, Room, in_order, room_fixture, wait_until  # noqa: F401  (pytest fixture)
+from tests.sipfix import janus_fixture, netns_fixture  # noqa: F401  (pytest fixtures)
+
+pytestmark = [pytest.mark.media, pytest.mark.timeout(90)]
+
+ROOM_ID = 4101
+PARTICIPANTS = [("alice", 440.0), ("bob", 660.0)]
+TONE_TOLERANCE_HZ = 10.0
+MIN_FRAMES = 30
+MEDIA_TIMEOUT_S = 40.0
+
+
+@pytest.mark.parametrize("mode", ["raw", "encoded"])
+def test_bot_captures_two_participants(room: Room, tmp_path: Path, mode: str) -> None:
+    room.participants(ROOM_ID, PARTICIPANTS)
+    out = f"ipc://{tmp_path}/bot.sock"
+    collector = Collector(out)
+    try:
+        room.bot(ROOM_ID, out, mode=mode)
+
+        def enough() -> bool:
+            return all(
+                len(collector.counters(f"{name}/video")) >= MIN_FRAMES and collector.tone(f"{name}/audio") is not None
+                for name, _ in PARTICIPANTS
+            )
+
+        wait_until(enough, MEDIA_TIMEOUT_S, "both participants' video and audio at the collector")
+        assert collector.errors.empty(), collector.errors.get()
+        added = {e.stream_id: e.attributes for e in collector.events_of(EventType.TRACK_ADDED)}
+        for name, tone_hz in PARTICIPANTS:
+            video, audio = f"{name}/video", f"{name}/audio"
+            assert added[video]["participant"] == name and added[video]["kind"] == "video"
+            assert added[audio]["participant"] == name and added[video]["mode"] == mode
+            counters = collector.counters(video)
+            readable = [c for c in counters if c is not None]
+            assert len(readable) >= 0.9 * len(counters), f"{video}: unreadable counters {counters}"
+            assert in_order(counters), f"{video}: counters out of order {counters}"
+            measured = collector.tone(audio)
+            assert measured is not None and abs(measured - tone_hz) < TONE_TOLERANCE_HZ, (audio, measured)
+        if mode == "encoded":
+            for name, _ in PARTICIPANTS:
+                assert collector.streams[f"{name}/video"].codecs == {"H264"}
+                assert collector.streams[f"{name}/video"].keyframes >= 1
+                assert collector.streams[f"{name}/audio"].codecs == {"OPUS"}
+    finally:
+        collector.close()
