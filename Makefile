@@ -23,7 +23,7 @@ venv: $(PY)
 setup: system-deps venv
 
 lint: setup
-	$(VENV)/bin/ruff check protocol stages sipbridge tests bench
+	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
 test: setup lint

@@ -19,7 +19,11 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Any
+from typing import Any, TypeAlias
+
+# Any object exposing the buffer protocol (bytes, memoryview, zmq frame buffer, C-contiguous numpy array).
+# Typed loosely because numpy's stubs do not declare ndarray a Buffer on Python 3.11.
+Payload: TypeAlias = Any
 
 MAGIC = b"SB"
 VERSION = 1
@@ -92,7 +96,6 @@ PACKET_FLAG_KEYFRAME = 0x01
 PACKET_FLAG_HAS_DTS = 0x02
 PACKET_KNOWN_FLAGS = PACKET_FLAG_KEYFRAME | PACKET_FLAG_HAS_DTS
 
-Buffer = bytes | bytearray | memoryview
 
 
 @dataclass(frozen=True)
@@ -113,7 +116,7 @@ class VideoFrame:
     header: MediaHeader
     width: int
     height: int
-    data: Buffer  # I420: Y plane, then U, then V, no padding
+    data: Payload  # I420: Y plane, then U, then V, no padding
     pixel_format: PixelFormat = PixelFormat.I420
 
 
@@ -123,7 +126,7 @@ class AudioFrame:
     sample_rate: int
     channels: int
     samples: int  # per channel
-    data: Buffer
+    data: Payload
     sample_format: SampleFormat = SampleFormat.S16
 
 
@@ -132,7 +135,7 @@ class EncodedPacket:
     header: MediaHeader
     codec: Codec
     keyframe: bool
-    data: Buffer
+    data: Payload
     dts: int | None = None
 
 
@@ -212,11 +215,11 @@ def _common(kind: Kind, h: MediaHeader, sid: bytes) -> bytes:
     )
 
 
-def _nbytes(buf: Buffer) -> int:
+def _nbytes(buf: Payload) -> int:
     return memoryview(buf).nbytes
 
 
-def encode(msg: Message) -> list[Buffer]:
+def encode(msg: Message) -> list[Payload]:
     """Turn a message into the parts of one ZeroMQ multipart message."""
     if isinstance(msg, VideoFrame):
         sid = _check_media_header(msg.header)
@@ -290,7 +293,7 @@ def _control_body(msg: Message) -> tuple[Kind, dict[str, Any]]:
     raise ProtocolError(f"not a sipbridge message: {type(msg).__name__}")
 
 
-def decode(parts: Sequence[Buffer]) -> Message:
+def decode(parts: Sequence[Payload]) -> Message:
     """Turn the parts of one ZeroMQ multipart message back into a message.
 
     Media payloads are returned as memoryviews of the received buffers, without copying.

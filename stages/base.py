@@ -41,6 +41,7 @@ from typing import Any
 
 import zmq
 import zmq.asyncio
+import zmq.utils.monitor
 
 import protocol
 from protocol import (
@@ -64,6 +65,8 @@ DEFAULT_VIDEO_HWM_MSGS = 8
 ZERO_COPY_THRESHOLD_BYTES = 64 * 1024
 MAX_RECEIVE_BATCH_MSGS = 64
 LINGER_ON_CLOSE_MS = 2000
+# After its end of stream a producer waits this long for its consumer to read everything and hang up.
+EOS_DRAIN_TIMEOUT_S = 10.0
 LATENCY_WINDOW_SAMPLES = 512
 ERROR_LOG_INTERVAL_S = 1.0
 
@@ -157,6 +160,9 @@ class Stage:
         self._ins: list[zmq.asyncio.Socket] = []
         self._in_controls: list[zmq.asyncio.Socket] = []
         self._stats_pub: zmq.asyncio.Socket | None = None
+        self._out_monitor: zmq.asyncio.Socket | None = None
+        self._consumers = 0
+        self._consumers_changed = asyncio.Event()
         self._stopping = asyncio.Event()
         self._closed = False
         self._eos_inputs = 0
@@ -264,6 +270,7 @@ class Stage:
             self._out = self._socket(zmq.PUSH)
             self._out.setsockopt(zmq.SNDHWM, opts.hwm)
             self._out.bind(opts.output)
+            self._out_monitor = self._out.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
             self._out_control = self._socket(zmq.PULL)
             self._out_control.bind(control_endpoint(opts.output))
         for endpoint in opts.inputs:
@@ -313,6 +320,8 @@ class Stage:
         tasks = [asyncio.create_task(self._stats_loop(), name="stats")]
         if self._out_control is not None:
             tasks.append(asyncio.create_task(self._control_loop(), name="control"))
+        if self._out_monitor is not None:
+            tasks.append(asyncio.create_task(self._monitor_consumers(), name="monitor"))
         work: list[asyncio.Task[Any]] = []
         for index, sock in enumerate(self._ins):
             work.append(asyncio.create_task(self._input_loop(index, sock), name=f"input{index}"))
@@ -330,6 +339,9 @@ class Stage:
         for task in [*work, stop_wait]:
             task.cancel()
         await asyncio.gather(*work, stop_wait, return_exceptions=True)
+        # Hang up on the producers now: each of them waits for that before it exits.
+        for sock in self._ins:
+            sock.close(linger=0)
         await self._finish()
         for task in tasks:
             task.cancel()
@@ -356,8 +368,34 @@ class Stage:
             self.report_error("flush_failed", repr(exc))
         if self._out is not None:
             await self._out.send_multipart(protocol.encode(EndOfStream("")))
+            await self._wait_for_consumers_to_leave()
         self._publish_stats()
         self.log.info("finished: %s", self._summary_line())
+
+    async def _monitor_consumers(self) -> None:
+        assert self._out_monitor is not None
+        while True:
+            event = await zmq.utils.monitor.recv_monitor_message(self._out_monitor)  # type: ignore[arg-type]
+            if event["event"] == zmq.EVENT_ACCEPTED:
+                self._consumers += 1
+            elif event["event"] == zmq.EVENT_DISCONNECTED:
+                self._consumers = max(0, self._consumers - 1)
+            self._consumers_changed.set()
+
+    async def _wait_for_consumers_to_leave(self) -> None:
+        """Closing with messages still queued would lose them (ZeroMQ drops a pipe's backlog when its
+        peer goes away), so wait until every consumer has read the end of stream and disconnected."""
+        deadline = time.monotonic() + EOS_DRAIN_TIMEOUT_S
+        while self._consumers > 0:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self.log.warning(
+                    "consumer still connected %.0f s after end of stream; closing anyway", EOS_DRAIN_TIMEOUT_S
+                )
+                return
+            self._consumers_changed.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._consumers_changed.wait(), remaining)
 
     async def _input_loop(self, index: int, sock: zmq.asyncio.Socket) -> None:
         while True:
@@ -524,8 +562,11 @@ class Stage:
         with contextlib.suppress(Exception):
             await self.run_codec(self.teardown)
         self._codec_thread.shutdown(wait=True)
-        for sock in [self._out, self._out_control, *self._ins, *self._in_controls, self._stats_pub]:
-            if sock is not None:
+        if self._out is not None and self._out_monitor is not None:
+            with contextlib.suppress(zmq.ZMQError):
+                self._out.disable_monitor()
+        for sock in [self._out_monitor, self._out, self._out_control, *self._ins, *self._in_controls, self._stats_pub]:
+            if sock is not None and not sock.closed:
                 sock.close()
         self._ctx.term()
 

@@ -1,0 +1,483 @@
+"""Transformer stage: per-frame processing of raw media with numpy (and swscale/swresample via PyAV).
+
+Transforms are given as specs, applied in order (``--video`` and ``--audio`` repeat to chain):
+
+  identity                    pass through
+  crop:X,Y,W,H                cut a rectangle (even coordinates and sizes)
+  resize:WxH                  scale (bilinear, swscale)
+  split:COLSxROWS             one composite in, COLS*ROWS streams out, named STREAM/tileN (row-major)
+  compose:COLSxROWS:WxH[:IDS] N streams in, one grid out; IDS=a,b,c fixes the slot order
+  compose:active:WxH          grid sized to the streams currently sending (1, 2x1, 2x2, 3x2, 3x3, ...)
+  mix[:RATE]                  every audio stream mixed into one (mono) stream
+  resample:RATE[:CHANNELS]    swresample to RATE Hz
+  plugin:MODULE:ATTR[:ARG]    a user transform: ATTR(ARG) returns an object with process()/flush()
+  entry:NAME[:ARG]            same, from the ``sipbridge.transforms`` entry-point group
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any, Protocol
+
+import av
+import click
+import numpy as np
+
+from protocol import AudioFrame, MediaHeader, Message, VideoFrame
+from stages.base import Stage, StageOptions
+from stages.options import build_options, run, stage_options
+from stages.pattern import i420_planes
+
+STALE_STREAM_S = 1.0
+MIX_CHUNK_S = 0.02
+# A mixer waits at most this long for a late stream before mixing it as silence.
+MIX_MAX_WAIT_S = 0.06
+BLACK_Y, NEUTRAL_UV = 16, 128
+
+
+class Transform(Protocol):
+    """What a user transform implements. ``process`` returns the messages to pass on."""
+
+    def process(self, msg: Message) -> Iterable[Message]: ...
+
+    def flush(self, stream_id: str) -> Iterable[Message]: ...
+
+
+class TransformSpecError(click.BadParameter):
+    pass
+
+
+def _ints(text: str, count: int, spec: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.replace("x", ",").split(",")]
+    except ValueError:
+        raise TransformSpecError(f"{spec!r}: expected {count} integers") from None
+    if len(values) != count or any(v <= 0 for v in values[2 if count == 4 else 0 :]):
+        raise TransformSpecError(f"{spec!r}: expected {count} positive integers")
+    return values
+
+
+def even(value: int) -> int:
+    return value - value % 2
+
+
+def make_i420(width: int, height: int) -> np.ndarray:
+    buf = np.empty(width * height * 3 // 2, dtype=np.uint8)
+    y, u, v = i420_planes(buf, width, height)
+    y[:] = BLACK_Y
+    u[:] = NEUTRAL_UV
+    v[:] = NEUTRAL_UV
+    return buf
+
+
+def crop_i420(frame: VideoFrame, x: int, y: int, w: int, h: int) -> np.ndarray:
+    if x % 2 or y % 2 or w % 2 or h % 2:
+        raise ValueError("crop rectangle must use even coordinates and sizes")
+    if x + w > frame.width or y + h > frame.height:
+        raise ValueError(f"crop {w}x{h}+{x}+{y} exceeds the {frame.width}x{frame.height} frame")
+    sy, su, sv = i420_planes(frame.data, frame.width, frame.height)
+    out = np.empty(w * h * 3 // 2, dtype=np.uint8)
+    dy, du, dv = i420_planes(out, w, h)
+    dy[:] = sy[y : y + h, x : x + w]
+    du[:] = su[y // 2 : (y + h) // 2, x // 2 : (x + w) // 2]
+    dv[:] = sv[y // 2 : (y + h) // 2, x // 2 : (x + w) // 2]
+    return out
+
+
+def resize_i420(data: Any, width: int, height: int, new_width: int, new_height: int) -> np.ndarray:
+    if (width, height) == (new_width, new_height):
+        return np.frombuffer(memoryview(data), dtype=np.uint8)
+    arr = np.frombuffer(memoryview(data), dtype=np.uint8).reshape(height * 3 // 2, width)
+    scaled = av.VideoFrame.from_ndarray(arr, format="yuv420p").reformat(
+        width=new_width, height=new_height, interpolation="BILINEAR"
+    )
+    return np.ascontiguousarray(scaled.to_ndarray()).reshape(-1)
+
+
+def _with_data(
+    frame: VideoFrame, data: np.ndarray, width: int, height: int, stream_id: str | None = None, seq: int | None = None
+) -> VideoFrame:
+    h = frame.header
+    header = MediaHeader(stream_id or h.stream_id, h.seq if seq is None else seq, h.pts, h.time_base, h.capture_time_ns)
+    return VideoFrame(header, width, height, data)
+
+
+class Identity:
+    def process(self, msg: Message) -> Iterable[Message]:
+        return (msg,)
+
+    def flush(self, stream_id: str) -> Iterable[Message]:
+        return ()
+
+
+class Crop(Identity):
+    def __init__(self, x: int, y: int, w: int, h: int) -> None:
+        self.rect = (x, y, w, h)
+
+    def process(self, msg: Message) -> Iterable[Message]:
+        if not isinstance(msg, VideoFrame):
+            return (msg,)
+        x, y, w, h = self.rect
+        return (_with_data(msg, crop_i420(msg, x, y, w, h), w, h),)
+
+
+class Resize(Identity):
+    def __init__(self, width: int, height: int) -> None:
+        if width % 2 or height % 2:
+            raise TransformSpecError("resize needs even dimensions")
+        self.size = (width, height)
+
+    def process(self, msg: Message) -> Iterable[Message]:
+        if not isinstance(msg, VideoFrame):
+            return (msg,)
+        w, h = self.size
+        return (_with_data(msg, resize_i420(msg.data, msg.width, msg.height, w, h), w, h),)
+
+
+class Split(Identity):
+    """One composite in, one stream per grid cell out, named ``STREAM/tileN`` in row-major order."""
+
+    def __init__(self, cols: int, rows: int) -> None:
+        self.cols, self.rows = cols, rows
+
+    def process(self, msg: Message) -> Iterable[Message]:
+        if not isinstance(msg, VideoFrame):
+            return (msg,)
+        tile_w, tile_h = even(msg.width // self.cols), even(msg.height // self.rows)
+        if tile_w == 0 or tile_h == 0:
+            raise ValueError(f"{msg.width}x{msg.height} is too small for a {self.cols}x{self.rows} split")
+        out: list[Message] = []
+        for r in range(self.rows):
+            for c in range(self.cols):
+                data = crop_i420(
+                    msg, even(c * msg.width // self.cols), even(r * msg.height // self.rows), tile_w, tile_h
+                )
+                out.append(_with_data(msg, data, tile_w, tile_h, f"{msg.header.stream_id}/tile{r * self.cols + c}"))
+        return out
+
+    def flush(self, stream_id: str) -> Iterable[Message]:
+        return ()
+
+
+def grid_for(count: int) -> tuple[int, int]:
+    cols = max(1, math.ceil(math.sqrt(count)))
+    rows = max(1, math.ceil(count / cols))
+    return cols, rows
+
+
+@dataclass
+class _Slot:
+    frame: VideoFrame | None = None
+    tile: np.ndarray | None = None
+    last_seen: float = 0.0
+    ended: bool = False
+
+
+class Compose(Identity):
+    """N streams in, one grid out. Emits a composite on every frame of the leading stream.
+
+    The leader is the first active slot, so output runs at the rate of one real stream and never waits
+    for a late one; a slot with nothing recent shows black.
+    """
+
+    def __init__(
+        self, cols: int, rows: int, width: int, height: int, stream_ids: list[str] | None, active: bool, output_id: str
+    ) -> None:
+        if width % 2 or height % 2:
+            raise TransformSpecError("compose needs even output dimensions")
+        self.fixed_grid = (cols, rows)
+        self.size = (width, height)
+        self.order = list(stream_ids or [])
+        self.fixed_order = bool(stream_ids)
+        self.active_layout = active
+        self.output_id = output_id
+        self.slots: dict[str, _Slot] = {}
+        self.seq = 0
+
+    def _active(self, now: float) -> list[str]:
+        return [
+            sid
+            for sid in self.order
+            if (slot := self.slots.get(sid)) and not slot.ended and now - slot.last_seen < STALE_STREAM_S
+        ]
+
+    def process(self, msg: Message) -> Iterable[Message]:
+        if not isinstance(msg, VideoFrame):
+            return (msg,)
+        sid = msg.header.stream_id
+        if sid not in self.order:
+            if self.fixed_order:
+                return (msg,)  # not one of ours: pass through untouched
+            self.order.append(sid)
+        now = time.monotonic()
+        slot = self.slots.setdefault(sid, _Slot())
+        slot.frame, slot.tile, slot.last_seen, slot.ended = msg, None, now, False
+        active = self._active(now)
+        if not active or active[0] != sid:
+            return ()
+        return (self._composite(active if self.active_layout else self.order, msg),)
+
+    def _composite(self, shown: list[str], leader: VideoFrame) -> VideoFrame:
+        cols, rows = grid_for(len(shown)) if self.active_layout else self.fixed_grid
+        width, height = self.size
+        tile_w, tile_h = even(width // cols), even(height // rows)
+        canvas = make_i420(width, height)
+        cy, cu, cv = i420_planes(canvas, width, height)
+        now = time.monotonic()
+        oldest_capture = leader.header.capture_time_ns
+        for index, sid in enumerate(shown[: cols * rows]):
+            slot = self.slots.get(sid)
+            if slot is None or slot.frame is None or slot.ended or now - slot.last_seen >= STALE_STREAM_S:
+                continue
+            frame = slot.frame
+            if slot.tile is None:
+                slot.tile = resize_i420(frame.data, frame.width, frame.height, tile_w, tile_h)
+            ty, tu, tv = i420_planes(slot.tile, tile_w, tile_h)
+            x, y = even((index % cols) * width // cols), even((index // cols) * height // rows)
+            cy[y : y + tile_h, x : x + tile_w] = ty
+            cu[y // 2 : (y + tile_h) // 2, x // 2 : (x + tile_w) // 2] = tu
+            cv[y // 2 : (y + tile_h) // 2, x // 2 : (x + tile_w) // 2] = tv
+            oldest_capture = min(oldest_capture, frame.header.capture_time_ns)
+        h = leader.header
+        self.seq += 1
+        header = MediaHeader(self.output_id, self.seq, h.pts, h.time_base, oldest_capture)
+        return VideoFrame(header, width, height, canvas)
+
+    def flush(self, stream_id: str) -> Iterable[Message]:
+        for sid, slot in self.slots.items():
+            if not stream_id or sid == stream_id:
+                slot.ended = True
+        return ()
+
+
+class _MixInput:
+    def __init__(self) -> None:
+        self.chunks: list[np.ndarray] = []
+        self.buffered = 0
+        self.capture_ns: list[int] = []
+        self.ended = False
+
+    def take(self, count: int) -> tuple[np.ndarray, int | None]:
+        out = np.zeros(count, dtype=np.int32)
+        filled, capture = 0, (self.capture_ns[0] if self.capture_ns else None)
+        while filled < count and self.chunks:
+            head = self.chunks[0]
+            n = min(count - filled, head.size)
+            out[filled : filled + n] = head[:n]
+            filled += n
+            if n == head.size:
+                self.chunks.pop(0)
+                self.capture_ns.pop(0)
+            else:
+                self.chunks[0] = head[n:]
+        self.buffered -= filled
+        return out, capture
+
+
+class Mix(Identity):
+    """Every audio stream mixed into one mono stream, in 20 ms chunks, summed with saturation."""
+
+    def __init__(self, sample_rate: int | None, output_id: str) -> None:
+        self.rate = sample_rate
+        self.output_id = output_id
+        self.inputs: dict[str, _MixInput] = {}
+        self.samples_out = 0
+        self.seq = 0
+
+    def process(self, msg: Message) -> Iterable[Message]:
+        if not isinstance(msg, AudioFrame):
+            return (msg,)
+        if self.rate is None:
+            self.rate = msg.sample_rate
+        if msg.sample_rate != self.rate:
+            raise ValueError(f"mix runs at {self.rate} Hz; resample {msg.header.stream_id} first")
+        mono = np.frombuffer(memoryview(msg.data), dtype=np.int16).reshape(-1, msg.channels)[:, 0]
+        inp = self.inputs.setdefault(msg.header.stream_id, _MixInput())
+        inp.chunks.append(mono)
+        inp.capture_ns.append(msg.header.capture_time_ns)
+        inp.buffered += mono.size
+        inp.ended = False
+        return self._drain(final=False)
+
+    def _drain(self, final: bool) -> list[Message]:
+        assert self.rate is not None
+        chunk = round(self.rate * MIX_CHUNK_S)
+        max_wait = round(self.rate * MIX_MAX_WAIT_S)
+        out: list[Message] = []
+        while True:
+            live = [i for i in self.inputs.values() if not i.ended or i.buffered]
+            if not live:
+                break
+            ready = all(i.buffered >= chunk for i in live)
+            overdue = any(i.buffered >= max_wait for i in live)
+            if not (ready or overdue or (final and any(i.buffered for i in live))):
+                break
+            total = np.zeros(chunk, dtype=np.int32)
+            captures = []
+            for inp in live:
+                samples, capture = inp.take(chunk)
+                total += samples
+                if capture is not None:
+                    captures.append(capture)
+            mixed = np.clip(total, -32768, 32767).astype(np.int16)
+            header = MediaHeader(
+                self.output_id,
+                self.seq,
+                self.samples_out,
+                Fraction(1, self.rate),
+                min(captures) if captures else time.time_ns(),
+            )
+            self.seq += 1
+            self.samples_out += chunk
+            out.append(AudioFrame(header, self.rate, 1, chunk, mixed))
+        return out
+
+    def flush(self, stream_id: str) -> Iterable[Message]:
+        for sid, inp in self.inputs.items():
+            if not stream_id or sid == stream_id:
+                inp.ended = True
+        return self._drain(final=True) if self.rate else ()
+
+
+class Resample(Identity):
+    def __init__(self, rate: int, channels: int) -> None:
+        self.rate, self.channels = rate, channels
+        self.resamplers: dict[str, av.AudioResampler] = {}
+        self.next_pts: dict[str, int] = {}
+        self.last_header: dict[str, MediaHeader] = {}
+
+    def _emit(self, stream_id: str, frames: list[av.AudioFrame], capture_ns: int) -> list[Message]:
+        out: list[Message] = []
+        for f in frames:
+            data = np.ascontiguousarray(f.to_ndarray()).reshape(-1)
+            pts = self.next_pts.get(stream_id, 0)
+            self.next_pts[stream_id] = pts + f.samples
+            prev = self.last_header[stream_id]
+            header = MediaHeader(stream_id, prev.seq, pts, Fraction(1, self.rate), capture_ns)
+            out.append(AudioFrame(header, self.rate, self.channels, f.samples, data))
+        return out
+
+    def process(self, msg: Message) -> Iterable[Message]:
+        if not isinstance(msg, AudioFrame):
+            return (msg,)
+        sid = msg.header.stream_id
+        if msg.sample_rate == self.rate and msg.channels == self.channels and sid not in self.resamplers:
+            return (msg,)
+        resampler = self.resamplers.get(sid)
+        if resampler is None:
+            layout = "mono" if self.channels == 1 else "stereo"
+            resampler = self.resamplers[sid] = av.AudioResampler(format="s16", layout=layout, rate=self.rate)
+            self.next_pts[sid] = round(msg.header.pts * msg.header.time_base * self.rate)
+        self.last_header[sid] = msg.header
+        arr = np.frombuffer(memoryview(msg.data), dtype=np.int16).reshape(1, -1)
+        frame = av.AudioFrame.from_ndarray(arr, format="s16", layout="mono" if msg.channels == 1 else "stereo")
+        frame.sample_rate = msg.sample_rate
+        return self._emit(sid, resampler.resample(frame), msg.header.capture_time_ns)
+
+    def flush(self, stream_id: str) -> Iterable[Message]:
+        out: list[Message] = []
+        for sid, resampler in list(self.resamplers.items()):
+            if stream_id and sid != stream_id:
+                continue
+            header = self.last_header[sid]
+            out.extend(self._emit(sid, resampler.resample(None), header.capture_time_ns))
+            del self.resamplers[sid]
+        return out
+
+
+def _load_plugin(target: str, arg: str | None) -> Transform:
+    module_name, _, attr = target.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise TransformSpecError(f"cannot load transform {target!r}: {exc}") from None
+    return factory(arg) if arg is not None else factory()
+
+
+def parse_transform(spec: str, output_id: str) -> Transform:
+    name, _, rest = spec.partition(":")
+    if name == "identity":
+        return Identity()
+    if name == "crop":
+        x, y, w, h = _ints(rest, 4, spec)
+        return Crop(x, y, w, h)
+    if name == "resize":
+        w, h = _ints(rest, 2, spec)
+        return Resize(w, h)
+    if name == "split":
+        cols, rows = _ints(rest, 2, spec)
+        return Split(cols, rows)
+    if name == "compose":
+        fields = rest.split(":")
+        if fields[0] == "active" and len(fields) == 2:
+            w, h = _ints(fields[1], 2, spec)
+            return Compose(1, 1, w, h, None, True, output_id)
+        if len(fields) in (2, 3):
+            cols, rows = _ints(fields[0], 2, spec)
+            w, h = _ints(fields[1], 2, spec)
+            ids = fields[2].split(",") if len(fields) == 3 else None
+            return Compose(cols, rows, w, h, ids, False, output_id)
+        raise TransformSpecError(f"{spec!r}: use compose:COLSxROWS:WxH[:IDS] or compose:active:WxH")
+    if name == "mix":
+        return Mix(int(rest) if rest else None, output_id)
+    if name == "resample":
+        fields = rest.split(":")
+        if not fields[0].isdigit():
+            raise TransformSpecError(f"{spec!r}: use resample:RATE[:CHANNELS]")
+        channels = int(fields[1]) if len(fields) > 1 and fields[1].isdigit() else 1
+        return Resample(int(fields[0]), channels)
+    if name == "plugin":
+        module, _, remainder = rest.partition(":")
+        attr, _, arg = remainder.partition(":")
+        return _load_plugin(f"{module}:{attr}", arg or None)
+    if name == "entry":
+        ep_name, _, arg = rest.partition(":")
+        found = [ep for ep in importlib.metadata.entry_points(group="sipbridge.transforms") if ep.name == ep_name]
+        if not found:
+            raise TransformSpecError(f"no sipbridge.transforms entry point named {ep_name!r}")
+        factory = found[0].load()
+        return factory(arg) if arg else factory()
+    raise TransformSpecError(f"unknown transform {spec!r}")
+
+
+class TransformerStage(Stage):
+    def __init__(self, options: StageOptions, transforms: list[Transform]) -> None:
+        super().__init__(options)
+        self.transforms = transforms
+
+    def process(self, msg: Message) -> Iterable[Message]:
+        batch: list[Message] = [msg]
+        for transform in self.transforms:
+            batch = [out for item in batch for out in transform.process(item)]
+        return batch
+
+    def flush(self, stream_id: str) -> Iterable[Message]:
+        out: list[Message] = []
+        for index, transform in enumerate(self.transforms):
+            produced = list(transform.flush(stream_id))
+            for later in self.transforms[index + 1 :]:
+                produced = [o for item in produced for o in later.process(item)]
+            out.extend(produced)
+        return out
+
+
+@click.command("transformer")
+@stage_options("transformer")
+@click.option("--video", "video_specs", multiple=True, default=("identity",), help="Video transform spec (chain).")
+@click.option("--audio", "audio_specs", multiple=True, default=("identity",), help="Audio transform spec (chain).")
+@click.option("--compose-id", default="composite", help="Stream id of a compose output.")
+@click.option("--mix-id", default="mix", help="Stream id of a mix output.")
+def command(
+    video_specs: tuple[str, ...], audio_specs: tuple[str, ...], compose_id: str, mix_id: str, **params: Any
+) -> None:
+    """Crop, resize, split, compose, mix, resample or a plugged-in transform."""
+    transforms = [parse_transform(s, compose_id) for s in video_specs if s != "identity"]
+    transforms += [parse_transform(s, mix_id) for s in audio_specs if s != "identity"]
+    options = build_options(params)
+    run(TransformerStage(options, transforms))

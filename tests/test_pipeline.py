@@ -1,0 +1,279 @@
+"""Multi-process pipelines of real stage processes on ipc:// endpoints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import protocol
+from protocol import AudioFrame, MediaHeader, VideoFrame
+from stages.pattern import PatternGenerator, i420_planes, read_counter
+from tests.stagehelp import Collector, Feeder, StatsWatcher, stage_procs
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def test_source_transformer_sink_counters_in_order_and_clean_exit(tmp_path: Path) -> None:
+    report = tmp_path / "report.json"
+    with stage_procs(tmp_path) as procs:
+        procs.start(
+            "sink", "sink", "--in", procs.endpoint("transformer"), "--report", str(report), "--video-policy", "all"
+        )
+        procs.start("transformer", "transformer", "--in", procs.endpoint("source"), "--video-policy", "all")
+        procs.start(
+            "source",
+            "source",
+            "--frames",
+            "45",
+            "--video-streams",
+            "2",
+            "--audio-streams",
+            "1",
+            "--width",
+            "320",
+            "--height",
+            "240",
+            "--video-policy",
+            "all",
+        )
+        codes = procs.wait_all()
+    assert codes == {"sink": 0, "transformer": 0, "source": 0}, codes
+    summary = json.loads(report.read_text())
+    for sid in ("video0", "video1"):
+        video = summary["video"][sid]
+        assert video["frames"] == 45
+        assert (video["first_counter"], video["last_counter"]) == (0, 44)
+        assert video["missing"] == video["out_of_order"] == video["duplicates"] == video["unreadable"] == 0
+        assert video["latency_ms_p50"] is not None and video["latency_ms_p50"] > 0
+    audio = summary["audio"]["audio0"]
+    assert audio["samples"] == 48000 * 45 // 30 and audio["pts_gaps"] == 0
+    assert abs(audio["frequency_hz"] - 440.0) < 1.0
+
+
+def _expected(seq: int, seed: int, width: int, height: int) -> VideoFrame:
+    data = PatternGenerator(width, height, seed).frame(seq)
+    return VideoFrame(MediaHeader("x", seq, 0, protocol.wire.Fraction(1, 30), 0), width, height, data)
+
+
+def test_crop_resize_and_split_pixels(tmp_path: Path) -> None:
+    """A 2x2 split of a crop, and a resize: every tile equals its region of the regenerated source frame."""
+    from stages.transformer import crop_i420, resize_i420
+
+    with stage_procs(tmp_path) as procs:
+        split_out = Collector(procs.endpoint("split"))
+        resize_out = Collector(procs.endpoint("resize"))
+        procs.start(
+            "transformer",
+            "split",
+            "--in",
+            procs.endpoint("source"),
+            "--video",
+            "crop:0,0,320,240",
+            "--video",
+            "split:2x2",
+            "--video-policy",
+            "all",
+        )
+        procs.start(
+            "transformer",
+            "resize",
+            "--in",
+            procs.endpoint("source2"),
+            "--video",
+            "resize:160x120",
+            "--video-policy",
+            "all",
+        )
+        procs.start(
+            "source",
+            "source",
+            "--frames",
+            "6",
+            "--width",
+            "640",
+            "--height",
+            "480",
+            "--audio-streams",
+            "0",
+            "--video-policy",
+            "all",
+            "--as-fast-as-possible",
+        )
+        procs.start(
+            "source",
+            "source2",
+            "--frames",
+            "6",
+            "--width",
+            "640",
+            "--height",
+            "480",
+            "--audio-streams",
+            "0",
+            "--video-policy",
+            "all",
+            "--as-fast-as-possible",
+        )
+        tiles = [m for m in split_out.until_end() if isinstance(m, VideoFrame)]
+        resized = [m for m in resize_out.until_end() if isinstance(m, VideoFrame)]
+        assert procs.wait_all() == {"split": 0, "resize": 0, "source": 0, "source2": 0}
+    assert len(tiles) == 6 * 4
+    assert {t.header.stream_id for t in tiles} == {f"video0/tile{i}" for i in range(4)}
+    for tile in tiles:
+        index = int(tile.header.stream_id[-1])
+        source = _expected(tile.header.seq, 0, 640, 480)
+        cropped = VideoFrame(source.header, 320, 240, crop_i420(source, 0, 0, 320, 240))
+        expected = crop_i420(cropped, (index % 2) * 160, (index // 2) * 120, 160, 120)
+        assert (tile.width, tile.height) == (160, 120)
+        assert np.array_equal(np.frombuffer(tile.data, np.uint8), expected), tile.header
+    assert len(resized) == 6
+    for frame in resized:
+        source = _expected(frame.header.seq, 0, 640, 480)
+        reference = resize_i420(source.data, 640, 480, 160, 120)
+        got = np.frombuffer(frame.data, np.uint8)
+        assert got.size == 160 * 120 * 3 // 2
+        assert np.abs(got.astype(int) - reference.astype(int)).max() <= 1
+        y, _, _ = i420_planes(frame.data, 160, 120)
+        assert read_counter(y) == frame.header.seq
+
+
+def test_compose_then_split_restores_each_participant(tmp_path: Path) -> None:
+    """Four streams composed into a 2x2 grid and split again: each tile carries its own stream's counter."""
+    with stage_procs(tmp_path) as procs:
+        out = Collector(procs.endpoint("split"))
+        procs.start(
+            "transformer", "split", "--in", procs.endpoint("compose"), "--video", "split:2x2", "--video-policy", "all"
+        )
+        procs.start(
+            "transformer",
+            "compose",
+            "--in",
+            procs.endpoint("source"),
+            "--video",
+            "compose:2x2:640x480:video0,video1,video2,video3",
+            "--video-policy",
+            "all",
+        )
+        procs.start(
+            "source",
+            "source",
+            "--frames",
+            "20",
+            "--video-streams",
+            "4",
+            "--width",
+            "320",
+            "--height",
+            "240",
+            "--audio-streams",
+            "0",
+            "--video-policy",
+            "all",
+        )
+        frames = [m for m in out.until_end() if isinstance(m, VideoFrame)]
+        assert set(procs.wait_all().values()) == {0}
+    by_tile: dict[str, list[VideoFrame]] = {}
+    for f in frames:
+        by_tile.setdefault(f.header.stream_id, []).append(f)
+    assert sorted(by_tile) == [f"composite/tile{i}" for i in range(4)]
+    for i in range(4):
+        expected_pattern = PatternGenerator(320, 240, i)
+        # Tiles of late streams can be black in the first composites; later ones must match the source.
+        matched = 0
+        for f in by_tile[f"composite/tile{i}"]:
+            y, _, v = i420_planes(f.data, f.width, f.height)
+            counter = read_counter(y)
+            if counter is None or (y == 16).all():  # an empty (black) slot reads as counter 0
+                continue
+            _, _, ev = i420_planes(expected_pattern.frame(counter), 320, 240)
+            assert abs(float(v.mean()) - float(ev.mean())) < 2.0, "tile shows another stream's colours"
+            matched += 1
+        assert matched >= 15, f"tile{i}: only {matched} readable tiles"
+
+
+def test_mix_and_resample_keep_tones(tmp_path: Path) -> None:
+    with stage_procs(tmp_path) as procs:
+        out = Collector(procs.endpoint("mixer"))
+        procs.start(
+            "transformer",
+            "mixer",
+            "--in",
+            procs.endpoint("source"),
+            "--audio",
+            "resample:16000",
+            "--audio",
+            "mix",
+            "--video-policy",
+            "all",
+        )
+        procs.start(
+            "source",
+            "source",
+            "--frames",
+            "30",
+            "--video-streams",
+            "0",
+            "--audio-streams",
+            "2",
+            "--tone-hz",
+            "500",
+            "--tone-hz",
+            "1300",
+            "--video-policy",
+            "all",
+            "--as-fast-as-possible",
+        )
+        chunks = [m for m in out.until_end() if isinstance(m, AudioFrame)]
+        assert set(procs.wait_all().values()) == {0}
+    assert {c.header.stream_id for c in chunks} == {"mix"}
+    assert all(c.sample_rate == 16000 and c.channels == 1 for c in chunks)
+    samples = np.concatenate([np.frombuffer(c.data, np.int16) for c in chunks])
+    assert abs(samples.size - 16000) <= 320 * 2
+    spectrum = np.abs(np.fft.rfft(samples[2000 : 18000 if samples.size > 18000 else None].astype(float)))
+    freqs = np.fft.rfftfreq(min(16000, samples.size - 2000), 1 / 16000)
+    peaks = sorted(freqs[np.argsort(spectrum)[-2:]])
+    assert abs(peaks[0] - 500) < 5 and abs(peaks[1] - 1300) < 5, peaks
+    pts = [c.header.pts for c in chunks]
+    assert pts == sorted(pts) and pts[1] - pts[0] == 320
+
+
+def test_bad_input_is_counted_and_the_stage_keeps_running(tmp_path: Path) -> None:
+    with stage_procs(tmp_path) as procs:
+        feeder = Feeder(procs.endpoint("upstream"))
+        out = Collector(procs.endpoint("crop"))
+        stats = StatsWatcher(f"ipc://{tmp_path}/crop.stats")
+        procs.start(
+            "transformer",
+            "crop",
+            "--in",
+            procs.endpoint("upstream"),
+            "--video",
+            "crop:0,0,64,64",
+            "--video-policy",
+            "all",
+        )
+        good = protocol.encode(_expected(1, 0, 128, 96))
+        feeder.send_raw([b"garbage"])  # one part only
+        feeder.send_raw([b"SB\x07\x01", b""])  # unknown version
+        feeder.send_raw([bytes(good[0]), bytes(100)])  # payload does not match 128x96
+        feeder.send_raw([b"SB\x01\x11", b"{not json"])
+        feeder.send(_expected(2, 0, 32, 32))  # valid, but smaller than the crop rectangle
+        feeder.send_raw([bytes(good[0]), bytes(good[1])])
+        frame = out.receive(timeout_s=10)
+        assert isinstance(frame, VideoFrame) and (frame.width, frame.height) == (64, 64)
+        y, _, _ = i420_planes(frame.data, 64, 64)
+        assert np.array_equal(y, i420_planes(_expected(1, 0, 128, 96).data, 128, 96)[0][:64, :64])
+        figures = stats.latest_stats(lambda f: f["drops"].get("malformed", 0) >= 4)
+        assert figures["drops"]["malformed"] == 4
+        assert figures["drops"]["process_error"] == 1
+        assert figures["errors"]["malformed_message"] == 4 and figures["errors"]["process_failed"] == 1
+        assert any("exceeds" in e.message for e in stats.errors) or figures["errors"]["process_failed"] == 1
+        assert procs.procs["crop"].poll() is None, "stage died on bad input"
+        feeder.send(protocol.EndOfStream(""))
+        assert out.until_end() == []
+        assert procs.wait_all() == {"crop": 0}
+        for closable in (feeder, out, stats):
+            closable.close()
