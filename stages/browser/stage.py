@@ -63,6 +63,8 @@ MAX_PENDING_PER_TRACK_MSGS = 32
 LATENCY_WINDOW = 512
 US_PER_S = 1_000_000
 RTP_TIMESTAMP_MODULO = 1 << 32
+# Control messages wait for a consumer at most this long: a pipeline without one must not stall the bot.
+CONTROL_SEND_TIMEOUT_S = 0.5
 
 HEADER_LENGTH = struct.Struct("<I")
 
@@ -201,6 +203,12 @@ class BrowserStage(Stage):
             "chromium_pids": chromium_pids(os.getpid()),
         }
 
+    async def _emit_control(self, msg: Message) -> None:
+        try:
+            await asyncio.wait_for(self.emit(msg), CONTROL_SEND_TIMEOUT_S)
+        except TimeoutError:
+            self.drops["control_no_consumer"] += 1
+
     # ----- page WebSocket ----------------------------------------------------------------------------------------
     async def _start_server(self) -> None:
         app = web.Application(client_max_size=MAX_WS_MESSAGE_BYTES)
@@ -305,7 +313,7 @@ class BrowserStage(Stage):
         track = PageTrack(key, kind, participant, stream_id, attributes)
         self._tracks[key] = track
         self.log.info("track added: %s (%s of %s, %s)", stream_id, kind, participant, body.get("identified_by"))
-        await self.emit(Event(EventType.TRACK_ADDED, stream_id, attributes))
+        await self._emit_control(Event(EventType.TRACK_ADDED, stream_id, attributes))
         for data in self._pending.pop(key, []):
             await self._on_page_media(data)
 
@@ -318,8 +326,8 @@ class BrowserStage(Stage):
         self._active_stream_ids.discard(track.stream_id)
         self._capture_latency_ms.pop(track.stream_id, None)
         self.log.info("track ended: %s (%s)", track.stream_id, reason)
-        await self.emit(EndOfStream(track.stream_id))
-        await self.emit(Event(EventType.TRACK_ENDED, track.stream_id, {**track.attributes, "reason": reason}))
+        await self._emit_control(EndOfStream(track.stream_id))
+        await self._emit_control(Event(EventType.TRACK_ENDED, track.stream_id, {**track.attributes, "reason": reason}))
 
     async def _on_page_media(self, data: bytes) -> None:
         try:
@@ -468,7 +476,7 @@ class BrowserStage(Stage):
     async def _set_state(self, state: str, **attributes: Any) -> None:
         self._state = state
         self.log.info("state %s %s", state, attributes or "")
-        await self.emit(Event(EventType.STAGE_STATE, "", {"stage": self.name, "state": state,
+        await self._emit_control(Event(EventType.STAGE_STATE, "", {"stage": self.name, "state": state,
                                                           "session": self._session, **attributes}))
 
     async def produce(self) -> None:

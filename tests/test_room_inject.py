@@ -1,0 +1,99 @@
+"""The pipeline's media goes into the room as the bot's camera and microphone."""
+
+from __future__ import annotations
+
+import threading
+import time
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+import zmq
+
+import protocol
+from stages.pattern import PatternGenerator, tone
+from tests.roomfix import Room, room_fixture, wait_until  # noqa: F401  (pytest fixture)
+from tests.sipfix import janus_fixture, netns_fixture  # noqa: F401  (pytest fixtures)
+
+pytestmark = [pytest.mark.media, pytest.mark.timeout(90)]
+
+ROOM_ID = 4201
+WIDTH, HEIGHT, FPS = 320, 240, 15
+SAMPLE_RATE = 48000
+AUDIO_FRAME_SAMPLES = 960  # 20 ms
+INJECTED_TONE_HZ = 1000.0
+TONE_TOLERANCE_HZ = 15.0
+MIN_FRAMES = 30
+MEDIA_TIMEOUT_S = 40.0
+
+
+class Pusher:
+    """A test-side pipeline upstream of the bot: the lead's pattern and a tone, paced in real time."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.PUSH)
+        self.sock.setsockopt(zmq.SNDHWM, 16)
+        self.sock.bind(endpoint)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        pattern = PatternGenerator(WIDTH, HEIGHT)
+        start = time.monotonic()
+        frame_index = audio_index = 0
+        while not self.stop.is_set():
+            now = time.monotonic() - start
+            if frame_index / FPS <= now:
+                header = protocol.MediaHeader("pipeline/video", frame_index, frame_index, Fraction(1, FPS),
+                                              time.time_ns())
+                msg: protocol.Message = protocol.VideoFrame(header, WIDTH, HEIGHT, pattern.frame(frame_index))
+                self._send(msg)
+                frame_index += 1
+            if audio_index * AUDIO_FRAME_SAMPLES / SAMPLE_RATE <= now:
+                first = audio_index * AUDIO_FRAME_SAMPLES
+                header = protocol.MediaHeader("pipeline/audio", audio_index, first, Fraction(1, SAMPLE_RATE),
+                                              time.time_ns())
+                samples = tone(INJECTED_TONE_HZ, SAMPLE_RATE, first, AUDIO_FRAME_SAMPLES)
+                self._send(protocol.AudioFrame(header, SAMPLE_RATE, 1, AUDIO_FRAME_SAMPLES, samples.tobytes()))
+                audio_index += 1
+            time.sleep(0.002)
+
+    def _send(self, msg: protocol.Message) -> None:
+        try:
+            self.sock.send_multipart(protocol.encode(msg), flags=zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # the bot is not connected yet: real time media is simply lost
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(2)
+        self.sock.close(linger=0)
+        self.ctx.term()
+
+
+def test_pipeline_media_reaches_a_participant(room: Room, tmp_path: Path) -> None:
+    inject = f"ipc://{tmp_path}/inject.sock"
+    pusher = Pusher(inject)
+    try:
+        _, probe = room.participants(ROOM_ID, [("alice", 440.0)], probe=True)
+        room.bot(ROOM_ID, f"ipc://{tmp_path}/bot.sock", inputs=(inject,))
+
+        def from_bot() -> list[dict]:
+            return probe.matching(lambda r: r.get("event") == "received" and r.get("from") == "bot")
+
+        def enough() -> bool:
+            records = from_bot()
+            frames = sum(len(r["counters"]) for r in records)
+            return frames >= MIN_FRAMES and records[-1].get("tone_hz") is not None
+
+        wait_until(enough, MEDIA_TIMEOUT_S, "alice receiving the bot's injected video and audio")
+        records = from_bot()
+        counters = [c for r in records for c in r["counters"]]
+        # Injected frames start at 0 and count up; alice reads them from the pixels she receives.
+        assert all(b > a for a, b in zip(counters, counters[1:], strict=False)), counters
+        assert records[-1]["width"] == WIDTH and records[-1]["height"] == HEIGHT
+        assert abs(records[-1]["tone_hz"] - INJECTED_TONE_HZ) < TONE_TOLERANCE_HZ, records[-1]
+    finally:
+        pusher.close()
