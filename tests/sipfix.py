@@ -61,6 +61,7 @@ from stages.base import control_endpoint
 
 SIPP_DIR = Path(__file__).resolve().parent / "sipp"
 SIPP_STOP_TIMEOUT_S = 5.0
+SIPP_START_TIMEOUT_S = 5.0
 
 
 def need_root() -> None:
@@ -109,6 +110,12 @@ def wait_for(predicate: Callable[[], object], timeout_s: float, poll_s: float = 
     raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
 
 
+def udp_ports() -> set[int]:
+    """UDP ports bound in the caller's namespace."""
+    out = subprocess.run(["ss", "-lunH"], capture_output=True, text=True, check=True).stdout
+    return {int(line.split()[3].rsplit(":", 1)[1]) for line in out.splitlines() if line.strip()}
+
+
 def sipp_scenario(name: str) -> Path:
     path = SIPP_DIR / name
     if not path.suffix:
@@ -145,6 +152,10 @@ class Sipp:
         self.stdout = open(self.work_dir / f"{self.scenario.stem}.out", "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(self.argv, cwd=self.work_dir, stdin=subprocess.DEVNULL,
                                      stdout=self.stdout, stderr=subprocess.STDOUT, start_new_session=True)
+        # A request sent before sipp listens gets ICMP back and the SIP stack answers 503 itself.
+        wait_for(lambda: self.port in udp_ports() or not self.running(), SIPP_START_TIMEOUT_S, what="sipp to listen")
+        if not self.running():
+            raise AssertionError(f"sipp exited at start: {self.output()}")
         return self
 
     def wait(self, timeout_s: float = 30.0) -> int:
@@ -254,10 +265,10 @@ class MediaFeeder:
         self._venc = self._make_video_encoder() if video else None
         self._aenc = self._make_audio_encoder() if audio else None
 
-    def _make_video_encoder(self) -> av.VideoCodecContext:
+    def _make_video_encoder(self) -> Any:
         assert self.video is not None
         name = {Codec.H264: "libx264", Codec.VP8: "libvpx"}[self.video]
-        enc = av.CodecContext.create(name, "w")
+        enc: Any = av.CodecContext.create(name, "w")
         enc.width, enc.height, enc.pix_fmt = self.width, self.height, "yuv420p"
         enc.time_base = Fraction(1, 90000)
         enc.framerate = Fraction(self.fps, 1)
@@ -269,16 +280,16 @@ class MediaFeeder:
             enc.options = {"preset": "ultrafast", "tune": "zerolatency", "repeat-headers": "1"}
         else:
             enc.options = {"deadline": "realtime", "cpu-used": "8", "lag-in-frames": "0"}
-        return enc  # type: ignore[return-value]
+        return enc
 
-    def _make_audio_encoder(self) -> av.AudioCodecContext:
+    def _make_audio_encoder(self) -> Any:
         assert self.audio is not None
-        enc = av.CodecContext.create(AUDIO_CODEC_NAMES[self.audio], "w")
+        enc: Any = av.CodecContext.create(AUDIO_CODEC_NAMES[self.audio], "w")
         enc.sample_rate = AUDIO_RATES[self.audio]
         enc.format = "s16"
         enc.layout = "mono" if self.audio is not Codec.OPUS else "stereo"
         enc.time_base = Fraction(1, enc.sample_rate)
-        return enc  # type: ignore[return-value]
+        return enc
 
     def video_packets(self, index: int) -> list[EncodedPacket]:
         assert self._venc is not None and self.video is not None
@@ -297,8 +308,8 @@ class MediaFeeder:
         self.sent_ns[index] = now
         out = []
         for pkt in self._venc.encode(frame):
-            header = MediaHeader("video0", index, int(pkt.pts), Fraction(1, 90000), now)
-            out.append(EncodedPacket(header, self.video, bool(pkt.is_keyframe), bytes(pkt), int(pkt.dts)))
+            header = MediaHeader("video0", index, int(pkt.pts or 0), Fraction(1, 90000), now)
+            out.append(EncodedPacket(header, self.video, bool(pkt.is_keyframe), bytes(pkt), int(pkt.dts or 0)))
         return out
 
     def audio_packets(self, index: int) -> list[EncodedPacket]:
@@ -316,7 +327,7 @@ class MediaFeeder:
         out = []
         clock = RTP_CLOCKS[self.audio]
         for pkt in self._aenc.encode(frame):
-            pts = int(pkt.pts) * clock // rate
+            pts = int(pkt.pts or 0) * clock // rate
             header = MediaHeader("audio0", index, pts, Fraction(1, clock), time.time_ns())
             out.append(EncodedPacket(header, self.audio, True, bytes(pkt)))
         return out
@@ -341,7 +352,7 @@ class MediaFeeder:
     async def _drain_control(self) -> None:
         while True:
             try:
-                parts = self.control.recv_multipart(flags=zmq.NOBLOCK).result()
+                parts = await self.control.recv_multipart(flags=zmq.NOBLOCK)
             except zmq.Again:
                 return
             msg = protocol.decode(parts)
@@ -376,8 +387,8 @@ class MediaCollector:
         self.events: list[Event] = []
         self.end_of_streams: list[str] = []
         self.decode_errors = 0
-        self._vdec: dict[Codec, av.CodecContext] = {}
-        self._adec: dict[Codec, av.CodecContext] = {}
+        self._vdec: dict[Codec, Any] = {}
+        self._adec: dict[Codec, Any] = {}
 
     async def run(self) -> None:
         while True:
@@ -399,7 +410,7 @@ class MediaCollector:
                 self._decode_audio(msg)
 
     def _decode_video(self, msg: EncodedPacket, arrival_ns: int) -> None:
-        dec = self._vdec.get(msg.codec)
+        dec: Any = self._vdec.get(msg.codec)
         if dec is None:
             dec = self._vdec[msg.codec] = av.CodecContext.create({Codec.H264: "h264", Codec.VP8: "vp8"}[msg.codec],
                                                                   "r")
@@ -419,11 +430,11 @@ class MediaCollector:
                 self.counter_ns.setdefault(value, arrival_ns)
 
     def _decode_audio(self, msg: EncodedPacket) -> None:
-        dec = self._adec.get(msg.codec)
+        dec: Any = self._adec.get(msg.codec)
         if dec is None:
             dec = self._adec[msg.codec] = av.CodecContext.create(AUDIO_CODEC_NAMES[msg.codec], "r")
-            dec.sample_rate = AUDIO_RATES[msg.codec]  # type: ignore[attr-defined]
-            dec.layout = "stereo" if msg.codec is Codec.OPUS else "mono"  # type: ignore[attr-defined]
+            dec.sample_rate = AUDIO_RATES[msg.codec]
+            dec.layout = "stereo" if msg.codec is Codec.OPUS else "mono"
         with contextlib.suppress(av.FFmpegError):
             for frame in dec.decode(av.Packet(bytes(msg.data))):
                 arr = frame.to_ndarray()
@@ -531,17 +542,15 @@ class StageProcess:
         return proc.returncode
 
 
-def sip_listen_port(exclude: Sequence[int] = (8088, 8188)) -> int:
+def sip_listen_port(exclude: Sequence[int] = ()) -> int:
     """The SIP signalling port Janus's SIP plugin bound for its (only) handle in this namespace.
 
-    Each handle binds sip:IP:* (random port, UDP and TCP); in a private namespace the only TCP
-    listener of Janus besides its HTTP/WebSocket transports is that one.
+    Each handle binds sip:IP:* (a random UDP port). Call this before any call or sipp runs:
+    the only UDP socket in a fresh test namespace is then that one.
     """
-    out = subprocess.run(["ss", "-ltnH"], capture_output=True, text=True, check=True).stdout
-    ports = {int(line.split()[3].rsplit(":", 1)[1]) for line in out.splitlines()}
-    candidates = sorted(p for p in ports if p not in exclude)
+    candidates = sorted(udp_ports() - set(exclude))
     if len(candidates) != 1:
-        raise AssertionError(f"cannot tell the SIP port from TCP listeners {sorted(ports)}")
+        raise AssertionError(f"cannot tell the SIP port from the UDP sockets {candidates}")
     return candidates[0]
 
 

@@ -148,7 +148,7 @@ class JanusStage(Stage):
             return ()
         if not isinstance(msg, EncodedPacket):
             return ()
-        packet = make_packet(msg.data, msg.header.pts, msg.header.time_base, msg.keyframe)
+        packet = make_packet(bytes(msg.data), msg.header.pts, msg.header.time_base, msg.keyframe)
         assert self._loop is not None
         self._loop.call_soon_threadsafe(self._send_packet, msg.codec, msg.header.stream_id, packet)
         return ()
@@ -245,6 +245,11 @@ class JanusStage(Stage):
                               f"SIP {info.code} {info.reason}".strip() if info.code else info.reason or state,
                               call_id=info.call_id)
         await call.close()
+        if self.handle is not None and state != CallState.DISCONNECTED:
+            # Janus keeps the handle's ICE/DTLS state after a failed or ended call; reset it so that
+            # the same handle (and its registration) takes the next call.
+            with contextlib.suppress(JanusDisconnected):
+                await self.handle.hangup_webrtc()
         for stream_id in sorted(self._media_streams_seen):
             self._outbox.put_nowait(EndOfStream(stream_id))
         self._media_streams_seen.clear()

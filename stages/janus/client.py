@@ -69,6 +69,11 @@ class JanusHandle:
         await self.client.request({"janus": "trickle", "handle_id": self.id, "candidate": {"completed": True}},
                                   accept_ack=True)
 
+    async def hangup_webrtc(self) -> None:
+        """Tear down the handle's PeerConnection in Janus (so the handle can take a new offer)."""
+        with contextlib.suppress(JanusError, asyncio.TimeoutError):
+            await self.client.request({"janus": "hangup", "handle_id": self.id}, timeout_s=2.0)
+
     async def detach(self) -> None:
         if self.detached or self.client.closed.is_set():
             self.detached = True

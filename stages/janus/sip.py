@@ -10,6 +10,7 @@ stage (``stages/janus/__init__.py``).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 import uuid
@@ -125,7 +126,7 @@ class SipCall:
             watch_keyframe_requests(transceiver.sender, self._on_keyframe_request)
         else:
             return
-        tap_receiver(transceiver.receiver, lambda frame, k=kind: self._on_frame(k, frame))
+        tap_receiver(transceiver.receiver, functools.partial(self._on_frame, kind))
 
     async def create_offer(self) -> dict[str, str]:
         # Audio first: when video comes before audio and the SIP peer rejects video, Janus

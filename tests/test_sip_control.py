@@ -1,0 +1,260 @@
+"""Call control through the Janus stage: failures with SIP codes, BYE from the peer, DTMF, inbound calls,
+digest registration and Janus restarts. Real Janus, real sipp, a private namespace per test."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from protocol import Codec, EventType
+from sipbridge.janus_server import JanusServer
+from tests.sipfix import (
+    MediaCollector,
+    MediaFeeder,
+    Sipp,
+    StageProcess,
+    janus_fixture,  # noqa: F401  (pytest fixture)
+    netns_fixture,  # noqa: F401  (pytest fixture)
+    sip_listen_port,
+    stop_stage_and_collector,
+)
+
+pytestmark = [pytest.mark.media]
+
+SIPP_PORT = 5090
+SIPP_MEDIA_PORT = 6000
+REGISTRAR_PORT = 5070
+PEER = f"sip:peer@127.0.0.1:{SIPP_PORT}"
+
+
+class Rig:
+    """Feeder -> Janus stage process -> collector, all in the test's namespace."""
+
+    def __init__(self, tmp_path: Path, janus: JanusServer, args: list[str] | None = None,
+                 video: Codec | None = Codec.H264, audio: Codec | None = Codec.PCMU) -> None:
+        self.tmp_path = tmp_path
+        feed = f"ipc://{tmp_path}/feed.sock"
+        self.feeder = MediaFeeder(feed, video=video, audio=audio)
+        self.stage = StageProcess(tmp_path / "stage", feed, janus.ws_url, args=args or []).start()
+        self.collector = MediaCollector(self.stage.output)
+        self.collect = asyncio.create_task(self.collector.run())
+        self.feeding: asyncio.Task[None] | None = None
+        self.exit_code: int | None = None
+
+    def feed(self, seconds: float) -> None:
+        self.feeding = asyncio.create_task(self.feeder.run(seconds))
+
+    async def close(self) -> None:
+        if self.feeding is not None:
+            self.feeding.cancel()
+        self.exit_code = await stop_stage_and_collector(self.stage, self.collector, self.collect)
+        print(self.stage.log_text()[-5000:])
+        self.feeder.close()
+
+    async def wait_state(self, state: str, timeout_s: float = 15.0, after: int = 0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            events = [e for e in self.collector.events if e.type is EventType.CALL_STATE][after:]
+            for event in events:
+                if event.attributes.get("state") == state:
+                    return event.attributes
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"no {state} event; states so far {self.collector.states()}")
+
+    async def wait_count(self, state: str, count: int, timeout_s: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while self.collector.states().count(state) < count and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+
+    def n_states(self) -> int:
+        return len(self.collector.states())
+
+
+async def _rejections_then_remote_bye(tmp_path: Path, janus: JanusServer) -> None:
+    rig = Rig(tmp_path, janus)
+    try:
+        await rig.stage.wait_registered()
+        for scenario, code in (("uas_486", 486), ("uas_404", 404)):
+            with Sipp(scenario, tmp_path / scenario, SIPP_PORT, SIPP_MEDIA_PORT) as sipp:
+                reply = await rig.stage.command({"cmd": "call", "uri": PEER, "wait": True})
+                assert not reply["ok"]
+                assert reply["call"]["state"] == "failed" and reply["call"]["code"] == code, reply
+                assert sipp.wait(10) == 0
+        await rig.wait_count("failed", 2)  # the events travel through ZeroMQ after the replies
+        failed = [e.attributes for e in rig.collector.events
+                  if e.type is EventType.CALL_STATE and e.attributes.get("state") == "failed"]
+        assert [f["code"] for f in failed] == [486, 404]
+        assert "Busy Here" in failed[0]["reason"]
+        # The stage is still up: the next call connects, carries media, and the peer hangs up first.
+        with Sipp("uas_bye", tmp_path / "uas_bye", SIPP_PORT, SIPP_MEDIA_PORT, extra=["-rtp_echo"]) as sipp:
+            rig.feed(8.0)
+            mark = rig.n_states()
+            reply = await rig.stage.command({"cmd": "call", "uri": PEER, "wait": True})
+            assert reply["ok"], reply
+            ended = await rig.wait_state("ended", after=mark)
+            assert ended["code"] == 200, ended
+            assert sipp.wait(10) == 0
+        assert len(rig.collector.counters) > 10
+        status = await rig.stage.command({"cmd": "status"})
+        assert status["counters"]["calls_failed"] == 2 and status["counters"]["calls_connected"] == 1
+        assert status["errors"].get("call_failed") == 2
+    finally:
+        await rig.close()
+    assert rig.exit_code == 0
+
+
+@pytest.mark.timeout(90)
+def test_busy_and_unknown_target_then_remote_bye(janus: JanusServer, tmp_path: Path) -> None:
+    asyncio.run(_rejections_then_remote_bye(tmp_path, janus))
+
+
+async def _dtmf(tmp_path: Path, janus: JanusServer) -> None:
+    rig = Rig(tmp_path, janus)
+    sipp = Sipp("uas_dtmf", tmp_path / "sipp", SIPP_PORT, SIPP_MEDIA_PORT, extra=["-rtp_echo", "-trace_logs"])
+    sipp.start()
+    try:
+        await rig.stage.wait_registered()
+        reply = await rig.stage.command({"cmd": "call", "uri": PEER, "wait": True})
+        assert reply["ok"], reply
+        assert (await rig.stage.command({"cmd": "dtmf", "digits": "19*"}))["ok"]
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            digits = [e.attributes["digit"] for e in rig.collector.events if e.type is EventType.DTMF]
+            if len(digits) >= 2:
+                break
+            await asyncio.sleep(0.05)
+        assert digits == ["7", "#"]
+        assert (await rig.stage.command({"cmd": "hangup"}))["ok"]
+        assert sipp.wait(10) == 0, sipp.output()
+        received = re.findall(r"DTMF received (\S)", "".join(p.read_text() for p in
+                                                              (tmp_path / "sipp").glob("*_logs.log")))
+        assert received == ["1", "9", "*"]
+        bad = await rig.stage.command({"cmd": "dtmf", "digits": "x"})
+        assert not bad["ok"]
+    finally:
+        sipp.stop()
+        await rig.close()
+    assert rig.exit_code == 0
+
+
+@pytest.mark.timeout(60)
+def test_dtmf_both_ways(janus: JanusServer, tmp_path: Path) -> None:
+    asyncio.run(_dtmf(tmp_path, janus))
+
+
+async def _inbound(tmp_path: Path, janus: JanusServer) -> None:
+    rig = Rig(tmp_path, janus, args=["--inbound", "--accept-from", "^sip:caller@"])
+    try:
+        await rig.stage.wait_registered()
+        port = sip_listen_port()
+        rig.feed(10.0)
+        caller = Sipp("uac_call", tmp_path / "uac", SIPP_PORT, SIPP_MEDIA_PORT,
+                      extra=["-rtp_echo", "-s", "bridge", "-d", "4000"], remote=f"127.0.0.1:{port}")
+        with caller:
+            incoming = await rig.wait_state("incoming")
+            assert incoming["direction"] == "inbound" and incoming["peer"].startswith("sip:caller@")
+            await rig.wait_state("accepted")
+            ended = await rig.wait_state("ended")
+            assert caller.wait(15) == 0, caller.output()
+        assert ended["direction"] == "inbound"
+        counters = rig.collector.counters
+        assert len(counters) > 20 and counters == sorted(counters)
+        assert abs(rig.collector.tone_hz() - 440.0) < 10
+    finally:
+        await rig.close()
+    assert rig.exit_code == 0
+
+
+@pytest.mark.timeout(60)
+def test_inbound_call_accepted_with_media(janus: JanusServer, tmp_path: Path) -> None:
+    asyncio.run(_inbound(tmp_path, janus))
+
+
+async def _inbound_declined(tmp_path: Path, janus: JanusServer) -> None:
+    rig = Rig(tmp_path, janus, args=["--inbound", "--accept-from", "^sip:alice@", "--decline-code", "603"])
+    try:
+        await rig.stage.wait_registered()
+        port = sip_listen_port()
+        with Sipp("uac_call", tmp_path / "uac", SIPP_PORT, SIPP_MEDIA_PORT, extra=["-s", "bridge"],
+                  remote=f"127.0.0.1:{port}") as caller:
+            declined = await rig.wait_state("declined")
+            assert declined["code"] == 603
+            assert caller.wait(15) != 0  # the caller's scenario expected a 200
+            assert "SIP/2.0 603" in caller.messages()
+    finally:
+        await rig.close()
+
+
+@pytest.mark.timeout(60)
+def test_inbound_call_declined_by_rule(janus: JanusServer, tmp_path: Path) -> None:
+    asyncio.run(_inbound_declined(tmp_path, janus))
+
+
+async def _digest(tmp_path: Path, janus: JanusServer, secret: str) -> dict[str, Any]:
+    args = ["--register", "digest", "--identity", "sip:bridge@127.0.0.1", "--proxy",
+            f"sip:127.0.0.1:{REGISTRAR_PORT}", "--authuser", "bridge", "--secret", secret]
+    rig = Rig(tmp_path, janus, args=args)
+    try:
+        with Sipp("registrar_digest", tmp_path / "registrar", REGISTRAR_PORT, SIPP_MEDIA_PORT) as registrar:
+            event = await rig.wait_state("registered" if secret == "s3cret" else "registration_failed")
+            registrar.wait(10)
+            messages = registrar.messages()
+        assert "Authorization: Digest" in messages and 'username="bridge"' in messages
+        assert secret not in rig.stage.log_text()  # secrets never reach logs
+        return event
+    finally:
+        await rig.close()
+
+
+@pytest.mark.timeout(60)
+def test_digest_register_success(janus: JanusServer, tmp_path: Path) -> None:
+    event = asyncio.run(_digest(tmp_path, janus, "s3cret"))
+    assert event["register_sent"] is True
+
+
+@pytest.mark.timeout(60)
+def test_digest_register_wrong_secret(janus: JanusServer, tmp_path: Path) -> None:
+    event = asyncio.run(_digest(tmp_path, janus, "wrong-secret"))
+    assert event["code"] == 403, event
+
+
+async def _janus_restart(tmp_path: Path, janus: JanusServer) -> None:
+    rig = Rig(tmp_path, janus)
+    try:
+        await rig.stage.wait_registered()
+        rig.feed(20.0)
+        with Sipp("uas_echo", tmp_path / "echo1", SIPP_PORT, SIPP_MEDIA_PORT, extra=["-rtp_echo"]):
+            reply = await rig.stage.command({"cmd": "call", "uri": PEER, "wait": True})
+            assert reply["ok"], reply
+            await asyncio.sleep(1.0)
+            before = len(rig.collector.counters)
+            assert before > 0
+            mark = rig.n_states()
+            janus.kill()  # a crash, not a clean stop
+            lost = await rig.wait_state("janus_disconnected", after=mark)
+            assert lost["call_id"] == reply["call"]["call_id"]
+            await asyncio.to_thread(janus.start)
+        await rig.stage.wait_registered()
+        with Sipp("uas_echo", tmp_path / "echo2", SIPP_PORT, SIPP_MEDIA_PORT, extra=["-rtp_echo"]) as sipp:
+            reply = await rig.stage.command({"cmd": "call", "uri": PEER, "wait": True})
+            assert reply["ok"], reply
+            await asyncio.sleep(1.5)
+            assert (await rig.stage.command({"cmd": "hangup"}))["ok"]
+            assert sipp.wait(10) == 0
+        assert len(rig.collector.counters) > before + 10
+        status = await rig.stage.command({"cmd": "status"})
+        assert status["counters"]["janus_reconnects"] >= 1
+        assert status["errors"].get("janus_disconnected", 0) >= 1
+    finally:
+        await rig.close()
+    assert rig.exit_code == 0
+
+
+@pytest.mark.timeout(90)
+def test_janus_restart_mid_call(janus: JanusServer, tmp_path: Path) -> None:
+    asyncio.run(_janus_restart(tmp_path, janus))
