@@ -70,3 +70,17 @@ def tree_usage(root_pid: int, include_root: bool = True) -> tuple[float, int, in
     """(CPU seconds, PSS kB, process count) summed over a process and its descendants."""
     pids = ([root_pid] if include_root else []) + descendants(root_pid)
     return sum(cpu_seconds(p) for p in pids), sum(pss_kb(p) for p in pids), len(pids)
+
+
+def parent_pid(pid: int) -> int:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0
+    return int(stat[stat.rfind(")") + 2 :].split()[1])
+
+
+def browser_main_pids(root_pid: int) -> list[int]:
+    """The Chromium browser processes (not their renderers and helpers) below ``root_pid``."""
+    chromes = set(chromium_pids(root_pid))
+    return [p for p in chromes if parent_pid(p) not in chromes]

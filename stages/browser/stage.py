@@ -51,7 +51,7 @@ IDENTIFY_TIMEOUT_S = 3.0
 PAGE_STATS_INTERVAL_MS = 1000
 WATCHDOG_INTERVAL_S = 1.0
 # Being out of the call this long (recipe's joined check failing) counts as dropped from the room.
-NOT_JOINED_GRACE_S = 3.0
+NOT_JOINED_GRACE_S = 2.0
 BROWSER_CLOSE_TIMEOUT_S = 5.0
 DEFAULT_MAX_RESTARTS = 5
 DEFAULT_RESTART_WINDOW_S = 300.0

@@ -1,0 +1,105 @@
+"""The bot notices losing its browser or being dropped from the room, rejoins, and capture resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from protocol import EventType
+from stages.browser.procs import browser_main_pids
+from tests.roomfix import Collector, Room, room_fixture, wait_until  # noqa: F401  (pytest fixture)
+from tests.sipfix import janus_fixture, netns_fixture  # noqa: F401  (pytest fixtures)
+
+pytestmark = [pytest.mark.media, pytest.mark.timeout(120)]
+
+ROOM_ID = 4401
+MIN_FRAMES = 20
+MEDIA_TIMEOUT_S = 40.0
+
+
+def frames_after(collector: Collector, stream_id: str, t: float) -> list[float]:
+    with collector._lock:
+        return [at for at, _ in collector.streams[stream_id].counters if at > t]
+
+
+def resumed_gap_s(collector: Collector, stream_id: str, t_fault: float) -> float:
+    with collector._lock:
+        times = [at for at, _ in collector.streams[stream_id].counters]
+    last_before = max(at for at in times if at <= t_fault)
+    first_after = min(at for at in times if at > t_fault)
+    return first_after - last_before
+
+
+def states(collector: Collector) -> list[str]:
+    return [e.attributes.get("state", "") for e in collector.events_of(EventType.STAGE_STATE)]
+
+
+def test_browser_killed_mid_call_rejoins(room: Room, tmp_path: Path) -> None:
+    room.participants(ROOM_ID, [("alice", 440.0)])
+    out = f"ipc://{tmp_path}/bot.sock"
+    collector = Collector(out)
+    try:
+        bot = room.bot(ROOM_ID, out)
+        wait_until(lambda: len(collector.counters("alice/video")) >= MIN_FRAMES, MEDIA_TIMEOUT_S, "alice's video")
+        browsers = wait_until(lambda: browser_main_pids(bot.pid), 5, "the bot's Chromium")
+        t_kill = time.monotonic()
+        for pid in browsers:
+            os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: len(frames_after(collector, "alice/video", t_kill)) >= MIN_FRAMES, MEDIA_TIMEOUT_S,
+                   "capture resumed after the browser was killed")
+        gap = resumed_gap_s(collector, "alice/video", t_kill)
+        print(f"\ncapture gap after killing Chromium: {gap:.2f} s")
+        assert "rejoining" in states(collector) and states(collector)[-1] == "joined"
+        ended = [e for e in collector.events_of(EventType.TRACK_ENDED) if e.stream_id == "alice/video"]
+        assert ended and ended[0].attributes["reason"] == "session ended"
+        assert bot.poll() is None  # rejoined in-process, no restart needed
+    finally:
+        collector.close()
+
+
+def janus_call(http_url: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    request = urllib.request.Request(http_url + path, data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=5) as response:
+        return dict(json.loads(response.read()))
+
+
+def kick(http_url: str, room: int, display: str) -> None:
+    """Drop a participant from the room the way a moderator would (VideoRoom 'kick')."""
+    session = janus_call(http_url, "", {"janus": "create", "transaction": "s"})["data"]["id"]
+    handle = janus_call(http_url, f"/{session}", {"janus": "attach", "plugin": "janus.plugin.videoroom",
+                                                  "transaction": "a"})["data"]["id"]
+
+    def message(body: dict[str, Any]) -> dict[str, Any]:
+        reply = janus_call(http_url, f"/{session}/{handle}", {"janus": "message", "transaction": "m", "body": body})
+        return dict(reply["plugindata"]["data"])
+
+    people = message({"request": "listparticipants", "room": room})["participants"]
+    target = next(p["id"] for p in people if p.get("display") == display)
+    assert message({"request": "kick", "room": room, "id": target}).get("videoroom") == "success"
+    janus_call(http_url, f"/{session}", {"janus": "destroy", "transaction": "d"})
+
+
+def test_bot_dropped_from_room_rejoins(room: Room, tmp_path: Path) -> None:
+    room.participants(ROOM_ID, [("alice", 440.0)])
+    out = f"ipc://{tmp_path}/bot.sock"
+    collector = Collector(out)
+    try:
+        room.bot(ROOM_ID, out)
+        wait_until(lambda: len(collector.counters("alice/video")) >= MIN_FRAMES, MEDIA_TIMEOUT_S, "alice's video")
+        t_kick = time.monotonic()
+        kick(room.janus.http_url, ROOM_ID, "bot")
+        wait_until(lambda: len(frames_after(collector, "alice/video", t_kick)) >= MIN_FRAMES, MEDIA_TIMEOUT_S,
+                   "capture resumed after the room dropped the bot")
+        print(f"\ncapture gap after being kicked: {resumed_gap_s(collector, 'alice/video', t_kick):.2f} s")
+        rejoin = [e for e in collector.events_of(EventType.STAGE_STATE) if e.attributes.get("state") == "rejoining"]
+        assert rejoin and rejoin[0].attributes["reason"] == "dropped from the room"
+    finally:
+        collector.close()
