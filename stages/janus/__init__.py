@@ -61,6 +61,8 @@ RECONNECT_MAX_S = 5.0
 REGISTER_TIMEOUT_S = 10.0
 REGISTER_RETRY_S = 30.0
 CALL_WAIT_TIMEOUT_S = 30.0
+STOP_HANGUP_TIMEOUT_S = 2.0
+OUTBOX_FLUSH_TIMEOUT_S = 2.0
 DTMF_DURATION_MS = 160
 DTMF_GAP_S = 0.1
 # One keyframe request per this interval is plenty: an encoder takes a frame or two to react.
@@ -263,9 +265,26 @@ class JanusStage(Stage):
         try:
             await self._janus_loop()
         finally:
+            tasks[0].cancel()
+            # Deliver the last call-state events before the end of stream goes out.
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._flush_outbox(), OUTBOX_FLUSH_TIMEOUT_S)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _flush_outbox(self) -> None:
+        while not self._outbox.empty():
+            await self.emit(self._outbox.get_nowait())
+
+    async def _hangup_for_stop(self) -> None:
+        """The stage is stopping: end the call with a BYE rather than leaving the peer hanging."""
+        if self.call is None:
+            return
+        if self.handle is not None and self.client is not None and not self.client.closed.is_set():
+            with contextlib.suppress(JanusError, JanusDisconnected, asyncio.TimeoutError):
+                await asyncio.wait_for(self.handle.message({"request": "hangup"}), STOP_HANGUP_TIMEOUT_S)
+        await self._end_call(CallState.ENDED, reason="stage stopping")
 
     async def _janus_loop(self) -> None:
         backoff = RECONNECT_MIN_S
