@@ -8,6 +8,8 @@ Everything is pure (no sockets); the PyAV parts run on a stage's codec thread.
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
 from fractions import Fraction
 from typing import Any
 
@@ -15,7 +17,7 @@ import av
 import numpy as np
 
 from protocol import AudioFrame, Codec, MediaHeader, VideoFrame, i420_size
-from protocol.wire import Buffer
+from protocol.wire import Payload as Buffer
 
 # RTP clock of every video codec (RFC 6184, RFC 7741, RFC 7587 ...).
 VIDEO_CLOCK_HZ = 90_000
@@ -88,6 +90,25 @@ def decoder_name(codec: Codec) -> str:
 def rescale(value: int, src: Fraction, dst: Fraction) -> int:
     """Convert a timestamp between time bases, rounding to nearest."""
     return round(value * src / dst)
+
+
+def call_on_loop(loop: asyncio.AbstractEventLoop | None, fn: Callable[..., Any], *args: Any) -> None:
+    """Run ``fn`` on the stage's event loop from the codec thread.
+
+    The stage's sockets are zmq.asyncio sockets owned by the loop (``Stage.report_error`` publishes on
+    one), so codec-thread code must not touch them directly. Without a loop (in-process use) call directly.
+    """
+    if loop is None or not loop.is_running():
+        fn(*args)
+        return
+    try:
+        running = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    if running is loop:
+        fn(*args)
+    else:
+        loop.call_soon_threadsafe(fn, *args)
 
 
 # ----- bitstream peeks ------------------------------------------------------------------------------

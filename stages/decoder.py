@@ -83,7 +83,7 @@ class Decoder(Stage):
                 state = self._open(packet.codec)
             except (ValueError, av.FFmpegError) as exc:
                 self.drops["unsupported_codec"] += 1
-                self.report_error("unsupported_codec", str(exc), sid)
+                self._report("unsupported_codec", str(exc), sid)
                 return []
             self._decoders[sid] = state
         video = packet.codec.is_video
@@ -126,7 +126,7 @@ class Decoder(Stage):
 
     def _corrupt(self, state: DecodeStream, sid: str, problem: str) -> list[Message]:
         self.drops["corrupt"] += 1
-        self.report_error("corrupt_packet", f"{state.codec.name}: {problem}", sid)
+        self._report("corrupt_packet", f"{state.codec.name}: {problem}", sid)
         if state.codec.is_video:
             state.await_keyframe = True
             self._request_keyframe(sid, f"corrupt {state.codec.name} packet")
@@ -186,7 +186,7 @@ class Decoder(Stage):
                     if msg is not None:
                         out.append(msg)
             except (av.FFmpegError, ValueError) as exc:
-                self.report_error("flush_failed", f"{type(exc).__name__}: {exc}", sid)
+                self._report("flush_failed", f"{type(exc).__name__}: {exc}", sid)
         return out
 
     def teardown(self) -> None:
@@ -198,6 +198,9 @@ class Decoder(Stage):
             "frames_decoded": self.frames_decoded,
             "keyframes_in": self.keyframes_in,
         }
+
+    def _report(self, code: str, message: str, stream_id: str = "") -> None:
+        codecs.call_on_loop(self._loop, self.report_error, code, message, stream_id)
 
     def _request_keyframe(self, stream_id: str, reason: str) -> None:
         """Ask upstream for a keyframe from the codec thread (the sockets live on the event loop)."""

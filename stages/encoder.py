@@ -15,6 +15,7 @@ keyframe (``pict_type = I``). Output timestamps are in the codec's clock
 
 from __future__ import annotations
 
+import asyncio
 import collections
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -123,6 +124,12 @@ class Encoder(Stage):
         self.keyframes_out = 0
         self.forced_keyframes = 0
         self.scaled_frames = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def run(self) -> int:
+        # Keep the loop so codec-thread code can report errors through the loop's sockets.
+        self._loop = asyncio.get_running_loop()
+        return await super().run()
 
     # ----- codec thread ---------------------------------------------------------------------
     def process(self, msg: Message) -> Iterable[Message]:
@@ -151,7 +158,8 @@ class Encoder(Stage):
             width, height = width - width % 2, height - height % 2
             if width < 2 or height < 2:
                 self.drops["bad_size"] += 1
-                self.report_error("bad_size", f"cannot encode a {frame.width}x{frame.height} frame", sid)
+                message = f"cannot encode a {frame.width}x{frame.height} frame"
+                codecs.call_on_loop(self._loop, self.report_error, "bad_size", message, sid)
                 return []
             state = VideoStream(video_context(self.settings, width, height), width, height, force_keyframe=True)
             self._video[sid] = state
