@@ -307,8 +307,7 @@ def test_decoder_survives_bad_input(harness: Harness) -> None:
     send(push, EndOfStream(""))
     frames = receive_until_eos(pull)
     assert all(isinstance(f, VideoFrame) for f in frames)
-    assert [(f.header.stream_id, type(f)) for f in frames if isinstance(f, VideoFrame)] == [("h264", VideoFrame), ("vp8", VideoFrame),
-                                                                ("vp8", VideoFrame)]
+    assert [f.header.stream_id for f in frames if isinstance(f, VideoFrame)] == ["h264", "vp8", "vp8"]
     assert decoder.wait_exit() == 0
     assert "ERROR [decoder]" in decoder.log()  # logged, naming the stage (rate-limited, so maybe not each one)
 
