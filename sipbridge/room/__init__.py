@@ -38,18 +38,21 @@ def serve(host: str, port: int, janus_url: str) -> None:
               help="Display name of a participant (repeat for several in one browser).")
 @click.option("--tone", "tones", type=float, multiple=True, default=[440.0], show_default=True,
               help="Tone of each participant in Hz (same order as --name; the last repeats).")
+@click.option("--viewer", "viewers", multiple=True, help="A receive-only participant (repeatable).")
 @click.option("--janus", default=None, help="Override the Janus URL the page uses.")
 @click.option("--codec", type=click.Choice(["h264", "vp8"]), default="h264", show_default=True)
 @click.option("--size", default="640x480", show_default=True)
 @click.option("--fps", type=int, default=30, show_default=True)
 @click.option("--probe/--no-probe", default=False, help="Report received counters and tones as JSON lines.")
 @click.option("--duration", type=float, default=None, help="Leave after this many seconds (default: until SIGTERM).")
-def participant(room_url: str, room: int, names: tuple[str, ...], tones: tuple[float, ...], janus: str | None,
+def participant(room_url: str, room: int, names: tuple[str, ...], tones: tuple[float, ...], viewers: tuple[str, ...],
+                janus: str | None,
                 codec: str, size: str, fps: int, probe: bool, duration: float | None) -> None:
     """Join synthetic participants that publish a frame-counter pattern and a tone."""
     from sipbridge.room.participant import ParticipantSpec, run_participants
 
     width, _, height = size.partition("x")
     specs = [ParticipantSpec(name, tones[min(i, len(tones) - 1)]) for i, name in enumerate(names)]
+    specs += [ParticipantSpec(name, 0.0, publish=False) for name in viewers]
     raise SystemExit(asyncio.run(run_participants(room_url, room, specs, janus=janus, codec=codec, width=int(width),
                                                   height=int(height), fps=fps, probe=probe, duration_s=duration)))

@@ -29,6 +29,7 @@ JOIN_TIMEOUT_S = 20.0
 class ParticipantSpec:
     name: str
     tone_hz: float
+    publish: bool = True
 
 
 def emit_line(record: dict[str, Any]) -> None:
@@ -44,6 +45,8 @@ def page_url(room_url: str, room: int, spec: ParticipantSpec, *, janus: str | No
         query["janus"] = janus
     if probe:
         query["probe"] = 1
+    if not spec.publish:
+        query["publish"] = 0
     return room_url.rstrip("/") + "/?" + urlencode(query)
 
 

@@ -122,9 +122,11 @@ class PageConnection:
     ws: web.WebSocketResponse
     role: str = "unknown"
     top: bool = False
-    queue: collections.deque[tuple[bytes | str, int | None]] = field(default_factory=collections.deque)
+    # (data, (video seq, received ns) or None)
+    queue: collections.deque[tuple[bytes | str, tuple[int, int] | None]] = field(default_factory=collections.deque)
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
-    in_flight: dict[int, int] = field(default_factory=dict)  # injected video seq -> send time (ns)
+    # Injected video seq -> when the frame came off ZeroMQ (ns); the page acknowledges each written frame.
+    in_flight: dict[int, int] = field(default_factory=dict)
 
 
 def parse_page_message(data: bytes) -> tuple[dict[str, Any], memoryview]:
@@ -254,9 +256,9 @@ class BrowserStage(Stage):
             await conn.wakeup.wait()
             conn.wakeup.clear()
             while conn.queue:
-                data, seq = conn.queue.popleft()
-                if seq is not None:
-                    conn.in_flight[seq] = time.time_ns()
+                data, video = conn.queue.popleft()
+                if video is not None:
+                    conn.in_flight[video[0]] = video[1]
                 if isinstance(data, str):
                     await conn.ws.send_str(data)
                 else:
@@ -395,6 +397,7 @@ class BrowserStage(Stage):
     # ----- pipeline -> page (injection) --------------------------------------------------------------------------
     def process(self, msg: Message) -> list[Message]:
         """Runs on the codec thread: pack the frame for the page and hand it to the event loop."""
+        received_ns = time.time_ns()
         if isinstance(msg, VideoFrame):
             slot = self._inject_slots.get(msg.header.stream_id)
             if slot is None:
@@ -409,7 +412,7 @@ class BrowserStage(Stage):
             header = {"t": "v", "slot": slot, "w": msg.width, "h": msg.height, "ts": ts, "seq": self._inject_seq}
             data = pack_page_message(header, msg.data)
             assert self._loop is not None
-            self._loop.call_soon_threadsafe(self._inject, data, self._inject_seq)
+            self._loop.call_soon_threadsafe(self._inject, data, (self._inject_seq, received_ns))
         elif isinstance(msg, AudioFrame):
             ts = int(msg.header.pts * msg.header.time_base * US_PER_S)
             header = {"t": "a", "sr": msg.sample_rate, "ch": msg.channels, "n": msg.samples, "ts": ts}
@@ -420,12 +423,12 @@ class BrowserStage(Stage):
             self.drops["inject_unsupported"] += 1
         return []
 
-    def _inject(self, data: bytes, video_seq: int | None) -> None:
+    def _inject(self, data: bytes, video: tuple[int, int] | None) -> None:
         conn = self._top_page()
         if conn is None:
             self.drops["inject_no_page"] += 1
             return
-        if video_seq is not None:
+        if video is not None:
             # Frames the page never acknowledged (it reloaded, or is far behind) must not block forever.
             now = time.time_ns()
             for seq, sent in list(conn.in_flight.items()):
@@ -438,7 +441,7 @@ class BrowserStage(Stage):
         if len(conn.queue) >= MAX_INJECT_QUEUE_MSGS:
             self.drops["inject_queue_full"] += 1
             return
-        conn.queue.append((data, video_seq))
+        conn.queue.append((data, video))
         conn.wakeup.set()
 
     def on_keyframe_request(self, request: KeyframeRequest) -> bool:

@@ -2,7 +2,7 @@
 // libjs-janus-gateway). Every participant publishes camera and microphone and subscribes to every other
 // publisher with one subscriber handle each. Query parameters:
 //   room (number), name (display name; with autojoin=1 the page joins at once), janus (WebSocket URL of Janus),
-//   codec (video codec the room prefers: h264 or vp8), w, h, fps (capture size), synthetic=1 (test pattern
+//   publish=0 (receive only), codec (video codec the room prefers: h264 or vp8), w, h, fps (capture size), synthetic=1 (test pattern
 //   camera and tone microphone instead of real devices, see synthetic.js), tone (Hz), probe=1 (see probe.js).
 "use strict";
 
@@ -13,6 +13,7 @@
   const WIDTH = Number(params.get("w") || 640);
   const HEIGHT = Number(params.get("h") || 480);
   const FPS = Number(params.get("fps") || 30);
+  const PUBLISH = params.get("publish") !== "0"; // publish=0: a receive-only participant (a viewer)
   const ROOM_BITRATE_BPS = Number(params.get("bitrate") || 1500000);
   const ERROR_ROOM_EXISTS = 427;
 
@@ -42,6 +43,7 @@
   }
 
   async function captureLocal() {
+    if (!PUBLISH) return new MediaStream();
     if (params.get("synthetic") === "1") {
       return window.SyntheticMedia.create({ width: WIDTH, height: HEIGHT, fps: FPS, toneHz: Number(params.get("tone") || 440) });
     }
@@ -138,9 +140,13 @@
   function onPublisherMessage(msg, jsep) {
     const event = msg.videoroom;
     if (event === "joined") {
-      setStatus("joining", "publishing as " + msg.id);
-      publish();
       onPublishers(msg.publishers);
+      if (!PUBLISH) {
+        setStatus("joined", "watching room " + ROOM_ID);
+      } else {
+        setStatus("joining", "publishing as " + msg.id);
+        publish();
+      }
     } else if (event === "event") {
       if (msg.publishers) onPublishers(msg.publishers);
       const gone = msg.unpublished || msg.leaving;

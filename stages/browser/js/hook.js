@@ -130,9 +130,13 @@
     return worker;
   }
 
+  // Raw video reuses one message buffer per track (WebSocket.send copies synchronously): no 0.5-3 MB garbage
+  // per frame. The JSON header is padded to a fixed size so the payload offset never moves.
+  const VIDEO_HEADER_BYTES = 256;
   async function captureVideoRaw(info) {
     const reader = new MediaStreamTrackProcessor({ track: info.track, maxBufferSize: 2 }).readable.getReader();
     info.reader = reader;
+    let out = null;
     for (;;) {
       const { value: frame, done } = await reader.read();
       if (done) break;
@@ -140,11 +144,16 @@
         if (!wsReady()) { drop("socket_not_open"); continue; }
         if (hook.ws.bufferedAmount > cfg.maxBacklogBytes) { drop("page_backlog"); continue; }
         if (frame.format !== "I420") { drop("format_" + frame.format); continue; }
-        const header = { t: "v", k: info.key, w: frame.visibleRect.width, h: frame.visibleRect.height,
-          ts: frame.timestamp, ct: nowMs() };
+        const header = JSON.stringify({ t: "v", k: info.key, w: frame.visibleRect.width, h: frame.visibleRect.height,
+          ts: frame.timestamp, ct: nowMs() });
+        if (header.length > VIDEO_HEADER_BYTES) { drop("header_too_long"); continue; }
         const size = frame.allocationSize();
-        const { out, offset } = allocMessage(header, size);
-        await frame.copyTo(out.subarray(offset));
+        if (!out || out.length !== 4 + VIDEO_HEADER_BYTES + size) {
+          out = new Uint8Array(4 + VIDEO_HEADER_BYTES + size);
+          new DataView(out.buffer).setUint32(0, VIDEO_HEADER_BYTES, true);
+        }
+        textEncoder.encodeInto(header.padEnd(VIDEO_HEADER_BYTES, " "), out.subarray(4, 4 + VIDEO_HEADER_BYTES));
+        await frame.copyTo(out.subarray(4 + VIDEO_HEADER_BYTES));
         if (wsReady()) hook.ws.send(out);
       } catch (err) {
         drop("video_copy_error");
