@@ -2,4 +2,184 @@
 
 from __future__ import annotations
 
-from sipbridge.cli import cli  # noqa: F401
+import json
+import os
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import click
+
+from sipbridge.cli import cli
+
+DEFAULT_RUN_DIR = "/tmp/sipbridge"
+PROGRESS_INTERVAL_S = 2.0
+PACKAGE_DIR = Path(__file__).resolve().parent
+PROJECT_DIR = PACKAGE_DIR.parent
+DEFAULT_PIPELINE = PACKAGE_DIR / "pipelines" / "synthetic.toml"
+
+run_dir_option = click.option(
+    "--run-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar="SIPBRIDGE_RUN_DIR",
+    default=DEFAULT_RUN_DIR,
+    show_default=True,
+    help="Where sockets, logs and reports of the pipeline live.",
+)
+
+
+def _progress_line(collector: Any, states: dict[str, dict[str, Any]]) -> str:
+    parts = []
+    for stage in sorted(set(states) | set(collector.figures)):
+        figures = collector.figures.get(stage, {})
+        streams = figures.get("streams", {})
+        frames = sum(s.get("frames_in", 0) or s.get("frames_out", 0) for s in streams.values())
+        drops = sum(figures.get("drops", {}).values())
+        state = states.get(stage, {}).get("statename", "?")
+        parts.append(f"{stage}[{state.lower()}] {frames} fr" + (f" {drops} drop" if drops else ""))
+    return " | ".join(parts)
+
+
+def run_pipeline(config: Path, run_dir: Path, forever: bool, quiet: bool = False) -> dict[str, Any]:
+    """Start a pipeline under supervisord, print progress, stop it when done; return the final states."""
+    from sipbridge.status import StatusCollector
+    from sipbridge.supervise import PipelineError, Supervisor, parse_pipeline, render_config
+
+    run_dir = run_dir.resolve()
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    if config.suffix == ".toml":
+        try:
+            with open(config, "rb") as fh:
+                specs = parse_pipeline(tomllib.load(fh))
+        except (tomllib.TOMLDecodeError, PipelineError) as exc:
+            raise click.ClickException(f"{config}: {exc}") from None
+        conf_path = run_dir / "supervisord.conf"
+        conf_path.write_text(render_config(specs, run_dir))
+    else:
+        conf_path = config
+    os.environ["SIPBRIDGE_RUN_DIR"] = str(run_dir)
+    os.environ["SIPBRIDGE_PYTHON"] = sys.executable
+    supervisor = Supervisor(conf_path, run_dir)
+    try:
+        supervisor.start()
+    except PipelineError as exc:
+        raise click.ClickException(str(exc)) from None
+    collector = StatusCollector(run_dir)
+    click.echo(f"pipeline up: {conf_path} (logs in {run_dir}/logs; `sipbridge status --run-dir {run_dir}`)")
+    final: dict[str, Any] = {}
+    try:
+        while True:
+            collector.poll(PROGRESS_INTERVAL_S)
+            states = supervisor.states()
+            if states:
+                final = states
+            if not quiet:
+                click.echo(_progress_line(collector, states))
+            if not forever and supervisor.all_finished():
+                break
+    except KeyboardInterrupt:
+        click.echo("stopping: stages flush and send end of stream")
+    finally:
+        final = supervisor.states() or final
+        supervisor.stop()
+        collector.close()
+    for name, info in sorted(final.items()):
+        click.echo(f"  {name}: {info['statename']} (exit {info.get('exitstatus')})")
+    return final
+
+
+@cli.command()
+@click.argument("config", required=False, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@run_dir_option
+@click.option("--forever/--until-done", default=False, help="Keep running after every stage has ended.")
+def up(config: Path | None, run_dir: Path, forever: bool) -> None:
+    """Start a pipeline under supervisord (a supervisord .conf, or a pipeline .toml).
+
+    Without CONFIG it runs ./supervisord.conf when present, else the packaged synthetic pipeline.
+    """
+    if config is None:
+        local = Path("supervisord.conf")
+        config = local if local.exists() else DEFAULT_PIPELINE
+    final = run_pipeline(config, run_dir, forever)
+    failed = [n for n, info in final.items() if info["statename"] == "FATAL" or info.get("exitstatus")]
+    if failed:
+        raise click.ClickException(f"stage(s) failed: {', '.join(sorted(failed))}")
+
+
+@cli.command()
+@run_dir_option
+@click.option("--once", is_flag=True, help="Print one snapshot and exit.")
+@click.option("--json", "as_json", is_flag=True, help="Print the snapshot as JSON (implies --once).")
+@click.option("--interval", type=float, default=1.0, show_default=True, help="Refresh period in seconds.")
+def status(run_dir: Path, once: bool, as_json: bool, interval: float) -> None:
+    """Show each stage's live figures (refreshing table)."""
+    from rich.console import Console
+    from rich.live import Live
+
+    from sipbridge.status import StatusCollector, render, snapshot
+    from sipbridge.supervise import process_states
+
+    if not run_dir.is_dir():
+        raise click.ClickException(f"no pipeline run directory at {run_dir}")
+    collector = StatusCollector(run_dir)
+    try:
+        if once or as_json:
+            collector.poll(max(interval, 1.2))  # long enough to hear every stage's periodic statistics
+            states = process_states(run_dir)
+            if as_json:
+                click.echo(json.dumps(snapshot(collector, states), indent=2, sort_keys=True))
+            else:
+                Console().print(render(collector, states))
+            return
+        with Live(render(collector, {}), refresh_per_second=4) as live:
+            while True:
+                collector.poll(interval)
+                live.update(render(collector, process_states(run_dir)))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        collector.close()
+
+
+BENCHMARKS = {
+    "protocol": "bench_protocol.py",
+    "chain": "bench_chain.py",
+    "sip": "bench_sip.py",
+    "browser": "bench_browser.py",
+}
+
+
+@cli.command()
+@click.argument("names", nargs=-1, type=click.Choice(sorted(BENCHMARKS)))
+def bench(names: tuple[str, ...]) -> None:
+    """Run the benchmarks in bench/ (all by default); each prints a table and writes bench/results/*.json."""
+    bench_dir = PROJECT_DIR / "bench"
+    if not bench_dir.is_dir():
+        raise click.ClickException(f"benchmarks live in the project checkout; {bench_dir} not found")
+    failed = []
+    for name in names or sorted(BENCHMARKS):
+        script = bench_dir / BENCHMARKS[name]
+        if not script.exists():
+            click.echo(f"== {name}: {script.name} not found, skipped")
+            continue
+        click.echo(f"== {name}")
+        started = time.monotonic()
+        code = subprocess.call([sys.executable, str(script)], cwd=PROJECT_DIR)
+        click.echo(f"== {name}: exit {code} after {time.monotonic() - started:.0f} s")
+        if code:
+            failed.append(name)
+    if failed:
+        raise click.ClickException(f"benchmark(s) failed: {', '.join(failed)}")
+
+
+@cli.command()
+@run_dir_option
+@click.option("--seconds", type=float, default=10.0, show_default=True, help="Length of the synthetic media.")
+def demo(run_dir: Path, seconds: float) -> None:
+    """Run the main job on the embedded default and print a summary."""
+    from sipbridge.demo import run_demo
+
+    run_demo(run_dir, seconds)

@@ -69,6 +69,8 @@ LINGER_ON_CLOSE_MS = 2000
 EOS_DRAIN_TIMEOUT_S = 10.0
 LATENCY_WINDOW_SAMPLES = 512
 ERROR_LOG_INTERVAL_S = 1.0
+# How long real-time audio may wait for room downstream before it is dropped (counted).
+AUDIO_SEND_WAIT_MS = 200
 
 DEFAULT_RUN_DIR = "/tmp/sipbridge"
 
@@ -235,7 +237,9 @@ class Stage:
         realtime_video = isinstance(msg, (VideoFrame, EncodedPacket)) and not (
             isinstance(msg, EncodedPacket) and not msg.codec.is_video
         )
-        if realtime_video and self.options.video_policy is VideoPolicy.LATEST:
+        if self.options.video_policy is VideoPolicy.ALL:
+            await self._out.send_multipart(parts, copy=copy)
+        elif realtime_video:
             try:
                 await self._out.send_multipart(parts, flags=zmq.NOBLOCK, copy=copy)
             except zmq.Again:
@@ -246,11 +250,34 @@ class Stage:
                     await self.run_codec(self.on_keyframe_request, KeyframeRequest(stream_id, "dropped on send"))
                 return False
         else:
-            await self._out.send_multipart(parts, copy=copy)
+            # Audio may wait briefly for room, but a consumer that is gone must not stall the stage.
+            if not await self._writable_within(AUDIO_SEND_WAIT_MS):
+                self.drops["send_timeout"] += 1
+                return False
+            try:
+                await self._out.send_multipart(parts, flags=zmq.NOBLOCK, copy=copy)
+            except zmq.Again:
+                self.drops["send_timeout"] += 1
+                return False
         if isinstance(msg, (VideoFrame, AudioFrame, EncodedPacket)):
             figures = self.streams[msg.header.stream_id]
             figures.frames_out += 1
             figures.bytes_out += size
+        return True
+
+    async def _writable_within(self, timeout_ms: int) -> bool:
+        assert self._out is not None
+        events = await self._out.poll(timeout_ms, zmq.POLLOUT)  # type: ignore[call-arg]  # stub lacks flags
+        return bool(events)
+
+    async def _send_control(self, msg: Message, timeout_s: float = EOS_DRAIN_TIMEOUT_S) -> bool:
+        """Send a downstream control message in order with media; give up if nobody takes it."""
+        if self._out is None:
+            return False
+        if not await self._writable_within(int(timeout_s * 1000)):
+            self.drops["control_timeout"] += 1
+            return False
+        await self._out.send_multipart(protocol.encode(msg))
         return True
 
     async def request_keyframe_upstream(self, stream_id: str, reason: str) -> None:
@@ -259,6 +286,18 @@ class Stage:
             with contextlib.suppress(zmq.Again):
                 await sock.send_multipart(parts, flags=zmq.NOBLOCK)
                 self.keyframe_requests_out += 1
+
+    async def wait_for_consumers(self, timeout_s: float) -> bool:
+        """Wait until at least one consumer is connected to the output; False on timeout."""
+        deadline = time.monotonic() + timeout_s
+        while self._consumers == 0:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            self._consumers_changed.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._consumers_changed.wait(), remaining)
+        return True
 
     def request_stop(self) -> None:
         self._stopping.set()
@@ -366,9 +405,13 @@ class Stage:
                 await self.emit(out)
         except Exception as exc:
             self.report_error("flush_failed", repr(exc))
-        if self._out is not None:
-            await self._out.send_multipart(protocol.encode(EndOfStream("")))
-            await self._wait_for_consumers_to_leave()
+        if self._out is not None and self._consumers == 0:
+            self.log.info("no consumer connected: nobody to send the end of stream to")
+        elif self._out is not None:
+            if await self._send_control(EndOfStream("")):
+                await self._wait_for_consumers_to_leave()
+            else:
+                self.log.warning("no consumer took the end of stream within %.0f s", EOS_DRAIN_TIMEOUT_S)
         self._publish_stats()
         self.log.info("finished: %s", self._summary_line())
 
@@ -446,8 +489,7 @@ class Stage:
         if msg.stream_id:
             for out in await self.run_codec(lambda: list(self.flush(msg.stream_id))):
                 await self.emit(out)
-            if self._out is not None:
-                await self._out.send_multipart(protocol.encode(msg))
+            await self._send_control(msg)
             return False
         self._eos_inputs += 1
         if self._eos_inputs >= len(self._ins):
@@ -479,8 +521,7 @@ class Stage:
                 await self.emit(out)
         else:
             # Control messages that travel downstream (events, errors) pass through.
-            if self._out is not None:
-                await self._out.send_multipart(protocol.encode(msg))
+            await self._send_control(msg)
 
     def _process_all(self, msg: Message) -> list[Message]:
         return list(self.process(msg))

@@ -16,6 +16,7 @@ from stages.options import build_options, run, stage_options
 from stages.pattern import PatternGenerator, tone
 
 AUDIO_FRAME_S = 0.02
+CONSUMER_WAIT_S = 10.0
 BASE_TONE_HZ = 440.0
 TONE_STEP_HZ = 220.0
 
@@ -35,6 +36,7 @@ class SourceStage(Stage):
         tones_hz: list[float],
         realtime: bool,
         prefix: str,
+        wait_for_consumer: bool = True,
     ) -> None:
         super().__init__(options)
         self.video_ids = [f"{prefix}video{i}" for i in range(video_streams)]
@@ -46,6 +48,7 @@ class SourceStage(Stage):
             tones_hz[i] if i < len(tones_hz) else BASE_TONE_HZ + TONE_STEP_HZ * i for i in range(audio_streams)
         ]
         self.realtime = realtime
+        self.wait_for_consumer = wait_for_consumer
         self._generators: list[PatternGenerator] = []
         self.video_time_base = Fraction(1, 90000)
 
@@ -81,6 +84,8 @@ class SourceStage(Stage):
         return out
 
     async def produce(self) -> None:
+        if self.wait_for_consumer and not await self.wait_for_consumers(CONSUMER_WAIT_S):
+            self.log.warning("no consumer connected after %.0f s; starting anyway", CONSUMER_WAIT_S)
         start = time.monotonic()
         video_index = audio_index = 0
         duration_s = self.frames / self.fps if self.frames else float("inf")
@@ -119,6 +124,11 @@ class SourceStage(Stage):
 @click.option("--tone-hz", "tones_hz", type=float, multiple=True, help="Tone of each audio stream (repeatable).")
 @click.option("--realtime/--as-fast-as-possible", default=True, help="Pace output at the nominal rate.")
 @click.option("--prefix", default="", help="Prefix of the stream ids (video0, audio0, ...).")
+@click.option(
+    "--wait-for-consumer/--no-wait-for-consumer",
+    default=True,
+    help="Hold the first frame until a consumer has connected.",
+)
 def command(**params: Any) -> None:
     """Synthetic test pattern and tone source."""
     options = build_options(params)

@@ -469,15 +469,13 @@ class TransformerStage(Stage):
 
 @click.command("transformer")
 @stage_options("transformer")
-@click.option("--video", "video_specs", multiple=True, default=("identity",), help="Video transform spec (chain).")
-@click.option("--audio", "audio_specs", multiple=True, default=("identity",), help="Audio transform spec (chain).")
+@click.option("--video", "video", multiple=True, default=("identity",), help="Video transform spec (chain).")
+@click.option("--audio", "audio", multiple=True, default=("identity",), help="Audio transform spec (chain).")
 @click.option("--compose-id", default="composite", help="Stream id of a compose output.")
 @click.option("--mix-id", default="mix", help="Stream id of a mix output.")
-def command(
-    video_specs: tuple[str, ...], audio_specs: tuple[str, ...], compose_id: str, mix_id: str, **params: Any
-) -> None:
+def command(video: tuple[str, ...], audio: tuple[str, ...], compose_id: str, mix_id: str, **params: Any) -> None:
     """Crop, resize, split, compose, mix, resample or a plugged-in transform."""
-    transforms = [parse_transform(s, compose_id) for s in video_specs if s != "identity"]
-    transforms += [parse_transform(s, mix_id) for s in audio_specs if s != "identity"]
+    transforms = [parse_transform(s, compose_id) for s in video if s != "identity"]
+    transforms += [parse_transform(s, mix_id) for s in audio if s != "identity"]
     options = build_options(params)
     run(TransformerStage(options, transforms))

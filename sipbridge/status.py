@@ -1,0 +1,119 @@
+"""Live figures of every stage in a run directory, from their statistics PUB sockets."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import zmq
+from rich.table import Table
+
+import protocol
+
+HEARTBEAT_STALE_S = 3.0
+
+
+class StatusCollector:
+    """Subscribes to every ``*.stats`` endpoint in the run directory and keeps the latest figures."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+        self.sock = self.ctx.socket(zmq.SUB)
+        self.sock.setsockopt(zmq.SUBSCRIBE, b"")
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.connected: set[Path] = set()
+        self.figures: dict[str, dict[str, Any]] = {}
+        self.heartbeats: dict[str, float] = {}
+        self.errors: dict[str, protocol.ErrorReport] = {}
+
+    def discover(self) -> None:
+        for path in sorted(self.run_dir.glob("*.stats")):
+            if path not in self.connected:
+                self.sock.connect(f"ipc://{path}")
+                self.connected.add(path)
+
+    def poll(self, duration_s: float) -> None:
+        self.discover()
+        deadline = time.monotonic() + duration_s
+        while (remaining := deadline - time.monotonic()) > 0:
+            if not self.sock.poll(int(remaining * 1000) + 1):
+                continue
+            try:
+                msg = protocol.decode(self.sock.recv_multipart())
+            except protocol.ProtocolError:
+                continue
+            if isinstance(msg, protocol.Stats):
+                self.figures[msg.stage] = msg.figures
+            elif isinstance(msg, protocol.Heartbeat):
+                self.heartbeats[msg.stage] = time.time()
+            elif isinstance(msg, protocol.ErrorReport):
+                self.errors[msg.stage] = msg
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _fmt(value: Any, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def render(collector: StatusCollector, states: dict[str, dict[str, Any]]) -> Table:
+    table = Table(title=f"sipbridge pipeline in {collector.run_dir}", expand=False)
+    for column in (
+        "stage",
+        "state",
+        "streams",
+        "in",
+        "out",
+        "fps",
+        "lat p50 ms",
+        "proc p50 ms",
+        "drops",
+        "errors",
+        "heartbeat",
+    ):
+        table.add_column(column)
+    now = time.time()
+    for stage in sorted(set(collector.figures) | set(states)):
+        figures = collector.figures.get(stage, {})
+        streams = figures.get("streams", {})
+        frames_in = sum(s.get("frames_in", 0) for s in streams.values())
+        frames_out = sum(s.get("frames_out", 0) for s in streams.values())
+        fps = sum(s.get("fps_in", 0.0) for s in streams.values())
+        latencies = [s["latency_ms_p50"] for s in streams.values() if s.get("latency_ms_p50") is not None]
+        drops = sum(figures.get("drops", {}).values())
+        errors = sum(figures.get("errors", {}).values())
+        beat = collector.heartbeats.get(stage)
+        age = f"{now - beat:.1f}s ago" if beat else "-"
+        if beat and now - beat > HEARTBEAT_STALE_S:
+            age = f"[red]{age}[/red]"
+        state = states.get(stage, {}).get("statename", "?")
+        table.add_row(
+            stage,
+            state,
+            str(len(streams)),
+            str(frames_in),
+            str(frames_out),
+            _fmt(fps),
+            _fmt(max(latencies) if latencies else None),
+            _fmt(figures.get("process_ms_p50"), 2),
+            str(drops),
+            str(errors),
+            age,
+        )
+    return table
+
+
+def snapshot(collector: StatusCollector, states: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "stages": {
+            stage: {"state": states.get(stage, {}).get("statename"), "figures": collector.figures.get(stage)}
+            for stage in sorted(set(collector.figures) | set(states))
+        }
+    }
