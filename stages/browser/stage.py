@@ -471,7 +471,7 @@ class BrowserStage(Stage):
             "videoTracks": self.config.video_tracks,
             "statsIntervalMs": PAGE_STATS_INTERVAL_MS,
         }
-        worker = (JS_DIR / "encoded_worker.js").read_text()
+        worker = (JS_DIR / "capture_worker.js").read_text()
         hook = (JS_DIR / "hook.js").read_text()
         # One script: separate init scripts would not share these top-level names (field notes).
         return f"const SB_CONFIG = {json.dumps(cfg)};\nconst SB_WORKER_SOURCE = {json.dumps(worker)};\n{hook}"

@@ -1,33 +1,140 @@
-// sipbridge encoded-capture worker: the RTCRtpScriptTransform of every remote track in encoded mode.
-// Each encoded frame is copied to Python as received from the room (no decoding here) and then passed on
-// unchanged, so the app still renders it and the receiver does not keep asking for keyframes.
-// Messages from the page: {t: "config", wsUrl, maxBacklogBytes, statsIntervalMs}, {t: "activate", key},
-// {t: "kf", key} (ask the sender for a keyframe), {t: "end", key}.
-// Binary messages to Python: [u32 LE header length][JSON header, even length][frame bytes], header
-// {t: "e", k, codec (MIME type), key (keyframe), ts (RTP timestamp), ct (ms, wall clock), w, h}.
+// sipbridge capture worker: copies every remote track's media to Python over its own local WebSocket, off the
+// page's main thread.
+// * raw: the page transfers a MediaStreamTrackProcessor readable; video frames go out as I420, audio as s16.
+// * encoded: this worker is the RTCRtpScriptTransform of the track's receiver; each encoded frame is copied as
+//   received from the room (no decoding here) and then passed on unchanged, so the app still renders it and the
+//   receiver does not keep asking for keyframes.
+// Messages from the page: {t: "config", wsUrl, maxBacklogBytes, statsIntervalMs}, {t: "raw", key, kind, readable},
+// {t: "activate", key} (encoded: start copying), {t: "kf", key} (ask the sender for a keyframe), {t: "end", key}.
+// To the page: {t: "done", key} when a raw track's stream finished.
+// Binary messages to Python: [u32 LE header length][JSON header, even length][payload]; headers
+//   raw video  {t: "v", k, w, h, ts (us), ct (ms, wall clock)} + I420
+//   raw audio  {t: "a", k, sr, ch, n, ts (us), ct} + s16 interleaved
+//   encoded    {t: "e", k, codec (MIME type), pt, key (keyframe), ts (RTP timestamp), ct, w, h} + frame bytes
 "use strict";
 
 let config = null;
 let ws = null;
-const entries = new Map(); // track key -> {transformer, kind, active, needKey}
+const entries = new Map(); // encoded: track key -> {transformer, kind, active, needKey}
+const rawReaders = new Map(); // raw: track key -> ReadableStreamDefaultReader
 const drops = {};
 let reported = {};
 const textEncoder = new TextEncoder();
+// Raw video reuses one message buffer per track (WebSocket.send copies synchronously): no 0.5-3 MB of garbage
+// per frame. The JSON header is padded to a fixed size so the payload offset never moves.
+const VIDEO_HEADER_BYTES = 256;
 
 function drop(reason) {
   drops[reason] = (drops[reason] || 0) + 1;
 }
 
-function entryFor(key) {
-  if (!entries.has(key)) entries.set(key, { transformer: null, kind: null, active: false, needKey: true });
-  return entries.get(key);
+function nowMs() {
+  return performance.timeOrigin + performance.now();
+}
+
+function wsReady() {
+  return ws !== null && ws.readyState === WebSocket.OPEN;
 }
 
 function connect() {
   ws = new WebSocket(config.wsUrl);
   ws.binaryType = "arraybuffer";
-  ws.onopen = () => ws.send(JSON.stringify({ t: "hello", role: "encoded-worker" }));
+  ws.onopen = () => ws.send(JSON.stringify({ t: "hello", role: "capture-worker" }));
   ws.onclose = () => { ws = null; };
+}
+
+function packMessage(header, payloadBytes) {
+  let json = JSON.stringify(header);
+  if ((4 + json.length) % 2) json += " "; // keep payloads 2-byte aligned (ASCII JSON: chars == bytes)
+  const head = textEncoder.encode(json);
+  const out = new Uint8Array(4 + head.length + payloadBytes);
+  new DataView(out.buffer).setUint32(0, head.length, true);
+  out.set(head, 4);
+  return { out, offset: 4 + head.length };
+}
+
+// ----- raw ------------------------------------------------------------------------------------------------------
+async function captureVideoRaw(key, reader) {
+  let out = null;
+  for (;;) {
+    const { value: frame, done } = await reader.read();
+    if (done) return;
+    try {
+      if (!wsReady()) { drop("socket_not_open"); continue; }
+      if (ws.bufferedAmount > config.maxBacklogBytes) { drop("page_backlog"); continue; }
+      if (frame.format !== "I420") { drop("format_" + frame.format); continue; }
+      const header = JSON.stringify({ t: "v", k: key, w: frame.visibleRect.width, h: frame.visibleRect.height,
+        ts: frame.timestamp, ct: nowMs() });
+      if (header.length > VIDEO_HEADER_BYTES) { drop("header_too_long"); continue; }
+      const size = frame.allocationSize();
+      if (!out || out.length !== 4 + VIDEO_HEADER_BYTES + size) {
+        out = new Uint8Array(4 + VIDEO_HEADER_BYTES + size);
+        new DataView(out.buffer).setUint32(0, VIDEO_HEADER_BYTES, true);
+      }
+      textEncoder.encodeInto(header.padEnd(VIDEO_HEADER_BYTES, " "), out.subarray(4, 4 + VIDEO_HEADER_BYTES));
+      await frame.copyTo(out.subarray(4 + VIDEO_HEADER_BYTES));
+      if (wsReady()) ws.send(out);
+    } catch (err) {
+      drop("video_copy_error");
+    } finally {
+      frame.close();
+    }
+  }
+}
+
+async function captureAudioRaw(key, reader) {
+  let planes = [];
+  for (;;) {
+    const { value: data, done } = await reader.read();
+    if (done) return;
+    try {
+      if (!wsReady()) { drop("socket_not_open"); continue; }
+      // Audio is small; only a socket far behind drops it.
+      if (ws.bufferedAmount > 4 * config.maxBacklogBytes) { drop("page_backlog_audio"); continue; }
+      const n = data.numberOfFrames;
+      const ch = data.numberOfChannels;
+      const { out, offset } = packMessage({ t: "a", k: key, sr: data.sampleRate, ch, n, ts: data.timestamp,
+        ct: nowMs() }, n * ch * 2);
+      const s16 = new Int16Array(out.buffer, offset, n * ch);
+      if (data.format === "s16") {
+        data.copyTo(s16, { planeIndex: 0 });
+      } else {
+        if (planes.length !== ch || planes[0].length !== n) planes = Array.from({ length: ch }, () => new Float32Array(n));
+        for (let c = 0; c < ch; c++) data.copyTo(planes[c], { planeIndex: c, format: "f32-planar" });
+        for (let i = 0; i < n; i++) {
+          for (let c = 0; c < ch; c++) {
+            const v = planes[c][i];
+            s16[i * ch + c] = v >= 1 ? 32767 : v <= -1 ? -32768 : Math.round(v * 32767);
+          }
+        }
+      }
+      ws.send(out);
+    } catch (err) {
+      drop("audio_copy_error");
+    } finally {
+      data.close();
+    }
+  }
+}
+
+async function captureRaw(key, kind, readable) {
+  const reader = readable.getReader();
+  rawReaders.set(key, reader);
+  try {
+    if (kind === "video") await captureVideoRaw(key, reader);
+    else await captureAudioRaw(key, reader);
+  } catch (err) {
+    drop("raw_read_error");
+  } finally {
+    rawReaders.delete(key);
+    self.postMessage({ t: "done", key });
+  }
+}
+
+// ----- encoded --------------------------------------------------------------------------------------------------
+function entryFor(key) {
+  if (!entries.has(key)) entries.set(key, { transformer: null, kind: null, active: false, needKey: true });
+  return entries.get(key);
 }
 
 function requestKeyframe(entry) {
@@ -35,12 +142,12 @@ function requestKeyframe(entry) {
   if (t && typeof t.sendKeyFrameRequest === "function") t.sendKeyFrameRequest().catch(() => drop("keyframe_request_failed"));
 }
 
-function capture(key, entry, frame) {
+function captureEncoded(key, entry, frame) {
   if (!entry.active) return;
   const isVideo = entry.kind === "video";
   const keyframe = isVideo ? frame.type === "key" : true;
   if (isVideo && entry.needKey && !keyframe) { drop("waiting_keyframe"); return; }
-  if (!ws || ws.readyState !== WebSocket.OPEN) { drop("socket_not_open"); return; }
+  if (!wsReady()) { drop("socket_not_open"); return; }
   if (ws.bufferedAmount > config.maxBacklogBytes) {
     drop("page_backlog");
     // The decoder downstream would miss a reference frame: resynchronise on the next keyframe.
@@ -49,16 +156,10 @@ function capture(key, entry, frame) {
   }
   entry.needKey = false;
   const md = frame.getMetadata();
-  const header = { t: "e", k: key, codec: md.mimeType || null, pt: md.payloadType, key: keyframe,
-    ts: md.rtpTimestamp !== undefined ? md.rtpTimestamp : frame.timestamp,
-    ct: performance.timeOrigin + performance.now(), w: md.width || 0, h: md.height || 0 };
-  let json = JSON.stringify(header);
-  if ((4 + json.length) % 2) json += " ";
-  const head = textEncoder.encode(json);
-  const out = new Uint8Array(4 + head.length + frame.data.byteLength);
-  new DataView(out.buffer).setUint32(0, head.length, true);
-  out.set(head, 4);
-  out.set(new Uint8Array(frame.data), 4 + head.length);
+  const { out, offset } = packMessage({ t: "e", k: key, codec: md.mimeType || null, pt: md.payloadType, key: keyframe,
+    ts: md.rtpTimestamp !== undefined ? md.rtpTimestamp : frame.timestamp, ct: nowMs(), w: md.width || 0,
+    h: md.height || 0 }, frame.data.byteLength);
+  out.set(new Uint8Array(frame.data), offset);
   ws.send(out);
 }
 
@@ -72,7 +173,7 @@ self.onrtctransform = (event) => {
     .pipeThrough(new TransformStream({
       transform(frame, controller) {
         try {
-          capture(key, entry, frame);
+          captureEncoded(key, entry, frame);
         } catch (err) {
           drop("capture_error");
         }
@@ -97,8 +198,10 @@ self.onmessage = (event) => {
         if (d > 0) { delta[reason] = d; any = true; }
       }
       reported = { ...drops };
-      if (any && ws && ws.readyState === WebSocket.OPEN) ws.send(JSON.stringify({ t: "drops", drops: delta }));
+      if (any && wsReady()) ws.send(JSON.stringify({ t: "drops", drops: delta }));
     }, config.statsIntervalMs);
+  } else if (msg.t === "raw") {
+    captureRaw(msg.key, msg.kind, msg.readable);
   } else if (msg.t === "activate") {
     const entry = entryFor(msg.key);
     entry.active = true;
@@ -110,5 +213,7 @@ self.onmessage = (event) => {
   } else if (msg.t === "end") {
     const entry = entries.get(msg.key);
     if (entry) entry.active = false;
+    const reader = rawReaders.get(msg.key);
+    if (reader) reader.cancel().catch(() => {});
   }
 };

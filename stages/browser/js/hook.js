@@ -2,11 +2,11 @@
 // The Python side prepends two constants:
 //   SB_CONFIG         {wsUrl, mode: "raw"|"encoded", maxBacklogBytes, identifyTimeoutMs, participantAttribute,
 //                      participantScript, videoTracks, statsIntervalMs}
-//   SB_WORKER_SOURCE  the text of encoded_worker.js (run as a Blob worker for RTCRtpScriptTransform)
+//   SB_WORKER_SOURCE  the text of capture_worker.js (a Blob worker: raw capture and RTCRtpScriptTransform)
 // It works with WebRTC apps that know nothing of it:
 //   * RTCPeerConnection is replaced by a subclass that sees every remote track. Each track is identified (the
-//     participant the page shows it for), announced to Python, and captured: raw (MediaStreamTrackProcessor,
-//     I420 video and s16 audio) or encoded (RTCRtpScriptTransform in a worker, frames as received).
+//     participant the page shows it for), announced to Python, and captured in a worker: raw
+//     (MediaStreamTrackProcessor, I420 video and s16 audio) or encoded (RTCRtpScriptTransform, frames as received).
 //   * navigator.mediaDevices.getUserMedia hands out tracks of MediaStreamTrackGenerators that Python feeds.
 // Page <-> Python messages travel over one local WebSocket per document (and one per worker). Binary messages
 // are [u32 LE header length][UTF-8 JSON header, padded to even length][payload]; text messages are JSON.
@@ -61,17 +61,6 @@
     return hook.ws && hook.ws.readyState === WebSocket.OPEN;
   }
 
-  // Allocates one message buffer; the caller fills the payload at `offset` (no second copy).
-  function allocMessage(header, payloadBytes) {
-    let json = JSON.stringify(header);
-    if ((4 + json.length) % 2) json += " "; // keep the payload 2-byte aligned for Int16Array views (ASCII JSON)
-    const head = textEncoder.encode(json);
-    const out = new Uint8Array(4 + head.length + payloadBytes);
-    new DataView(out.buffer).setUint32(0, head.length, true);
-    out.set(head, 4);
-    return { out, offset: 4 + head.length };
-  }
-
   function parseMessage(buffer) {
     const view = new DataView(buffer);
     const headLength = view.getUint32(0, true);
@@ -120,95 +109,33 @@
 
   // ----- capture --------------------------------------------------------------------------------------------------
   let worker = null;
-  function encodedWorker() {
+  function captureWorker() {
     if (!worker) {
       const url = URL.createObjectURL(new Blob([SB_WORKER_SOURCE], { type: "text/javascript" }));
       worker = new Worker(url);
       worker.postMessage({ t: "config", wsUrl: cfg.wsUrl, maxBacklogBytes: cfg.maxBacklogBytes,
         statsIntervalMs: cfg.statsIntervalMs });
+      worker.onmessage = (ev) => {
+        const info = hook.tracks.get(ev.data.key);
+        if (ev.data.t === "done" && info) trackEnded(info, "ended");
+      };
     }
     return worker;
   }
 
-  // Raw video reuses one message buffer per track (WebSocket.send copies synchronously): no 0.5-3 MB garbage
-  // per frame. The JSON header is padded to a fixed size so the payload offset never moves.
-  const VIDEO_HEADER_BYTES = 256;
-  async function captureVideoRaw(info) {
-    const reader = new MediaStreamTrackProcessor({ track: info.track, maxBufferSize: 2 }).readable.getReader();
-    info.reader = reader;
-    let out = null;
-    for (;;) {
-      const { value: frame, done } = await reader.read();
-      if (done) break;
-      try {
-        if (!wsReady()) { drop("socket_not_open"); continue; }
-        if (hook.ws.bufferedAmount > cfg.maxBacklogBytes) { drop("page_backlog"); continue; }
-        if (frame.format !== "I420") { drop("format_" + frame.format); continue; }
-        const header = JSON.stringify({ t: "v", k: info.key, w: frame.visibleRect.width, h: frame.visibleRect.height,
-          ts: frame.timestamp, ct: nowMs() });
-        if (header.length > VIDEO_HEADER_BYTES) { drop("header_too_long"); continue; }
-        const size = frame.allocationSize();
-        if (!out || out.length !== 4 + VIDEO_HEADER_BYTES + size) {
-          out = new Uint8Array(4 + VIDEO_HEADER_BYTES + size);
-          new DataView(out.buffer).setUint32(0, VIDEO_HEADER_BYTES, true);
-        }
-        textEncoder.encodeInto(header.padEnd(VIDEO_HEADER_BYTES, " "), out.subarray(4, 4 + VIDEO_HEADER_BYTES));
-        await frame.copyTo(out.subarray(4 + VIDEO_HEADER_BYTES));
-        if (wsReady()) hook.ws.send(out);
-      } catch (err) {
-        drop("video_copy_error");
-      } finally {
-        frame.close();
-      }
-    }
-    trackEnded(info, "ended");
-  }
-
-  async function captureAudioRaw(info) {
-    const reader = new MediaStreamTrackProcessor({ track: info.track }).readable.getReader();
-    info.reader = reader;
-    let planes = [];
-    for (;;) {
-      const { value: data, done } = await reader.read();
-      if (done) break;
-      try {
-        if (!wsReady()) { drop("socket_not_open"); continue; }
-        // Audio is small; only a socket far behind drops it.
-        if (hook.ws.bufferedAmount > 4 * cfg.maxBacklogBytes) { drop("page_backlog_audio"); continue; }
-        const n = data.numberOfFrames;
-        const ch = data.numberOfChannels;
-        const header = { t: "a", k: info.key, sr: data.sampleRate, ch, n, ts: data.timestamp, ct: nowMs() };
-        const { out, offset } = allocMessage(header, n * ch * 2);
-        const s16 = new Int16Array(out.buffer, offset, n * ch);
-        if (data.format === "s16") {
-          data.copyTo(s16, { planeIndex: 0 });
-        } else {
-          if (planes.length !== ch || planes[0].length !== n) planes = Array.from({ length: ch }, () => new Float32Array(n));
-          for (let c = 0; c < ch; c++) data.copyTo(planes[c], { planeIndex: c, format: "f32-planar" });
-          for (let i = 0; i < n; i++) {
-            for (let c = 0; c < ch; c++) {
-              const v = planes[c][i];
-              s16[i * ch + c] = v >= 1 ? 32767 : v <= -1 ? -32768 : Math.round(v * 32767);
-            }
-          }
-        }
-        hook.ws.send(out);
-      } catch (err) {
-        drop("audio_copy_error");
-      } finally {
-        data.close();
-      }
-    }
-    trackEnded(info, "ended");
+  // Raw capture runs in the worker too: the track's MediaStreamTrackProcessor readable is transferred there, so
+  // copying frames and talking to Python never competes with the app's main thread.
+  function captureRaw(info) {
+    const readable = new MediaStreamTrackProcessor({ track: info.track, maxBufferSize: 2 }).readable;
+    captureWorker().postMessage({ t: "raw", key: info.key, kind: info.kind, readable }, [readable]);
   }
 
   function trackEnded(info, reason) {
     if (info.ended) return;
     info.ended = true;
     hook.tracks.delete(info.key);
-    if (info.reader) info.reader.cancel().catch(() => {});
     if (info.sink) info.sink.srcObject = null;
-    if (worker && info.encoded) worker.postMessage({ t: "end", key: info.key });
+    if (worker) worker.postMessage({ t: "end", key: info.key });
     sendJson({ t: "ended", k: info.key, reason });
   }
 
@@ -219,7 +146,7 @@
     hook.tracks.set(info.key, info);
     if (info.encoded) {
       // Must happen inside the track event, before the first frame is decoded.
-      event.receiver.transform = new RTCRtpScriptTransform(encodedWorker(), { key: info.key, kind: track.kind });
+      event.receiver.transform = new RTCRtpScriptTransform(captureWorker(), { key: info.key, kind: track.kind });
     }
     if (track.kind === "audio") {
       // A remote audio track delivers data only while a media element plays it; muted, so the bot stays silent.
@@ -235,8 +162,7 @@
       track_id: track.id, mid: event.transceiver ? event.transceiver.mid : null, pc: pc.__sbId,
       stream_ids: event.streams.map((s) => s.id), mode: cfg.mode });
     if (info.encoded) worker.postMessage({ t: "activate", key: info.key });
-    else if (track.kind === "video") captureVideoRaw(info);
-    else captureAudioRaw(info);
+    else captureRaw(info);
   }
 
   // Tracks of a closed connection or a transceiver that stopped receiving never fire "ended": poll for them.
