@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
+import zmq
 
+import protocol
 from protocol import EventType
+from stages.base import control_endpoint
 from tests.roomfix import Collector, Room, in_order, room_fixture, wait_until  # noqa: F401  (pytest fixture)
 from tests.sipfix import janus_fixture, netns_fixture  # noqa: F401  (pytest fixtures)
 
@@ -17,6 +21,7 @@ PARTICIPANTS = [("alice", 440.0), ("bob", 660.0)]
 TONE_TOLERANCE_HZ = 10.0
 MIN_FRAMES = 30
 MEDIA_TIMEOUT_S = 40.0
+REQUESTS = 3
 
 
 @pytest.mark.parametrize("mode", ["raw", "encoded"])
@@ -52,4 +57,30 @@ def test_bot_captures_two_participants(room: Room, tmp_path: Path, mode: str) ->
                 assert collector.streams[f"{name}/video"].keyframes >= 1
                 assert collector.streams[f"{name}/audio"].codecs == {"OPUS"}
     finally:
+        collector.close()
+
+
+def test_keyframe_request_reaches_the_room_sender(room: Room, tmp_path: Path) -> None:
+    """Encoded mode: a KeyframeRequest on the bot's control edge makes the page ask the sender for a keyframe."""
+    room.participants(ROOM_ID + 1, [("alice", 440.0)])
+    out = f"ipc://{tmp_path}/bot.sock"
+    collector = Collector(out)
+    ctx = zmq.Context()
+    control = ctx.socket(zmq.PUSH)
+    control.connect(control_endpoint(out))
+    try:
+        room.bot(ROOM_ID + 1, out, mode="encoded")
+        wait_until(lambda: len(collector.counters("alice/video")) >= MIN_FRAMES, MEDIA_TIMEOUT_S, "alice's video")
+        before = collector.streams["alice/video"].keyframes
+        # The room asks publishers for a keyframe every fir_freq = 5 s on its own; three requests within
+        # ~3 s can only all be answered if our requests get through.
+        for _ in range(REQUESTS):
+            control.send_multipart(protocol.encode(protocol.KeyframeRequest("alice/video", "test")))
+            time.sleep(1.0)
+        wait_until(lambda: collector.streams["alice/video"].keyframes >= before + REQUESTS, 10,
+                   "keyframes answering the requests")
+        assert in_order(collector.counters("alice/video"))
+    finally:
+        control.close(linger=0)
+        ctx.term()
         collector.close()
