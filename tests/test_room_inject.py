@@ -14,7 +14,7 @@ import zmq
 
 import protocol
 from stages.pattern import PatternGenerator, tone
-from tests.roomfix import Room, room_fixture, wait_until  # noqa: F401  (pytest fixture)
+from tests.roomfix import Room, in_order, room_fixture, wait_until  # noqa: F401  (pytest fixture)
 from tests.sipfix import janus_fixture, netns_fixture  # noqa: F401  (pytest fixtures)
 
 pytestmark = [pytest.mark.media, pytest.mark.timeout(90)]
@@ -27,12 +27,14 @@ INJECTED_TONE_HZ = 1000.0
 TONE_TOLERANCE_HZ = 15.0
 MIN_FRAMES = 30
 MEDIA_TIMEOUT_S = 40.0
+SECOND_STREAM_OFFSET = 20000
 
 
 class Pusher:
     """A test-side pipeline upstream of the bot: the lead's pattern and a tone, paced in real time."""
 
-    def __init__(self, endpoint: str) -> None:
+    def __init__(self, endpoint: str, video_streams: int = 1) -> None:
+        self.video_streams = video_streams
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.PUSH)
         self.sock.setsockopt(zmq.SNDHWM, 16)
@@ -48,10 +50,12 @@ class Pusher:
         while not self.stop.is_set():
             now = time.monotonic() - start
             if frame_index / FPS <= now:
-                header = protocol.MediaHeader("pipeline/video", frame_index, frame_index, Fraction(1, FPS),
-                                              time.time_ns())
-                msg: protocol.Message = protocol.VideoFrame(header, WIDTH, HEIGHT, pattern.frame(frame_index))
-                self._send(msg)
+                for stream in range(self.video_streams):
+                    counter = frame_index + stream * SECOND_STREAM_OFFSET
+                    header = protocol.MediaHeader(f"pipeline/video{stream}", frame_index, frame_index,
+                                                  Fraction(1, FPS), time.time_ns())
+                    msg: protocol.Message = protocol.VideoFrame(header, WIDTH, HEIGHT, pattern.frame(counter))
+                    self._send(msg)
                 frame_index += 1
             if audio_index * AUDIO_FRAME_SAMPLES / SAMPLE_RATE <= now:
                 first = audio_index * AUDIO_FRAME_SAMPLES
@@ -96,5 +100,27 @@ def test_pipeline_media_reaches_a_participant(room: Room, tmp_path: Path) -> Non
         assert all(b > a for a, b in itertools.pairwise(counters)), counters
         assert records[-1]["width"] == WIDTH and records[-1]["height"] == HEIGHT
         assert abs(records[-1]["tone_hz"] - INJECTED_TONE_HZ) < TONE_TOLERANCE_HZ, records[-1]
+    finally:
+        pusher.close()
+
+
+def test_two_pipeline_video_streams_become_two_cameras(room: Room, tmp_path: Path) -> None:
+    inject = f"ipc://{tmp_path}/inject.sock"
+    pusher = Pusher(inject, video_streams=2)
+    try:
+        _, probe = room.participants(ROOM_ID + 1, [("alice", 440.0)], probe=True)
+        room.bot(ROOM_ID + 1, f"ipc://{tmp_path}/bot.sock", inputs=(inject,), extra=("--video-tracks", "2"))
+
+        def counters(source: str) -> list[int]:
+            return [c for r in probe.matching(lambda r: r.get("event") == "received" and r.get("from") == source)
+                    for c in r["counters"]]
+
+        wait_until(lambda: len(counters("bot")) >= MIN_FRAMES and len(counters("bot#2")) >= MIN_FRAMES,
+                   MEDIA_TIMEOUT_S, "alice receiving both of the bot's cameras")
+        first, second = counters("bot"), counters("bot#2")
+        # The second stream's counters start at SECOND_STREAM_OFFSET: each camera carries its own stream.
+        ranges = sorted([(min(first), max(first)), (min(second), max(second))])
+        assert ranges[0][1] < SECOND_STREAM_OFFSET <= ranges[1][0], ranges
+        assert in_order(first) and in_order(second)
     finally:
         pusher.close()

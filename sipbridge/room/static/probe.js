@@ -9,7 +9,8 @@
   const PATTERN_COLUMNS = 16;
   const REPORT_INTERVAL_MS = 500;
   const TONE_WINDOW_SAMPLES = 9600; // 0.2 s at 48 kHz
-  const received = new Map(); // display -> {counters: [], toneHz, frames}
+  const received = new Map(); // display (or "display#N" for a participant's Nth video) -> {counters, toneHz, frames}
+  const videoCount = new Map(); // display -> video tracks seen
 
   function entryFor(display) {
     if (!received.has(display)) received.set(display, { counters: [], toneHz: null, frames: 0, width: 0, height: 0 });
@@ -90,8 +91,13 @@
 
   window.addEventListener("room-remote-track", (ev) => {
     const { display, track } = ev.detail;
-    if (track.kind === "video") readVideo(display, track);
-    else readAudio(display, track);
+    if (track.kind === "video") {
+      const n = (videoCount.get(display) || 0) + 1;
+      videoCount.set(display, n);
+      readVideo(n === 1 ? display : display + "#" + n, track);
+    } else {
+      readAudio(display, track);
+    }
   });
   window.addEventListener("room-status", (ev) => console.log("SBPROBE " + JSON.stringify({ event: "status", ...ev.detail })));
 
