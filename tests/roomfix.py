@@ -18,7 +18,7 @@ import subprocess
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -259,7 +259,7 @@ class Collector:
         self.ctx.term()
 
 
-def in_order(counters: list[int | None]) -> bool:
+def in_order(counters: Sequence[int | None]) -> bool:
     """Readable counters strictly increase (frames may be skipped, never reordered or repeated)."""
     values = [c for c in counters if c is not None]
     return len(values) > 1 and all(b > a for a, b in itertools.pairwise(values))
