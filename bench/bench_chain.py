@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -88,13 +89,13 @@ def make_input(path: Path, frames: int, bitrate_kbps: int) -> list[EncodedPacket
                 container.mux(packet)
         for packet in stream.encode(None):
             container.mux(packet)
-    packets = []
+    packets: list[EncodedPacket] = []
     with av.open(str(path)) as container:
         video = container.streams.video[0]
         for packet in container.demux(video):
             if packet.size == 0 or packet.pts is None:
                 continue
-            header = MediaHeader("cam", len(packets), packet.pts, Fraction(video.time_base), 0)
+            header = MediaHeader("cam", len(packets), packet.pts, Fraction(video.time_base or Fraction(1, 1000)), 0)
             packets.append(EncodedPacket(header, Codec.VP8, packet.is_keyframe, bytes(packet)))
     return packets
 
@@ -110,6 +111,12 @@ def stamped(packet: EncodedPacket) -> EncodedPacket:
                          packet.keyframe, packet.data)
 
 
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a live process (all its threads), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 # ----- 2. one process -----------------------------------------------------------------------------------
 def run_one_process(packets: list[EncodedPacket], bitrate_kbps: int, threads: int) -> dict[str, Any]:
     from stages.transformer import TransformerStage
@@ -118,6 +125,7 @@ def run_one_process(packets: list[EncodedPacket], bitrate_kbps: int, threads: in
     transformer = TransformerStage(StageOptions("bench-transformer"), [])  # identity
     encoder = Encoder(StageOptions("bench-encoder"), encoder_settings(bitrate_kbps, threads))
     out: list[Message] = []
+    cpu_started = time.process_time()
     started = time.perf_counter()
     for packet in packets:
         for frame in decoder.process(packet):
@@ -127,8 +135,9 @@ def run_one_process(packets: list[EncodedPacket], bitrate_kbps: int, threads: in
         out.extend(encoder.process(frame))
     out.extend(encoder.flush(""))
     elapsed = time.perf_counter() - started
+    cpu_s = time.process_time() - cpu_started
     count = sum(isinstance(m, EncodedPacket) for m in out)
-    return {"frames": count, "seconds": elapsed, "fps": count / elapsed}
+    return {"frames": count, "seconds": elapsed, "fps": count / elapsed, "cpu_ms_per_frame": 1000 * cpu_s / count}
 
 
 # ----- 1. separate processes --------------------------------------------------------------------------------
@@ -142,7 +151,7 @@ def run_processes(packets: list[EncodedPacket], bitrate_kbps: int, threads: int,
     push.bind(feed)
     feed_control = ctx.socket(zmq.PULL)  # keyframe requests from the decoder (none expected)
     feed_control.bind(control_endpoint(feed))
-    chain = [("decoder", [])]
+    chain: list[tuple[str, list[str]]] = [("decoder", [])]
     if with_transformer:
         chain.append(("transformer", []))
     chain.append(("encoder", ["--video-codec", "h264", "--fps", str(FPS), "--bitrate-kbps", str(bitrate_kbps),
@@ -167,7 +176,7 @@ def run_processes(packets: list[EncodedPacket], bitrate_kbps: int, threads: int,
         alive: set[int] = set()
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while len(alive) < len(procs):
-            dead = [p.args[4] for p in procs if p.poll() is not None]
+            dead = [kind for (kind, _), p in zip(chain, procs, strict=True) if p.poll() is not None]
             if dead or time.monotonic() > deadline:
                 raise RuntimeError(f"chain stages did not start (exited: {dead})")
             if not sub.poll(1000):
@@ -181,6 +190,7 @@ def run_processes(packets: list[EncodedPacket], bitrate_kbps: int, threads: int,
                 push.send_multipart(protocol.encode(stamped(packet)))
             push.send_multipart(protocol.encode(EndOfStream("")))
 
+        cpu_started = [process_cpu_s(p.pid) for p in procs]
         started = time.perf_counter()
         sender = threading.Thread(target=feed_all, daemon=True)
         sender.start()
@@ -194,6 +204,8 @@ def run_processes(packets: list[EncodedPacket], bitrate_kbps: int, threads: int,
                 count += 1
                 latencies_ms.append((time.time_ns() - msg.header.capture_time_ns) / 1e6)
         elapsed = time.perf_counter() - started
+        # The stages wait for this consumer to leave, so they are still alive to be measured.
+        cpu_by_stage = [process_cpu_s(p.pid) - before for p, before in zip(procs, cpu_started, strict=True)]
         sender.join()
         pull.close()  # the encoder waits for its consumer to leave before exiting
         codes = [p.wait(30) for p in procs]
@@ -211,6 +223,9 @@ def run_processes(packets: list[EncodedPacket], bitrate_kbps: int, threads: int,
         "frames": count,
         "seconds": elapsed,
         "fps": count / elapsed,
+        "cpu_ms_per_frame": 1000 * sum(cpu_by_stage) / max(count, 1),
+        "cpu_ms_per_frame_by_stage": {kind: round(1000 * cpu / max(count, 1), 2)
+                                      for (kind, _), cpu in zip(chain, cpu_by_stage, strict=True)},
         "latency_ms_p50": statistics.median(latencies_ms) if latencies_ms else None,
         "exit_codes": codes,
     }
@@ -231,10 +246,14 @@ def ffmpeg_command(webm: Path, bitrate_kbps: int, threads: int) -> list[str]:
 
 def run_ffmpeg(webm: Path, frames: int, bitrate_kbps: int, threads: int) -> dict[str, Any]:
     cmd = ffmpeg_command(webm, bitrate_kbps, threads)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     subprocess.run(cmd, check=True)
     elapsed = time.perf_counter() - started
-    return {"frames": frames, "seconds": elapsed, "fps": frames / elapsed, "command": " ".join(cmd)}
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_s = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return {"frames": frames, "seconds": elapsed, "fps": frames / elapsed, "cpu_ms_per_frame": 1000 * cpu_s / frames,
+            "command": " ".join(cmd)}
 
 
 # ----- main ---------------------------------------------------------------------------------------------
@@ -243,71 +262,93 @@ def best(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return {**top, "fps_all_runs": [round(r["fps"], 1) for r in runs]}
 
 
+LABELS = {
+    "processes_3": "decoder | transformer | encoder (3 processes, ZeroMQ ipc)",
+    "processes_2": "decoder | encoder (2 processes, ZeroMQ ipc)",
+    "one_process": "same stage code in one process",
+    "ffmpeg": "ffmpeg command line",
+}
+TARGETS = {
+    "processes_3_vs_one_process": TARGET_VS_ONE_PROCESS,
+    "processes_3_vs_ffmpeg": TARGET_VS_FFMPEG,
+    "processes_2_vs_one_process": TARGET_VS_ONE_PROCESS,
+    "processes_2_vs_ffmpeg": TARGET_VS_FFMPEG,
+}
+
+
+def measure(packets: list[EncodedPacket], webm: Path, work: Path, bitrate_kbps: int, threads: int,
+            repeat: int) -> dict[str, Any]:
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in LABELS}
+    for _ in range(repeat):
+        # Interleaved so background load on the machine hits every variant alike.
+        runs["processes_3"].append(run_processes(packets, bitrate_kbps, threads, True, work))
+        runs["processes_2"].append(run_processes(packets, bitrate_kbps, threads, False, work))
+        runs["one_process"].append(run_one_process(packets, bitrate_kbps, threads))
+        runs["ffmpeg"].append(run_ffmpeg(webm, len(packets), bitrate_kbps, threads))
+    figures = {name: best(r) for name, r in runs.items()}
+    ratios = {}
+    for multi in ("processes_3", "processes_2"):
+        for base in ("one_process", "ffmpeg"):
+            ratios[f"{multi}_vs_{base}"] = figures[multi]["fps"] / figures[base]["fps"]
+    return {"x264_threads": threads, "results": figures, "ratios": ratios}
+
+
+def print_table(measured: dict[str, Any], frames: int, bitrate_kbps: int, repeat: int) -> None:
+    threads = measured["x264_threads"]
+    print(f"\nVP8 {WIDTH_PX}x{HEIGHT_PX} -> H.264 (libx264 {PRESET} zerolatency baseline, {bitrate_kbps} kbit/s, "
+          f"keyint {KEYFRAME_INTERVAL_S:g} s), x264 threads={threads or 'auto'}, {frames} frames, best of {repeat}, "
+          f"{os.cpu_count()} cores")
+    print(f"{'variant':<58} {'fps':>7} {'seconds':>8} {'cpu ms/frame':>13}  fps of each run")
+    for name, label in LABELS.items():
+        f = measured["results"][name]
+        print(f"{label:<58} {f['fps']:>7.1f} {f['seconds']:>8.2f} {f['cpu_ms_per_frame']:>13.2f}  {f['fps_all_runs']}")
+        if "cpu_ms_per_frame_by_stage" in f:
+            print(f"{'':<4}cpu ms/frame by stage: {f['cpu_ms_per_frame_by_stage']}")
+    for name, value in measured["ratios"].items():
+        verdict = "met" if value >= TARGETS[name] else "NOT met"
+        print(f"  {name:<30} {value:5.2f}x  (target >= {TARGETS[name]}x: {verdict})")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--frames", type=int, default=DEFAULT_FRAMES)
-    parser.add_argument("--repeat", type=int, default=2, help="Runs of each variant; the best counts.")
+    parser.add_argument("--repeat", type=int, default=3, help="Runs of each variant; the fastest counts.")
     parser.add_argument("--bitrate-kbps", type=int, default=DEFAULT_BITRATE_KBPS)
-    parser.add_argument("--threads", type=int, default=0, help="x264 threads in every variant (0 = automatic).")
+    parser.add_argument("--threads", type=int, action="append", default=None,
+                        help="x264 threads, same in every variant (0 = automatic); repeat for several "
+                             "configurations [0 and 1].")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     if shutil.which("ffmpeg") is None:
         print("ffmpeg not found on PATH", file=sys.stderr)
         return 2
+    configurations = []
     with tempfile.TemporaryDirectory(prefix="bench-chain-") as tmp:
         work = Path(tmp)
         webm = work / "in.webm"
         packets = make_input(webm, args.frames, args.bitrate_kbps)
         print(f"input: {len(packets)} VP8 packets {WIDTH_PX}x{HEIGHT_PX}, {webm.stat().st_size / 1e3:.0f} kB")
-        results: dict[str, list[dict[str, Any]]] = {"processes_3": [], "processes_2": [], "one_process": [],
-                                                    "ffmpeg": []}
-        for _ in range(args.repeat):
-            # Interleaved so background load on the machine hits every variant alike.
-            results["processes_3"].append(run_processes(packets, args.bitrate_kbps, args.threads, True, work))
-            results["processes_2"].append(run_processes(packets, args.bitrate_kbps, args.threads, False, work))
-            results["one_process"].append(run_one_process(packets, args.bitrate_kbps, args.threads))
-            results["ffmpeg"].append(run_ffmpeg(webm, len(packets), args.bitrate_kbps, args.threads))
-    figures = {name: best(runs) for name, runs in results.items()}
-    multi = figures["processes_3"]["fps"]
-    ratios = {
-        "processes_3_vs_one_process": multi / figures["one_process"]["fps"],
-        "processes_3_vs_ffmpeg": multi / figures["ffmpeg"]["fps"],
-        "processes_2_vs_one_process": figures["processes_2"]["fps"] / figures["one_process"]["fps"],
-        "processes_2_vs_ffmpeg": figures["processes_2"]["fps"] / figures["ffmpeg"]["fps"],
-    }
-    labels = {
-        "processes_3": "decoder | transformer | encoder (3 processes, ZeroMQ ipc)",
-        "processes_2": "decoder | encoder (2 processes, ZeroMQ ipc)",
-        "one_process": "same stage code in one process",
-        "ffmpeg": "ffmpeg command line",
-    }
-    print(f"\nVP8 {WIDTH_PX}x{HEIGHT_PX} -> H.264 (libx264 {PRESET} zerolatency, {args.bitrate_kbps} kbit/s, "
-          f"keyint {KEYFRAME_INTERVAL_S:g} s), {len(packets)} frames, best of {args.repeat}, {os.cpu_count()} cores")
-    print(f"{'variant':<58} {'fps':>8} {'seconds':>8}  runs")
-    for name, label in labels.items():
-        f = figures[name]
-        print(f"{label:<58} {f['fps']:>8.1f} {f['seconds']:>8.2f}  {f['fps_all_runs']}")
-    print()
-    targets = {"processes_3_vs_one_process": TARGET_VS_ONE_PROCESS, "processes_3_vs_ffmpeg": TARGET_VS_FFMPEG,
-               "processes_2_vs_one_process": TARGET_VS_ONE_PROCESS, "processes_2_vs_ffmpeg": TARGET_VS_FFMPEG}
-    for name, value in ratios.items():
-        verdict = "met" if value >= targets[name] else "NOT met"
-        print(f"{name:<30} {value:5.2f}x  (target >= {targets[name]}x: {verdict})")
+        for threads in args.threads or [0, 1]:
+            measured = measure(packets, webm, work, args.bitrate_kbps, threads, args.repeat)
+            print_table(measured, len(packets), args.bitrate_kbps, args.repeat)
+            configurations.append(measured)
+    load = os.getloadavg()
+    print(f"\nload average during the run: {load[0]:.1f} (other work on the machine skews wall-clock figures; "
+          "cpu ms/frame is steadier)")
     report = {
         "benchmark": "chain",
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {"cores": os.cpu_count(), "python": platform.python_version(), "av": av.__version__,
-                    "platform": platform.platform()},
+                    "platform": platform.platform(), "load_average_1min": load[0]},
         "settings": {"width": WIDTH_PX, "height": HEIGHT_PX, "fps": FPS, "frames": len(packets),
                      "bitrate_kbps": args.bitrate_kbps, "keyframe_interval_s": KEYFRAME_INTERVAL_S, "preset": PRESET,
-                     "x264_threads": args.threads, "repeat": args.repeat},
-        "results": figures,
-        "ratios": ratios,
+                     "repeat": args.repeat},
+        "configurations": configurations,
         "targets": {"vs_one_process": TARGET_VS_ONE_PROCESS, "vs_ffmpeg": TARGET_VS_FFMPEG},
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nwrote {args.output}")
+    print(f"wrote {args.output}")
     return 0
 
 

@@ -182,12 +182,18 @@ def chroma_size(width: int, height: int) -> tuple[int, int]:
 
 
 def i420_to_av(frame: VideoFrame) -> av.VideoFrame:
-    """Wire I420 (contiguous Y, U, V) to a yuv420p ``av.VideoFrame`` (copies into FFmpeg's padded planes)."""
+    """Wire I420 (contiguous Y, U, V) to a yuv420p ``av.VideoFrame``.
+
+    Even sizes wrap the received buffer without copying (the encoders copy the picture in themselves);
+    odd sizes are copied into FFmpeg's padded planes.
+    """
     w, h = frame.width, frame.height
     cw, ch = chroma_size(w, h)
     src = np.frombuffer(frame.data, dtype=np.uint8)
     if src.size != i420_size(w, h):
         raise ValueError(f"I420 payload is {src.size} bytes, {w}x{h} needs {i420_size(w, h)}")
+    if w % 2 == 0 and h % 2 == 0:
+        return av.VideoFrame.from_numpy_buffer(src.reshape(h * 3 // 2, w), format="yuv420p")
     out = av.VideoFrame(w, h, "yuv420p")
     offset = 0
     for plane, (pw, ph) in zip(out.planes, ((w, h), (cw, ch), (cw, ch)), strict=True):
@@ -197,8 +203,11 @@ def i420_to_av(frame: VideoFrame) -> av.VideoFrame:
     return out
 
 
-def av_to_i420(frame: av.VideoFrame) -> tuple[int, int, bytes]:
-    """A decoded ``av.VideoFrame`` to (width, height, contiguous I420 bytes), converting other formats."""
+def av_to_i420(frame: av.VideoFrame) -> tuple[int, int, memoryview]:
+    """A decoded ``av.VideoFrame`` to (width, height, contiguous I420 buffer), converting other formats.
+
+    One copy: FFmpeg's planes are separate and padded, the wire wants them back to back.
+    """
     if frame.format.name not in ("yuv420p", "yuvj420p"):
         frame = frame.reformat(format="yuv420p")
     w, h = frame.width, frame.height
@@ -206,10 +215,13 @@ def av_to_i420(frame: av.VideoFrame) -> tuple[int, int, bytes]:
     out = np.empty(i420_size(w, h), dtype=np.uint8)
     offset = 0
     for plane, (pw, ph) in zip(frame.planes, ((w, h), (cw, ch), (cw, ch)), strict=True):
-        src = np.frombuffer(_buffer(plane), dtype=np.uint8).reshape(-1, plane.line_size)
-        out[offset : offset + pw * ph].reshape(ph, pw)[:] = src[:ph, :pw]
+        src = np.frombuffer(_buffer(plane), dtype=np.uint8)
+        if plane.line_size == pw:
+            out[offset : offset + pw * ph] = src[: pw * ph]
+        else:
+            out[offset : offset + pw * ph].reshape(ph, pw)[:] = src.reshape(-1, plane.line_size)[:ph, :pw]
         offset += pw * ph
-    return w, h, out.tobytes()
+    return w, h, memoryview(_buffer(out))
 
 
 def y_plane(frame: VideoFrame) -> np.ndarray:

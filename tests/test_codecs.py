@@ -77,7 +77,8 @@ def test_i420_av_round_trip_keeps_every_byte(width: int, height: int) -> None:
     frame = VideoFrame(MediaHeader("v", 0, 0, Fraction(1, 90_000), 0), width, height, data)
     picture = codecs.i420_to_av(frame)
     assert (picture.width, picture.height, picture.format.name) == (width, height, "yuv420p")
-    assert codecs.av_to_i420(picture) == (width, height, data)
+    out_width, out_height, out_data = codecs.av_to_i420(picture)
+    assert (out_width, out_height, bytes(out_data)) == (width, height, data)
 
 
 def test_s16_av_round_trip_keeps_interleaving() -> None:
