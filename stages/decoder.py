@@ -18,6 +18,7 @@ control sockets belong to the event loop, so they are handed to the loop with
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +34,8 @@ from stages.options import build_options, run, stage_options
 
 # Bound the pts -> capture time map so a decoder that never returns a frame cannot grow it.
 MAX_PENDING_TIMESTAMPS = 64
+# While waiting for a keyframe, ask again this often (the first request may be lost or ignored).
+KEYFRAME_REPEAT_INTERVAL_S = 1.0
 
 
 @dataclass
@@ -47,6 +50,7 @@ class DecodeStream:
     # pts -> (capture_time_ns, time_base) of packets sent into the decoder, for the frames that come out.
     pending: dict[int, tuple[int, Any]] = field(default_factory=dict)
     last_header: MediaHeader | None = None
+    last_request_s: float = -1e9  # monotonic time of the last keyframe request sent for this stream
     resampler: Any = None  # av.AudioResampler to packed s16, made on the first non-s16 frame
 
 
@@ -98,13 +102,13 @@ class Decoder(Stage):
                 self.drops["seq_gap"] += 1
                 if not state.await_keyframe:
                     state.await_keyframe = True
-                    self._request_keyframe(sid, f"sequence gap before seq {seq}")
+                    self._request_keyframe(sid, f"sequence gap before seq {seq}", state)
             if state.await_keyframe:
                 if not keyframe:
                     self.drops["await_keyframe"] += 1
-                    if state.last_header is None and self.drops["await_keyframe"] == 1:
-                        # First packet of the stream is not a keyframe: ask once, then wait.
-                        self._request_keyframe(sid, "stream starts without a keyframe")
+                    # Requests can be lost or ignored (a stage restarting upstream): repeat them, spaced out.
+                    if time.monotonic() - state.last_request_s >= KEYFRAME_REPEAT_INTERVAL_S:
+                        self._request_keyframe(sid, "waiting for a keyframe", state)
                     return []
                 state.await_keyframe = False
         problem = codecs.check_payload(packet.codec, packet.data)
@@ -129,7 +133,7 @@ class Decoder(Stage):
         self._report("corrupt_packet", f"{state.codec.name}: {problem}", sid)
         if state.codec.is_video:
             state.await_keyframe = True
-            self._request_keyframe(sid, f"corrupt {state.codec.name} packet")
+            self._request_keyframe(sid, f"corrupt {state.codec.name} packet", state)
         return []
 
     def _open(self, codec: Codec) -> DecodeStream:
@@ -202,8 +206,9 @@ class Decoder(Stage):
     def _report(self, code: str, message: str, stream_id: str = "") -> None:
         codecs.call_on_loop(self._loop, self.report_error, code, message, stream_id)
 
-    def _request_keyframe(self, stream_id: str, reason: str) -> None:
+    def _request_keyframe(self, stream_id: str, reason: str, state: DecodeStream) -> None:
         """Ask upstream for a keyframe from the codec thread (the sockets live on the event loop)."""
+        state.last_request_s = time.monotonic()
         if self._loop is None:
             return
         asyncio.run_coroutine_threadsafe(self.request_keyframe_upstream(stream_id, reason), self._loop)
