@@ -108,6 +108,7 @@ class AudioStream:
     expected_in_pts_s: float | None = None
     out_seq: int = 0
     first_chunk_pts: int | None = None
+    input_format: tuple[int, int] | None = None  # (sample rate, channels) the resampler was set up for
     # Codec delay (Opus and G.722 report packets up to their look-ahead earlier); added back so
     # output timestamps continue the input's clock.
     pts_offset: int | None = None
@@ -231,6 +232,12 @@ class Encoder(Stage):
         state.expected_in_pts_s = in_pts_s + frame.samples / frame.sample_rate
         first_new_sample = state.next_pts + state.fifo.samples
         state.captures.append((first_new_sample, frame.header.capture_time_ns))
+        if state.input_format not in (None, (frame.sample_rate, frame.channels)):
+            # PyAV's resampler is fixed to its first input; a stream that changes rate or layout gets a new one.
+            self.log.info("%s: audio input changed to %d Hz, %d ch", sid, frame.sample_rate, frame.channels)
+            ctx = state.context
+            state.resampler = av.AudioResampler(format="s16", layout=ctx.layout.name, rate=ctx.sample_rate)
+        state.input_format = (frame.sample_rate, frame.channels)
         for converted in state.resampler.resample(codecs.s16_to_av(frame)):
             converted.pts = None
             state.fifo.write(converted)

@@ -203,3 +203,19 @@ def test_raw_frames_and_encoded_packets_pass_through() -> None:
     assert list(new_decoder().process(frame)) == [frame]
     packet = EncodedPacket(frame.header, Codec.VP8, True, b"\x00" * 20)
     assert list(new_encoder().process(packet)) == [packet]
+
+
+def test_encoder_follows_an_audio_input_that_changes_rate_and_channels() -> None:
+    encoder, decoder = new_encoder(audio_codec=Codec.G722), new_decoder()
+    packets: list[EncodedPacket] = []
+    for i, (rate, channels) in enumerate([(48_000, 1)] * 25 + [(8_000, 2)] * 25):
+        samples = rate // 50  # 20 ms
+        signal = np.repeat(tone(0.02, rate), channels)
+        header = MediaHeader("a", i, i * 20, Fraction(1, 1000), 0)
+        packets += packets_only(encoder.process(AudioFrame(header, rate, channels, samples, signal.tobytes())))
+    assert not encoder.drops and len(packets) >= 48
+    frames = audio_only(f for p in packets for f in decoder.process(p))
+    decoded = np.concatenate([np.frombuffer(f.data, np.int16) for f in frames])
+    half = len(decoded) // 2
+    for part in (decoded[:half], decoded[half:]):
+        assert abs(peak_hz_and_rms(part, 16_000)[0] - TONE_HZ) < 10
