@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from protocol import EventType
-from stages.browser.procs import browser_main_pids
+from stages.browser.procs import browser_main_pids, renderer_pids
 from tests.roomfix import Collector, Room, room_fixture, wait_until  # noqa: F401  (pytest fixture)
 from tests.sipfix import janus_fixture, netns_fixture  # noqa: F401  (pytest fixtures)
 
@@ -29,33 +29,54 @@ def frames_after(collector: Collector, stream_id: str, t: float) -> list[float]:
         return [at for at, _ in collector.streams[stream_id].counters if at > t]
 
 
+def event_times(collector: Collector, kind: EventType, stream_id: str) -> list[float]:
+    with collector._lock:
+        return [at for at, e in collector.events if e.type == kind and e.stream_id == stream_id]
+
+
+def readded_after(collector: Collector, stream_id: str, t_fault: float) -> float | None:
+    """When the stream was announced again after the fault (its new session's TRACK_ADDED)."""
+    times = [at for at in event_times(collector, EventType.TRACK_ADDED, stream_id) if at > t_fault]
+    return times[0] if times else None
+
+
+def resumed(collector: Collector, stream_id: str, t_fault: float, frames: int) -> bool:
+    again = readded_after(collector, stream_id, t_fault)
+    return again is not None and len(frames_after(collector, stream_id, again)) >= frames
+
+
 def resumed_gap_s(collector: Collector, stream_id: str, t_fault: float) -> float:
+    """Last frame of the old session to first frame of the new one."""
+    again = readded_after(collector, stream_id, t_fault)
+    assert again is not None
     with collector._lock:
         times = [at for at, _ in collector.streams[stream_id].counters]
     last_before = max(at for at in times if at <= t_fault)
-    first_after = min(at for at in times if at > t_fault)
-    return first_after - last_before
+    return min(at for at in times if at > again) - last_before
 
 
 def states(collector: Collector) -> list[str]:
     return [e.attributes.get("state", "") for e in collector.events_of(EventType.STAGE_STATE)]
 
 
-def test_browser_killed_mid_call_rejoins(room: Room, tmp_path: Path) -> None:
+@pytest.mark.parametrize("victim", ["browser", "renderer"])
+def test_browser_killed_mid_call_rejoins(room: Room, tmp_path: Path, victim: str) -> None:
+    """SIGKILL of the whole browser, or of the page's renderer only (Playwright reports a page crash)."""
     room.participants(ROOM_ID, [("alice", 440.0)])
     out = f"ipc://{tmp_path}/bot.sock"
     collector = Collector(out)
     try:
         bot = room.bot(ROOM_ID, out)
         wait_until(lambda: len(collector.counters("alice/video")) >= MIN_FRAMES, MEDIA_TIMEOUT_S, "alice's video")
-        browsers = wait_until(lambda: browser_main_pids(bot.pid), 5, "the bot's Chromium")
+        find = browser_main_pids if victim == "browser" else renderer_pids
+        victims = wait_until(lambda: find(bot.pid), 5, f"the bot's Chromium {victim}")
         t_kill = time.monotonic()
-        for pid in browsers:
+        for pid in victims:
             os.kill(pid, signal.SIGKILL)
-        wait_until(lambda: len(frames_after(collector, "alice/video", t_kill)) >= MIN_FRAMES, MEDIA_TIMEOUT_S,
+        wait_until(lambda: resumed(collector, "alice/video", t_kill, MIN_FRAMES), MEDIA_TIMEOUT_S,
                    "capture resumed after the browser was killed")
         gap = resumed_gap_s(collector, "alice/video", t_kill)
-        print(f"\ncapture gap after killing Chromium: {gap:.2f} s")
+        print(f"\ncapture gap after killing Chromium's {victim}: {gap:.2f} s")
         assert "rejoining" in states(collector) and states(collector)[-1] == "joined"
         ended = [e for e in collector.events_of(EventType.TRACK_ENDED) if e.stream_id == "alice/video"]
         assert ended and ended[0].attributes["reason"] == "session ended"
@@ -96,7 +117,7 @@ def test_bot_dropped_from_room_rejoins(room: Room, tmp_path: Path) -> None:
         wait_until(lambda: len(collector.counters("alice/video")) >= MIN_FRAMES, MEDIA_TIMEOUT_S, "alice's video")
         t_kick = time.monotonic()
         kick(room.janus.http_url, ROOM_ID, "bot")
-        wait_until(lambda: len(frames_after(collector, "alice/video", t_kick)) >= MIN_FRAMES, MEDIA_TIMEOUT_S,
+        wait_until(lambda: resumed(collector, "alice/video", t_kick, MIN_FRAMES), MEDIA_TIMEOUT_S,
                    "capture resumed after the room dropped the bot")
         print(f"\ncapture gap after being kicked: {resumed_gap_s(collector, 'alice/video', t_kick):.2f} s")
         rejoin = [e for e in collector.events_of(EventType.STAGE_STATE) if e.attributes.get("state") == "rejoining"]

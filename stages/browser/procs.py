@@ -84,3 +84,17 @@ def browser_main_pids(root_pid: int) -> list[int]:
     """The Chromium browser processes (not their renderers and helpers) below ``root_pid``."""
     chromes = set(chromium_pids(root_pid))
     return [p for p in chromes if parent_pid(p) not in chromes]
+
+
+def renderer_pids(root_pid: int) -> list[int]:
+    """Chromium renderer processes (the pages) below ``root_pid``."""
+    found = []
+    for pid in chromium_pids(root_pid):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        # Zygote children rewrite their command line into one space-separated string.
+        if b"--type=renderer" in cmdline:
+            found.append(pid)
+    return found
