@@ -472,9 +472,11 @@ class BrowserStage(Stage):
             "statsIntervalMs": PAGE_STATS_INTERVAL_MS,
         }
         worker = (JS_DIR / "capture_worker.js").read_text()
+        relay = (JS_DIR / "relay_worker.js").read_text()
         hook = (JS_DIR / "hook.js").read_text()
         # One script: separate init scripts would not share these top-level names (field notes).
-        return f"const SB_CONFIG = {json.dumps(cfg)};\nconst SB_WORKER_SOURCE = {json.dumps(worker)};\n{hook}"
+        return (f"const SB_CONFIG = {json.dumps(cfg)};\nconst SB_WORKER_SOURCE = {json.dumps(worker)};\n"
+                f"const SB_RELAY_SOURCE = {json.dumps(relay)};\n{hook}")
 
     async def _set_state(self, state: str, **attributes: Any) -> None:
         self._state = state

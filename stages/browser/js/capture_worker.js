@@ -1,10 +1,10 @@
-// sipbridge capture worker: copies every remote track's media to Python over its own local WebSocket, off the
-// page's main thread.
+// sipbridge capture worker: copies every remote track's media to Python, off the page's main thread, through
+// a port to the relay SharedWorker (relay_worker.js) that owns the WebSocket.
 // * raw: the page transfers a MediaStreamTrackProcessor readable; video frames go out as I420, audio as s16.
 // * encoded: this worker is the RTCRtpScriptTransform of the track's receiver; each encoded frame is copied as
 //   received from the room (no decoding here) and then passed on unchanged, so the app still renders it and the
 //   receiver does not keep asking for keyframes.
-// Messages from the page: {t: "config", wsUrl, maxBacklogBytes, statsIntervalMs}, {t: "raw", key, kind, readable},
+// Messages from the page: {t: "config", port, maxBacklogBytes, statsIntervalMs}, {t: "raw", key, kind, readable},
 // {t: "activate", key} (encoded: start copying), {t: "kf", key} (ask the sender for a keyframe), {t: "end", key}.
 // To the page: {t: "done", key} when a raw track's stream finished.
 // Binary messages to Python: [u32 LE header length][JSON header, even length][payload]; headers
@@ -14,15 +14,12 @@
 "use strict";
 
 let config = null;
-let ws = null;
+let relay = null; // MessagePort to the relay
 const entries = new Map(); // encoded: track key -> {transformer, kind, active, needKey}
 const rawReaders = new Map(); // raw: track key -> ReadableStreamDefaultReader
 const drops = {};
 let reported = {};
 const textEncoder = new TextEncoder();
-// Raw video reuses one message buffer per track (WebSocket.send copies synchronously): no 0.5-3 MB of garbage
-// per frame. The JSON header is padded to a fixed size so the payload offset never moves.
-const VIDEO_HEADER_BYTES = 256;
 
 function drop(reason) {
   drops[reason] = (drops[reason] || 0) + 1;
@@ -32,15 +29,13 @@ function nowMs() {
   return performance.timeOrigin + performance.now();
 }
 
-function wsReady() {
-  return ws !== null && ws.readyState === WebSocket.OPEN;
+function sendText(text) {
+  relay.postMessage(text);
 }
 
-function connect() {
-  ws = new WebSocket(config.wsUrl);
-  ws.binaryType = "arraybuffer";
-  ws.onopen = () => ws.send(JSON.stringify({ t: "hello", role: "capture-worker" }));
-  ws.onclose = () => { ws = null; };
+// Binary messages move to the relay without a copy; it drops them (counted) above `limit` bytes of backlog.
+function sendBinary(u8, limit, key) {
+  relay.postMessage({ b: u8.buffer, lim: limit, k: key }, [u8.buffer]);
 }
 
 function packMessage(header, payloadBytes) {
@@ -55,25 +50,15 @@ function packMessage(header, payloadBytes) {
 
 // ----- raw ------------------------------------------------------------------------------------------------------
 async function captureVideoRaw(key, reader) {
-  let out = null;
   for (;;) {
     const { value: frame, done } = await reader.read();
     if (done) return;
     try {
-      if (!wsReady()) { drop("socket_not_open"); continue; }
-      if (ws.bufferedAmount > config.maxBacklogBytes) { drop("page_backlog"); continue; }
       if (frame.format !== "I420") { drop("format_" + frame.format); continue; }
-      const header = JSON.stringify({ t: "v", k: key, w: frame.visibleRect.width, h: frame.visibleRect.height,
-        ts: frame.timestamp, ct: nowMs() });
-      if (header.length > VIDEO_HEADER_BYTES) { drop("header_too_long"); continue; }
-      const size = frame.allocationSize();
-      if (!out || out.length !== 4 + VIDEO_HEADER_BYTES + size) {
-        out = new Uint8Array(4 + VIDEO_HEADER_BYTES + size);
-        new DataView(out.buffer).setUint32(0, VIDEO_HEADER_BYTES, true);
-      }
-      textEncoder.encodeInto(header.padEnd(VIDEO_HEADER_BYTES, " "), out.subarray(4, 4 + VIDEO_HEADER_BYTES));
-      await frame.copyTo(out.subarray(4 + VIDEO_HEADER_BYTES));
-      if (wsReady()) ws.send(out);
+      const { out, offset } = packMessage({ t: "v", k: key, w: frame.visibleRect.width, h: frame.visibleRect.height,
+        ts: frame.timestamp, ct: nowMs() }, frame.allocationSize());
+      await frame.copyTo(out.subarray(offset));
+      sendBinary(out, config.maxBacklogBytes);
     } catch (err) {
       drop("video_copy_error");
     } finally {
@@ -88,9 +73,6 @@ async function captureAudioRaw(key, reader) {
     const { value: data, done } = await reader.read();
     if (done) return;
     try {
-      if (!wsReady()) { drop("socket_not_open"); continue; }
-      // Audio is small; only a socket far behind drops it.
-      if (ws.bufferedAmount > 4 * config.maxBacklogBytes) { drop("page_backlog_audio"); continue; }
       const n = data.numberOfFrames;
       const ch = data.numberOfChannels;
       const { out, offset } = packMessage({ t: "a", k: key, sr: data.sampleRate, ch, n, ts: data.timestamp,
@@ -108,7 +90,8 @@ async function captureAudioRaw(key, reader) {
           }
         }
       }
-      ws.send(out);
+      // Audio is small; only a socket far behind drops it.
+      sendBinary(out, 4 * config.maxBacklogBytes);
     } catch (err) {
       drop("audio_copy_error");
     } finally {
@@ -147,20 +130,13 @@ function captureEncoded(key, entry, frame) {
   const isVideo = entry.kind === "video";
   const keyframe = isVideo ? frame.type === "key" : true;
   if (isVideo && entry.needKey && !keyframe) { drop("waiting_keyframe"); return; }
-  if (!wsReady()) { drop("socket_not_open"); return; }
-  if (ws.bufferedAmount > config.maxBacklogBytes) {
-    drop("page_backlog");
-    // The decoder downstream would miss a reference frame: resynchronise on the next keyframe.
-    if (isVideo) { entry.needKey = true; requestKeyframe(entry); }
-    return;
-  }
   entry.needKey = false;
   const md = frame.getMetadata();
   const { out, offset } = packMessage({ t: "e", k: key, codec: md.mimeType || null, pt: md.payloadType, key: keyframe,
     ts: md.rtpTimestamp !== undefined ? md.rtpTimestamp : frame.timestamp, ct: nowMs(), w: md.width || 0,
     h: md.height || 0 }, frame.data.byteLength);
   out.set(new Uint8Array(frame.data), offset);
-  ws.send(out);
+  sendBinary(out, config.maxBacklogBytes, key);
 }
 
 self.onrtctransform = (event) => {
@@ -189,7 +165,13 @@ self.onmessage = (event) => {
   const msg = event.data;
   if (msg.t === "config") {
     config = msg;
-    connect();
+    relay = msg.port;
+    relay.onmessage = (ev) => {
+      // The relay dropped an encoded frame: the decoder downstream lost a reference, resynchronise on a keyframe.
+      const entry = ev.data && ev.data.t === "dropped" ? entries.get(ev.data.k) : null;
+      if (entry && entry.kind === "video" && !entry.needKey) { entry.needKey = true; requestKeyframe(entry); }
+    };
+    sendText(JSON.stringify({ t: "hello", role: "capture-worker" }));
     setInterval(() => {
       const delta = {};
       let any = false;
@@ -198,7 +180,7 @@ self.onmessage = (event) => {
         if (d > 0) { delta[reason] = d; any = true; }
       }
       reported = { ...drops };
-      if (any && wsReady()) ws.send(JSON.stringify({ t: "drops", drops: delta }));
+      if (any) sendText(JSON.stringify({ t: "drops", drops: delta }));
     }, config.statsIntervalMs);
   } else if (msg.t === "raw") {
     captureRaw(msg.key, msg.kind, msg.readable);

@@ -3,12 +3,13 @@
 //   SB_CONFIG         {wsUrl, mode: "raw"|"encoded", maxBacklogBytes, identifyTimeoutMs, participantAttribute,
 //                      participantScript, videoTracks, statsIntervalMs}
 //   SB_WORKER_SOURCE  the text of capture_worker.js (a Blob worker: raw capture and RTCRtpScriptTransform)
+//   SB_RELAY_SOURCE   the text of relay_worker.js (a Blob SharedWorker holding the WebSockets to Python)
 // It works with WebRTC apps that know nothing of it:
 //   * RTCPeerConnection is replaced by a subclass that sees every remote track. Each track is identified (the
 //     participant the page shows it for), announced to Python, and captured in a worker: raw
 //     (MediaStreamTrackProcessor, I420 video and s16 audio) or encoded (RTCRtpScriptTransform, frames as received).
 //   * navigator.mediaDevices.getUserMedia hands out tracks of MediaStreamTrackGenerators that Python feeds.
-// Page <-> Python messages travel over one local WebSocket per document (and one per worker). Binary messages
+// Page <-> Python messages travel over local WebSockets held by a SharedWorker relay. Binary messages
 // are [u32 LE header length][UTF-8 JSON header, padded to even length][payload]; text messages are JSON.
 "use strict";
 
@@ -37,28 +38,33 @@
     hook.drops[reason] = (hook.drops[reason] || 0) + 1;
   }
 
-  // ----- WebSocket to Python -------------------------------------------------------------------------------------
-  const outbox = []; // text messages sent before the socket is open
+  // ----- link to Python -------------------------------------------------------------------------------------------
+  // The sockets live in a SharedWorker (relay_worker.js) where Playwright does not mirror their frames.
+  let relay = null;
+  function relayConfig(extra) {
+    return { t: "attach", wsUrl: cfg.wsUrl, maxBacklogBytes: cfg.maxBacklogBytes, statsIntervalMs: cfg.statsIntervalMs,
+      ...extra };
+  }
+
   function connect() {
-    const ws = new WebSocket(cfg.wsUrl);
-    ws.binaryType = "arraybuffer";
-    hook.ws = ws;
-    ws.onopen = () => {
-      ws.send(JSON.stringify({ t: "hello", role: "page", href: location.href, top: window === window.top }));
-      for (const msg of outbox.splice(0)) ws.send(msg);
+    const url = URL.createObjectURL(new Blob([SB_RELAY_SOURCE], { type: "text/javascript" }));
+    const shared = new SharedWorker(url, { name: "sipbridge-relay-" + DOC_ID });
+    relay = shared.port;
+    relay.onmessage = (ev) => {
+      if (ev.data && ev.data.t === "closed") { hook.connected = false; return; }
+      onPythonMessage(ev.data);
     };
-    ws.onmessage = (ev) => onPythonMessage(ev.data);
-    ws.onclose = () => { hook.ws = null; };
+    relay.postMessage(relayConfig({}));
+    hook.connected = true;
+    sendJson({ t: "hello", role: "page", href: location.href, top: window === window.top });
   }
 
   function sendJson(obj) {
-    const text = JSON.stringify(obj);
-    if (hook.ws && hook.ws.readyState === WebSocket.OPEN) hook.ws.send(text);
-    else outbox.push(text);
+    if (relay) relay.postMessage(JSON.stringify(obj));
   }
 
   function wsReady() {
-    return hook.ws && hook.ws.readyState === WebSocket.OPEN;
+    return relay !== null && hook.connected;
   }
 
   function parseMessage(buffer) {
@@ -113,8 +119,11 @@
     if (!worker) {
       const url = URL.createObjectURL(new Blob([SB_WORKER_SOURCE], { type: "text/javascript" }));
       worker = new Worker(url);
-      worker.postMessage({ t: "config", wsUrl: cfg.wsUrl, maxBacklogBytes: cfg.maxBacklogBytes,
-        statsIntervalMs: cfg.statsIntervalMs });
+      // The worker talks to Python through its own relay socket, over a channel the page sets up.
+      const channel = new MessageChannel();
+      relay.postMessage(relayConfig({ port: channel.port1 }), [channel.port1]);
+      worker.postMessage({ t: "config", port: channel.port2, maxBacklogBytes: cfg.maxBacklogBytes,
+        statsIntervalMs: cfg.statsIntervalMs }, [channel.port2]);
       worker.onmessage = (ev) => {
         const info = hook.tracks.get(ev.data.key);
         if (ev.data.t === "done" && info) trackEnded(info, "ended");
