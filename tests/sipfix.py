@@ -41,6 +41,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from fractions import Fraction
@@ -262,6 +263,7 @@ class MediaFeeder:
         self.frames_sent = 0
         self.sent_ns: dict[int, int] = {}
         self._force_keyframe = False
+        self.stopped = False  # set from anywhere to end run() early
         self._venc = self._make_video_encoder() if video else None
         self._aenc = self._make_audio_encoder() if audio else None
 
@@ -305,11 +307,12 @@ class MediaFeeder:
             frame.pict_type = av.video.frame.PictureType.I
             self._force_keyframe = False
         now = time.time_ns()
-        self.sent_ns[index] = now
         out = []
         for pkt in self._venc.encode(frame):
             header = MediaHeader("video0", index, int(pkt.pts or 0), Fraction(1, 90000), now)
             out.append(EncodedPacket(header, self.video, bool(pkt.is_keyframe), bytes(pkt), int(pkt.dts or 0)))
+        # Sent = handed to the pipeline, after our own encoding (round trips exclude the test's encoder).
+        self.sent_ns[index] = time.time_ns()
         return out
 
     def audio_packets(self, index: int) -> list[EncodedPacket]:
@@ -336,7 +339,7 @@ class MediaFeeder:
         """Send paced media for ``seconds`` (video at fps, audio every 20 ms)."""
         start = time.monotonic()
         vi = ai = 0
-        while (elapsed := time.monotonic() - start) < seconds:
+        while (elapsed := time.monotonic() - start) < seconds and not self.stopped:
             await self._drain_control()
             while self.video and vi <= elapsed * self.fps:
                 for msg in self.video_packets(vi):
@@ -348,6 +351,40 @@ class MediaFeeder:
                     await self.sock.send_multipart(protocol.encode(msg))
                 ai += 1
             await asyncio.sleep(0.005)
+
+    def run_in_thread(self, seconds: float) -> threading.Thread:
+        """Like ``run(seconds)``, on a thread of its own, away from a busy test event loop.
+
+        Uses blocking shadows of the same sockets (only this thread touches them meanwhile); PyAV
+        releases the GIL while encoding, so pacing holds while the caller's loop decodes."""
+        thread = threading.Thread(target=self._run_blocking, args=(seconds,), name="feeder", daemon=True)
+        thread.start()
+        return thread
+
+    def _run_blocking(self, seconds: float) -> None:
+        sock: zmq.Socket[bytes] = zmq.Socket.shadow(self.sock.underlying)
+        control: zmq.Socket[bytes] = zmq.Socket.shadow(self.control.underlying)
+        start = time.monotonic()
+        vi = ai = 0
+        while (elapsed := time.monotonic() - start) < seconds and not self.stopped:
+            while True:
+                try:
+                    msg = protocol.decode(control.recv_multipart(flags=zmq.NOBLOCK))
+                except zmq.Again:
+                    break
+                if isinstance(msg, KeyframeRequest):
+                    self.keyframe_requests.append(msg)
+                    self._force_keyframe = True
+            while self.video and vi <= elapsed * self.fps:
+                for out in self.video_packets(vi):
+                    sock.send_multipart(protocol.encode(out))
+                vi += 1
+                self.frames_sent = vi
+            while self.audio and ai <= elapsed * 1000 / AUDIO_FRAME_MS:
+                for out in self.audio_packets(ai):
+                    sock.send_multipart(protocol.encode(out))
+                ai += 1
+            time.sleep(0.003)
 
     async def _drain_control(self) -> None:
         while True:
@@ -414,6 +451,7 @@ class MediaCollector:
         if dec is None:
             dec = self._vdec[msg.codec] = av.CodecContext.create({Codec.H264: "h264", Codec.VP8: "vp8"}[msg.codec],
                                                                   "r")
+            dec.thread_count = 1  # frame threading would hold pictures back and inflate measured latency
         try:
             frames = dec.decode(av.Packet(bytes(msg.data)))
         except av.FFmpegError:

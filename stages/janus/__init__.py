@@ -115,6 +115,7 @@ class JanusStage(Stage):
         self._last_kf_request = 0.0
         self._state_changed = asyncio.Event()
         self._first_packet_sent_ns: int | None = None
+        self._video_keyframe_sent = False
         self._dialled_at_start = False
         self._background: set[asyncio.Task[Any]] = set()
 
@@ -174,6 +175,13 @@ class JanusStage(Stage):
             return
         if codec.is_video:
             self._upstream_video = stream_id
+            if not self._video_keyframe_sent:
+                if not packet.is_keyframe:
+                    # The peer cannot decode anything before the first keyframe of the call.
+                    self.drops["video_waiting_keyframe"] += 1
+                    self._request_keyframe("call needs a keyframe")
+                    return
+                self._video_keyframe_sent = True
         if self._first_packet_sent_ns is None:
             self._first_packet_sent_ns = time.time_ns()
         track.push(packet)
@@ -391,6 +399,7 @@ class JanusStage(Stage):
     def _new_call(self, direction: str, peer: str, call_id: str | None = None) -> SipCall:
         info = CallInfo(call_id=call_id or SipCall.new_call_id(), direction=direction, peer=peer)
         self._first_packet_sent_ns = None
+        self._video_keyframe_sent = False
         return SipCall(info, self.settings.audio_codecs, self.settings.video_codec, self._on_received,
                        self._keyframe_requested_by_sip)
 

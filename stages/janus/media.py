@@ -31,7 +31,9 @@ from typing import Any
 
 import av
 from aiortc import MediaStreamTrack, RTCRtpReceiver, RTCRtpSender
+from aiortc.jitterbuffer import JitterBuffer, JitterFrame
 from aiortc.mediastreams import MediaStreamError
+from aiortc.utils import uint16_add
 
 from protocol import Codec
 
@@ -156,15 +158,59 @@ class _TapQueue(queue.Queue):  # type: ignore[type-arg]
                                      is_keyframe(codec, data)))
 
 
-def tap_receiver(receiver: RTCRtpReceiver, callback: Callable[[ReceivedFrame], None]) -> None:
-    """Route ``receiver``'s re-assembled encoded frames to ``callback`` (event loop thread).
+class LowLatencyJitterBuffer(JitterBuffer):
+    """aiortc's jitter buffer, releasing frames as soon as they are complete.
+
+    aiortc releases a video frame only when the first packet of the *next* frame arrives (one frame
+    interval, 33 ms at 30 fps, of added latency) and holds four audio packets back (80 ms). Here a video
+    frame goes out at its marker bit (RFC 6184/7741: set on the last packet of a frame) once every packet
+    from the start of the buffer is there, and an audio packet goes out at once. Loss handling (reordering
+    window, PLI on overflow) is aiortc's.
+    """
+
+    def _remove_frame(self, sequence_number: int) -> JitterFrame | None:
+        assert self._origin is not None
+        if not self._is_video:
+            # Each audio packet is a whole frame: release it now and skip any gap before it (a lost
+            # 20 ms packet is concealed by the decoder; waiting for it would delay everything after it).
+            packet = self._packets[sequence_number % self.capacity]
+            assert packet is not None
+            return self._take([packet], packet.timestamp, uint16_add(sequence_number, -self._origin) + 1)
+        packets = []
+        timestamp = None
+        for count in range(self.capacity):
+            packet = self._packets[(self._origin + count) % self.capacity]
+            if packet is None:
+                return None  # a gap: wait for the missing packet (or aiortc's overflow handling)
+            if timestamp is None:
+                timestamp = packet.timestamp
+            elif packet.timestamp != timestamp:
+                # The next frame started without a marker on this one: it is complete anyway.
+                return self._take(packets, timestamp, count)
+            packets.append(packet)
+            if packet.marker:
+                return self._take(packets, timestamp, count + 1)
+        return None
+
+    def _take(self, packets: list[Any], timestamp: int, count: int) -> JitterFrame:
+        frame = JitterFrame(data=b"".join(p._data for p in packets), timestamp=timestamp)
+        self.remove(count)
+        return frame
+
+
+def tap_receiver(receiver: RTCRtpReceiver, callback: Callable[[ReceivedFrame], None], kind: str) -> None:
+    """Route ``receiver``'s re-assembled encoded frames to ``callback`` (event loop thread), released
+    by a ``LowLatencyJitterBuffer``.
 
     Must run before the receiver starts (before the connection is established).
     """
     attr = "_RTCRtpReceiver__decoder_queue"
-    if not hasattr(receiver, attr):
-        raise RuntimeError("this aiortc version has no receiver decoder queue to tap (tested with 1.16)")
+    buffer_attr = "_RTCRtpReceiver__jitter_buffer"
+    if not hasattr(receiver, attr) or not hasattr(receiver, buffer_attr):
+        raise RuntimeError("this aiortc version has no receiver queue/jitter buffer to tap (tested with 1.16)")
     setattr(receiver, attr, _TapQueue(callback))
+    capacity = getattr(receiver, buffer_attr).capacity
+    setattr(receiver, buffer_attr, LowLatencyJitterBuffer(capacity, is_video=kind == "video"))
 
 
 def watch_keyframe_requests(sender: RTCRtpSender, callback: Callable[[], None]) -> None:

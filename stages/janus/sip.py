@@ -126,7 +126,7 @@ class SipCall:
             watch_keyframe_requests(transceiver.sender, self._on_keyframe_request)
         else:
             return
-        tap_receiver(transceiver.receiver, functools.partial(self._on_frame, kind))
+        tap_receiver(transceiver.receiver, functools.partial(self._on_frame, kind), kind)
 
     async def create_offer(self) -> dict[str, str]:
         # Audio first: when video comes before audio and the SIP peer rejects video, Janus
