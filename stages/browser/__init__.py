@@ -28,7 +28,8 @@ def _parse_vars(values: tuple[str, ...]) -> dict[str, str]:
 @stage_options("browser", has_inputs=False)
 @click.option("--in", "inputs", multiple=True, help="Pipeline output(s) to inject as the bot's camera/microphone.")
 @click.option("--recipe", default="local-room", show_default=True,
-              help="Join recipe: built-in name, path to a .toml, or a Python module.")
+              help="Join recipe: built-in name, path to a .toml, a Python module, or 'config' for the [recipe] "
+              "table of the --config file.")
 @click.option("--var", "variables", multiple=True, help="Recipe variable NAME=VALUE (repeatable).")
 @click.option("--url", default=None, help="Shortcut for --var for recipes whose url is '{url}'-based; "
               "also sets the 'room_url' variable.")
@@ -43,9 +44,10 @@ def _parse_vars(values: tuple[str, ...]) -> dict[str, str]:
               help="Rejoins allowed within --restart-window before exiting non-zero (supervisord restarts).")
 @click.option("--restart-window", type=float, default=300.0, show_default=True)
 @click.option("--ws-port", type=int, default=0, show_default=True, help="Page socket port (0: any free port).")
-def command(**params: Any) -> None:
+@click.pass_context
+def command(ctx: click.Context, **params: Any) -> None:
     """Join a WebRTC room with headless Chromium: capture every participant, inject the pipeline's media."""
-    from stages.browser.recipes import RecipeError, load_recipe
+    from stages.browser.recipes import RecipeError, load_recipe, recipe_from_mapping
     from stages.browser.stage import BrowserConfig, BrowserStage, CaptureMode
 
     options = build_options(params)
@@ -56,7 +58,14 @@ def command(**params: Any) -> None:
     if params["display_name"]:
         variables["display_name"] = params["display_name"]
     try:
-        recipe = load_recipe(params["recipe"], variables)
+        if params["recipe"] == "config":
+            root = ctx.find_root().obj or {}
+            table = root.get("config", {}).get("recipe")
+            if not isinstance(table, dict):
+                raise RecipeError("--recipe config needs a [recipe] table in the --config file")
+            recipe = recipe_from_mapping(table, variables, "config")
+        else:
+            recipe = load_recipe(params["recipe"], variables)
     except RecipeError as exc:
         raise click.BadParameter(str(exc), param_hint="--recipe") from None
     config = BrowserConfig(
