@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -258,3 +259,60 @@ async def _janus_restart(tmp_path: Path, janus: JanusServer) -> None:
 @pytest.mark.timeout(90)
 def test_janus_restart_mid_call(janus: JanusServer, tmp_path: Path) -> None:
     asyncio.run(_janus_restart(tmp_path, janus))
+
+
+RFC2833_MEDIA_PORT = 6100  # fixed in uas_rfc2833.xml
+
+
+def _rfc4733_packets(digit: str, payload_type: int, seq: int, timestamp: int, ssrc: int) -> list[bytes]:
+    """One DTMF event as a sender emits it: a start packet (marker), updates, three end packets."""
+    event = "0123456789*#ABCD".index(digit)
+    packets = []
+    for i, (end, duration) in enumerate([(False, 160), (False, 320), (False, 480), (True, 640), (True, 640),
+                                         (True, 640)]):
+        header = bytes([0x80, (0x80 if i == 0 else 0) | payload_type]) + (seq + i).to_bytes(2, "big")
+        header += timestamp.to_bytes(4, "big") + ssrc.to_bytes(4, "big")
+        payload = bytes([event, (0x80 if end else 0) | 10]) + duration.to_bytes(2, "big")
+        packets.append(header + payload)
+    return packets
+
+
+async def _rfc2833(tmp_path: Path, janus: JanusServer) -> None:
+    rig = Rig(tmp_path, janus, args=["--video-codec", "none"], video=None)
+    media = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    media.bind(("127.0.0.1", RFC2833_MEDIA_PORT))
+    sipp = Sipp("uas_rfc2833", tmp_path / "sipp", SIPP_PORT, SIPP_MEDIA_PORT).start()
+    try:
+        await rig.stage.wait_registered()
+        rig.feed(6.0)
+        reply = await rig.stage.command({"cmd": "call", "uri": PEER, "wait": True})
+        assert reply["ok"], reply
+        invite = sipp.messages()
+        payload_type = int(re.search(r"a=rtpmap:(\d+) telephone-event/8000", invite).group(1))  # type: ignore[union-attr]
+        janus_audio_port = int(re.search(r"m=audio (\d+) ", invite).group(1))  # type: ignore[union-attr]
+        await rig.wait_state("media_up")
+        seq, timestamp = 1000, 50_000
+        for digit in "5#":
+            for packet in _rfc4733_packets(digit, payload_type, seq, timestamp, 0x5EED):
+                media.sendto(packet, ("127.0.0.1", janus_audio_port))
+                await asyncio.sleep(0.02)
+            seq += 6
+            timestamp += 1600
+        deadline = time.monotonic() + 5
+        events: list[dict[str, Any]] = []
+        while time.monotonic() < deadline and len(events) < 2:
+            events = [e.attributes for e in rig.collector.events if e.type is EventType.DTMF]
+            await asyncio.sleep(0.05)
+        assert [e["digit"] for e in events] == ["5", "#"], events
+        assert {e["method"] for e in events} == {"rfc2833"}
+        assert (await rig.stage.command({"cmd": "hangup"}))["ok"]
+        assert sipp.wait(10) == 0
+    finally:
+        media.close()
+        sipp.stop()
+        await rig.close()
+
+
+@pytest.mark.timeout(60)
+def test_dtmf_rfc2833_received(janus: JanusServer, tmp_path: Path) -> None:
+    asyncio.run(_rfc2833(tmp_path, janus))

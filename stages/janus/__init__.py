@@ -401,7 +401,7 @@ class JanusStage(Stage):
         self._first_packet_sent_ns = None
         self._video_keyframe_sent = False
         return SipCall(info, self.settings.audio_codecs, self.settings.video_codec, self._on_received,
-                       self._keyframe_requested_by_sip)
+                       self._keyframe_requested_by_sip, self._on_rfc2833)
 
     async def _place_call(self, uri: str) -> CallInfo:
         if self.handle is None or not self.registered:
@@ -523,6 +523,9 @@ class JanusStage(Stage):
         except (JanusError, ValueError) as exc:
             await self._end_call(CallState.FAILED, reason=f"cannot accept: {exc}")
 
+    def _on_rfc2833(self, digit: str, duration_ms: int) -> None:
+        self._dtmf_received(digit, duration_ms, "rfc2833")
+
     def _on_info(self, result: dict[str, Any]) -> None:
         content_type = str(result.get("type", ""))
         content = str(result.get("content", ""))
@@ -538,11 +541,14 @@ class JanusStage(Stage):
         if digit is None:
             self.log.info("SIP INFO %s: %.100r", content_type, content)
             return
+        self._dtmf_received(digit, duration_ms, "info")
+
+    def _dtmf_received(self, digit: str, duration_ms: int | None, method: str) -> None:
         self.counters["dtmf_received"] += 1
         call_id = self.call.info.call_id if self.call else ""
-        self.log.info("call %s: DTMF %s received (SIP INFO)", call_id or "-", digit)
+        self.log.info("call %s: DTMF %s received (%s)", call_id or "-", digit, method)
         self._outbox.put_nowait(Event(EventType.DTMF, self.settings.audio_stream,
-                                      {"digit": digit.upper(), "duration_ms": duration_ms, "method": "info",
+                                      {"digit": digit.upper(), "duration_ms": duration_ms, "method": method,
                                        "direction": "received", "call_id": call_id}))
 
     async def hangup(self) -> None:

@@ -25,6 +25,7 @@ import asyncio
 import fractions
 import logging
 import queue
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -226,3 +227,73 @@ async def send_pli(receiver: RTCRtpReceiver) -> bool:
     for source in sources:
         await receiver._send_rtcp_pli(source.source)
     return True
+
+
+# ----- RFC 4733 (RFC 2833) telephone events received from the SIP side ----------------------------
+TELEPHONE_EVENT_PT = 126  # a dynamic payload type aiortc never assigns (its video codecs use 97-102)
+DTMF_EVENTS = "0123456789*#ABCD"
+TELEPHONE_EVENT_RE = re.compile(r"a=rtpmap:(\d+) telephone-event/8000", re.IGNORECASE)
+
+
+def _audio_section(sdp: str) -> tuple[int, int] | None:
+    start = sdp.find("m=audio ")
+    if start < 0:
+        return None
+    end = sdp.find("\r\nm=", start)
+    return start, (end + 2 if end >= 0 else len(sdp))
+
+
+def add_telephone_event(sdp: str, payload_type: int = TELEPHONE_EVENT_PT) -> str:
+    """Add telephone-event/8000 to the audio section of an SDP that aiortc wrote.
+
+    aiortc cannot negotiate it, but Janus passes it on to the SIP peer, which then can send
+    RFC 4733 DTMF; the events come back to aiortc on the audio SSRC (see ``TelephoneEventTap``).
+    """
+    section = _audio_section(sdp)
+    if section is None or TELEPHONE_EVENT_RE.search(sdp[section[0]:section[1]]):
+        return sdp
+    start, end = section
+    lines = sdp[start:end].split("\r\n")
+    lines[0] = f"{lines[0]} {payload_type}"
+    last_rtpmap = max(i for i, line in enumerate(lines) if line.startswith(("a=rtpmap:", "m=audio")))
+    lines[last_rtpmap + 1:last_rtpmap + 1] = [f"a=rtpmap:{payload_type} telephone-event/8000",
+                                              f"a=fmtp:{payload_type} 0-16"]
+    return sdp[:start] + "\r\n".join(lines) + sdp[end:]
+
+
+def telephone_event_pt(sdp: str) -> int | None:
+    """The telephone-event payload type of the audio section of ``sdp``, if any."""
+    section = _audio_section(sdp)
+    match = TELEPHONE_EVENT_RE.search(sdp[section[0]:section[1]]) if section else None
+    return int(match.group(1)) if match else None
+
+
+class TelephoneEventTap:
+    """Catches RFC 4733 packets on an audio receiver before aiortc drops them as an unknown codec.
+
+    One callback per event (the first packet of each RTP timestamp), with the digit and, once the end
+    bit arrives, nothing more: RFC 4733 repeats the end packet three times.
+    """
+
+    def __init__(self, receiver: RTCRtpReceiver, payload_type: int, callback: Callable[[str, int], None]) -> None:
+        self.payload_type = payload_type
+        self._callback = callback
+        self._last_timestamp: int | None = None
+        self._original = receiver._handle_rtp_packet
+        receiver._handle_rtp_packet = self._handle  # type: ignore[method-assign]
+        # aiortc's router only hands a receiver the payload types it negotiated.
+        router = receiver.transport._rtp_router
+        router.payload_type_table.setdefault(payload_type, set()).add(receiver)
+
+    async def _handle(self, packet: Any, arrival_time_ms: int) -> None:
+        if packet.payload_type != self.payload_type:
+            await self._original(packet, arrival_time_ms=arrival_time_ms)
+            return
+        payload = packet.payload
+        if len(payload) < 4 or payload[0] >= len(DTMF_EVENTS):
+            return
+        if packet.timestamp == self._last_timestamp:
+            return
+        self._last_timestamp = packet.timestamp
+        duration_samples = int.from_bytes(payload[2:4], "big")
+        self._callback(DTMF_EVENTS[payload[0]], duration_samples // 8)

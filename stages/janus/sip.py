@@ -22,7 +22,17 @@ from aiortc import RTCPeerConnection, RTCRtpSender, RTCRtpTransceiver, RTCSessio
 from aiortc.rtcrtpparameters import RTCRtpCodecCapability
 
 from protocol import Codec
-from stages.janus.media import RTP_NAMES, PacketTrack, ReceivedFrame, send_pli, tap_receiver, watch_keyframe_requests
+from stages.janus.media import (
+    RTP_NAMES,
+    PacketTrack,
+    ReceivedFrame,
+    TelephoneEventTap,
+    add_telephone_event,
+    send_pli,
+    tap_receiver,
+    telephone_event_pt,
+    watch_keyframe_requests,
+)
 
 log = logging.getLogger("sipbridge.janus.sip")
 
@@ -98,7 +108,8 @@ class SipCall:
     """The WebRTC side of one call: tracks, codecs, taps, offer/answer."""
 
     def __init__(self, info: CallInfo, audio_codecs: list[Codec], video_codec: Codec | None,
-                 on_frame: Callable[[str, ReceivedFrame], None], on_keyframe_request: Callable[[], None]) -> None:
+                 on_frame: Callable[[str, ReceivedFrame], None], on_keyframe_request: Callable[[], None],
+                 on_dtmf: Callable[[str, int], None] | None = None) -> None:
         self.info = info
         self.audio_codecs = audio_codecs
         self.video_codec = video_codec
@@ -107,6 +118,8 @@ class SipCall:
         self.video_track = PacketTrack("video") if video_codec is not None else None
         self._on_frame = on_frame
         self._on_keyframe_request = on_keyframe_request
+        self._on_dtmf = on_dtmf
+        self.telephone_events: TelephoneEventTap | None = None
         self.audio: RTCRtpTransceiver | None = None
         self.video: RTCRtpTransceiver | None = None
         self.closed = False
@@ -136,11 +149,21 @@ class SipCall:
         if self.video_track is not None:
             self._prepare(self.pc.addTransceiver(self.video_track, direction="sendrecv"))
         await self.pc.setLocalDescription(await self.pc.createOffer())
-        return {"type": "offer", "sdp": self.pc.localDescription.sdp}
+        sdp = self.pc.localDescription.sdp
+        if self.audio is not None and self._on_dtmf is not None:
+            sdp = add_telephone_event(sdp)  # lets the SIP peer send RFC 4733 DTMF
+        return {"type": "offer", "sdp": sdp}
 
     async def set_answer(self, jsep: dict[str, Any]) -> None:
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp=jsep["sdp"], type=jsep["type"]))
         self._note_codecs()
+        self._tap_telephone_events(jsep["sdp"])
+
+    def _tap_telephone_events(self, remote_sdp: str) -> None:
+        payload_type = telephone_event_pt(remote_sdp)
+        if payload_type is None or self.audio is None or self._on_dtmf is None or self.telephone_events:
+            return
+        self.telephone_events = TelephoneEventTap(self.audio.receiver, payload_type, self._on_dtmf)
 
     async def answer(self, offer: dict[str, Any]) -> dict[str, str]:
         """Answer Janus's offer for an incoming call."""
@@ -158,7 +181,12 @@ class SipCall:
                 transceiver.direction = "inactive"
         await self.pc.setLocalDescription(await self.pc.createAnswer())
         self._note_codecs()
-        return {"type": "answer", "sdp": self.pc.localDescription.sdp}
+        sdp = self.pc.localDescription.sdp
+        payload_type = telephone_event_pt(offer["sdp"])
+        if payload_type is not None and self.audio is not None and self._on_dtmf is not None:
+            sdp = add_telephone_event(sdp, payload_type)
+            self._tap_telephone_events(offer["sdp"])
+        return {"type": "answer", "sdp": sdp}
 
     def _note_codecs(self) -> None:
         for transceiver, attr in ((self.audio, "audio_codec"), (self.video, "video_codec")):
