@@ -476,7 +476,10 @@ class MediaCollector:
         with contextlib.suppress(av.FFmpegError):
             for frame in dec.decode(av.Packet(bytes(msg.data))):
                 arr = frame.to_ndarray()
-                self.audio.append(arr[0] if arr.ndim > 1 else arr)
+                channels = len(frame.layout.channels)
+                # Packed formats interleave channels in one row; planar ones give a row per channel.
+                first = arr[0] if frame.format.is_planar else arr.reshape(-1)[::channels]
+                self.audio.append(first.astype(np.float64))
                 self.audio_rate = frame.sample_rate
 
     def tone_hz(self) -> float:

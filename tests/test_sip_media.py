@@ -29,7 +29,8 @@ RTCP_PSFB = 206
 RTCP_FMT_PLI = 1
 
 
-async def _audio_only(tmp_path: Path, janus: JanusServer, scenario: str, codec: Codec, payload_type: int) -> None:
+async def _audio_only(tmp_path: Path, janus: JanusServer, scenario: str, codec: Codec,
+                     payload_type: int | None) -> None:
     # Offer PCMU and the peer's codec; the peer answers only its own.
     offer = ["--audio-codec", "pcmu", "--audio-codec", codec.name.lower(), "--video-codec", "none"]
     rig = Rig(tmp_path, janus, args=offer, video=None, audio=codec)
@@ -50,16 +51,18 @@ async def _audio_only(tmp_path: Path, janus: JanusServer, scenario: str, codec: 
         await rig.close()
     assert rig.collector.audio_codecs == {codec}
     assert abs(rig.collector.tone_hz() - 440.0) < 10
-    assert set(capture.rtp_payload_types(SIPP_MEDIA_PORT)) == {payload_type}
     offer_sdp = sipp.messages()
+    if payload_type is None:  # dynamic: the one our offer gave the codec
+        payload_type = int(re.search(rf"a=rtpmap:(\d+) {codec.name.lower()}/", offer_sdp).group(1))  # type: ignore[union-attr]
+    assert set(capture.rtp_payload_types(SIPP_MEDIA_PORT)) == {payload_type}
     assert "a=rtpmap:0 PCMU/8000" in offer_sdp and "m=video" not in offer_sdp
 
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize(("scenario", "codec", "payload_type"),
-                         [("uas_pcma", Codec.PCMA, 8), ("uas_g722", Codec.G722, 9)])
+                         [("uas_pcma", Codec.PCMA, 8), ("uas_g722", Codec.G722, 9), ("uas_opus", Codec.OPUS, None)])
 def test_audio_only_peer_codec(janus: JanusServer, tmp_path: Path, scenario: str, codec: Codec,
-                               payload_type: int) -> None:
+                               payload_type: int | None) -> None:
     asyncio.run(_audio_only(tmp_path, janus, scenario, codec, payload_type))
 
 
@@ -158,3 +161,32 @@ async def _hold(tmp_path: Path, janus: JanusServer) -> None:
 @pytest.mark.timeout(60)
 def test_hold_and_unhold(janus: JanusServer, tmp_path: Path) -> None:
     asyncio.run(_hold(tmp_path, janus))
+
+
+async def _vp8_echo(tmp_path: Path, janus: JanusServer) -> None:
+    rig = Rig(tmp_path, janus, args=["--video-codec", "vp8"], video=Codec.VP8)
+    capture = Capture(tmp_path / "sip.pcapng", [SIPP_MEDIA_PORT + 2]).start()
+    sipp = Sipp("uas_echo_vp8", tmp_path / "sipp", SIPP_PORT, SIPP_MEDIA_PORT, extra=["-rtp_echo"]).start()
+    try:
+        await rig.stage.wait_registered()
+        rig.feed(4.0)
+        reply = await rig.stage.command({"cmd": "call", "uri": PEER, "wait": True})
+        assert reply["ok"], reply
+        assert reply["call"]["video_codec"] == "VP8"
+        await rig.feeding  # type: ignore[misc]
+        assert (await rig.stage.command({"cmd": "hangup"}))["ok"]
+        assert sipp.wait(10) == 0
+    finally:
+        sipp.stop()
+        capture.stop()
+        await rig.close()
+    counters = rig.collector.counters
+    assert len(counters) > 20 and counters == sorted(counters)
+    assert rig.collector.video_codecs == {Codec.VP8}
+    video_pt = int(re.search(r"a=rtpmap:(\d+) VP8/90000", sipp.messages()).group(1))  # type: ignore[union-attr]
+    assert set(capture.rtp_payload_types(SIPP_MEDIA_PORT + 2)) == {video_pt}
+
+
+@pytest.mark.timeout(60)
+def test_vp8_echo(janus: JanusServer, tmp_path: Path) -> None:
+    asyncio.run(_vp8_echo(tmp_path, janus))
