@@ -43,5 +43,8 @@ def test_leave_and_join_are_track_events(room: Room, tmp_path: Path) -> None:
         before = len(collector.counters("carol/video"))
         wait_until(lambda: len(collector.counters("carol/video")) > before + 10, MEDIA_TIMEOUT_S, "carol after alice")
         assert not any(e.stream_id.startswith("carol/") for e in collector.events_of(EventType.TRACK_ENDED))
+        joined = [e.attributes["participant"] for e in collector.events_of(EventType.PARTICIPANT_JOINED)]
+        left = [e.attributes["participant"] for e in collector.events_of(EventType.PARTICIPANT_LEFT)]
+        assert sorted(joined) == ["alice", "carol"] and left == ["alice"]
     finally:
         collector.close()

@@ -186,6 +186,7 @@ class BrowserStage(Stage):
         self._restarts: collections.deque[float] = collections.deque()
         self._joined_at_ns = 0
         self._pc_states: dict[Any, str] = {}
+        self._participant_tracks: collections.Counter[str] = collections.Counter()
 
     # ----- statistics --------------------------------------------------------------------------------------------
     def extra_figures(self) -> dict[str, Any]:
@@ -315,6 +316,10 @@ class BrowserStage(Stage):
         track = PageTrack(key, kind, participant, stream_id, attributes)
         self._tracks[key] = track
         self.log.info("track added: %s (%s of %s, %s)", stream_id, kind, participant, body.get("identified_by"))
+        self._participant_tracks[participant] += 1
+        if self._participant_tracks[participant] == 1:
+            await self._emit_control(Event(EventType.PARTICIPANT_JOINED, "", {"participant": participant,
+                                                                               "session": self._session}))
         await self._emit_control(Event(EventType.TRACK_ADDED, stream_id, attributes))
         for data in self._pending.pop(key, []):
             await self._on_page_media(data)
@@ -330,6 +335,12 @@ class BrowserStage(Stage):
         self.log.info("track ended: %s (%s)", track.stream_id, reason)
         await self._emit_control(EndOfStream(track.stream_id))
         await self._emit_control(Event(EventType.TRACK_ENDED, track.stream_id, {**track.attributes, "reason": reason}))
+        self._participant_tracks[track.participant] -= 1
+        if self._participant_tracks[track.participant] <= 0:
+            del self._participant_tracks[track.participant]
+            await self._emit_control(Event(EventType.PARTICIPANT_LEFT, "", {"participant": track.participant,
+                                                                             "reason": reason,
+                                                                             "session": self._session}))
 
     async def _on_page_media(self, data: bytes) -> None:
         try:
