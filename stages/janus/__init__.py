@@ -91,6 +91,7 @@ class SipSettings:
     video_stream: str = "sip-video"
     audio_stream: str = "sip-audio"
     control: str | None = None
+    low_latency_jitter_buffer: bool = True
 
 
 class JanusStage(Stage):
@@ -401,7 +402,7 @@ class JanusStage(Stage):
         self._first_packet_sent_ns = None
         self._video_keyframe_sent = False
         return SipCall(info, self.settings.audio_codecs, self.settings.video_codec, self._on_received,
-                       self._keyframe_requested_by_sip, self._on_rfc2833)
+                       self._keyframe_requested_by_sip, self._on_rfc2833, self.settings.low_latency_jitter_buffer)
 
     async def _place_call(self, uri: str) -> CallInfo:
         if self.handle is None or not self.registered:
@@ -670,6 +671,8 @@ CODEC_CHOICES = {"h264": Codec.H264, "vp8": Codec.VP8, "pcmu": Codec.PCMU, "pcma
 @click.option("--video-stream", default="sip-video", help="Stream id of the video received from SIP.")
 @click.option("--audio-stream", default="sip-audio", help="Stream id of the audio received from SIP.")
 @click.option("--control", default=None, help="Control REP endpoint [ipc://RUN_DIR/NAME.control].")
+@click.option("--jitter-buffer", type=click.Choice(["low-latency", "aiortc"]), default="low-latency",
+              help="low-latency: release frames at the marker bit; aiortc: its stock buffer (benchmark baseline).")
 def command(**params: Any) -> None:
     """Send encoded media to a SIP peer through Janus and emit what it sends back."""
     options = build_options(params)
@@ -680,5 +683,6 @@ def command(**params: Any) -> None:
         inbound=params["inbound"], accept_from=params["accept_from"], decline_code=params["decline_code"],
         audio_codecs=[CODEC_CHOICES[c] for c in params["audio_codecs"]],
         video_codec=None if params["video_codec"] == "none" else CODEC_CHOICES[params["video_codec"]],
-        video_stream=params["video_stream"], audio_stream=params["audio_stream"], control=params["control"])
+        video_stream=params["video_stream"], audio_stream=params["audio_stream"], control=params["control"],
+        low_latency_jitter_buffer=params["jitter_buffer"] == "low-latency")
     run(JanusStage(options, settings))

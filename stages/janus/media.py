@@ -199,7 +199,8 @@ class LowLatencyJitterBuffer(JitterBuffer):
         return frame
 
 
-def tap_receiver(receiver: RTCRtpReceiver, callback: Callable[[ReceivedFrame], None], kind: str) -> None:
+def tap_receiver(receiver: RTCRtpReceiver, callback: Callable[[ReceivedFrame], None], kind: str,
+                 low_latency: bool = True) -> None:
     """Route ``receiver``'s re-assembled encoded frames to ``callback`` (event loop thread), released
     by a ``LowLatencyJitterBuffer``.
 
@@ -210,8 +211,9 @@ def tap_receiver(receiver: RTCRtpReceiver, callback: Callable[[ReceivedFrame], N
     if not hasattr(receiver, attr) or not hasattr(receiver, buffer_attr):
         raise RuntimeError("this aiortc version has no receiver queue/jitter buffer to tap (tested with 1.16)")
     setattr(receiver, attr, _TapQueue(callback))
-    capacity = getattr(receiver, buffer_attr).capacity
-    setattr(receiver, buffer_attr, LowLatencyJitterBuffer(capacity, is_video=kind == "video"))
+    if low_latency:
+        capacity = getattr(receiver, buffer_attr).capacity
+        setattr(receiver, buffer_attr, LowLatencyJitterBuffer(capacity, is_video=kind == "video"))
 
 
 def watch_keyframe_requests(sender: RTCRtpSender, callback: Callable[[], None]) -> None:

@@ -109,7 +109,7 @@ class SipCall:
 
     def __init__(self, info: CallInfo, audio_codecs: list[Codec], video_codec: Codec | None,
                  on_frame: Callable[[str, ReceivedFrame], None], on_keyframe_request: Callable[[], None],
-                 on_dtmf: Callable[[str, int], None] | None = None) -> None:
+                 on_dtmf: Callable[[str, int], None] | None = None, low_latency: bool = True) -> None:
         self.info = info
         self.audio_codecs = audio_codecs
         self.video_codec = video_codec
@@ -119,6 +119,7 @@ class SipCall:
         self._on_frame = on_frame
         self._on_keyframe_request = on_keyframe_request
         self._on_dtmf = on_dtmf
+        self._low_latency = low_latency
         self.telephone_events: TelephoneEventTap | None = None
         self.audio: RTCRtpTransceiver | None = None
         self.video: RTCRtpTransceiver | None = None
@@ -139,7 +140,7 @@ class SipCall:
             watch_keyframe_requests(transceiver.sender, self._on_keyframe_request)
         else:
             return
-        tap_receiver(transceiver.receiver, functools.partial(self._on_frame, kind), kind)
+        tap_receiver(transceiver.receiver, functools.partial(self._on_frame, kind), kind, self._low_latency)
 
     async def create_offer(self) -> dict[str, str]:
         # Audio first: when video comes before audio and the SIP peer rejects video, Janus
