@@ -12,6 +12,7 @@ import collections
 import contextlib
 import enum
 import json
+import logging
 import os
 import re
 import secrets
@@ -51,7 +52,7 @@ IDENTIFY_TIMEOUT_S = 3.0
 PAGE_STATS_INTERVAL_MS = 1000
 WATCHDOG_INTERVAL_S = 1.0
 # Being out of the call this long (recipe's joined check failing) counts as dropped from the room.
-NOT_JOINED_GRACE_S = 2.0
+NOT_JOINED_GRACE_S = 1.0
 BROWSER_CLOSE_TIMEOUT_S = 5.0
 DEFAULT_MAX_RESTARTS = 5
 DEFAULT_RESTART_WINDOW_S = 300.0
@@ -187,6 +188,7 @@ class BrowserStage(Stage):
         self._joined_at_ns = 0
         self._pc_states: dict[Any, str] = {}
         self._participant_tracks: collections.Counter[str] = collections.Counter()
+        self._browser: Browser | None = None
 
     # ----- statistics --------------------------------------------------------------------------------------------
     def extra_figures(self) -> dict[str, Any]:
@@ -503,6 +505,8 @@ class BrowserStage(Stage):
                 while True:
                     self._session += 1
                     reason = await self._run_session(pw)
+                    if self._browser is not None and not self._browser.is_connected():
+                        self._browser = None
                     now = time.monotonic()
                     self._restarts.append(now)
                     while self._restarts and now - self._restarts[0] > self.config.restart_window_s:
@@ -514,11 +518,27 @@ class BrowserStage(Stage):
                     await self._set_state("rejoining", reason=reason)
                     await asyncio.sleep(RESTART_BACKOFF_S)
         finally:
+            await self._drop_browser()
             if self._runner is not None:
                 await self._runner.cleanup()
 
+    async def _launch(self, pw: Any) -> Browser:
+        """The session's browser: the previous one while it is alive (a rejoin then costs no launch)."""
+        if self._browser is not None and self._browser.is_connected():
+            return self._browser
+        await self._set_state("launching")
+        browser = await launch_chromium(pw, self.config.chromium_args)
+
+        def disconnected(_b: Browser) -> None:
+            if self._session_failed is not None and not self._session_failed.done():
+                self._session_failed.set_result("browser disconnected")
+
+        browser.on("disconnected", disconnected)
+        self._browser = browser
+        return browser
+
     async def _run_session(self, pw: Any) -> str:
-        """One browser, one page, one join; returns why it ended."""
+        """One browser context, one page, one join; returns why it ended."""
         loop = asyncio.get_running_loop()
         failed: asyncio.Future[str] = loop.create_future()
         self._session_failed = failed
@@ -527,17 +547,16 @@ class BrowserStage(Stage):
             if not failed.done():
                 failed.set_result(reason)
 
-        browser: Browser | None = None
+        context: BrowserContext | None = None
         try:
-            await self._set_state("launching")
-            browser = await launch_chromium(pw, self.config.chromium_args)
-            browser.on("disconnected", lambda _b: fail("browser disconnected"))
-            context: BrowserContext = await browser.new_context(bypass_csp=True)
+            browser = await self._launch(pw)
+            context = await browser.new_context(bypass_csp=True)
             await context.add_init_script(script=self._init_script())
             page: Page = await context.new_page()
             page.on("crash", lambda _p: fail("page crashed"))
             page.on("close", lambda _p: fail("page closed"))
-            page.on("console", lambda m: self.log.debug("page: %s", m.text))
+            if self.log.isEnabledFor(logging.DEBUG):  # every console line crosses the Playwright driver
+                page.on("console", lambda m: self.log.debug("page: %s", m.text))
             await self._set_state("joining", url=self.recipe.start_url())
             join: asyncio.Future[None] = asyncio.ensure_future(self.recipe.join(page))
             waiters: list[asyncio.Future[Any]] = [join, failed]
@@ -559,9 +578,17 @@ class BrowserStage(Stage):
             for track in list(self._tracks.values()):
                 await self._track_ended(track.key, "session ended")
             self._pending.clear()
-            if browser is not None:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(browser.close(), BROWSER_CLOSE_TIMEOUT_S)
+            if context is not None:
+                try:
+                    await asyncio.wait_for(context.close(), BROWSER_CLOSE_TIMEOUT_S)
+                except Exception:  # a browser that cannot close a context is not reused
+                    await self._drop_browser()
+
+    async def _drop_browser(self) -> None:
+        browser, self._browser = self._browser, None
+        if browser is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(browser.close(), BROWSER_CLOSE_TIMEOUT_S)
 
     async def _watch(self, page: Page, failed: asyncio.Future[str]) -> str:
         not_joined_since: float | None = None
