@@ -164,6 +164,8 @@ class Stage:
         self._stats_pub: zmq.asyncio.Socket | None = None
         self._out_monitor: zmq.asyncio.Socket | None = None
         self._consumers = 0
+        self._last_batch = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._consumers_changed = asyncio.Event()
         self._stopping = asyncio.Event()
         self._closed = False
@@ -334,12 +336,23 @@ class Stage:
     def _publish(self, msg: Message) -> None:
         if self._stats_pub is None:
             return
+        if self._loop is not None and not self._on_loop_thread():
+            # Sockets belong to the event loop's thread; codec-thread callers hand the message over.
+            self._loop.call_soon_threadsafe(self._publish, msg)
+            return
         with contextlib.suppress(zmq.Again):
             # PUB never blocks; the asyncio wrapper returns a done future here.
             self._stats_pub.send_multipart(protocol.encode(msg), flags=zmq.NOBLOCK)
 
+    def _on_loop_thread(self) -> bool:
+        try:
+            return asyncio.get_running_loop() is self._loop
+        except RuntimeError:
+            return False
+
     async def run(self) -> int:
         """Run until end of stream or SIGTERM/SIGINT; return the process exit code."""
+        self._loop = asyncio.get_running_loop()
         for endpoint in [self.options.output, self.options.stats]:
             if endpoint and endpoint.startswith("ipc://"):
                 os.makedirs(os.path.dirname(endpoint[len("ipc://") :]) or ".", exist_ok=True)
@@ -446,6 +459,7 @@ class Stage:
             # Drain what is already queued so a slow stage sees its backlog and can skip stale video.
             while len(batch) < MAX_RECEIVE_BATCH_MSGS and self._readable(sock):
                 batch.append(await sock.recv_multipart(copy=False))
+            self._last_batch = len(batch)
             messages: list[Message] = []
             for frames in batch:
                 try:
@@ -567,7 +581,6 @@ class Stage:
                 "latency_ms_p95": percentile(f.latency_ms, 0.95),
                 "idle_s": round((now - f.last_ns) / 1e9, 3) if f.last_ns else None,
             }
-        queue_depth = sum(self._readable(sock) for sock in self._ins)
         return {
             "pid": os.getpid(),
             "uptime_s": round((now - self._started_ns) / 1e9, 3),
@@ -576,7 +589,9 @@ class Stage:
             "errors": dict(self.errors),
             "process_ms_p50": percentile(self._process_ms, 0.5),
             "process_ms_p95": percentile(self._process_ms, 0.95),
-            "input_backlog": queue_depth,
+            # Messages found waiting at the last read. Never ask the sockets here: reading ZMQ_EVENTS from
+            # another task would consume the edge-triggered wake-up a pending receive is waiting for.
+            "input_backlog": self._last_batch,
             "codec_queue": self._codec_thread._work_queue.qsize(),
             "keyframe_requests_in": self.keyframe_requests_in,
             "keyframe_requests_out": self.keyframe_requests_out,
