@@ -51,10 +51,20 @@ def run_pipeline(config: Path, run_dir: Path, forever: bool, quiet: bool = False
     run_dir = run_dir.resolve()
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     if config.suffix == ".toml":
+        from sipbridge.bridge import BridgeConfigError, bridge_stages, missing_secrets, parse_bridge
+
         try:
             with open(config, "rb") as fh:
-                specs = parse_pipeline(tomllib.load(fh))
-        except (tomllib.TOMLDecodeError, PipelineError) as exc:
+                data = tomllib.load(fh)
+            if "stage" in data:
+                specs = parse_pipeline(data)
+            else:
+                bridge = parse_bridge(data)
+                missing = missing_secrets(bridge)
+                if missing:
+                    raise BridgeConfigError(f"environment variable(s) {', '.join(missing)} not set")
+                specs = bridge_stages(bridge, run_dir)
+        except (tomllib.TOMLDecodeError, PipelineError, BridgeConfigError) as exc:
             raise click.ClickException(f"{config}: {exc}") from None
         conf_path = run_dir / "supervisord.conf"
         conf_path.write_text(render_config(specs, run_dir))
@@ -96,7 +106,7 @@ def run_pipeline(config: Path, run_dir: Path, forever: bool, quiet: bool = False
 @run_dir_option
 @click.option("--forever/--until-done", default=False, help="Keep running after every stage has ended.")
 def up(config: Path | None, run_dir: Path, forever: bool) -> None:
-    """Start a pipeline under supervisord (a supervisord .conf, or a pipeline .toml).
+    """Start a pipeline under supervisord: a supervisord .conf, a pipeline .toml or a bridge .toml.
 
     Without CONFIG it runs ./supervisord.conf when present, else the packaged synthetic pipeline.
     """

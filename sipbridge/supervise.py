@@ -52,6 +52,8 @@ class StageSpec:
     args: list[str] = field(default_factory=list)
     inputs: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
+    # supervisord priority; None derives it from the list order (consumers start first).
+    priority: int | None = None
 
 
 def parse_pipeline(data: dict[str, Any]) -> list[StageSpec]:
@@ -143,7 +145,10 @@ supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface
 serverurl=unix://{run_dir}/supervisor.sock
 """
     count = len(specs)
-    programs = [_program(spec, 100 + 10 * (count - i), run_dir) for i, spec in enumerate(specs)]
+    programs = [
+        _program(spec, spec.priority if spec.priority is not None else 100 + 10 * (count - i), run_dir)
+        for i, spec in enumerate(specs)
+    ]
     return header + "".join(programs)
 
 

@@ -1,0 +1,318 @@
+"""A bridge configuration (TOML) and the stage processes it turns into.
+
+Room to SIP:  browser -> room-decoder -> room-transformer (layout, mix) -> sip-encoder -> janus
+SIP to room:  janus -> sip-decoder -> sip-transformer (split, scale, resample) -> browser
+
+Every key is validated up front; an error names the key. Secrets are written ``"env:NAME"`` and reach the
+stage through its environment, never its command line or a log.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sipbridge.supervise import StageSpec
+
+VIDEO_CODECS = ("h264", "vp8", "none")
+AUDIO_CODECS = ("pcmu", "pcma", "g722", "opus")
+LAYOUTS = ("single", "grid", "active")
+CAPTURE_MODES = ("raw", "encoded")
+CODEC_AUDIO_RATE_HZ = {"pcmu": 8000, "pcma": 8000, "g722": 16000, "opus": 48000}
+ROOM_AUDIO_RATE_HZ = 48000
+SECRET_ENV_PREFIX = "SIPBRIDGE_SECRET_"
+
+
+class BridgeConfigError(ValueError):
+    """A bridge configuration that cannot run; the message names the key."""
+
+
+@dataclass
+class MediaLeg:
+    video_codec: str = "h264"
+    audio_codec: str = "pcmu"
+    width: int = 640
+    height: int = 480
+    fps: int = 30
+    bitrate_kbps: int = 800
+
+
+@dataclass
+class BridgeConfig:
+    room_url: str
+    recipe: str = "local-room"
+    display_name: str = "SIP bridge"
+    capture: str = "encoded"
+    recipe_vars: dict[str, str] = field(default_factory=dict)
+    janus_url: str = "ws://127.0.0.1:8188"
+    janus_api_secret: str | None = None
+    start_janus: bool = False
+    identity: str = "sip:bridge@127.0.0.1"
+    register: str = "guest"
+    proxy: str | None = None
+    authuser: str | None = None
+    secret: str | None = None
+    call: str | None = None
+    inbound: bool = False
+    accept_from: str = ".*"
+    to_sip: MediaLeg = field(default_factory=MediaLeg)
+    to_room: MediaLeg = field(default_factory=lambda: MediaLeg(video_codec="none", audio_codec="opus"))
+    layout: str = "grid"
+    max_tiles: int = 4
+    participants: list[str] = field(default_factory=list)
+    split: tuple[int, int] | None = None
+
+
+def _take(table: dict[str, Any], where: str, key: str, kind: type | tuple[type, ...], default: Any) -> Any:
+    if key not in table:
+        return default
+    value = table[key]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise BridgeConfigError(f"{where}.{key} must be {names}, not {value!r}")
+    return value
+
+
+def _choice(value: str, where: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise BridgeConfigError(f"{where} must be one of {', '.join(choices)}, not {value!r}")
+    return value
+
+
+def _check_keys(table: Any, where: str, allowed: set[str]) -> dict[str, Any]:
+    if not isinstance(table, dict):
+        raise BridgeConfigError(f"[{where}] must be a table")
+    unknown = set(table) - allowed
+    if unknown:
+        raise BridgeConfigError(f"unknown key {where}.{sorted(unknown)[0]}")
+    return table
+
+
+def _secret(value: str | None, where: str) -> str | None:
+    if value is None:
+        return None
+    if not value.startswith("env:") or not re.fullmatch(r"env:[A-Za-z_][A-Za-z0-9_]*", value):
+        raise BridgeConfigError(f'{where} must name an environment variable as "env:NAME" (secrets stay out of files)')
+    return value[4:]
+
+
+def _leg(table: Any, where: str, default: MediaLeg) -> MediaLeg:
+    t = _check_keys(table, where, {"video_codec", "audio_codec", "width", "height", "fps", "bitrate_kbps"})
+    leg = MediaLeg(
+        video_codec=_choice(
+            _take(t, where, "video_codec", str, default.video_codec), f"{where}.video_codec", VIDEO_CODECS
+        ),
+        audio_codec=_choice(
+            _take(t, where, "audio_codec", str, default.audio_codec), f"{where}.audio_codec", AUDIO_CODECS
+        ),
+        width=_take(t, where, "width", int, default.width),
+        height=_take(t, where, "height", int, default.height),
+        fps=_take(t, where, "fps", int, default.fps),
+        bitrate_kbps=_take(t, where, "bitrate_kbps", int, default.bitrate_kbps),
+    )
+    for key in ("width", "height"):
+        value = getattr(leg, key)
+        if value <= 0 or value % 2 or value > 4096:
+            raise BridgeConfigError(f"{where}.{key} must be an even number of pixels up to 4096, not {value}")
+    if not 1 <= leg.fps <= 60:
+        raise BridgeConfigError(f"{where}.fps must be 1..60, not {leg.fps}")
+    if not 16 <= leg.bitrate_kbps <= 20000:
+        raise BridgeConfigError(f"{where}.bitrate_kbps must be 16..20000, not {leg.bitrate_kbps}")
+    return leg
+
+
+def parse_bridge(data: dict[str, Any]) -> BridgeConfig:
+    _check_keys(data, "bridge file", {"room", "janus", "sip", "media", "layout", "room_side"})
+    room = _check_keys(data.get("room"), "room", {"url", "recipe", "display_name", "capture", "vars"})
+    if "url" not in room:
+        raise BridgeConfigError("room.url is required")
+    janus = _check_keys(data.get("janus", {}), "janus", {"url", "api_secret", "start"})
+    sip = _check_keys(
+        data.get("sip", {}),
+        "sip",
+        {"identity", "register", "proxy", "authuser", "secret", "call", "inbound", "accept_from"},
+    )
+    media = _check_keys(data.get("media", {}), "media", {"to_sip", "to_room"})
+    layout = _check_keys(data.get("layout", {}), "layout", {"mode", "max_tiles", "participants"})
+    room_side = _check_keys(data.get("room_side", {}), "room_side", {"split"})
+    cfg = BridgeConfig(room_url=_take(room, "room", "url", str, ""))
+    cfg.recipe = _take(room, "room", "recipe", str, cfg.recipe)
+    cfg.display_name = _take(room, "room", "display_name", str, cfg.display_name)
+    cfg.capture = _choice(_take(room, "room", "capture", str, cfg.capture), "room.capture", CAPTURE_MODES)
+    recipe_vars = _take(room, "room", "vars", dict, {})
+    if not all(isinstance(v, str) for v in recipe_vars.values()):
+        raise BridgeConfigError("room.vars must be a table of strings")
+    cfg.recipe_vars = dict(recipe_vars)
+    cfg.janus_url = _take(janus, "janus", "url", str, cfg.janus_url)
+    if not cfg.janus_url.startswith(("ws://", "wss://")):
+        raise BridgeConfigError(f"janus.url must be a ws:// or wss:// URL, not {cfg.janus_url!r}")
+    cfg.janus_api_secret = _secret(_take(janus, "janus", "api_secret", str, None), "janus.api_secret")
+    cfg.start_janus = _take(janus, "janus", "start", bool, cfg.start_janus)
+    cfg.identity = _take(sip, "sip", "identity", str, cfg.identity)
+    cfg.register = _choice(_take(sip, "sip", "register", str, cfg.register), "sip.register", ("guest", "digest"))
+    cfg.proxy = _take(sip, "sip", "proxy", str, None)
+    cfg.authuser = _take(sip, "sip", "authuser", str, None)
+    cfg.secret = _secret(_take(sip, "sip", "secret", str, None), "sip.secret")
+    cfg.call = _take(sip, "sip", "call", str, None)
+    cfg.inbound = _take(sip, "sip", "inbound", bool, False)
+    cfg.accept_from = _take(sip, "sip", "accept_from", str, cfg.accept_from)
+    for key, value in (("identity", cfg.identity), ("call", cfg.call), ("proxy", cfg.proxy)):
+        if value is not None and not value.startswith(("sip:", "sips:")):
+            raise BridgeConfigError(f"sip.{key} must be a sip: URI, not {value!r}")
+    try:
+        re.compile(cfg.accept_from)
+    except re.error as exc:
+        raise BridgeConfigError(f"sip.accept_from is not a valid regular expression: {exc}") from None
+    if bool(cfg.call) == cfg.inbound:
+        raise BridgeConfigError("give exactly one of sip.call (outbound) or sip.inbound = true")
+    if cfg.register == "digest" and not (cfg.proxy and cfg.secret):
+        raise BridgeConfigError('sip.register = "digest" needs sip.proxy and sip.secret')
+    cfg.to_sip = _leg(media.get("to_sip", {}), "media.to_sip", cfg.to_sip)
+    cfg.to_room = _leg(media.get("to_room", {}), "media.to_room", MediaLeg(video_codec="none", audio_codec="opus"))
+    cfg.layout = _choice(_take(layout, "layout", "mode", str, cfg.layout), "layout.mode", LAYOUTS)
+    cfg.max_tiles = _take(layout, "layout", "max_tiles", int, cfg.max_tiles)
+    if not 1 <= cfg.max_tiles <= 16:
+        raise BridgeConfigError(f"layout.max_tiles must be 1..16, not {cfg.max_tiles}")
+    participants = _take(layout, "layout", "participants", list, [])
+    if not all(isinstance(p, str) for p in participants):
+        raise BridgeConfigError("layout.participants must be a list of stream ids")
+    cfg.participants = participants
+    split = _take(room_side, "room_side", "split", str, None)
+    if split is not None:
+        match = re.fullmatch(r"([1-4])x([1-4])", split)
+        if not match:
+            raise BridgeConfigError(f"room_side.split must be COLSxROWS with 1..4 each, not {split!r}")
+        cfg.split = (int(match[1]), int(match[2]))
+    return cfg
+
+
+def missing_secrets(cfg: BridgeConfig, environ: dict[str, str] | None = None) -> list[str]:
+    env = os.environ if environ is None else environ
+    return [name for name in (cfg.janus_api_secret, cfg.secret) if name and name not in env]
+
+
+def _grid(cfg: BridgeConfig) -> str:
+    size = f"{cfg.to_sip.width}x{cfg.to_sip.height}"
+    if cfg.layout == "active":
+        return f"compose:active:{size}"
+    if cfg.layout == "single":
+        ids = f":{cfg.participants[0]}" if cfg.participants else ""
+        return f"compose:1x1:{size}{ids}"
+    cols = 1
+    while cols * cols < cfg.max_tiles:
+        cols += 1
+    rows = -(-cfg.max_tiles // cols)
+    ids = f":{','.join(cfg.participants)}" if cfg.participants else ""
+    return f"compose:{cols}x{rows}:{size}{ids}"
+
+
+def bridge_stages(cfg: BridgeConfig, run_dir: Path) -> list[StageSpec]:
+    """The stage processes of one bridged call (earlier entries start later and stop earlier)."""
+    sip_rate = CODEC_AUDIO_RATE_HZ[cfg.to_sip.audio_codec]
+    sip_video = cfg.to_sip.video_codec
+    janus_args = [
+        "--janus-url",
+        cfg.janus_url,
+        "--identity",
+        cfg.identity,
+        "--register",
+        cfg.register,
+        "--audio-codec",
+        cfg.to_sip.audio_codec,
+        "--video-codec",
+        sip_video,
+    ]
+    janus_env: dict[str, str] = {}
+    if cfg.proxy:
+        janus_args += ["--proxy", cfg.proxy]
+    if cfg.authuser:
+        janus_args += ["--authuser", cfg.authuser]
+    if cfg.secret:
+        janus_env["SIPBRIDGE_STAGE_JANUS_SECRET"] = f"%(ENV_{cfg.secret})s"
+    if cfg.janus_api_secret:
+        janus_env["SIPBRIDGE_STAGE_JANUS_API_SECRET"] = f"%(ENV_{cfg.janus_api_secret})s"
+    janus_args += ["--call", cfg.call] if cfg.call else ["--inbound", "--accept-from", cfg.accept_from]
+
+    room_video = ["--video", _grid(cfg)] if sip_video != "none" else []
+    to_room_video = []
+    if cfg.split:
+        to_room_video += ["--video", f"split:{cfg.split[0]}x{cfg.split[1]}"]
+    video_tracks = cfg.split[0] * cfg.split[1] if cfg.split else 1
+    browser_args = [
+        "--recipe",
+        cfg.recipe,
+        "--url",
+        cfg.room_url,
+        "--display-name",
+        cfg.display_name,
+        "--mode",
+        cfg.capture,
+        "--video-tracks",
+        str(video_tracks),
+    ]
+    for key, value in sorted(cfg.recipe_vars.items()):
+        browser_args += ["--var", f"{key}={value}"]
+
+    specs = [
+        StageSpec("browser", "browser", args=browser_args, inputs=["sip-transformer"]),
+        StageSpec(
+            "sip-transformer",
+            "transformer",
+            inputs=["sip-decoder"],
+            args=[*to_room_video, "--audio", f"resample:{ROOM_AUDIO_RATE_HZ}"],
+        ),
+        StageSpec("sip-decoder", "decoder", inputs=["janus"]),
+        StageSpec("janus", "janus", args=janus_args, inputs=["sip-encoder"], env=janus_env),
+        StageSpec(
+            "sip-encoder",
+            "encoder",
+            inputs=["room-transformer"],
+            args=[
+                "--video-codec",
+                sip_video if sip_video != "none" else "h264",
+                "--audio-codec",
+                cfg.to_sip.audio_codec,
+                "--width",
+                str(cfg.to_sip.width),
+                "--height",
+                str(cfg.to_sip.height),
+                "--fps",
+                str(cfg.to_sip.fps),
+                "--bitrate-kbps",
+                str(cfg.to_sip.bitrate_kbps),
+                "--preset",
+                "veryfast",
+            ],
+        ),
+        StageSpec(
+            "room-transformer",
+            "transformer",
+            inputs=["room-decoder"],
+            args=[
+                *room_video,
+                "--audio",
+                f"resample:{sip_rate}",
+                "--audio",
+                "mix",
+                "--compose-id",
+                "room-video",
+                "--mix-id",
+                "room-audio",
+            ],
+        ),
+        StageSpec("room-decoder", "decoder", inputs=["browser"]),
+    ]
+    if cfg.start_janus:
+        # Janus is what the janus stage connects to: it starts before every stage and stops after them.
+        specs.insert(
+            0,
+            StageSpec(
+                "janus-server",
+                priority=10,
+                command=(f"%(ENV_SIPBRIDGE_PYTHON)s -m sipbridge janus-server --work-dir {run_dir}/janus"),
+            ),
+        )
+    return specs

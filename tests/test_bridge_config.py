@@ -1,0 +1,89 @@
+"""Bridge configuration: validation names the bad key, secrets stay out of files, stages are wired right."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from sipbridge.bridge import BridgeConfigError, bridge_stages, missing_secrets, parse_bridge
+from sipbridge.cli import cli
+from sipbridge.supervise import render_config
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "bridge-local.toml"
+
+
+def example() -> dict:
+    return tomllib.loads(EXAMPLE.read_text())
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda d: d["room"].pop("url"), "room.url is required"),
+        (lambda d: d["room"].update(capture="video"), "room.capture must be one of raw, encoded"),
+        (lambda d: d["media"]["to_sip"].update(audio_codec="amr"), "media.to_sip.audio_codec must be one of"),
+        (lambda d: d["media"]["to_sip"].update(width=641), "media.to_sip.width must be an even number"),
+        (lambda d: d["media"]["to_sip"].update(fps="30"), "media.to_sip.fps must be int"),
+        (lambda d: d["sip"].update(call="echo@host"), "sip.call must be a sip: URI"),
+        (lambda d: d["sip"].update(inbound=True), "exactly one of sip.call"),
+        (lambda d: d["sip"].update(secret="hunter2"), "sip.secret must name an environment variable"),
+        (lambda d: d["sip"].update(register="digest"), "needs sip.proxy and sip.secret"),
+        (lambda d: d["layout"].update(mode="mosaic"), "layout.mode must be one of"),
+        (lambda d: d.update(room_side={"split": "5x5"}), "room_side.split must be COLSxROWS"),
+        (lambda d: d["janus"].update(colour="red"), "unknown key janus.colour"),
+        (lambda d: d["janus"].update(url="http://x"), "janus.url must be a ws://"),
+    ],
+)
+def test_errors_name_the_bad_key(mutate, message: str) -> None:
+    data = example()
+    mutate(data)
+    with pytest.raises(BridgeConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):
+        parse_bridge(data)
+
+
+def test_stages_are_wired_in_both_directions(tmp_path: Path) -> None:
+    data = example()
+    data["room_side"] = {"split": "2x2"}
+    specs = {s.name: s for s in bridge_stages(parse_bridge(data), tmp_path)}
+    assert specs["room-decoder"].inputs == ["browser"]
+    assert specs["room-transformer"].inputs == ["room-decoder"]
+    assert specs["sip-encoder"].inputs == ["room-transformer"]
+    assert specs["janus"].inputs == ["sip-encoder"]
+    assert specs["sip-decoder"].inputs == ["janus"]
+    assert specs["browser"].inputs == ["sip-transformer"]
+    assert "split:2x2" in specs["sip-transformer"].args
+    assert specs["browser"].args[specs["browser"].args.index("--video-tracks") + 1] == "4"
+    assert "compose:2x2:640x480" in specs["room-transformer"].args
+    assert "resample:8000" in specs["room-transformer"].args
+    assert specs["janus-server"].priority == 10
+
+
+def test_secrets_come_from_the_environment_and_never_reach_the_config_file(tmp_path: Path) -> None:
+    data = example()
+    data["sip"].update(register="digest", proxy="sip:127.0.0.1:5070", authuser="bridge", secret="env:SB_TEST_SECRET")
+    cfg = parse_bridge(data)
+    assert missing_secrets(cfg, {}) == ["SB_TEST_SECRET"]
+    assert missing_secrets(cfg, {"SB_TEST_SECRET": "hunter2"}) == []
+    conf = render_config(bridge_stages(cfg, tmp_path), tmp_path)
+    assert "hunter2" not in conf
+    assert 'SIPBRIDGE_STAGE_JANUS_SECRET="%(ENV_SB_TEST_SECRET)s"' in conf
+    assert "--secret" not in conf
+
+
+def test_up_refuses_a_bad_bridge_file_with_the_key_named(tmp_path: Path) -> None:
+    bad = tmp_path / "bridge.toml"
+    bad.write_text(EXAMPLE.read_text().replace('audio_codec = "pcmu"', 'audio_codec = "gsm"'))
+    result = CliRunner().invoke(cli, ["up", str(bad), "--run-dir", str(tmp_path / "run")])
+    assert result.exit_code == 1
+    assert "media.to_sip.audio_codec must be one of pcmu, pcma, g722, opus, not 'gsm'" in result.output
+    secret = tmp_path / "secret.toml"
+    secret.write_text(
+        EXAMPLE.read_text().replace(
+            'register = "guest"', 'register = "digest"\nproxy = "sip:127.0.0.1"\nsecret = "env:SB_UNSET_SECRET_VAR"'
+        )
+    )
+    result = CliRunner().invoke(cli, ["up", str(secret), "--run-dir", str(tmp_path / "run")])
+    assert result.exit_code == 1 and "SB_UNSET_SECRET_VAR not set" in result.output
