@@ -341,7 +341,17 @@ class JanusStage(Stage):
             event = await self.handle.events.get()
             if event.get("janus") == "disconnected":
                 raise JanusDisconnected("Janus connection closed")
-            await self._on_event(event)
+            try:
+                await self._on_event(event)
+            except JanusDisconnected:
+                raise
+            except Exception as exc:  # one bad call (an SDP aiortc refuses, a timeout) must not stop the stage
+                call_id = self.call.info.call_id if self.call is not None else ""
+                self.report_error("call_setup_failed", f"{type(exc).__name__}: {exc}", call_id=call_id)
+                if self.call is not None:
+                    with contextlib.suppress(JanusError, JanusDisconnected, asyncio.TimeoutError):
+                        await self.handle.message({"request": "hangup"})
+                    await self._end_call(CallState.FAILED, reason=f"{type(exc).__name__}: {exc}")
 
     def _register_request(self) -> dict[str, Any]:
         s = self.settings

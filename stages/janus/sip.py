@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import re
 import time
 import uuid
 from collections.abc import Callable
@@ -87,6 +88,58 @@ def codec_capabilities(kind: str, codecs: list[Codec]) -> list[RTCRtpCodecCapabi
     return chosen
 
 
+def _sections(sdp: str) -> list[str]:
+    """Session part first, then one string per m= section (CRLF line ends kept inside)."""
+    parts = sdp.split("\r\nm=")
+    return [parts[0]] + ["m=" + p for p in parts[1:]]
+
+
+def _attribute(section: str, name: str) -> str | None:
+    for line in section.split("\r\n"):
+        if line.startswith(f"a={name}:"):
+            return line
+    return None
+
+
+def repair_rejected_sections(answer: str, offer: str) -> tuple[str, list[str]]:
+    """Make a Janus answer with a rejected media section acceptable to aiortc.
+
+    When the SIP peer declines a stream (port 0), Janus answers that section bare: no ICE credentials,
+    no DTLS role, a payload type of the other kind. aiortc refuses the whole answer (field notes). Here
+    the section gets the bundled transport's credentials, our offered codecs back and ``a=inactive``,
+    and joins the BUNDLE group; the stream is reported as rejected. Returns (answer, rejected kinds).
+    """
+    sections = _sections(answer)
+    offered = _sections(offer)
+    if len(sections) != len(offered):
+        return answer, []
+    live = next((s for s in sections[1:] if s.split(" ", 2)[1] != "0"), None)
+    if live is None:
+        return answer, []
+    transport = [a for a in (_attribute(live, n) for n in ("ice-ufrag", "ice-pwd", "setup")) if a]
+    rejected: list[str] = []
+    for i in range(1, len(sections)):
+        head = sections[i].split("\r\n", 1)[0].split(" ")
+        if head[1] != "0" or _attribute(sections[i], "ice-ufrag"):
+            continue
+        kind = head[0][2:]
+        mid = _attribute(sections[i], "mid") or _attribute(offered[i], "mid")
+        offer_lines = offered[i].split("\r\n")
+        codecs = [line for line in offer_lines if line.startswith(("a=rtpmap:", "a=fmtp:"))]
+        offer_head = offer_lines[0].split(" ")
+        new_head = " ".join([head[0], "9", head[2], *offer_head[3:]])
+        lines = [new_head, "c=IN IP4 0.0.0.0", "a=inactive", *([mid] if mid else []), "a=rtcp-mux", *transport,
+                 *codecs]
+        sections[i] = "\r\n".join(lines) + ("\r\n" if i == len(sections) - 1 else "")
+        rejected.append(kind)
+        if mid:
+            mid_value = mid.split(":", 1)[1]
+            sections[0] = re.sub(r"(a=group:BUNDLE [^\r\n]*)", rf"\1 {mid_value}", sections[0], count=1)
+    if not rejected:
+        return answer, []
+    return "\r\n".join(sections), rejected
+
+
 @dataclass
 class CallInfo:
     call_id: str
@@ -156,8 +209,13 @@ class SipCall:
         return {"type": "offer", "sdp": sdp}
 
     async def set_answer(self, jsep: dict[str, Any]) -> None:
-        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=jsep["sdp"], type=jsep["type"]))
+        offer = self.pc.localDescription.sdp
+        sdp, rejected = repair_rejected_sections(jsep["sdp"], offer)
+        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type=jsep["type"]))
         self._note_codecs()
+        for kind in rejected:
+            log.info("call %s: the SIP peer rejected %s", self.info.call_id, kind)
+            setattr(self.info, f"{kind}_codec", None)
         self._tap_telephone_events(jsep["sdp"])
 
     def _tap_telephone_events(self, remote_sdp: str) -> None:

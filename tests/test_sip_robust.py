@@ -1,0 +1,88 @@
+"""The Janus stage under bad input and awkward peers: it counts, reports and keeps working."""
+
+from __future__ import annotations
+
+import asyncio
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+import zmq
+
+import protocol
+from protocol import Codec, EncodedPacket, MediaHeader
+from sipbridge.janus_server import JanusServer
+from tests.sipfix import (
+    Sipp,
+    janus_fixture,  # noqa: F401  (pytest fixture)
+    netns_fixture,  # noqa: F401  (pytest fixture)
+)
+from tests.test_sip_control import PEER, SIPP_MEDIA_PORT, SIPP_PORT, Rig
+
+pytestmark = [pytest.mark.media]
+
+
+async def _audio_only_phone(tmp_path: Path, janus: JanusServer) -> None:
+    """A phone that rejects video (port 0): the call goes on with audio only."""
+    rig = Rig(tmp_path, janus)
+    sipp = Sipp("uas_novideo", tmp_path / "sipp", SIPP_PORT, SIPP_MEDIA_PORT, extra=["-rtp_echo"]).start()
+    try:
+        await rig.stage.wait_registered()
+        rig.feed(4.0)
+        reply = await rig.stage.command({"cmd": "call", "uri": PEER, "wait": True})
+        assert reply["ok"], reply
+        assert reply["call"]["audio_codec"] == "PCMU" and reply["call"]["video_codec"] is None
+        await rig.feeding  # type: ignore[misc]
+        assert (await rig.stage.command({"cmd": "hangup"}))["ok"]
+        assert sipp.wait(10) == 0
+        status = await rig.stage.command({"cmd": "status"})
+        assert status["drops"].get("video_not_negotiated", 0) > 0
+    finally:
+        sipp.stop()
+        await rig.close()
+    assert abs(rig.collector.tone_hz() - 440.0) < 10
+    assert not rig.collector.counters
+
+
+@pytest.mark.timeout(60)
+def test_peer_rejecting_video(janus: JanusServer, tmp_path: Path) -> None:
+    asyncio.run(_audio_only_phone(tmp_path, janus))
+
+
+async def _bad_input(tmp_path: Path, janus: JanusServer) -> None:
+    rig = Rig(tmp_path, janus)
+    try:
+        await rig.stage.wait_registered()
+        # Garbage on the data edge, a packet while no call is up, nonsense on the control socket.
+        await rig.feeder.sock.send_multipart([b"not a sipbridge message"])
+        await rig.feeder.sock.send_multipart([b"SB\x01\x03", b"truncated"])
+        header = MediaHeader("video0", 0, 0, Fraction(1, 90000), 0)
+        await rig.feeder.sock.send_multipart(protocol.encode(EncodedPacket(header, Codec.H264, True, b"\x00\x00\x01")))
+        for request in [b"{not json", b"[1, 2]", b'{"cmd": "fly"}', b'{"cmd": "call", "uri": "http://x"}',
+                        b'{"cmd": "hangup"}', b'{"cmd": "dtmf", "digits": "12"}']:
+            req = rig.stage.ctx.socket(zmq.REQ)
+            req.connect(rig.stage.control)
+            await req.send(request)
+            reply = await asyncio.wait_for(req.recv_json(), 5)
+            req.close(linger=0)
+            assert reply["ok"] is False and reply["error"], (request, reply)
+        await asyncio.sleep(1.5)  # one statistics period
+        status = await rig.stage.command({"cmd": "status"})
+        assert status["drops"].get("malformed", 0) == 2 and status["drops"].get("no_call", 0) == 1
+        # Still fully working: a call connects.
+        with Sipp("uas_echo", tmp_path / "sipp", SIPP_PORT, SIPP_MEDIA_PORT, extra=["-rtp_echo"]) as sipp:
+            rig.feed(3.0)
+            reply = await rig.stage.command({"cmd": "call", "uri": PEER, "wait": True})
+            assert reply["ok"], reply
+            await rig.feeding  # type: ignore[misc]
+            assert (await rig.stage.command({"cmd": "hangup"}))["ok"]
+            assert sipp.wait(10) == 0
+        assert len(rig.collector.counters) > 10
+    finally:
+        await rig.close()
+    assert rig.exit_code == 0
+
+
+@pytest.mark.timeout(60)
+def test_bad_input_is_counted_and_the_stage_keeps_working(janus: JanusServer, tmp_path: Path) -> None:
+    asyncio.run(_bad_input(tmp_path, janus))
