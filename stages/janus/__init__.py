@@ -663,14 +663,16 @@ CODEC_CHOICES = {"h264": Codec.H264, "vp8": Codec.VP8, "pcmu": Codec.PCMU, "pcma
 @click.command("janus")
 @stage_options("janus")
 @click.option("--janus-url", default="ws://127.0.0.1:8188", help="Janus WebSocket API.")
-@click.option("--api-secret", default=None, envvar="SIPBRIDGE_JANUS_API_SECRET", help="Janus API secret.")
+@click.option("--api-secret", default=None, envvar=["SIPBRIDGE_JANUS_API_SECRET", "SIPBRIDGE_STAGE_JANUS_API_SECRET"],
+              help="Janus API secret (prefer the environment).")
 @click.option("--identity", default="sip:bridge@127.0.0.1", help="Our SIP URI (From / registered AOR).")
 @click.option("--display-name", default=None)
 @click.option("--register", "register_mode", type=click.Choice(["guest", "digest"]), default="guest",
               help="guest: no REGISTER; digest: REGISTER at --proxy with --authuser/--secret.")
 @click.option("--proxy", default=None, help="Registrar/proxy URI, e.g. sip:127.0.0.1:5070.")
 @click.option("--authuser", default=None)
-@click.option("--secret", default=None, envvar="SIPBRIDGE_SIP_SECRET", help="SIP password (prefer the env var).")
+@click.option("--secret", default=None, envvar=["SIPBRIDGE_SIP_SECRET", "SIPBRIDGE_STAGE_JANUS_SECRET"],
+              help="SIP password (prefer the environment: SIPBRIDGE_SIP_SECRET).")
 @click.option("--call", "call_uri", default=None, help="Call this SIP URI once registered.")
 @click.option("--inbound/--no-inbound", default=False, help="Accept incoming calls.")
 @click.option("--accept-from", default=".*", help="Regex on the caller URI for calls to accept.")
