@@ -26,8 +26,20 @@ Fixtures:
   log ``janus.log_file``), stopped (SIGTERM) at the end. Its log tail is printed when the
   test fails (pytest shows captured output).
 
-Helpers: ``Sipp`` (run a scenario from tests/sipp/ in the namespace), ``free_udp_port()``,
-``wait_for(predicate, timeout_s)``, ``sipp_scenario(name)``.
+Helpers (all run in the caller's namespace):
+
+* ``Sipp(scenario, work_dir, port, media_port, extra=[...], remote=None)``: a scenario from tests/sipp/;
+  ``start()`` waits until sipp listens; ``wait()``, ``messages()`` (its -trace_msg), ``output()``, ``stop()``.
+* ``StageProcess(work_dir, feed_endpoint, janus_url, args=[...])``: ``sipbridge stage janus`` as a child;
+  ``await command({...})`` on its control socket, ``await wait_registered()``, ``log_text()``, ``stop()``.
+* ``MediaFeeder(endpoint, video=Codec.H264, audio=Codec.PCMU)``: test-side upstream; encodes a 16-bit
+  counter picture and a tone with PyAV, honours keyframe requests; ``await run(seconds)`` or
+  ``run_in_thread(seconds)``; ``sent_ns[counter]`` for latency.
+* ``MediaCollector(endpoint)``: test-side downstream; decodes and keeps ``counters``, ``counter_ns``,
+  ``tone_hz()``, control ``events`` and ``states()``; ``stop_stage_and_collector(...)`` ends both in order.
+* ``Capture(path, ports)``: tshark on ``lo``; ``rtp_payload_types(port)`` reads what went *to* a port.
+* ``sip_listen_port()``: the SIP port Janus's only SIP handle bound; ``udp_ports()``, ``free_udp_port()``,
+  ``wait_for(predicate, timeout_s)``, ``sipp_scenario(name)``, ``draw_counter`` / ``read_counter``.
 """
 
 from __future__ import annotations

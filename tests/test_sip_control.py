@@ -11,7 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import zmq
+import zmq.asyncio
 
+import protocol
 from protocol import Codec, EventType
 from sipbridge.janus_server import JanusServer
 from tests.sipfix import (
@@ -76,6 +79,23 @@ class Rig:
         return len(self.collector.states())
 
 
+async def _next_stats(endpoint: str, timeout_s: float = 5.0) -> protocol.Stats:
+    ctx = zmq.asyncio.Context.instance()
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.connect(endpoint)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            parts = await asyncio.wait_for(sub.recv_multipart(), timeout_s)
+            msg = protocol.decode(parts)
+            if isinstance(msg, protocol.Stats):
+                return msg
+        raise AssertionError("no statistics message")
+    finally:
+        sub.close(linger=0)
+
+
 async def _rejections_then_remote_bye(tmp_path: Path, janus: JanusServer) -> None:
     rig = Rig(tmp_path, janus)
     try:
@@ -104,6 +124,11 @@ async def _rejections_then_remote_bye(tmp_path: Path, janus: JanusServer) -> Non
         status = await rig.stage.command({"cmd": "status"})
         assert status["counters"]["calls_failed"] == 2 and status["counters"]["calls_connected"] == 1
         assert status["errors"].get("call_failed") == 2
+        # The same figures go out on the statistics socket (what `sipbridge status` shows).
+        stats = await _next_stats(rig.stage.stats)
+        assert stats.figures["calls_failed"] == 2 and stats.figures["calls_connected"] == 1
+        assert stats.figures["call"]["state"] == "ended" and stats.figures["call"]["code"] == 200
+        assert stats.figures["registration"]["state"] == "registered"
     finally:
         await rig.close()
     assert rig.exit_code == 0
