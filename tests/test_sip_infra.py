@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import shutil
+import signal
 import subprocess
+import time
 import urllib.request
 
 import pytest
 
 from sipbridge import netns as netns_mod
-from sipbridge.janus_server import JanusServer
+from sipbridge.janus_server import JanusServer, fetch_info
 from tests.sipfix import janus_fixture, netns_fixture  # noqa: F401  (pytest fixtures)
 
 pytestmark = [pytest.mark.media, pytest.mark.timeout(60)]
@@ -56,3 +59,26 @@ def test_two_janus_instances_in_two_namespaces(tmp_path) -> None:
             assert ja.info["janus"] == jb.info["janus"] == "server_info"
             assert ja.running() and jb.running()
         assert not ja.running() and not jb.running()
+
+
+def test_janus_server_command_in_foreground(netns: netns_mod.NetNs, tmp_path) -> None:
+    """What supervisord runs: `sipbridge janus-server` stays in the foreground and stops on SIGTERM."""
+    argv = [shutil.which("sipbridge") or "sipbridge", "janus-server", "--work-dir", str(tmp_path / "j"),
+            "--http-port", "8089", "--ws-port", "8189", "--log-file", str(tmp_path / "janus.log")]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        info = None
+        while info is None and time.monotonic() < deadline:
+            try:
+                info = fetch_info("http://127.0.0.1:8089/janus")
+            except (OSError, ValueError):
+                time.sleep(0.1)
+        assert info is not None and info["janus"] == "server_info"
+        assert proc.poll() is None  # exec'd into janus: still the same, running process
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
