@@ -277,3 +277,66 @@ def test_bad_input_is_counted_and_the_stage_keeps_running(tmp_path: Path) -> Non
         assert procs.wait_all() == {"crop": 0}
         for closable in (feeder, out, stats):
             closable.close()
+
+
+@pytest.mark.parametrize("video_codec, audio_codec", [("vp8", "opus"), ("h264", "g722"), ("h264", "pcma")])
+def test_five_stage_codec_chain_end_of_stream_and_content(tmp_path: Path, video_codec: str, audio_codec: str) -> None:
+    """source -> encoder -> decoder -> transformer -> sink: every process exits 0, counters survive the
+    codec in order, and the tone keeps its frequency through the audio codec and a resample."""
+    report = tmp_path / "report.json"
+    with stage_procs(tmp_path) as procs:
+        procs.start(
+            "sink", "sink", "--in", procs.endpoint("transformer"), "--report", str(report), "--video-policy", "all"
+        )
+        procs.start(
+            "transformer",
+            "transformer",
+            "--in",
+            procs.endpoint("decoder"),
+            "--video",
+            "resize:320x240",
+            "--audio",
+            "resample:16000",
+            "--video-policy",
+            "all",
+        )
+        procs.start("decoder", "decoder", "--in", procs.endpoint("encoder"), "--video-policy", "all")
+        procs.start(
+            "encoder",
+            "encoder",
+            "--in",
+            procs.endpoint("source"),
+            "--video-codec",
+            video_codec,
+            "--audio-codec",
+            audio_codec,
+            "--video-policy",
+            "all",
+        )
+        procs.start(
+            "source",
+            "source",
+            "--frames",
+            "60",
+            "--width",
+            "640",
+            "--height",
+            "480",
+            "--tone-hz",
+            "1000",
+            "--video-policy",
+            "all",
+            "--as-fast-as-possible",
+        )
+        codes = procs.wait_all(60)
+    assert set(codes.values()) == {0}, codes
+    summary = json.loads(report.read_text())
+    video = summary["video"]["video0"]
+    assert video["size"] == [320, 240]
+    assert video["frames"] == 60 and video["unreadable"] == 0
+    assert (video["first_counter"], video["last_counter"]) == (0, 59)
+    assert video["missing"] == video["out_of_order"] == 0
+    audio = summary["audio"]["audio0"]
+    assert audio["sample_rate"] == 16000
+    assert abs(audio["frequency_hz"] - 1000.0) < 3.0, audio
+    assert audio["level_dbfs"] > -20, audio

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -150,3 +151,41 @@ def test_cli_stage_options_from_config_file_and_environment(tmp_path: Path) -> N
         env={"SIPBRIDGE_STAGE_TRANSFORMER_VIDEO": "from-env"},
     )
     assert from_cli.exit_code == 2 and "unknown transform 'from-cli'" in from_cli.output
+
+
+def test_status_shows_live_figures_and_sigterm_stops_everything_cleanly(tmp_path: Path) -> None:
+    run_dir = _run_dir(tmp_path)
+    specs = parse_pipeline(PIPELINE)
+    specs[0].args = ["--frames", "0", "--width", "320", "--height", "240"]  # runs until stopped
+    specs[2].args += ["--report", str(run_dir / "report.json")]
+    conf = run_dir / "supervisord.conf"
+    conf.write_text(render_config(specs, run_dir))
+    os.environ["SIPBRIDGE_PYTHON"] = sys.executable
+    supervisor = Supervisor(conf, run_dir)
+    supervisor.start()
+    try:
+        deadline = time.monotonic() + 30
+        snapshot: dict = {}
+        while time.monotonic() < deadline:
+            result = CliRunner().invoke(cli, ["status", "--json", "--run-dir", str(run_dir)])
+            assert result.exit_code == 0, result.output
+            snapshot = json.loads(result.output)["stages"]
+            sink = (snapshot.get("sink") or {}).get("figures") or {}
+            if sink.get("streams", {}).get("video0", {}).get("frames_in", 0) > 30:
+                break
+        assert {name: s["state"] for name, s in snapshot.items()} == dict.fromkeys(
+            ("sink", "source", "transformer"), "RUNNING"
+        )
+        source = snapshot["source"]["figures"]["streams"]["video0"]
+        assert source["frames_out"] > 30
+        assert snapshot["transformer"]["figures"]["streams"]["video0"]["latency_ms_p50"] is not None
+    finally:
+        code = supervisor.stop()
+    assert code == 0
+    log = (run_dir / "logs" / "supervisord.log").read_text()
+    for name in ("source", "transformer", "sink"):
+        # A stage either gets SIGTERM itself or ends first on its upstream's end of stream: both exit 0.
+        assert re.search(rf"(stopped|exited): {name} \(exit status 0", log), log
+    report = json.loads((run_dir / "report.json").read_text())
+    video = report["video"]["video0"]
+    assert video["frames"] > 30 and video["out_of_order"] == 0
