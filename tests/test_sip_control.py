@@ -341,3 +341,20 @@ async def _rfc2833(tmp_path: Path, janus: JanusServer) -> None:
 @pytest.mark.timeout(60)
 def test_dtmf_rfc2833_received(janus: JanusServer, tmp_path: Path) -> None:
     asyncio.run(_rfc2833(tmp_path, janus))
+
+
+async def _redial(tmp_path: Path, janus: JanusServer) -> None:
+    with Sipp("uas_486", tmp_path / "sipp", SIPP_PORT, SIPP_MEDIA_PORT, calls=2) as sipp:
+        rig = Rig(tmp_path, janus, args=["--call", PEER, "--redial-s", "0.3"])
+        try:
+            await rig.wait_count("failed", 2, timeout_s=20)
+            assert rig.collector.states().count("failed") >= 2, rig.collector.states()
+            assert sipp.wait(10) == 0
+        finally:
+            await rig.close()
+    assert rig.exit_code == 0
+
+
+@pytest.mark.timeout(60)
+def test_call_at_start_and_redial_after_failure(janus: JanusServer, tmp_path: Path) -> None:
+    asyncio.run(_redial(tmp_path, janus))

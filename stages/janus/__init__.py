@@ -83,6 +83,7 @@ class SipSettings:
     authuser: str | None = None
     secret: str | None = None
     call_uri: str | None = None
+    redial_s: float = 0.0  # > 0: call call_uri again this long after a call ends or fails
     inbound: bool = False
     accept_from: str = ".*"
     decline_code: int = 486
@@ -261,6 +262,9 @@ class JanusStage(Stage):
             # the same handle (and its registration) takes the next call.
             with contextlib.suppress(JanusDisconnected):
                 await self.handle.hangup_webrtc()
+        if (self.settings.redial_s > 0 and self.settings.call_uri and info.direction == "outbound"
+                and state != CallState.DISCONNECTED and not self._stopping.is_set()):
+            self._spawn(self._redial(self.settings.call_uri))
         for stream_id in sorted(self._media_streams_seen):
             self._outbox.put_nowait(EndOfStream(stream_id))
         self._media_streams_seen.clear()
@@ -334,7 +338,7 @@ class JanusStage(Stage):
         assert self.client is not None
         self.handle = await self.client.attach(SIP_PLUGIN)
         await self._register(self.handle)
-        if self.settings.call_uri and not self._dialled_at_start:
+        if self.settings.call_uri and (not self._dialled_at_start or self.settings.redial_s > 0):
             self._dialled_at_start = True
             self._spawn(self._place_call(self.settings.call_uri))
         while True:
@@ -431,6 +435,12 @@ class JanusStage(Stage):
         except (JanusError, ValueError) as exc:
             await self._end_call(CallState.FAILED, reason=str(exc))
         return call.info
+
+    async def _redial(self, uri: str) -> None:
+        await asyncio.sleep(self.settings.redial_s)
+        if self.call is None and self.registered and not self._stopping.is_set():
+            self.log.info("redialling %s", uri)
+            await self._place_call(uri)
 
     async def _on_event(self, event: dict[str, Any]) -> None:
         kind = event.get("janus")
@@ -674,6 +684,8 @@ CODEC_CHOICES = {"h264": Codec.H264, "vp8": Codec.VP8, "pcmu": Codec.PCMU, "pcma
 @click.option("--secret", default=None, envvar=["SIPBRIDGE_SIP_SECRET", "SIPBRIDGE_STAGE_JANUS_SECRET"],
               help="SIP password (prefer the environment: SIPBRIDGE_SIP_SECRET).")
 @click.option("--call", "call_uri", default=None, help="Call this SIP URI once registered.")
+@click.option("--redial-s", type=click.FloatRange(0), default=0.0,
+              help="With --call: call again this many seconds after a call ends or fails (0 = once).")
 @click.option("--inbound/--no-inbound", default=False, help="Accept incoming calls.")
 @click.option("--accept-from", default=".*", help="Regex on the caller URI for calls to accept.")
 @click.option("--decline-code", type=int, default=486, help="SIP code for declined calls.")
@@ -691,7 +703,7 @@ def command(**params: Any) -> None:
     settings = SipSettings(
         janus_url=params["janus_url"], api_secret=params["api_secret"], identity=params["identity"],
         display_name=params["display_name"], register=params["register_mode"], proxy=params["proxy"],
-        authuser=params["authuser"], secret=params["secret"], call_uri=params["call_uri"],
+        authuser=params["authuser"], secret=params["secret"], call_uri=params["call_uri"], redial_s=params["redial_s"],
         inbound=params["inbound"], accept_from=params["accept_from"], decline_code=params["decline_code"],
         audio_codecs=[CODEC_CHOICES[c] for c in params["audio_codecs"]],
         video_codec=None if params["video_codec"] == "none" else CODEC_CHOICES[params["video_codec"]],
