@@ -248,8 +248,11 @@ class Stage:
                 stream_id = msg.header.stream_id  # type: ignore[union-attr]
                 self.drops["send_full"] += 1
                 if isinstance(msg, EncodedPacket):
-                    # The consumer will miss a reference frame: make the next one a keyframe.
-                    await self.run_codec(self.on_keyframe_request, KeyframeRequest(stream_id, "dropped on send"))
+                    # The consumer will miss a reference frame: make the next one a keyframe, here if this
+                    # stage encodes, else by asking whoever does upstream.
+                    request = KeyframeRequest(stream_id, "dropped on send")
+                    if not await self.run_codec(self.on_keyframe_request, request):
+                        await self.request_keyframe_upstream(stream_id, request.reason)
                 return False
         else:
             # Audio may wait briefly for room, but a consumer that is gone must not stall the stage.

@@ -84,3 +84,31 @@ def test_keyframe_request_reaches_the_room_sender(room: Room, tmp_path: Path) ->
         control.close(linger=0)
         ctx.term()
         collector.close()
+
+
+def test_encoded_capture_through_the_decoder_stage(room: Room, tmp_path: Path) -> None:
+    """Encoded mode feeds the pipeline's decoder stage: decoded counters in order, tones right."""
+    _, lines = room.participants(ROOM_ID + 2, PARTICIPANTS)
+    bot_out, decoded = f"ipc://{tmp_path}/bot.sock", f"ipc://{tmp_path}/decoded.sock"
+    collector = Collector(decoded)
+    try:
+        room.bot(ROOM_ID + 2, bot_out, mode="encoded")
+        room.spawn(["sipbridge", "stage", "decoder", "--in", bot_out, "--out", decoded,
+                    "--stats", f"ipc://{tmp_path}/decoder.stats"], stdout=None)
+        try:
+            wait_until(lambda: all(len(collector.counters(f"{n}/video")) >= MIN_FRAMES and
+                                   collector.tone(f"{n}/audio") is not None for n, _ in PARTICIPANTS),
+                       MEDIA_TIMEOUT_S, "decoded video and audio of both participants")
+        except TimeoutError:
+            print("EVENTS", [(e.type, e.stream_id) for _, e in collector.events])
+            print("PARTICIPANTS", lines.records)
+            print("STREAMS", {k: len(v.counters) for k, v in collector.streams.items()})
+            raise
+        for name, tone_hz in PARTICIPANTS:
+            assert in_order(collector.counters(f"{name}/video"))
+            assert abs((collector.tone(f"{name}/audio") or 0) - tone_hz) < TONE_TOLERANCE_HZ
+        # The bot's track events travel through the decoder to the rest of the pipeline.
+        assert {f"{n}/video" for n, _ in PARTICIPANTS} <= {e.stream_id for e in
+                                                           collector.events_of(EventType.TRACK_ADDED)}
+    finally:
+        collector.close()

@@ -41,7 +41,7 @@ def _start(run_dir: Path, kind: str, name: str, *args: str) -> subprocess.Popen[
 
 
 def _control(endpoint: str, request: dict[str, object], timeout_s: float = 2.0) -> dict[str, object]:
-    ctx = zmq.Context.instance()
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     sock = ctx.socket(zmq.REQ)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.RCVTIMEO, int(timeout_s * 1000))
