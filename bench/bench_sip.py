@@ -192,31 +192,33 @@ async def single_call(work: Path, janus: JanusServer, seconds: float, setup_call
             # Start-up helpers block: keep them off the loop that reads the echoed frames.
             capture = await asyncio.to_thread(
                 Capture(work / f"setup{i}.pcapng", [SIPP_MEDIA_PORT, SIPP_MEDIA_PORT + 2]).start)
-            sipp = await asyncio.to_thread(
-                Sipp("uas_echo", work / f"sipp{i}", SIPP_PORT, SIPP_MEDIA_PORT, extra=["-rtp_echo"]).start)
             try:
-                requested = time.time()
-                reply = await stage.command({"cmd": "call", "uri": peer, "wait": True})
-                if not reply["ok"]:
-                    raise RuntimeError(f"call failed: {reply}")
-                if measured_call:
-                    collector.counters.clear()
-                    collector.counter_ns.clear()
-                    meter = CpuMeter([stage.proc.pid])
-                    janus_meter = CpuMeter([janus.proc.pid])
-                    await asyncio.sleep(seconds)
-                    result["stage_cores"] = meter.cores()
-                    result["janus_cores"] = janus_meter.cores()
-                    result["stage_pss_mb"] = pss_mb(stage.proc.pid)
-                    result["janus_pss_mb"] = pss_mb(janus.proc.pid)
-                else:
-                    await asyncio.sleep(1.5)
-                status = await stage.command({"cmd": "status"})
-                await stage.command({"cmd": "hangup"})
-                await asyncio.to_thread(sipp.wait, 10)
+                sipp = await asyncio.to_thread(
+                    Sipp("uas_echo", work / f"sipp{i}", SIPP_PORT, SIPP_MEDIA_PORT, extra=["-rtp_echo"]).start)
+                try:
+                    requested = time.time()
+                    reply = await stage.command({"cmd": "call", "uri": peer, "wait": True})
+                    if not reply["ok"]:
+                        raise RuntimeError(f"call failed: {reply}")
+                    if measured_call:
+                        collector.counters.clear()
+                        collector.counter_ns.clear()
+                        meter = CpuMeter([stage.proc.pid])
+                        janus_meter = CpuMeter([janus.proc.pid])
+                        await asyncio.sleep(seconds)
+                        result["stage_cores"] = meter.cores()
+                        result["janus_cores"] = janus_meter.cores()
+                        result["stage_pss_mb"] = pss_mb(stage.proc.pid)
+                        result["janus_pss_mb"] = pss_mb(janus.proc.pid)
+                    else:
+                        await asyncio.sleep(1.5)
+                    status = await stage.command({"cmd": "status"})
+                    await stage.command({"cmd": "hangup"})
+                    await asyncio.to_thread(sipp.wait, 10)
+                finally:
+                    sipp.stop()
             finally:
-                sipp.stop()
-            await asyncio.to_thread(capture.stop)
+                await asyncio.to_thread(capture.stop)
             call = status["call"]
             first_audio = first_rtp_epoch(capture, SIPP_MEDIA_PORT)
             first_video = first_rtp_epoch(capture, SIPP_MEDIA_PORT + 2)
