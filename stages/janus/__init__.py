@@ -235,8 +235,16 @@ class JanusStage(Stage):
         if info is not None:
             info.state = state
             attributes.update({k: v for k, v in asdict(info).items() if v is not None and k != "state"})
+        shown = dict(extra)
+        if info is not None:
+            # The SIP code and reason, the peer and the negotiated codecs belong in the log line too.
+            for key in ("direction", "peer", "code", "reason", "audio_codec", "video_codec"):
+                value = getattr(info, key)
+                if value not in (None, "") and key not in shown and (key in ("code", "reason") or state in (
+                        CallState.CALLING, CallState.INCOMING, CallState.ACCEPTED)):
+                    shown[key] = value
         self.log.info("call %s: %s%s", attributes.get("call_id", "-"), state,
-                      "".join(f" {k}={v}" for k, v in extra.items()))
+                      "".join(f" {k}={v}" for k, v in shown.items()))
         self._outbox.put_nowait(Event(EventType.CALL_STATE, "", attributes))
         self._state_changed.set()
 
@@ -479,7 +487,8 @@ class JanusStage(Stage):
         if name == "incomingcall":
             await self._on_incoming(result, jsep, sip_call_id)
         elif name in ("calling", "ringing", "proceeding") and call is not None:
-            self._publish_state(call.info, name)
+            if call.info.state != name:  # "calling" was published when the request went out
+                self._publish_state(call.info, name)
         elif name == "progress" and call is not None:
             if jsep:
                 await call.set_answer(jsep)
