@@ -175,6 +175,8 @@ class Collector:
         self.streams: dict[str, StreamRecord] = collections.defaultdict(StreamRecord)
         self.events: list[tuple[float, protocol.Event]] = []
         self._decoders: dict[str, Any] = {}
+        self._last_seq: dict[str, int] = {}
+        self._need_key: set[str] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self.errors: queue.Queue[BaseException] = queue.Queue()
@@ -212,6 +214,15 @@ class Collector:
         record.codecs.add(msg.codec.name)
         record.packets += 1
         record.keyframes += int(msg.keyframe)
+        # Like a real decoder stage: after a lost packet (seq gap) wait for a keyframe instead of decoding garbage.
+        last = self._last_seq.get(sid)
+        self._last_seq[sid] = msg.header.seq
+        if msg.codec.is_video and (last is None or msg.header.seq != last + 1):
+            self._need_key.add(sid)
+        if sid in self._need_key:
+            if not msg.keyframe:
+                return
+            self._need_key.discard(sid)
         if sid not in self._decoders:
             name = {"H264": "h264", "VP8": "vp8", "OPUS": "opus"}[msg.codec.name]
             self._decoders[sid] = av.CodecContext.create(name, "r")

@@ -77,8 +77,9 @@ async def run_participants(room_url: str, room: int, specs: list[ParticipantSpec
 
                 page.on("console", on_console)
                 page.on("crash", on_crash)
+                # Not "load": the join status below is what matters, and load can lag behind a busy page.
                 await page.goto(page_url(room_url, room, spec, janus=janus, codec=codec, width=width, height=height,
-                                         fps=fps, probe=probe))
+                                         fps=fps, probe=probe), wait_until="domcontentloaded")
                 pages[spec.name] = page
             for name, page in pages.items():
                 await page.wait_for_selector('#status[data-state="joined"]', timeout=JOIN_TIMEOUT_S * 1000)

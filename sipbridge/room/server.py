@@ -27,6 +27,9 @@ def make_app(janus_url: str = DEFAULT_JANUS_WS) -> web.Application:
     async def healthz(_: web.Request) -> web.Response:
         return web.Response(text="ok")
 
+    async def favicon(_: web.Request) -> web.Response:
+        return web.Response(status=204)  # keeps "404" noise out of the pages' consoles
+
     async def lib(request: web.Request) -> web.FileResponse:
         name = request.match_info["name"]
         path = {"janus.js": JANUS_JS, "adapter.js": ADAPTER_JS}.get(name)
@@ -37,6 +40,7 @@ def make_app(janus_url: str = DEFAULT_JANUS_WS) -> web.Application:
     app.router.add_get("/", index)
     app.router.add_get("/config.json", config)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/favicon.ico", favicon)
     app.router.add_get("/lib/{name}", lib)
     app.router.add_static("/", STATIC_DIR)
     return app

@@ -67,7 +67,8 @@ class Recipe:
 
     async def join(self, page: Page) -> None:
         """Open the app and do the steps; raise when a step fails or times out."""
-        await page.goto(self.start_url())
+        # Not "load": the steps wait for what matters, and a busy call page can delay its load event.
+        await page.goto(self.start_url(), wait_until="domcontentloaded")
         for index, step in enumerate(self.steps):
             try:
                 await self._step(page, step)
@@ -79,7 +80,7 @@ class Recipe:
     async def _step(self, page: Page, step: dict[str, Any]) -> None:
         timeout_ms = float(step.get("timeout_s", DEFAULT_STEP_TIMEOUT_S)) * 1000
         if "goto" in step:
-            await page.goto(self.format(step["goto"]), timeout=timeout_ms)
+            await page.goto(self.format(step["goto"]), timeout=timeout_ms, wait_until="domcontentloaded")
         elif "fill" in step:
             await page.fill(self.format(step["fill"]), self.format(str(step.get("value", ""))), timeout=timeout_ms)
         elif "click" in step:
