@@ -303,6 +303,7 @@ async def simultaneous_calls(work: Path, janus: JanusServer, calls: int, seconds
 
 
 async def run_all(work: Path, janus: JanusServer, calls: int, seconds: float) -> dict[str, Any]:
+    load_start = os.getloadavg()[0]
     udp_ms = await udp_echo_baseline_ms(work)
     decode_ms = decode_baseline_ms()
     single = await asyncio.wait_for(single_call(work / "single", janus, seconds),
@@ -317,7 +318,8 @@ async def run_all(work: Path, janus: JanusServer, calls: int, seconds: float) ->
     for n in ladder:
         concurrent.append(await asyncio.wait_for(simultaneous_calls(work / f"n{n}", janus, n, seconds, media),
                                                  PHASE_TIMEOUT_S + seconds))
-    return {"udp_echo_ms": udp_ms, "decode_ms": decode_ms, "single": single, "stock_rtt_ms": stock["rtt_ms"],
+    return {"load_start": load_start, "udp_echo_ms": udp_ms, "decode_ms": decode_ms, "single": single,
+            "stock_rtt_ms": stock["rtt_ms"],
             "concurrent": concurrent}
 
 
@@ -336,7 +338,9 @@ def summarise(raw: dict[str, Any], calls: int, seconds: float) -> dict[str, Any]
     stock50 = percentile(raw["stock_rtt_ms"], 0.5)
     best = max((c for c in raw["concurrent"] if c["lost_total"] == 0), key=lambda c: c["calls"], default=None)
     return {
-        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0],
+                    # Other work on the machine skews every figure: keep the load next to them.
+                    "load_average_start": raw["load_start"], "load_average_end": os.getloadavg()[0]},
         "settings": {"width": WIDTH, "height": HEIGHT, "fps": FPS, "video": "H.264", "audio": "PCMU",
                      "seconds": seconds, "setup_calls": SETUP_CALLS},
         "setup_ms": {"accepted": med("accepted_ms"), "media_up": med("media_up_ms"),
@@ -384,7 +388,9 @@ def print_table(res: dict[str, Any]) -> None:
     rows.append(("max simultaneous calls without loss", str(res["max_calls_without_loss"]),
                  f"target >= {TARGET_CALLS}"))
     width = max(len(r[0]) for r in rows)
-    print(f"\nSIP leg benchmark ({WIDTH}x{HEIGHT}@{FPS} H.264 + PCMU, loopback, {os.cpu_count()} CPUs)")
+    m = res["machine"]
+    print(f"\nSIP leg benchmark ({WIDTH}x{HEIGHT}@{FPS} H.264 + PCMU, loopback, {m['cpus']} CPUs, "
+          f"load average {m['load_average_start']:.1f} -> {m['load_average_end']:.1f})")
     for name, value, note in rows:
         print(f"  {name:<{width}}  {value:>14}  {note}")
 
