@@ -68,6 +68,8 @@ class CallOptions:
     layout: str = "grid"
     max_tiles: int = 2
     split: str | None = "2x1"
+    layout_ids: list[str] = field(default_factory=list)  # stream ids in tile order (default: order of arrival)
+    stagger_s: float = 0.0  # > 0: each participant joins alone, this long after the previous one
     # A receive-only page: the local room's publish=0 page never reaches its "load" event (room leg, being
     # fixed), so by default the first participant's probe reports what the room receives back.
     viewer: bool = False
@@ -102,6 +104,7 @@ bitrate_kbps = {self.bitrate_kbps}
 [layout]
 mode = "{self.layout}"
 max_tiles = {self.max_tiles}
+participants = {json.dumps(self.layout_ids)}
 
 [room_side]
 {split}
@@ -141,21 +144,22 @@ def _stop(proc: subprocess.Popen[Any] | None, sig: int = signal.SIGTERM, timeout
 
 
 class ProbeLines:
-    """JSON lines ("SBPROBE {...}" console lines or plain JSON) read from a child's stdout on a thread."""
+    """JSON lines of participant processes (their probes' reports), each stamped with its arrival time ``t``."""
 
-    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+    def __init__(self) -> None:
         self.records: list[dict[str, Any]] = []
         self._lock = threading.Lock()
-        self._proc = proc
-        threading.Thread(target=self._read, daemon=True).start()
 
-    def _read(self) -> None:
-        assert self._proc.stdout is not None
-        for raw in self._proc.stdout:
+    def add(self, proc: subprocess.Popen[bytes]) -> None:
+        threading.Thread(target=self._read, args=(proc,), daemon=True).start()
+
+    def _read(self, proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
             line = raw.decode(errors="replace").strip()
             if line.startswith("{"):
                 with contextlib.suppress(json.JSONDecodeError), self._lock:
-                    self.records.append(json.loads(line))
+                    self.records.append({**json.loads(line), "t": time.monotonic()})
 
     def matching(self, **want: Any) -> list[dict[str, Any]]:
         with self._lock:
@@ -237,39 +241,38 @@ class LocalCall:
         self._start_sip_peer()
         self._start_capture()
         opts = self.options
-        argv = [
-            "sipbridge",
-            "room",
-            "participant",
-            "--room-url",
-            f"http://127.0.0.1:{ROOM_HTTP_PORT}/",
-            "--room",
-            str(opts.room),
-            "--codec",
-            opts.room_codec,
-            "--size",
-            opts.participant_size,
-            "--fps",
-            str(opts.participant_fps),
-            "--probe",
-        ]
-        for name, tone in opts.participants:
-            argv += ["--name", name, "--tone", str(tone)]
-        if opts.viewer:
-            argv += ["--viewer", VIEWER_NAME]
-        self.participants = ProbeLines(self._spawn("participants", argv, pipe=True))
-        expected = len(opts.participants) + int(opts.viewer)
-        _wait(
-            lambda: (
-                len(self.participants.matching(event="joined")) >= expected  # type: ignore[union-attr]
-                or self.procs["participants"].poll() is not None
-            ),
-            START_TIMEOUT_S * 2,
-            "participants joining",
-        )
-        if self.procs["participants"].poll() is not None:
-            raise RuntimeError(f"participants exited; see {self.run_dir}/logs/participants.log")
+        self.participants = ProbeLines()
+        groups = [[p] for p in opts.participants] if opts.stagger_s > 0 else [list(opts.participants)]
+        self._start_participants(groups[0], "participants", viewer=opts.viewer)
         self._start_bridge()
+        for group in groups[1:]:
+            # Staggered joins give each participant's frame counter a different offset, so a test can tell
+            # whose picture a track shows.
+            time.sleep(opts.stagger_s)
+            self._start_participants(group, f"participants-{group[0][0]}", viewer=False)
+
+    def _start_participants(self, group: list[tuple[str, float]], name: str, *, viewer: bool) -> None:
+        opts = self.options
+        argv = ["sipbridge", "room", "participant", "--room-url", f"http://127.0.0.1:{ROOM_HTTP_PORT}/",
+                "--room", str(opts.room), "--codec", opts.room_codec, "--size", opts.participant_size,
+                "--fps", str(opts.participant_fps), "--probe"]  # fmt: skip
+        for person, tone in group:
+            argv += ["--name", person, "--tone", str(tone)]
+        if viewer:
+            argv += ["--viewer", VIEWER_NAME]
+        proc = self._spawn(name, argv, pipe=True)
+        assert self.participants is not None
+        self.participants.add(proc)
+        names = [person for person, _ in group] + ([VIEWER_NAME] if viewer else [])
+        lines = self.participants
+
+        def joined() -> bool:
+            done = {r.get("participant") for r in lines.matching(event="joined")}
+            return set(names) <= done or proc.poll() is not None
+
+        _wait(joined, START_TIMEOUT_S * 2, f"{', '.join(names)} joining")
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited; see {self.run_dir}/logs/{name}.log")
 
     def _room_healthy(self) -> bool:
         try:
@@ -341,7 +344,7 @@ class LocalCall:
     def close(self) -> None:
         """Stop in reverse order: bridge (hangs up: BYE to sipp), participants, sipp, capture, room, Janus, netns."""
         self.stop_bridge()
-        for name in ("participants", "sipp", "room-server"):
+        for name in [n for n in self.procs if n.startswith("participants")] + ["sipp", "room-server"]:
             _stop(self.procs.get(name))
         _stop(self.procs.get("tshark"), signal.SIGINT)
         self.stack.close()
@@ -515,6 +518,31 @@ def h264_frames_from_capture(pcap: Path, dst_port: int) -> list[Any]:
     with contextlib.suppress(av.FFmpegError):
         frames.extend(codec.decode(None))
     return frames
+
+
+AUDIO_DECODERS = {"pcmu": ("pcm_mulaw", 8000), "pcma": ("pcm_alaw", 8000), "g722": ("g722", 16000)}
+
+
+def audio_from_capture(pcap: Path, dst_port: int, codec: str) -> tuple[Any, int]:
+    """The audio the SIP peer received on ``dst_port`` (G.711 or G.722 RTP payloads), decoded: (samples, rate)."""
+    import av
+    import numpy as np
+
+    out = subprocess.run(
+        ["tshark", "-r", str(pcap), "-d", f"udp.port=={dst_port},rtp", "-Y", f"rtp && udp.dstport=={dst_port}",
+         "-T", "fields", "-e", "rtp.payload"],
+        capture_output=True, text=True, check=False,
+    ).stdout  # fmt: skip
+    name, rate = AUDIO_DECODERS[codec]
+    decoder: Any = av.CodecContext.create(name, "r")
+    decoder.sample_rate, decoder.layout = rate, "mono"
+    chunks = []
+    for line in out.split():
+        with contextlib.suppress(av.FFmpegError, ValueError):
+            for frame in decoder.decode(av.Packet(bytes.fromhex(line.replace(":", "")))):
+                chunks.append(frame.to_ndarray().reshape(-1))
+    samples = np.concatenate(chunks) if chunks else np.zeros(0, np.int16)
+    return samples, rate
 
 
 def write_png(frame: Any, path: Path) -> None:

@@ -1,0 +1,223 @@
+"""The bridge end to end: real Chromium, real Janus (VideoRoom and SIP plugin), real sipp, in a private namespace.
+
+Each test runs one bridged call with ``sipbridge.demo.LocalCall``: synthetic participants in the local room, the
+bot (browser stage) and the bridge stages under supervisord, and a sipp SIP peer that echoes RTP. What is checked
+comes from outside the bridge: the SIP leg from a tshark capture (SDP, RTP payload types, the H.264 and G.711/G.722
+payloads decoded), the room side from the participants' probes, which read frame counters out of the pixels and the
+tone out of the audio they receive from the bot.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from sipbridge.demo import (
+    BOT_NAME,
+    SIP_PEER_MEDIA_PORT,
+    CallOptions,
+    LocalCall,
+    audio_from_capture,
+    h264_frames_from_capture,
+    rtp_flows,
+    sdp_codecs,
+    tile_counters,
+)
+from stages.pattern import dominant_frequency
+
+pytestmark = [pytest.mark.media]
+
+MEDIA_TIMEOUT_S = 90.0
+MIN_FRAMES = 20
+TONE_TOLERANCE_HZ = 25.0
+AUDIO_PORT, VIDEO_PORT = SIP_PEER_MEDIA_PORT, SIP_PEER_MEDIA_PORT + 2
+STAGGER_S = 4.0
+PARTICIPANT_FPS = 15
+# Participants joining STAGGER_S apart have counters ~60 frames apart; the bridge's delay is far less than half that.
+SAME_PERSON_MAX_OFFSET_FRAMES = STAGGER_S * PARTICIPANT_FPS / 2
+
+
+def need_media_tools() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root for network namespaces")
+    for tool in ("janus", "sipp", "tshark", "chromium"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is not installed")
+
+
+def track_source(track: int) -> str:
+    return BOT_NAME if track == 1 else f"{BOT_NAME}#{track}"
+
+
+def received(call: LocalCall, observer: str, source: str) -> list[dict[str, Any]]:
+    assert call.participants is not None
+    return call.participants.matching(event="received", participant=observer, **{"from": source})
+
+
+def counters(call: LocalCall, observer: str, source: str) -> list[int]:
+    return [c for r in received(call, observer, source) for c in r["counters"]]
+
+
+def wait_for_media(call: LocalCall, observer: str, sources: Sequence[str], what: str) -> None:
+    import time
+
+    deadline = time.monotonic() + MEDIA_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if all(len(set(counters(call, observer, s))) >= MIN_FRAMES for s in sources):
+            return
+        time.sleep(0.5)
+    logs = "\n".join(f"--- {name}\n{call.stage_log(name, 15)}" for name in ("browser", "janus", "room-transformer"))
+    got = {s: (len(c), len(set(c)), c[-10:]) for s in sources if (c := counters(call, observer, s)) is not None}
+    raise AssertionError(f"{what}: not within {MEDIA_TIMEOUT_S:.0f} s (frames, distinct, last: {got})\n{logs}")
+
+
+def ascending(values: Sequence[int | None], minimum: int = MIN_FRAMES) -> bool:
+    """Readable counters never go back (a tile may repeat its last picture) and enough distinct ones arrived.
+
+    0 is left out: the probe reads a black picture (a camera before its first injected frame) as 0.
+    """
+    seen = [v for v in values if v]
+    return len(set(seen)) >= minimum and all(b >= a for a, b in itertools.pairwise(seen))
+
+
+def tone_level(samples: np.ndarray, rate: int, hz: float) -> float:
+    """Spectral magnitude around ``hz`` relative to the spectrum's median (how clearly a tone is present)."""
+    x = samples[-rate * 2 :].astype(np.float64)
+    spectrum = np.abs(np.fft.rfft((x - x.mean()) * np.hanning(x.size)))
+    bin_hz = rate / x.size
+    k = round(hz / bin_hz)
+    return float(spectrum[k - 3 : k + 4].max() / (np.median(spectrum) + 1e-9))
+
+
+@pytest.mark.timeout(180)
+def test_room_vp8_opus_to_h264_pcmu_sip_peer_and_back(tmp_path: Path) -> None:
+    """Video over SIP both ways, with transcoding for a legacy endpoint: the room sends VP8 + Opus, the SIP peer
+    takes only H.264 + PCMU; two participants composed side by side for SIP, the echo split back into two cameras."""
+    need_media_tools()
+    options = CallOptions(
+        participants=[("alice", 440.0), ("bob", 660.0)],
+        room_codec="vp8",
+        layout_ids=["alice/video", "bob/video"],
+        split="2x1",
+    )
+    with LocalCall(tmp_path / "run", options) as call:
+        # bob sees the bot's first camera (alice's half of the echoed composite) and its second (bob's half).
+        wait_for_media(call, "bob", [track_source(1), track_source(2)], "the echoed video reaching the room")
+        call.stop_bridge()  # hang up, so the capture holds the whole call
+        room = {t: counters(call, "bob", track_source(t)) for t in (1, 2)}
+        tones = [r["tone_hz"] for r in received(call, "bob", BOT_NAME) if r.get("tone_hz")]
+    # The SIP wire, from the capture: only what the legacy endpoint takes was offered and sent.
+    sdp = sdp_codecs(call.pcap)
+    assert set(sdp["answer"]) == {"H264/90000", "PCMU/8000"}, sdp
+    assert not {"VP8/90000", "opus/48000/2"} & set(sdp["offer"]), sdp
+    flows = rtp_flows(call.pcap, [AUDIO_PORT, VIDEO_PORT])
+    assert set(flows[f"to_sip:{AUDIO_PORT}"].payload_types) == {0}, flows  # PCMU
+    video_pts = set(flows[f"to_sip:{VIDEO_PORT}"].payload_types)
+    assert len(video_pts) == 1 and min(video_pts) >= 96, flows  # the one dynamic H.264 payload type
+    # Pictures survive: the H.264 the SIP peer received decodes, both halves carry their counters in order.
+    frames = h264_frames_from_capture(call.pcap, VIDEO_PORT)
+    tiles = [tile_counters(f, 2, 1) for f in frames]
+    for tile in (0, 1):
+        assert ascending([t[tile] for t in tiles]), [t[tile] for t in tiles]
+    # Tones survive: both participants' tones are in the PCMU mix the SIP peer received.
+    samples, rate = audio_from_capture(call.pcap, AUDIO_PORT, "pcmu")
+    assert samples.size > rate * 2
+    assert tone_level(samples, rate, 440.0) > 20 and tone_level(samples, rate, 660.0) > 20
+    # And back into the room: each of the bot's two cameras shows its half, counters in order; the audio arrives.
+    for track in (1, 2):
+        assert ascending(room[track]), room[track]
+    assert tones and 400.0 <= tones[-1] <= 700.0, tones  # the mix of 440 and 660 Hz, echoed
+
+
+@pytest.mark.timeout(150)
+def test_g722_only_sip_peer(tmp_path: Path) -> None:
+    """A legacy endpoint that takes only G.722 (and no video): Opus from the room becomes G.722 on the wire and the
+    tone survives the round trip back into the room."""
+    need_media_tools()
+    options = CallOptions(
+        participants=[("alice", 1000.0), ("bob", 1000.0)],
+        room_codec="h264",
+        sip_scenario="uas_g722",
+        sip_audio="g722",
+        sip_video="none",
+        layout="single",
+        max_tiles=1,
+        split=None,
+    )
+    with LocalCall(tmp_path / "run", options) as call:
+        import time
+
+        deadline = time.monotonic() + MEDIA_TIMEOUT_S
+        while time.monotonic() < deadline and len([r for r in received(call, "bob", BOT_NAME) if r.get("tone_hz")]) < 4:
+            time.sleep(0.5)
+        call.stop_bridge()
+        tones = [r["tone_hz"] for r in received(call, "bob", BOT_NAME) if r.get("tone_hz")]
+    sdp = sdp_codecs(call.pcap)
+    assert set(sdp["answer"]) == {"G722/8000"}, sdp
+    flows = rtp_flows(call.pcap, [AUDIO_PORT, VIDEO_PORT])
+    assert set(flows[f"to_sip:{AUDIO_PORT}"].payload_types) == {9}, flows  # G.722
+    samples, rate = audio_from_capture(call.pcap, AUDIO_PORT, "g722")
+    assert samples.size > rate * 2
+    assert abs(dominant_frequency(samples[-rate * 2 :], rate) - 1000.0) < TONE_TOLERANCE_HZ
+    assert len(tones) >= 4, f"bob heard no tone from the bot: {tones}\n{call.stage_log('browser', 20)}"
+    assert abs(statistics.median(tones[-4:]) - 1000.0) < TONE_TOLERANCE_HZ, tones
+
+
+def counter_offset(call: LocalCall, observer: str, track: int, person: str) -> float | None:
+    """Median over probe reports of (bot camera's counter - person's own counter, received directly)."""
+    by_window = []
+    bot = received(call, observer, track_source(track))
+    direct = received(call, observer, person)
+    for a in bot:
+        near = [d for d in direct if abs(d["t"] - a["t"]) < 0.3 and d["counters"]]
+        if a["counters"] and near:
+            by_window.append(statistics.median(a["counters"]) - statistics.median(near[0]["counters"]))
+    return statistics.median(by_window) if by_window else None
+
+
+@pytest.mark.timeout(200)
+def test_three_participants_composed_for_sip_and_split_back_into_four_cameras(tmp_path: Path) -> None:
+    """Three room participants are composed into one 2x2 grid for SIP; the SIP side's 2x2 composite (the echo)
+    is split into four cameras in the room, each showing its quadrant: the three people and one empty cell."""
+    need_media_tools()
+    people = ["alice", "bob", "carol"]
+    options = CallOptions(
+        participants=[("alice", 440.0), ("bob", 550.0), ("carol", 660.0)],
+        room_codec="h264",
+        participant_fps=PARTICIPANT_FPS,
+        max_tiles=4,
+        layout_ids=[f"{p}/video" for p in people],
+        split="2x2",
+        stagger_s=STAGGER_S,
+    )
+    with LocalCall(tmp_path / "run", options) as call:
+        wait_for_media(call, "alice", [track_source(t) for t in (1, 2, 3)], "four cameras in the room")
+        wait_for_media(call, "bob", [track_source(1)], "alice's quadrant reaching bob")
+        call.stop_bridge()
+        # Each camera k must follow person k: its counters track that person's own (received directly by an
+        # observer other than that person) and not the others', whose counters run STAGGER_S apart.
+        observers = {1: "bob", 2: "alice", 3: "alice"}
+        for track, observer in observers.items():
+            offsets = {p: counter_offset(call, observer, track, p) for p in people if p != observer}
+            owner = people[track - 1]
+            assert offsets[owner] is not None and abs(offsets[owner]) < SAME_PERSON_MAX_OFFSET_FRAMES, offsets
+            others = [abs(v) for p, v in offsets.items() if p != owner and v is not None]
+            assert all(v > abs(offsets[owner]) for v in others), (track, offsets)
+            seen = counters(call, observer, track_source(track))
+            assert ascending(seen), seen
+        empty = counters(call, "alice", track_source(4))
+    assert set(empty) <= {0}, empty  # the fourth cell is black: every counter bit reads 0
+    # The SIP side received one 2x2 composite: three quadrants count, the fourth is empty.
+    frames = h264_frames_from_capture(call.pcap, VIDEO_PORT)
+    tiles = [tile_counters(f, 2, 2) for f in frames]
+    for tile in range(3):
+        assert ascending([t[tile] for t in tiles]), (tile, [t[tile] for t in tiles])
+    assert {t[3] for t in tiles} <= {0, None}
