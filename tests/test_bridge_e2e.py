@@ -208,9 +208,10 @@ def test_three_participants_composed_for_sip_and_split_back_into_four_cameras(tm
         for track, observer in observers.items():
             offsets = {p: counter_offset(call, observer, track, p) for p in people if p != observer}
             owner = people[track - 1]
-            assert offsets[owner] is not None and abs(offsets[owner]) < SAME_PERSON_MAX_OFFSET_FRAMES, offsets
+            own = offsets[owner]
+            assert own is not None and abs(own) < SAME_PERSON_MAX_OFFSET_FRAMES, offsets
             others = [abs(v) for p, v in offsets.items() if p != owner and v is not None]
-            assert all(v > abs(offsets[owner]) for v in others), (track, offsets)
+            assert all(v > abs(own) for v in others), (track, offsets)
             seen = counters(call, observer, track_source(track))
             assert ascending(seen), seen
         empty = counters(call, "alice", track_source(4))
