@@ -1,0 +1,228 @@
+"""Benchmark of a whole bridged call: one participant at 640x480@30 in the local room, the bot, the bridge stages,
+Janus and a sipp echo peer, in a private namespace (``sipbridge.demo.LocalCall``).
+
+Measured:
+* bridge-added latency, one way, from the stages' own per-hop figures (``capture_time_ns`` is stamped where media
+  enters the bridge and every stage reports now - capture at its input):
+  room -> SIP: the browser stage's receive of a room frame to its arrival at the janus stage (browser, decoder,
+  layout transformer, H.264 encoder); SIP -> room: the janus stage's RTP receive to the browser stage's input
+  (decoder, transformer); p50 and p95 over the last 512 frames of each stream. Not included: aiortc/Janus on the
+  way out (a few ms, see bench_sip) and the page writing the frame into its camera (see bench_browser).
+  Baseline in the same run: the codec work alone, in one process, on the same kind of frame (VP8/H.264 decode,
+  scale, H.264 encode for room -> SIP; H.264 decode for SIP -> room): the ratio is what process hops, queueing and
+  pacing add on top of the unavoidable work.
+* CPU (cores) and PSS (MB) of the whole call: every bridge stage (supervisord's process tree, Chromium included)
+  and Janus, over the measurement window; and how many such calls a 2-core machine would hold by CPU.
+
+Run as root: ``python bench/bench_bridge.py [--seconds 18]``; prints a table and writes bench/results/bridge.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import click
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from sipbridge.demo import CallOptions, LocalCall
+from stages.browser.procs import cpu_seconds, pss_kb, tree_usage
+from stages.pattern import PatternGenerator
+
+RESULTS = Path(__file__).resolve().parent / "results" / "bridge.json"
+WIDTH, HEIGHT, FPS = 640, 480, 30
+MEDIA_TIMEOUT_S = 90.0
+MACHINE_CORES = 2
+TARGET_P50_MS, TARGET_P95_MS = 40.0, 80.0
+TARGET_CORES, TARGET_PSS_MB = 1.0, 1024.0
+FLOOR_FRAMES = 90
+
+
+def codec_floor_ms() -> dict[str, float]:
+    """Per-frame cost of the codec work each direction must do, measured in-process (the baseline)."""
+    import av
+    import numpy as np
+
+    pattern = PatternGenerator(WIDTH, HEIGHT)
+
+    def encoder(name: str) -> Any:
+        enc: Any = av.CodecContext.create(name, "w")
+        enc.width, enc.height, enc.pix_fmt = WIDTH, HEIGHT, "yuv420p"
+        enc.time_base, enc.framerate = Fraction(1, FPS), Fraction(FPS, 1)
+        enc.bit_rate, enc.max_b_frames, enc.thread_count = 800_000, 0, 1
+        if name == "libx264":
+            enc.options = {"preset": "veryfast", "tune": "zerolatency"}
+        else:
+            enc.options = {"deadline": "realtime", "cpu-used": "8", "lag-in-frames": "0"}
+        return enc
+
+    def frames() -> list[Any]:
+        out = []
+        for i in range(FLOOR_FRAMES):
+            buf = pattern.frame(i)
+            frame = av.VideoFrame.from_numpy_buffer(buf.reshape(HEIGHT * 3 // 2, WIDTH), "yuv420p")
+            frame.pts = i
+            out.append(frame)
+        return out
+
+    # What the room sends (H.264 here, as the bench's participant publishes) and what SIP sends (H.264).
+    room_packets = [bytes(p) for f in frames() for p in encoder("libx264").encode(f)]
+    dec: Any = av.CodecContext.create("h264", "r")
+    enc = encoder("libx264")
+    to_sip = []
+    for data in room_packets:
+        start = time.perf_counter()
+        for picture in dec.decode(av.Packet(data)):
+            scaled = picture.reformat(width=WIDTH, height=HEIGHT, format="yuv420p")
+            np.asarray(scaled.planes[0])  # the compose copy
+            scaled.pts = None
+            list(enc.encode(scaled))
+        to_sip.append((time.perf_counter() - start) * 1000)
+    dec2: Any = av.CodecContext.create("h264", "r")
+    to_room = []
+    for data in room_packets:
+        start = time.perf_counter()
+        for picture in dec2.decode(av.Packet(data)):
+            picture.to_ndarray()
+        to_room.append((time.perf_counter() - start) * 1000)
+    return {"room_to_sip_ms": statistics.median(to_sip), "sip_to_room_ms": statistics.median(to_room)}
+
+
+def usage(call: LocalCall) -> tuple[float, int, int]:
+    """(CPU seconds, PSS kB, processes) of every bridge stage and of Janus."""
+    assert call.supervisor is not None and call.supervisor.proc is not None and call.janus.proc is not None
+    cpu, pss, count = tree_usage(call.supervisor.proc.pid, include_root=False)
+    janus_pid = call.janus.proc.pid
+    return cpu + cpu_seconds(janus_pid), pss + pss_kb(janus_pid), count + 1
+
+
+def run(seconds: float) -> dict[str, Any]:
+    from sipbridge.status import StatusCollector
+
+    options = CallOptions(
+        participants=[("alice", 440.0)],
+        room_codec="h264",
+        participant_size=f"{WIDTH}x{HEIGHT}",
+        participant_fps=FPS,
+        fps=FPS,
+        layout="single",
+        max_tiles=1,
+        split=None,
+        layout_ids=["alice/video"],
+    )
+    floor = codec_floor_ms()
+    run_dir = Path(tempfile.mkdtemp(prefix="sb-bench-bridge-"))
+    with LocalCall(run_dir, options) as call:
+        collector = StatusCollector(call.run_dir)
+        deadline = time.monotonic() + MEDIA_TIMEOUT_S
+        while time.monotonic() < deadline and len(call.room_received(1)) < FPS:
+            collector.poll(0.5)
+        if len(call.room_received(1)) < FPS:
+            raise click.ClickException(f"no media through the bridge; see {call.run_dir}/logs")
+        cpu0, _, _ = usage(call)
+        t0 = time.monotonic()
+        pss_samples = []
+        while time.monotonic() - t0 < seconds:
+            collector.poll(1.0)
+            pss_samples.append(usage(call)[1])
+        cpu1, _, processes = usage(call)
+        elapsed = time.monotonic() - t0
+        collector.poll(1.2)
+        figures = collector.figures
+        echoed = len(call.room_received(1))
+        collector.close()
+    janus_in = figures.get("janus", {}).get("streams", {})
+    browser_in = figures.get("browser", {}).get("streams", {})
+
+    def lat(streams: dict[str, Any], sid: str) -> dict[str, Any]:
+        s = streams.get(sid, {})
+        return {"frames": s.get("frames_in"), "p50_ms": s.get("latency_ms_p50"), "p95_ms": s.get("latency_ms_p95")}
+
+    result: dict[str, Any] = {
+        "config": {
+            "size": f"{WIDTH}x{HEIGHT}",
+            "fps": FPS,
+            "room": "H.264 + Opus, 1 participant",
+            "sip": "H.264 + PCMU, sipp echo",
+            "seconds": round(elapsed, 1),
+        },
+        "latency": {
+            "room_to_sip_video": lat(janus_in, "room-video"),
+            "room_to_sip_audio": lat(janus_in, "room-audio"),
+            "sip_to_room_video": lat(browser_in, "sip-video"),
+            "sip_to_room_audio": lat(browser_in, "sip-audio"),
+        },
+        "baseline_codec_floor_ms": floor,
+        "usage": {
+            "cores": round((cpu1 - cpu0) / elapsed, 3),
+            "pss_mb": round(max(pss_samples) / 1024, 1),
+            "processes": processes,
+            "calls_per_2_cores_by_cpu": round(MACHINE_CORES / max((cpu1 - cpu0) / elapsed, 1e-6), 2),
+        },
+        "room_frames_echoed": echoed,
+        "targets": {"p50_ms": TARGET_P50_MS, "p95_ms": TARGET_P95_MS, "cores": TARGET_CORES, "pss_mb": TARGET_PSS_MB},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "loadavg_1m_at_end": os.getloadavg()[0],
+        },
+    }
+    for key, base in (("room_to_sip_video", "room_to_sip_ms"), ("sip_to_room_video", "sip_to_room_ms")):
+        p50 = result["latency"][key]["p50_ms"]
+        result["latency"][key]["ratio_to_floor"] = round(p50 / floor[base], 1) if p50 and floor[base] else None
+    return result
+
+
+def print_table(r: dict[str, Any]) -> None:
+    click.echo(
+        f"bridged call, {r['config']['size']}@{r['config']['fps']}, {r['config']['room']} <-> "
+        f"{r['config']['sip']}, {r['config']['seconds']} s (load avg {r['machine']['loadavg_1m_at_end']:.1f})"
+    )
+    click.echo(f"{'measure':<28}{'p50 ms':>10}{'p95 ms':>10}{'frames':>9}{'floor ms':>10}{'ratio':>8}  target")
+    floors = r["baseline_codec_floor_ms"]
+    for key, lat in r["latency"].items():
+        floor = (
+            floors["room_to_sip_ms"]
+            if key.startswith("room_to_sip_video")
+            else (floors["sip_to_room_ms"] if key.startswith("sip_to_room_video") else None)
+        )
+
+        def f(v: Any) -> str:
+            return "-" if v is None else f"{v:.1f}"
+
+        click.echo(
+            f"{key:<28}{f(lat['p50_ms']):>10}{f(lat['p95_ms']):>10}{lat['frames'] or 0:>9}{f(floor):>10}"
+            f"{f(lat.get('ratio_to_floor')):>8}  p50<{TARGET_P50_MS:.0f} p95<{TARGET_P95_MS:.0f}"
+        )
+    u = r["usage"]
+    click.echo(
+        f"whole call: {u['cores']:.2f} cores, {u['pss_mb']:.0f} MB PSS over {u['processes']} processes "
+        f"(targets < {TARGET_CORES} core, < {TARGET_PSS_MB:.0f} MB); "
+        f"~{u['calls_per_2_cores_by_cpu']:.1f} calls per 2 cores by CPU"
+    )
+
+
+@click.command()
+@click.option("--seconds", type=float, default=18.0, show_default=True, help="Measurement window.")
+def main(seconds: float) -> None:
+    """Bridge-added latency both ways and the whole call's CPU and PSS at 640x480@30."""
+    if os.geteuid() != 0:
+        raise click.ClickException("needs root (network namespace)")
+    result = run(seconds)
+    print_table(result)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    click.echo(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
