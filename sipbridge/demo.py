@@ -34,6 +34,8 @@ import click
 
 from sipbridge.commands import PROJECT_DIR
 
+# Children run from this interpreter: `make demo` uses .venv/bin/sipbridge, whose directory may not be on PATH.
+SIPBRIDGE = [sys.executable, "-m", "sipbridge"]
 ROOM_HTTP_PORT = 8480
 SIP_PEER_PORT = 5090
 SIP_PEER_MEDIA_PORT = 6000  # audio; video on +2 (sipp's -rtp_echo convention)
@@ -235,7 +237,7 @@ class LocalCall:
         self.janus = JanusServer(JanusConfig(), work_dir=self.run_dir / "janus").start()
         self.stack.callback(self.janus.stop)
         self._spawn(
-            "room-server", ["sipbridge", "room", "serve", "--port", str(ROOM_HTTP_PORT), "--janus", self.janus.ws_url]
+            "room-server", [*SIPBRIDGE, "room", "serve", "--port", str(ROOM_HTTP_PORT), "--janus", self.janus.ws_url]
         )
         _wait(self._room_healthy, START_TIMEOUT_S, "room server")
         self._start_sip_peer()
@@ -253,7 +255,7 @@ class LocalCall:
 
     def _start_participants(self, group: list[tuple[str, float]], name: str, *, viewer: bool) -> None:
         opts = self.options
-        argv = ["sipbridge", "room", "participant", "--room-url", f"http://127.0.0.1:{ROOM_HTTP_PORT}/",
+        argv = [*SIPBRIDGE, "room", "participant", "--room-url", f"http://127.0.0.1:{ROOM_HTTP_PORT}/",
                 "--room", str(opts.room), "--codec", opts.room_codec, "--size", opts.participant_size,
                 "--fps", str(opts.participant_fps), "--probe"]  # fmt: skip
         for person, tone in group:
@@ -626,7 +628,22 @@ async def _snapshot_room(url: str, path: Path) -> None:
             await browser.close()
 
 
+def _interrupt(signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def run_demo(run_dir: Path, seconds: float) -> None:
+    # SIGTERM (and SIGINT even where a shell left it ignored) ends the demo like Ctrl-C: hang up, clean up.
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
+    try:
+        _run_demo(run_dir, seconds)
+    except KeyboardInterrupt:
+        # LocalCall has already hung up, stopped every process and removed the namespace on the way out.
+        raise click.ClickException("interrupted during set-up; everything was stopped and cleaned up") from None
+
+
+def _run_demo(run_dir: Path, seconds: float) -> None:
     from sipbridge.status import StatusCollector
 
     opts = CallOptions()
