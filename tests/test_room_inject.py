@@ -13,8 +13,9 @@ import pytest
 import zmq
 
 import protocol
+from protocol import EventType
 from stages.pattern import PatternGenerator, tone
-from tests.roomfix import Room, in_order, room_fixture, wait_until  # noqa: F401  (pytest fixture)
+from tests.roomfix import Collector, Room, in_order, room_fixture, wait_until  # noqa: F401  (pytest fixture)
 from tests.sipfix import janus_fixture, netns_fixture  # noqa: F401  (pytest fixtures)
 
 pytestmark = [pytest.mark.media, pytest.mark.timeout(90)]
@@ -123,4 +124,31 @@ def test_two_pipeline_video_streams_become_two_cameras(room: Room, tmp_path: Pat
         assert ranges[0][1] < SECOND_STREAM_OFFSET <= ranges[1][0], ranges
         assert in_order(first) and in_order(second)
     finally:
+        pusher.close()
+
+
+def test_app_in_a_cross_origin_iframe(room: Room, tmp_path: Path) -> None:
+    """Embedded call UIs run in a cross-origin iframe: the hook works there too, both directions."""
+    inject = f"ipc://{tmp_path}/inject.sock"
+    pusher = Pusher(inject)
+    recipe = tmp_path / "embedded.toml"
+    recipe.write_text(f'url = "{room.url}frame.html?room={ROOM_ID + 2}&name=bot&autojoin=1"\n'
+                      'steps = [{ wait_s = 1 }]\n')
+    out = f"ipc://{tmp_path}/bot.sock"
+    collector = Collector(out)
+    try:
+        _, probe = room.participants(ROOM_ID + 2, [("alice", 440.0)], probe=True)
+        room.bot(ROOM_ID + 2, out, inputs=(inject,), extra=("--recipe", str(recipe)))
+
+        def from_bot() -> list[int]:
+            return [c for r in probe.matching(lambda r: r.get("event") == "received" and r.get("from") == "bot")
+                    for c in r["counters"]]
+
+        wait_until(lambda: len(from_bot()) >= MIN_FRAMES and len(collector.counters("alice/video")) >= MIN_FRAMES,
+                   MEDIA_TIMEOUT_S, "media both ways through the iframe")
+        assert in_order(from_bot()) and in_order(collector.counters("alice/video"))
+        added = [e for e in collector.events_of(EventType.TRACK_ADDED) if e.stream_id == "alice/video"]
+        assert added[0].attributes["identified_by"] == "page"  # found alice's tile inside the iframe
+    finally:
+        collector.close()
         pusher.close()

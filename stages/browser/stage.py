@@ -123,6 +123,7 @@ class PageConnection:
     ws: web.WebSocketResponse
     role: str = "unknown"
     top: bool = False
+    camera_at: float = 0.0  # when this document last called getUserMedia
     # (data, (video seq, received ns) or None)
     queue: collections.deque[tuple[bytes | str, tuple[int, int] | None]] = field(default_factory=collections.deque)
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
@@ -268,8 +269,13 @@ class BrowserStage(Stage):
                     await conn.ws.send_bytes(data)
 
     def _top_page(self) -> PageConnection | None:
-        for conn in self._connections:
-            if conn.role == "page" and conn.top:
+        """The document that injection goes to: the last one that asked for a camera, else the top page."""
+        pages = [c for c in self._connections if c.role == "page"]
+        users = [c for c in pages if c.camera_at]
+        if users:
+            return max(users, key=lambda c: c.camera_at)
+        for conn in pages:
+            if conn.top:
                 return conn
         return None
 
@@ -279,6 +285,8 @@ class BrowserStage(Stage):
         if kind == "hello":
             conn.role = str(body.get("role", "unknown"))
             conn.top = bool(body.get("top", False))
+        elif kind == "gum":
+            conn.camera_at = time.monotonic()
         elif kind == "track":
             await self._track_added(body)
         elif kind == "ended":
@@ -487,9 +495,11 @@ class BrowserStage(Stage):
         worker = (JS_DIR / "capture_worker.js").read_text()
         relay = (JS_DIR / "relay_worker.js").read_text()
         hook = (JS_DIR / "hook.js").read_text()
-        # One script: separate init scripts would not share these top-level names (field notes).
-        return (f"const SB_CONFIG = {json.dumps(cfg)};\nconst SB_WORKER_SOURCE = {json.dumps(worker)};\n"
-                f"const SB_RELAY_SOURCE = {json.dumps(relay)};\n{hook}")
+        # One script (separate init scripts would not share names, field notes), wrapped in a function so the
+        # page's own scripts cannot see the constants (the socket token among them).
+        return (f"(function () {{\n\"use strict\";\nconst SB_CONFIG = {json.dumps(cfg)};\n"
+                f"const SB_WORKER_SOURCE = {json.dumps(worker)};\nconst SB_RELAY_SOURCE = {json.dumps(relay)};\n"
+                f"{hook}\n}})();\n")
 
     async def _set_state(self, state: str, **attributes: Any) -> None:
         self._state = state
@@ -601,8 +611,8 @@ class BrowserStage(Stage):
                 joined = await self.recipe.is_joined(page)
             except Exception as exc:
                 return failed.result() if failed.done() else f"page unreachable: {exc}"
-            if self._top_page() is None:
-                joined = False  # the page's hook lost its socket: no media can flow
+            if not any(c.role == "page" for c in self._connections):
+                joined = False  # no document's hook is connected: no media can flow
             now = time.monotonic()
             if joined:
                 not_joined_since = None

@@ -48,7 +48,14 @@
 
   function connect() {
     const url = URL.createObjectURL(new Blob([SB_RELAY_SOURCE], { type: "text/javascript" }));
-    const shared = new SharedWorker(url, { name: "sipbridge-relay-" + DOC_ID });
+    let shared;
+    try {
+      shared = new SharedWorker(url, { name: "sipbridge-relay-" + DOC_ID });
+    } catch (err) {
+      // Opaque origins (data: pages, sandboxed frames) may not start shared workers; such a document only
+      // hosts the real app in a frame, whose own hook connects.
+      return;
+    }
     relay = shared.port;
     relay.onmessage = (ev) => {
       if (ev.data && ev.data.t === "closed") { hook.connected = false; return; }
@@ -237,6 +244,8 @@
 
   if (navigator.mediaDevices) {
     navigator.mediaDevices.getUserMedia = async function (constraints) {
+      // Tell Python which document uses the camera: apps that run the call in an iframe get the injected media.
+      sendJson({ t: "gum", audio: !!(constraints && constraints.audio), video: !!(constraints && constraints.video) });
       const tracks = [];
       if (constraints && constraints.audio) tracks.push(audioSlotGet().generator.clone());
       if (constraints && constraints.video) {
