@@ -71,7 +71,8 @@ class CallOptions:
     max_tiles: int = 2
     split: str | None = "2x1"
     layout_ids: list[str] = field(default_factory=list)  # stream ids in tile order (default: order of arrival)
-    stagger_s: float = 0.0  # > 0: each participant joins alone, this long after the previous one
+    stagger_s: float = 0.0  # > 0: each participant joins alone (own process), this long after the previous one
+    fps_of: dict[str, int] = field(default_factory=dict)  # per-participant frame rate (with stagger_s > 0)
     # A receive-only page: the local room's publish=0 page never reaches its "load" event (room leg, being
     # fixed), so by default the first participant's probe reports what the room receives back.
     viewer: bool = False
@@ -248,8 +249,6 @@ class LocalCall:
         self._start_participants(groups[0], "participants", viewer=opts.viewer)
         self._start_bridge()
         for group in groups[1:]:
-            # Staggered joins give each participant's frame counter a different offset, so a test can tell
-            # whose picture a track shows.
             time.sleep(opts.stagger_s)
             self._start_participants(group, f"participants-{group[0][0]}", viewer=False)
 
@@ -257,7 +256,7 @@ class LocalCall:
         opts = self.options
         argv = [*SIPBRIDGE, "room", "participant", "--room-url", f"http://127.0.0.1:{ROOM_HTTP_PORT}/",
                 "--room", str(opts.room), "--codec", opts.room_codec, "--size", opts.participant_size,
-                "--fps", str(opts.participant_fps), "--probe"]  # fmt: skip
+                "--fps", str(opts.fps_of.get(group[0][0], opts.participant_fps)), "--probe"]  # fmt: skip
         for person, tone in group:
             argv += ["--name", person, "--tone", str(tone)]
         if viewer:
@@ -654,7 +653,7 @@ def _run_demo(run_dir: Path, seconds: float) -> None:
         f"+ Opus {opts.participant_size}@{opts.participant_fps}; the bot captures them\n"
         f"  room -> SIP: {opts.layout} of {opts.max_tiles} at {opts.width}x{opts.height}@{opts.fps}, "
         f"{opts.sip_video.upper()} + {opts.sip_audio.upper()} to a sipp peer that echoes RTP\n"
-        f"  SIP -> room: the echo split {opts.split} into the bot's cameras; a viewer reads the counters"
+        f"  SIP -> room: the echo split {opts.split} into the bot's cameras; alice's page reads the counters"
     )
     summary: dict[str, Any] = {}
     started = time.monotonic()
@@ -669,7 +668,7 @@ def _run_demo(run_dir: Path, seconds: float) -> None:
                 right = len(call.room_received(2))
                 click.echo(
                     f"[{time.monotonic() - started:5.1f}s] {_progress(collector, call.supervisor)} "
-                    f"| viewer: bot {left} fr, bot#2 {right} fr"
+                    f"| {call.observer} sees the bot: camera 1 {left} fr, camera 2 {right} fr"
                 )
             with contextlib.suppress(Exception):
                 asyncio.run(
