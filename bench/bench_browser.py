@@ -187,6 +187,10 @@ class StatsListener:
         self.ctx.term()
 
 
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 2)
+
+
 def pct(values: list[float], q: float) -> float | None:
     return round(float(np.percentile(values, q)), 2) if values else None
 
@@ -264,8 +268,8 @@ def run_scenario(index: int, scenario: dict[str, Any], room_url: str, work: Path
             "capture_vs_viewer": round(fps / base_fps, 3) if base_fps else None,
             "capture_latency_ms_p50": pct(latencies, 50),
             "capture_latency_ms_p95": pct(latencies, 95),
-            "inject_latency_ms_p50": figures.get("inject_latency_ms_p50") if injector else None,
-            "inject_latency_ms_p95": figures.get("inject_latency_ms_p95") if injector else None,
+            "inject_latency_ms_p50": _round(figures.get("inject_latency_ms_p50")) if injector else None,
+            "inject_latency_ms_p95": _round(figures.get("inject_latency_ms_p95")) if injector else None,
             "cpu_cores": round((cpu1 - cpu0) / (t1 - t0), 3),
             "cpu_cores_stage_python": round((py1 - py0) / (t1 - t0), 3),
             "pss_mb": round(max(pss_samples) / 1024, 1),
