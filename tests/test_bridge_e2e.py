@@ -14,6 +14,7 @@ import os
 import shutil
 import statistics
 import time
+import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from sipbridge.bridge import bridge_stages, parse_bridge
 from sipbridge.demo import (
     BOT_NAME,
     SIP_PEER_MEDIA_PORT,
@@ -34,7 +36,7 @@ from sipbridge.demo import (
 )
 from stages.pattern import dominant_frequency
 
-pytestmark = [pytest.mark.media]
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 MEDIA_TIMEOUT_S = 90.0
 MIN_FRAMES = 20
@@ -96,6 +98,14 @@ def tone_level(samples: np.ndarray, rate: int, hz: float) -> float:
     return float(spectrum[k - 3 : k + 4].max() / (np.median(spectrum) + 1e-9))
 
 
+@pytest.mark.parametrize("example", sorted(EXAMPLES.glob("bridge-*.toml")), ids=lambda p: p.name)
+def test_example_bridge_configs_are_valid(example: Path, tmp_path: Path) -> None:
+    """Every shipped example turns into the stages of a bridged call."""
+    specs = bridge_stages(parse_bridge(tomllib.loads(example.read_text())), tmp_path)
+    assert {"browser", "janus", "room-decoder", "sip-decoder"} <= {s.name for s in specs}
+
+
+@pytest.mark.media
 @pytest.mark.timeout(180)
 def test_room_vp8_opus_to_h264_pcmu_sip_peer_and_back(tmp_path: Path) -> None:
     """Video over SIP both ways, with transcoding for a legacy endpoint: the room sends VP8 + Opus, the SIP peer
@@ -136,16 +146,18 @@ def test_room_vp8_opus_to_h264_pcmu_sip_peer_and_back(tmp_path: Path) -> None:
     assert tones and 400.0 <= tones[-1] <= 700.0, tones  # the mix of 440 and 660 Hz, echoed
 
 
+@pytest.mark.media
 @pytest.mark.timeout(150)
-def test_g722_only_sip_peer(tmp_path: Path) -> None:
-    """A legacy endpoint that takes only G.722 (and no video): Opus from the room becomes G.722 on the wire and the
-    tone survives the round trip back into the room."""
+@pytest.mark.parametrize("codec, payload_type", [("g722", 9), ("pcma", 8)])
+def test_audio_only_legacy_sip_peer(codec: str, payload_type: int, tmp_path: Path) -> None:
+    """A legacy endpoint that takes only G.722, or only PCMA (and no video): Opus from the room becomes that codec
+    on the wire and the tone survives the round trip back into the room."""
     need_media_tools()
     options = CallOptions(
         participants=[("alice", 1000.0), ("bob", 1000.0)],
         room_codec="h264",
-        sip_scenario="uas_g722",
-        sip_audio="g722",
+        sip_scenario=f"uas_{codec}",
+        sip_audio=codec,
         sip_video="none",
         layout="single",
         max_tiles=1,
@@ -158,10 +170,10 @@ def test_g722_only_sip_peer(tmp_path: Path) -> None:
         call.stop_bridge()
         tones = [r["tone_hz"] for r in received(call, "bob", BOT_NAME) if r.get("tone_hz")]
     sdp = sdp_codecs(call.pcap)
-    assert set(sdp["answer"]) == {"G722/8000"}, sdp
+    assert set(sdp["answer"]) == {f"{codec.upper()}/8000"}, sdp  # G.722's RTP clock is 8 kHz too
     flows = rtp_flows(call.pcap, [AUDIO_PORT, VIDEO_PORT])
-    assert set(flows[f"to_sip:{AUDIO_PORT}"].payload_types) == {9}, flows  # G.722
-    samples, rate = audio_from_capture(call.pcap, AUDIO_PORT, "g722")
+    assert set(flows[f"to_sip:{AUDIO_PORT}"].payload_types) == {payload_type}, flows
+    samples, rate = audio_from_capture(call.pcap, AUDIO_PORT, codec)
     assert samples.size > rate * 2
     assert abs(dominant_frequency(samples[-rate * 2 :], rate) - 1000.0) < TONE_TOLERANCE_HZ
     assert len(tones) >= 4, f"bob heard no tone from the bot: {tones}\n{call.stage_log('browser', 20)}"
@@ -182,6 +194,7 @@ def counter_rate(call: LocalCall, observer: str, source: str) -> float | None:
     return float(np.polyfit(t, c, 1)[0])
 
 
+@pytest.mark.media
 @pytest.mark.timeout(200)
 def test_three_participants_composed_for_sip_and_split_back_into_four_cameras(tmp_path: Path) -> None:
     """Three room participants are composed into one 2x2 grid for SIP; the SIP side's 2x2 composite (the echo)
