@@ -105,6 +105,18 @@ def usage(call: LocalCall) -> tuple[float, int, int]:
     return cpu + cpu_seconds(janus_pid), pss + pss_kb(janus_pid), count + 1
 
 
+def per_program(call: LocalCall) -> dict[str, tuple[float, int]]:
+    """(CPU seconds, PSS kB) of each supervised program's process tree, and of Janus."""
+    out = {}
+    for name, info in (call.supervisor.states() if call.supervisor else {}).items():
+        if info.get("pid"):
+            cpu, pss, _ = tree_usage(int(info["pid"]))
+            out[name] = (cpu, pss)
+    if call.janus.proc is not None:
+        out["janus-server"] = (cpu_seconds(call.janus.proc.pid), pss_kb(call.janus.proc.pid))
+    return out
+
+
 def run(seconds: float) -> dict[str, Any]:
     from sipbridge.status import StatusCollector
 
@@ -129,6 +141,7 @@ def run(seconds: float) -> dict[str, Any]:
         if len(call.room_received(1)) < FPS:
             raise click.ClickException(f"no media through the bridge; see {call.run_dir}/logs")
         cpu0, _, _ = usage(call)
+        programs0 = per_program(call)
         t0 = time.monotonic()
         pss_samples = []
         while time.monotonic() - t0 < seconds:
@@ -136,6 +149,7 @@ def run(seconds: float) -> dict[str, Any]:
             pss_samples.append(usage(call)[1])
         cpu1, _, processes = usage(call)
         elapsed = time.monotonic() - t0
+        programs1 = per_program(call)
         collector.poll(1.2)
         figures = collector.figures
         echoed = len(call.room_received(1))
@@ -168,6 +182,13 @@ def run(seconds: float) -> dict[str, Any]:
             "processes": processes,
             "calls_per_2_cores_by_cpu": round(MACHINE_CORES / max((cpu1 - cpu0) / elapsed, 1e-6), 2),
         },
+        "per_program": {
+            name: {
+                "cores": round((cpu - programs0.get(name, (0.0, 0))[0]) / elapsed, 3),
+                "pss_mb": round(pss / 1024, 1),
+            }
+            for name, (cpu, pss) in sorted(programs1.items())
+        },
         "room_frames_echoed": echoed,
         "targets": {"p50_ms": TARGET_P50_MS, "p95_ms": TARGET_P95_MS, "cores": TARGET_CORES, "pss_mb": TARGET_PSS_MB},
         "machine": {
@@ -176,6 +197,15 @@ def run(seconds: float) -> dict[str, Any]:
             "loadavg_1m_at_end": os.getloadavg()[0],
         },
     }
+    # Lip sync: both kinds of media carry their capture time, so the difference of their delays through the bridge
+    # is the audio/video offset the bridge adds (positive: audio late).
+    lat_ = result["latency"]
+    result["av_offset_ms"] = {
+        direction: (round(lat_[f"{direction}_audio"]["p50_ms"] - lat_[f"{direction}_video"]["p50_ms"], 1)
+                    if lat_[f"{direction}_audio"]["p50_ms"] is not None and lat_[f"{direction}_video"]["p50_ms"]
+                    is not None else None)
+        for direction in ("room_to_sip", "sip_to_room")
+    }  # fmt: skip
     for key, base in (("room_to_sip_video", "room_to_sip_ms"), ("sip_to_room_video", "sip_to_room_ms")):
         p50 = result["latency"][key]["p50_ms"]
         result["latency"][key]["ratio_to_floor"] = round(p50 / floor[base], 1) if p50 and floor[base] else None
@@ -203,6 +233,9 @@ def print_table(r: dict[str, Any]) -> None:
             f"{key:<28}{f(lat['p50_ms']):>10}{f(lat['p95_ms']):>10}{lat['frames'] or 0:>9}{f(floor):>10}"
             f"{f(lat.get('ratio_to_floor')):>8}  p50<{TARGET_P50_MS:.0f} p95<{TARGET_P95_MS:.0f}"
         )
+    click.echo("per program: " + ", ".join(f"{n} {v['cores']:.2f} core/{v['pss_mb']:.0f} MB"
+                                           for n, v in r["per_program"].items()))  # fmt: skip
+    click.echo(f"audio/video offset added by the bridge (p50 audio - p50 video): {r['av_offset_ms']}")
     u = r["usage"]
     click.echo(
         f"whole call: {u['cores']:.2f} cores, {u['pss_mb']:.0f} MB PSS over {u['processes']} processes "
