@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from protocol import Message, VideoFrame
 from sipbridge.supervise import StageSpec
 
 VIDEO_CODECS = ("h264", "vp8", "none")
@@ -209,6 +210,19 @@ def _grid(cfg: BridgeConfig) -> str:
     return f"compose:{cols}x{rows}:{size}{ids}"
 
 
+class DropVideo:
+    """Room-side transform for a SIP endpoint without video: nothing is scaled or encoded for it."""
+
+    def process(self, msg: Message) -> tuple[Message, ...]:
+        return () if isinstance(msg, VideoFrame) else (msg,)
+
+    def flush(self, stream_id: str) -> tuple[Message, ...]:
+        return ()
+
+
+DROP_VIDEO = f"plugin:{__name__}:DropVideo"
+
+
 def bridge_stages(cfg: BridgeConfig, run_dir: Path) -> list[StageSpec]:
     """The stage processes of one bridged call (earlier entries start later and stop earlier)."""
     sip_rate = CODEC_AUDIO_RATE_HZ[cfg.to_sip.audio_codec]
@@ -236,7 +250,8 @@ def bridge_stages(cfg: BridgeConfig, run_dir: Path) -> list[StageSpec]:
         janus_env["SIPBRIDGE_STAGE_JANUS_API_SECRET"] = f"%(ENV_{cfg.janus_api_secret})s"
     janus_args += ["--call", cfg.call] if cfg.call else ["--inbound", "--accept-from", cfg.accept_from]
 
-    room_video = ["--video", _grid(cfg)] if sip_video != "none" else []
+    # An audio-only endpoint: drop the room's video before it is scaled and encoded for nothing.
+    room_video = ["--video", _grid(cfg) if sip_video != "none" else DROP_VIDEO]
     to_room_video = []
     if cfg.split:
         to_room_video += ["--video", f"split:{cfg.split[0]}x{cfg.split[1]}"]

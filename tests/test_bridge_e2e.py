@@ -16,13 +16,15 @@ import statistics
 import time
 import tomllib
 from collections.abc import Sequence
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from sipbridge.bridge import bridge_stages, parse_bridge
+from protocol import MediaHeader, VideoFrame
+from sipbridge.bridge import DROP_VIDEO, DropVideo, bridge_stages, parse_bridge
 from sipbridge.demo import (
     BOT_NAME,
     SIP_PEER_MEDIA_PORT,
@@ -103,6 +105,14 @@ def test_example_bridge_configs_are_valid(example: Path, tmp_path: Path) -> None
     """Every shipped example turns into the stages of a bridged call."""
     specs = bridge_stages(parse_bridge(tomllib.loads(example.read_text())), tmp_path)
     assert {"browser", "janus", "room-decoder", "sip-decoder"} <= {s.name for s in specs}
+
+
+def test_audio_only_endpoint_drops_room_video_before_encoding(tmp_path: Path) -> None:
+    example = EXAMPLES / "bridge-legacy-pcma.toml"
+    specs = {s.name: s for s in bridge_stages(parse_bridge(tomllib.loads(example.read_text())), tmp_path)}
+    assert DROP_VIDEO in specs["room-transformer"].args
+    dropped = DropVideo().process(VideoFrame(MediaHeader("a/video", 0, 0, Fraction(1, 30), 1), 2, 2, bytes(6)))
+    assert list(dropped) == []
 
 
 @pytest.mark.media
