@@ -43,6 +43,8 @@ SIPP_DIR = PROJECT_DIR / "tests" / "sipp"
 START_TIMEOUT_S = 20.0
 STOP_TIMEOUT_S = 10.0
 PROGRESS_INTERVAL_S = 2.0
+MEDIA_START_TIMEOUT_S = 60.0
+MIN_DEMO_MEDIA_S = 5.0
 BOT_NAME = "bot"
 VIEWER_NAME = "viewer"
 PROBE_PREFIX = "SBPROBE "
@@ -606,6 +608,9 @@ def stage_summary(figures: dict[str, dict[str, Any]]) -> dict[str, Any]:
             for sid, s in fig.get("streams", {}).items()
         }
         out[stage] = {"streams": streams, "drops": fig.get("drops", {}), "errors": fig.get("errors", {})}
+        for key in ("decoders", "inject_latency_ms_p50", "inject_latency_ms_p95"):
+            if key in fig:
+                out[stage][key] = fig[key]
     return out
 
 
@@ -646,7 +651,7 @@ def _run_demo(run_dir: Path, seconds: float) -> None:
     from sipbridge.status import StatusCollector
 
     opts = CallOptions()
-    seconds = max(seconds, 10.0)
+    seconds = max(seconds, MIN_DEMO_MEDIA_S)
     click.echo(
         f"demo: a bridged call in a private network namespace for {seconds:.0f} s\n"
         f"  room {opts.room}: {', '.join(n for n, _ in opts.participants)} publish {opts.room_codec.upper()} "
@@ -661,11 +666,16 @@ def _run_demo(run_dir: Path, seconds: float) -> None:
         click.echo(f"set-up {time.monotonic() - started:.1f} s (logs in {call.run_dir}/logs)")
         collector = StatusCollector(call.run_dir)
         try:
-            deadline = time.monotonic() + seconds
+            # The media time counts from the first echoed frame in the room (the bot needs a few seconds to join).
+            deadline = time.monotonic() + MEDIA_START_TIMEOUT_S + seconds
+            flowing = False
             while time.monotonic() < deadline:
                 collector.poll(PROGRESS_INTERVAL_S)
                 left = len(call.room_received(1))
                 right = len(call.room_received(2))
+                if left and not flowing:
+                    flowing = True
+                    deadline = time.monotonic() + seconds
                 click.echo(
                     f"[{time.monotonic() - started:5.1f}s] {_progress(collector, call.supervisor)} "
                     f"| {call.observer} sees the bot: camera 1 {left} fr, camera 2 {right} fr"
@@ -688,6 +698,7 @@ def _run_demo(run_dir: Path, seconds: float) -> None:
             for t in (1, 2)
         }
         summary["room"]["tone_hz"] = call.room_tone()
+        summary["observer"] = call.observer
         call.stop_bridge()  # hang up first: the BYE and the last RTP land in the capture
         time.sleep(0.5)
     grid = _grid_of(opts)
@@ -732,11 +743,25 @@ def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
             f"counters per tile: {'; '.join(tiles)}"
         )
     room = summary.get("room", {})
+    who = summary.get("observer", "a participant")
     click.echo(
-        f"  room (viewer page, counters read from pixels): bot camera 1 {room.get('track1')}, "
+        f"  room ({who}'s page, counters read from pixels): bot camera 1 {room.get('track1')}, "
         f"camera 2 {room.get('track2')}, tone {room.get('tone_hz')} Hz"
     )
     stages = summary.get("stages", {})
+    for stage, leg in (
+        ("room-decoder", "room leg (what the bot received)"),
+        ("sip-decoder", "SIP leg (what came back)"),
+    ):
+        decoders = stages.get(stage, {}).get("decoders", {})
+        if decoders:
+            click.echo(f"  codecs on the {leg}: " + ", ".join(f"{sid} {c}" for sid, c in sorted(decoders.items())))
+    page = stages.get("browser", {})
+    if page.get("inject_latency_ms_p50") is not None:
+        click.echo(
+            f"  bot page writes an injected frame into its camera: p50 {_ms(page['inject_latency_ms_p50'])} ms, "
+            f"p95 {_ms(page.get('inject_latency_ms_p95'))} ms after the browser stage receives it"
+        )
     # The janus stage's input streams came from the room, the browser's input streams from SIP.
     to_sip = {k: v for k, v in stages.get("janus", {}).get("streams", {}).items() if k.startswith("room-")}
     to_room = {k: v for k, v in stages.get("browser", {}).get("streams", {}).items() if k.startswith("sip-")}
