@@ -159,6 +159,7 @@ BENCHMARKS = {
     "chain": "bench_chain.py",
     "sip": "bench_sip.py",
     "browser": "bench_browser.py",
+    "bridge": "bench_bridge.py",
 }
 
 
