@@ -521,6 +521,13 @@ async def stop_stage_and_collector(stage: StageProcess, collector: MediaCollecto
     return code
 
 
+# The test reader is this (often busy) test process. The stage's default real-time policy would drop an
+# encoded frame it cannot hand over and ask the SIP side for a keyframe, but an echoing sipp cannot make
+# one, so the following pictures would decode wrong until the next periodic keyframe. Tests check the SIP
+# leg, not their own speed: the stage's output edge loses nothing unless a test passes another policy.
+LOSSLESS_OUTPUT = ("--video-policy", "all")
+
+
 class StageProcess:
     """``sipbridge stage janus ...`` as a child process (it inherits the caller's namespace)."""
 
@@ -534,7 +541,7 @@ class StageProcess:
         self.log_path = work_dir / f"{name}.log"
         self.argv = [shutil.which("sipbridge") or "sipbridge", "stage", "janus", "--name", name, "--in", feed,
                      "--out", self.output, "--stats", self.stats, "--control", self.control,
-                     "--janus-url", janus_url, *args]
+                     "--janus-url", janus_url, *LOSSLESS_OUTPUT, *args]
         self.proc: subprocess.Popen[bytes] | None = None
         self.ctx = zmq.asyncio.Context()
         self._req: zmq.asyncio.Socket | None = None

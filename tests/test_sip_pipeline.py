@@ -66,7 +66,7 @@ def test_pipeline_echo_call(janus: JanusServer, tmp_path: Path) -> None:
         "decoder": _start(run, "decoder", "decoder", "--in", ep["janus"], "--out", ep["decoder"], *LOSSLESS),
         "janus": _start(run, "janus", "janus", "--in", ep["encoder"], "--out", ep["janus"], "--janus-url",
                         janus.ws_url, "--call", f"sip:echo@127.0.0.1:{SIPP_PORT}", "--audio-codec", "pcmu",
-                        "--video-codec", "h264"),
+                        "--video-codec", "h264", *LOSSLESS),
         "encoder": _start(run, "encoder", "encoder", "--in", ep["source"], "--out", ep["encoder"],
                           "--video-codec", "h264", "--audio-codec", "pcmu", "--fps", str(FPS), *LOSSLESS),
     }
