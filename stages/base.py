@@ -398,6 +398,11 @@ class Stage:
         for sock in self._ins:
             sock.close(linger=0)
         await self._finish()
+        # The work is flushed and the end of stream sent: a late SIGTERM (supervisord signals every stage
+        # at shutdown) must not turn a clean exit into "terminated by SIGTERM" once the loop is gone.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+            signal.signal(sig, signal.SIG_IGN)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
