@@ -178,7 +178,12 @@ def bench(names: tuple[str, ...]) -> None:
             continue
         click.echo(f"== {name}")
         started = time.monotonic()
-        code = subprocess.call([sys.executable, str(script)], cwd=PROJECT_DIR)
+        # Benchmarks import the project (tests.*, stages.*) from the checkout they live in.
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_DIR), os.environ.get("PYTHONPATH")])),
+        }
+        code = subprocess.call([sys.executable, str(script)], cwd=PROJECT_DIR, env=env)
         click.echo(f"== {name}: exit {code} after {time.monotonic() - started:.0f} s")
         if code:
             failed.append(name)
