@@ -25,6 +25,10 @@ CAPTURE_MODES = ("raw", "encoded")
 CODEC_AUDIO_RATE_HZ = {"pcmu": 8000, "pcma": 8000, "g722": 16000, "opus": 48000}
 ROOM_AUDIO_RATE_HZ = 48000
 SECRET_ENV_PREFIX = "SIPBRIDGE_SECRET_"
+# The browser -> room-decoder edge carries every participant's encoded frames (a few kB each). Dropping one
+# stalls that participant until a keyframe, which the room's sender may be slow to give, so this edge rides
+# out short CPU stalls with a deeper queue (about a second of two participants' audio and video).
+ENCODED_EDGE_HWM_MSGS = 64
 
 
 class BridgeConfigError(ValueError):
@@ -267,6 +271,8 @@ def bridge_stages(cfg: BridgeConfig, run_dir: Path) -> list[StageSpec]:
         cfg.capture,
         "--video-tracks",
         str(video_tracks),
+        "--hwm",
+        str(ENCODED_EDGE_HWM_MSGS),
     ]
     for key, value in sorted(cfg.recipe_vars.items()):
         browser_args += ["--var", f"{key}={value}"]
@@ -318,7 +324,7 @@ def bridge_stages(cfg: BridgeConfig, run_dir: Path) -> list[StageSpec]:
                 "room-audio",
             ],
         ),
-        StageSpec("room-decoder", "decoder", inputs=["browser"]),
+        StageSpec("room-decoder", "decoder", inputs=["browser"], args=["--hwm", str(ENCODED_EDGE_HWM_MSGS)]),
     ]
     if cfg.start_janus:
         # Janus is what the janus stage connects to: it starts before every stage and stops after them.

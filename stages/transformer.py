@@ -255,6 +255,19 @@ class Compose(Identity):
                 slot.ended = True
         return ()
 
+    def figures(self) -> dict[str, Any]:
+        """Each slot's stream, age of its newest frame and state: shows why a tile is black."""
+        now = time.monotonic()
+        return {
+            "compose_slots": {
+                sid: {"age_s": round(now - slot.last_seen, 3) if slot.frame else None, "ended": slot.ended,
+                      "size": [slot.frame.width, slot.frame.height] if slot.frame else None}
+                for sid in self.order
+                if (slot := self.slots.get(sid)) is not None
+            },
+            "composites": self.seq,
+        }
+
 
 class _MixInput:
     def __init__(self) -> None:
@@ -456,6 +469,13 @@ class TransformerStage(Stage):
         for transform in self.transforms:
             batch = [out for item in batch for out in transform.process(item)]
         return batch
+
+    def extra_figures(self) -> dict[str, Any]:
+        figures: dict[str, Any] = {}
+        for transform in self.transforms:
+            if hasattr(transform, "figures"):
+                figures.update(transform.figures())
+        return figures
 
     def flush(self, stream_id: str) -> Iterable[Message]:
         out: list[Message] = []
