@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -13,6 +15,7 @@ from protocol import EventType
 from stages.base import control_endpoint
 from tests.roomfix import Collector, Room, in_order, room_fixture, wait_until  # noqa: F401  (pytest fixture)
 from tests.sipfix import janus_fixture, netns_fixture  # noqa: F401  (pytest fixtures)
+from tests.stagehelp import StatsWatcher
 
 pytestmark = [pytest.mark.media, pytest.mark.timeout(90)]
 
@@ -111,4 +114,41 @@ def test_encoded_capture_through_the_decoder_stage(room: Room, tmp_path: Path) -
         assert {f"{n}/video" for n, _ in PARTICIPANTS} <= {e.stream_id for e in
                                                            collector.events_of(EventType.TRACK_ADDED)}
     finally:
+        collector.close()
+
+
+STALL_S = 6.0  # long enough to overflow the bot's output queue (HWM 8 plus socket buffers) at 30 fps
+STALLS = 2
+
+
+def test_decoded_video_recovers_after_frames_are_lost(room: Room, tmp_path: Path) -> None:
+    """A stalled decoder loses encoded frames at the bot's output; its keyframe requests reach the room's sender
+    through the page, and the picture comes back after every stall."""
+    room.participants(ROOM_ID + 3, [("alice", 440.0)])
+    bot_out, decoded = f"ipc://{tmp_path}/bot.sock", f"ipc://{tmp_path}/decoded.sock"
+    collector = Collector(decoded)
+    browser_stats = StatsWatcher(f"ipc://{room.run_dir}/browser.stats")
+    decoder_stats = StatsWatcher(f"ipc://{tmp_path}/decoder.stats")
+    try:
+        room.bot(ROOM_ID + 3, bot_out, mode="encoded")
+        decoder = room.spawn(["sipbridge", "stage", "decoder", "--in", bot_out, "--out", decoded,
+                              "--stats", f"ipc://{tmp_path}/decoder.stats"], stdout=None)
+        wait_until(lambda: len(collector.counters("alice/video")) >= MIN_FRAMES, MEDIA_TIMEOUT_S, "alice's video")
+        for _ in range(STALLS):
+            os.kill(decoder.pid, signal.SIGSTOP)
+            time.sleep(STALL_S)
+            os.kill(decoder.pid, signal.SIGCONT)
+            resumed_from = len(collector.counters("alice/video")) + MIN_FRAMES  # past the backlog the stall left
+            wait_until(lambda n=resumed_from: len(collector.counters("alice/video")) >= n, MEDIA_TIMEOUT_S,
+                       "decoded video after the stall")
+        figures = decoder_stats.latest_stats(lambda f: f["drops"].get("seq_gap", 0) >= 1)
+        assert figures["keyframe_requests_out"] >= 1
+        # The decoder's requests arrive on the bot's control socket and leave the page for the room's sender.
+        browser = browser_stats.latest_stats(lambda f: f["keyframe_requests_in"] >= 1
+                                             and f.get("page_keyframe_requests", 0) >= 1)
+        assert not [r for r in browser["drops"] if r.startswith("page_keyframe_request_failed")], browser["drops"]
+        assert in_order(collector.counters("alice/video"))
+    finally:
+        browser_stats.close()
+        decoder_stats.close()
         collector.close()

@@ -190,6 +190,7 @@ class BrowserStage(Stage):
         self._pc_states: dict[Any, str] = {}
         self._participant_tracks: collections.Counter[str] = collections.Counter()
         self._browser: Browser | None = None
+        self._page_keyframe_requests = 0  # keyframe requests the page handed to a room sender's receiver
 
     # ----- statistics --------------------------------------------------------------------------------------------
     def extra_figures(self) -> dict[str, Any]:
@@ -207,6 +208,7 @@ class BrowserStage(Stage):
             "inject_latency_ms_p50": percentile(self._inject_latency_ms, 0.5),
             "inject_latency_ms_p95": percentile(self._inject_latency_ms, 0.95),
             "chromium_pids": chromium_pids(os.getpid()),
+            "page_keyframe_requests": self._page_keyframe_requests,
         }
 
     async def _emit_control(self, msg: Message) -> None:
@@ -295,6 +297,9 @@ class BrowserStage(Stage):
             for reason, count in (body.get("drops") or {}).items():
                 if isinstance(count, int) and count > 0:
                     self.drops[f"page_{reason}"] += count
+            sent = body.get("kfreq")
+            if isinstance(sent, int) and sent > 0:
+                self._page_keyframe_requests += sent
         elif kind == "ack":
             seq = body.get("seq")
             sent = conn.in_flight.pop(seq, None) if isinstance(seq, int) else None

@@ -18,6 +18,7 @@ let relay = null; // MessagePort to the relay
 const entries = new Map(); // encoded: track key -> {transformer, kind, active, needKey}
 const rawReaders = new Map(); // raw: track key -> ReadableStreamDefaultReader
 const drops = {};
+let keyframeRequests = 0; // sent to room senders, reported with the drops
 let reported = {};
 const textEncoder = new TextEncoder();
 
@@ -120,9 +121,12 @@ function entryFor(key) {
   return entries.get(key);
 }
 
+// Only video receivers take keyframe requests (an audio transformer's promise rejects with InvalidStateError).
 function requestKeyframe(entry) {
   const t = entry.transformer;
-  if (t && typeof t.sendKeyFrameRequest === "function") t.sendKeyFrameRequest().catch(() => drop("keyframe_request_failed"));
+  if (entry.kind !== "video" || !t || typeof t.sendKeyFrameRequest !== "function") return;
+  keyframeRequests += 1;
+  t.sendKeyFrameRequest().catch((err) => drop("keyframe_request_failed_" + ((err && err.name) || "error")));
 }
 
 function captureEncoded(key, entry, frame) {
@@ -180,7 +184,8 @@ self.onmessage = (event) => {
         if (d > 0) { delta[reason] = d; any = true; }
       }
       reported = { ...drops };
-      if (any) sendText(JSON.stringify({ t: "drops", drops: delta }));
+      if (any || keyframeRequests) sendText(JSON.stringify({ t: "drops", drops: delta, kfreq: keyframeRequests }));
+      keyframeRequests = 0;
     }, config.statsIntervalMs);
   } else if (msg.t === "raw") {
     captureRaw(msg.key, msg.kind, msg.readable);
