@@ -149,6 +149,10 @@ class Stage:
 
     #: Whether this stage's ``process`` wants raw video dropped when it falls behind.
     consumes_inputs = True
+    #: Whether control messages from the inputs (events, errors) travel on downstream. The stages at the ends
+    #: of a leg (browser, janus) end their input's direction: the bridge is a ring through them, and an event
+    #: they passed on would circle the ring for the rest of the call.
+    forwards_control = True
 
     def __init__(self, options: StageOptions) -> None:
         self.options = options
@@ -175,6 +179,8 @@ class Stage:
         self.errors: collections.Counter[str] = collections.Counter()
         self.keyframe_requests_in = 0
         self.keyframe_requests_out = 0
+        self.control_forwarded = 0  # downstream control messages passed on (events, errors)
+        self.control_ended = 0  # downstream control messages this stage ends (forwards_control False)
         self._process_ms: collections.deque[float] = collections.deque(maxlen=LATENCY_WINDOW_SAMPLES)
         self._last_error_log = 0.0
         self._started_ns = time.time_ns()
@@ -254,21 +260,27 @@ class Stage:
                     if not await self.run_codec(self.on_keyframe_request, request):
                         await self.request_keyframe_upstream(stream_id, request.reason)
                 return False
-        else:
+        elif not await self._send_waiting(parts, copy, AUDIO_SEND_WAIT_MS):
             # Audio may wait briefly for room, but a consumer that is gone must not stall the stage.
-            if not await self._writable_within(AUDIO_SEND_WAIT_MS):
-                self.drops["send_timeout"] += 1
-                return False
-            try:
-                await self._out.send_multipart(parts, flags=zmq.NOBLOCK, copy=copy)
-            except zmq.Again:
-                self.drops["send_timeout"] += 1
-                return False
+            self.drops["send_timeout"] += 1
+            return False
         if isinstance(msg, (VideoFrame, AudioFrame, EncodedPacket)):
             figures = self.streams[msg.header.stream_id]
             figures.frames_out += 1
             figures.bytes_out += size
         return True
+
+    async def _send_waiting(self, parts: list[Any], copy: bool, timeout_ms: int) -> bool:
+        """Send now if there is room (the common case, no poller); else wait up to ``timeout_ms`` for room."""
+        assert self._out is not None
+        for attempt in range(2):
+            try:
+                await self._out.send_multipart(parts, flags=zmq.NOBLOCK, copy=copy)
+                return True
+            except zmq.Again:
+                if attempt or not await self._writable_within(timeout_ms):
+                    return False
+        return False
 
     async def _writable_within(self, timeout_ms: int) -> bool:
         assert self._out is not None
@@ -279,10 +291,9 @@ class Stage:
         """Send a downstream control message in order with media; give up if nobody takes it."""
         if self._out is None:
             return False
-        if not await self._writable_within(int(timeout_s * 1000)):
+        if not await self._send_waiting(protocol.encode(msg), True, int(timeout_s * 1000)):
             self.drops["control_timeout"] += 1
             return False
-        await self._out.send_multipart(protocol.encode(msg))
         return True
 
     async def request_keyframe_upstream(self, stream_id: str, reason: str) -> None:
@@ -511,7 +522,8 @@ class Stage:
         if msg.stream_id:
             for out in await self.run_codec(lambda: list(self.flush(msg.stream_id))):
                 await self.emit(out)
-            await self._send_control(msg)
+            if self.forwards_control:
+                await self._send_control(msg)
             return False
         self._eos_inputs += 1
         if self._eos_inputs >= len(self._ins):
@@ -542,8 +554,12 @@ class Stage:
             for out in outputs:
                 await self.emit(out)
         else:
-            # Control messages that travel downstream (events, errors) pass through.
-            await self._send_control(msg)
+            if self.forwards_control:
+                # Control messages that travel downstream (events, errors) pass through.
+                self.control_forwarded += 1
+                await self._send_control(msg)
+            else:
+                self.control_ended += 1
 
     def _process_all(self, msg: Message) -> list[Message]:
         return list(self.process(msg))
@@ -603,6 +619,8 @@ class Stage:
             "codec_queue": self._codec_thread._work_queue.qsize(),
             "keyframe_requests_in": self.keyframe_requests_in,
             "keyframe_requests_out": self.keyframe_requests_out,
+            "control_forwarded": self.control_forwarded,
+            "control_ended": self.control_ended,
             **self.extra_figures(),
         }
 

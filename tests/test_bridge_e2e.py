@@ -36,6 +36,7 @@ from sipbridge.demo import (
     sdp_codecs,
     tile_counters,
 )
+from sipbridge.status import StatusCollector
 from stages.pattern import dominant_frequency
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -48,6 +49,9 @@ PERSON_FPS = {"alice": 15, "bob": 10, "carol": 6}
 RATE_TOLERANCE = 0.2
 RATE_MIN_REPORTS = 8
 RATE_WINDOW_S = 8.0
+STATS_SETTLE_S = 1.5
+EVENTS_WINDOW_S = 3.0
+EVENTS_IN_STEADY_STATE = 5  # a stage state or call state change may fall in the window; a loop makes hundreds
 
 
 def need_media_tools() -> None:
@@ -91,6 +95,19 @@ def ascending(values: Sequence[int | None], minimum: int = MIN_FRAMES) -> bool:
     return len(set(seen)) >= minimum and all(b >= a for a, b in itertools.pairwise(seen))
 
 
+def control_forwarded(call: LocalCall) -> dict[str, int]:
+    """How many control messages each stage passed downstream over a few seconds of a running call."""
+    collector = StatusCollector(call.run_dir)
+    try:
+        collector.poll(STATS_SETTLE_S)
+        before = {stage: fig.get("control_forwarded", 0) for stage, fig in collector.figures.items()}
+        collector.poll(EVENTS_WINDOW_S)
+        after = {stage: fig.get("control_forwarded", 0) for stage, fig in collector.figures.items()}
+        return {stage: count - before.get(stage, 0) for stage, count in after.items()}
+    finally:
+        collector.close()
+
+
 def tone_level(samples: np.ndarray, rate: int, hz: float) -> float:
     """Spectral magnitude around ``hz`` relative to the spectrum's median (how clearly a tone is present)."""
     x = samples[-rate * 2 :].astype(np.float64)
@@ -130,6 +147,7 @@ def test_room_vp8_opus_to_h264_pcmu_sip_peer_and_back(tmp_path: Path) -> None:
     with LocalCall(tmp_path / "run", options) as call:
         # bob sees the bot's first camera (alice's half of the echoed composite) and its second (bob's half).
         wait_for_media(call, "bob", [track_source(1), track_source(2)], "the echoed video reaching the room")
+        forwarded = control_forwarded(call)
         call.stop_bridge()  # hang up, so the capture holds the whole call
         room = {t: counters(call, "bob", track_source(t)) for t in (1, 2)}
         tones = [r["tone_hz"] for r in received(call, "bob", BOT_NAME) if r.get("tone_hz")]
@@ -154,6 +172,8 @@ def test_room_vp8_opus_to_h264_pcmu_sip_peer_and_back(tmp_path: Path) -> None:
     for track in (1, 2):
         assert ascending(room[track]), room[track]
     assert tones and 400.0 <= tones[-1] <= 700.0, tones  # the mix of 440 and 660 Hz, echoed
+    # Events end at the legs' ends: none keeps circling the ring browser -> ... -> janus -> ... -> browser.
+    assert all(growth <= EVENTS_IN_STEADY_STATE for growth in forwarded.values()), forwarded
 
 
 @pytest.mark.media

@@ -164,6 +164,9 @@ def stream_name(participant: str) -> str:
 class BrowserStage(Stage):
     """Joins a room with Chromium; emits every remote track; injects pipeline media as camera and microphone."""
 
+    # The end of the direction that feeds it (see Stage.forwards_control).
+    forwards_control = False
+
     def __init__(self, options: StageOptions, config: BrowserConfig) -> None:
         super().__init__(options)
         self.config = config

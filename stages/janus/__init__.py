@@ -96,6 +96,9 @@ class SipSettings:
 
 
 class JanusStage(Stage):
+    # The end of the direction that feeds it (see Stage.forwards_control).
+    forwards_control = False
+
     def __init__(self, options: StageOptions, settings: SipSettings) -> None:
         super().__init__(options)
         self.settings = settings
