@@ -21,6 +21,7 @@ import asyncio
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any
 
 import av
@@ -52,12 +53,15 @@ class DecodeStream:
     last_header: MediaHeader | None = None
     last_request_s: float = -1e9  # monotonic time of the last keyframe request sent for this stream
     resampler: Any = None  # av.AudioResampler to packed s16, made on the first non-s16 frame
+    resampled_pts: int | None = None  # next pts, in samples at the decoder's output rate (audio_rate set)
 
 
 class Decoder(Stage):
-    def __init__(self, options: StageOptions, opus_channels: int = 2, threads: int = 1) -> None:
+    def __init__(self, options: StageOptions, opus_channels: int = 2, threads: int = 1, audio_rate: int = 0) -> None:
         super().__init__(options)
         self.opus_channels = opus_channels
+        # 0 keeps each codec's own rate; else audio leaves resampled to this rate (saves a transformer hop).
+        self.audio_rate = audio_rate
         self.threads = threads
         self._decoders: dict[str, DecodeStream] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -166,17 +170,25 @@ class Decoder(Stage):
 
     def _audio_message(self, state: DecodeStream, header: MediaHeader, frame: av.AudioFrame) -> AudioFrame | None:
         channels = len(frame.layout.channels)
-        if frame.format.name != "s16":
-            # Opus decodes to planar float; the wire wants interleaved s16 at the same rate and layout.
+        rate = self.audio_rate or frame.sample_rate
+        if frame.format.name != "s16" or rate != frame.sample_rate:
+            # Opus decodes to planar float; the wire wants interleaved s16 (at the codec's or the asked-for rate).
             if state.resampler is None:
-                state.resampler = av.AudioResampler(format="s16", layout=frame.layout.name, rate=frame.sample_rate)
+                state.resampler = av.AudioResampler(format="s16", layout=frame.layout.name, rate=rate)
             converted = [codecs.av_to_s16(f) for f in state.resampler.resample(frame)]
             data = np.concatenate(converted) if converted else np.zeros(0, dtype=np.int16)
+            if rate != frame.sample_rate:
+                # pts counts samples at the output rate from the first frame's position on.
+                if state.resampled_pts is None:
+                    state.resampled_pts = round(header.pts * header.time_base * rate)
+                header = MediaHeader(header.stream_id, header.seq, state.resampled_pts, Fraction(1, rate),
+                                     header.capture_time_ns)
+                state.resampled_pts += data.size // channels
         else:
             data = codecs.av_to_s16(frame)
         if data.size == 0:
             return None  # the resampler may hold back a few samples; nothing to send yet
-        return codecs.make_audio_frame(header, frame.sample_rate, channels, data)
+        return codecs.make_audio_frame(header, rate, channels, data)
 
     def flush(self, stream_id: str) -> Iterable[Message]:
         out: list[Message] = []
@@ -220,6 +232,8 @@ class Decoder(Stage):
               help="Channels Opus is decoded to (SDP always says 2; mono streams come out duplicated).")
 @click.option("--threads", type=click.IntRange(0, 16), default=1, show_default=True,
               help="Slice threads per video decoder (0 = one per core).")
+@click.option("--audio-rate", type=click.IntRange(0, 192000), default=0, show_default=True,
+              help="Resample decoded audio to this rate in Hz (0 = the codec's own rate).")
 def command(**params: Any) -> None:
     """Decode H.264/VP8/VP9/Opus/G.711/G.722 packets into raw I420 video and s16 audio."""
     options = build_options(params)

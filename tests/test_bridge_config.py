@@ -26,6 +26,7 @@ def example() -> dict:
         (lambda d: d["room"].update(capture="video"), "room.capture must be one of raw, encoded"),
         (lambda d: d["media"]["to_sip"].update(audio_codec="amr"), "media.to_sip.audio_codec must be one of"),
         (lambda d: d["media"]["to_sip"].update(width=641), "media.to_sip.width must be an even number"),
+        (lambda d: d["media"]["to_sip"].update(preset="placebo"), "media.to_sip.preset must be one of"),
         (lambda d: d["media"]["to_sip"].update(fps="30"), "media.to_sip.fps must be int"),
         (lambda d: d["sip"].update(call="echo@host"), "sip.call must be a sip: URI"),
         (lambda d: d["sip"].update(inbound=True), "exactly one of sip.call"),
@@ -55,10 +56,17 @@ def test_stages_are_wired_in_both_directions(tmp_path: Path) -> None:
     assert specs["sip-decoder"].inputs == ["janus"]
     assert specs["browser"].inputs == ["sip-transformer"]
     assert "split:2x2" in specs["sip-transformer"].args
+    assert specs["sip-decoder"].args == ["--audio-rate", "48000"]
     assert specs["browser"].args[specs["browser"].args.index("--video-tracks") + 1] == "4"
     assert "compose:2x2:640x480" in specs["room-transformer"].args
     assert "resample:8000" in specs["room-transformer"].args
     assert specs["janus-server"].priority == 10
+
+
+def test_without_a_split_the_sip_decoder_feeds_the_browser(tmp_path: Path) -> None:
+    specs = {s.name: s for s in bridge_stages(parse_bridge(example()), tmp_path)}
+    assert "sip-transformer" not in specs
+    assert specs["browser"].inputs == ["sip-decoder"]
 
 
 def test_secrets_come_from_the_environment_and_never_reach_the_config_file(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -226,11 +227,13 @@ AUDIO_CHUNK_SAMPLES = 480  # 10 ms at 48 kHz: the encoder re-chunks to 20 ms
 def test_audio_tone_round_trips_through_processes(harness: Harness) -> None:
     """A 1 kHz tone through encoder+decoder processes for every audio codec, all four chains at once."""
     chains = {}
-    for codec in AUDIO_CODECS:
-        push, _, feed = harness.feed(f"feed-{codec}")
-        encoder = harness.start("encoder", f"enc-{codec}", [feed], "--audio-codec", codec)
-        decoder = harness.start("decoder", f"dec-{codec}", [encoder.output])
-        chains[codec] = (push, encoder, decoder, harness.socket(zmq.PULL, decoder.output, False))
+    # label -> (codec, the decoder's output rate: 0 = the codec's own)
+    variants = {codec: (codec, 0) for codec in AUDIO_CODECS} | {"pcmu@48k": ("pcmu", 48000), "opus@8k": ("opus", 8000)}
+    for label, (codec, out_rate) in variants.items():
+        push, _, feed = harness.feed(f"feed-{label}")
+        encoder = harness.start("encoder", f"enc-{label}", [feed], "--audio-codec", codec)
+        decoder = harness.start("decoder", f"dec-{label}", [encoder.output], "--audio-rate", str(out_rate))
+        chains[label] = (push, encoder, decoder, harness.socket(zmq.PULL, decoder.output, False))
     signal = tone(1.0)
     for i in range(len(signal) // AUDIO_CHUNK_SAMPLES):
         header = MediaHeader("a", i, i * AUDIO_CHUNK_SAMPLES, Fraction(1, INPUT_RATE_HZ), 3_000_000 + i)
@@ -239,16 +242,21 @@ def test_audio_tone_round_trips_through_processes(harness: Harness) -> None:
             send(push, AudioFrame(header, INPUT_RATE_HZ, 1, AUDIO_CHUNK_SAMPLES, data))
     for push, *_ in chains.values():
         send(push, EndOfStream(""))
-    for codec, (_, encoder, decoder, pull) in chains.items():
+    for label, (_, encoder, decoder, pull) in chains.items():
+        codec, out_rate = variants[label]
         frames = [f for f in receive_until_eos(pull) if isinstance(f, AudioFrame)]
-        rate = codecs.SAMPLE_RATE_HZ[codecs.codec_from_name(codec)]
+        rate = out_rate or codecs.SAMPLE_RATE_HZ[codecs.codec_from_name(codec)]
         assert frames and all(f.sample_rate == rate for f in frames)
         assert [f.header.seq for f in frames] == list(range(len(frames)))
+        if out_rate:
+            # Resampled audio keeps a gapless timeline at the new rate.
+            assert all(f.header.time_base == Fraction(1, rate) for f in frames)
+            assert all(b.header.pts == a.header.pts + a.samples for a, b in itertools.pairwise(frames))
         decoded = np.concatenate([np.frombuffer(f.data, np.int16).reshape(-1, f.channels)[:, 0] for f in frames])
         assert len(decoded) >= rate * 0.98
         peak, rms = peak_hz_and_rms(decoded, rate)
-        assert abs(peak - TONE_HZ) < 5, codec
-        assert rms == pytest.approx(TONE_AMPLITUDE / np.sqrt(2), rel=0.1), codec
+        assert abs(peak - TONE_HZ) < 5, label
+        assert rms == pytest.approx(TONE_AMPLITUDE / np.sqrt(2), rel=0.1), label
         assert encoder.wait_exit() == 0 and decoder.wait_exit() == 0
 
 
