@@ -1,6 +1,6 @@
 """Start the Janus WebRTC Server with the project's own configuration.
 
-The templates in ``janus-conf/`` are copies of Debian's ``/etc/janus`` files with
+The templates in ``janus-conf/`` hold only the settings the project depends on, with
 ``${NAME}`` placeholders for what differs between instances (ports, RTP ranges,
 log file, ICE interface). ``render_config()`` writes a filled-in copy to a folder
 and ``janus -F FOLDER`` runs with it, so two Janus instances (two tests, or two

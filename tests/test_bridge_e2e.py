@@ -95,15 +95,16 @@ def ascending(values: Sequence[int | None], minimum: int = MIN_FRAMES) -> bool:
     return len(set(seen)) >= minimum and all(b >= a for a, b in itertools.pairwise(seen))
 
 
-def control_forwarded(call: LocalCall) -> dict[str, int]:
-    """How many control messages each stage passed downstream over a few seconds of a running call."""
+def control_forwarded(call: LocalCall) -> tuple[dict[str, int], dict[str, dict[str, Any]]]:
+    """How many control messages each stage passed downstream over a few seconds of a running call; and the
+    stages' last statistics."""
     collector = StatusCollector(call.run_dir)
     try:
         collector.poll(STATS_SETTLE_S)
         before = {stage: fig.get("control_forwarded", 0) for stage, fig in collector.figures.items()}
         collector.poll(EVENTS_WINDOW_S)
         after = {stage: fig.get("control_forwarded", 0) for stage, fig in collector.figures.items()}
-        return {stage: count - before.get(stage, 0) for stage, count in after.items()}
+        return {stage: count - before.get(stage, 0) for stage, count in after.items()}, collector.figures
     finally:
         collector.close()
 
@@ -134,27 +135,33 @@ def test_audio_only_endpoint_drops_room_video_before_encoding(tmp_path: Path) ->
 
 @pytest.mark.media
 @pytest.mark.timeout(180)
-def test_room_vp8_opus_to_h264_pcmu_sip_peer_and_back(tmp_path: Path) -> None:
-    """Video over SIP both ways, with transcoding for a legacy endpoint: the room sends VP8 + Opus, the SIP peer
-    takes only H.264 + PCMU; two participants composed side by side for SIP, the echo split back into two cameras."""
+@pytest.mark.parametrize("room_codec", ["vp8", "vp9"])
+def test_room_vp8_vp9_opus_to_h264_pcmu_sip_peer_and_back(room_codec: str, tmp_path: Path) -> None:
+    """Video over SIP both ways, with transcoding for a legacy endpoint: the room sends VP8 (or VP9) + Opus, the SIP
+    peer takes only H.264 + PCMU; two participants composed side by side for SIP, the echo split back into two
+    cameras."""
     need_media_tools()
     options = CallOptions(
         participants=[("alice", 440.0), ("bob", 660.0)],
-        room_codec="vp8",
+        room_codec=room_codec,
         layout_ids=["alice/video", "bob/video"],
         split="2x1",
     )
     with LocalCall(tmp_path / "run", options) as call:
         # bob sees the bot's first camera (alice's half of the echoed composite) and its second (bob's half).
         wait_for_media(call, "bob", [track_source(1), track_source(2)], "the echoed video reaching the room")
-        forwarded = control_forwarded(call)
+        forwarded, figures = control_forwarded(call)
         call.stop_bridge()  # hang up, so the capture holds the whole call
         room = {t: counters(call, "bob", track_source(t)) for t in (1, 2)}
         tones = [r["tone_hz"] for r in received(call, "bob", BOT_NAME) if r.get("tone_hz")]
     # The SIP wire, from the capture: only what the legacy endpoint takes was offered and sent.
     sdp = sdp_codecs(call.pcap)
     assert set(sdp["answer"]) == {"H264/90000", "PCMU/8000"}, sdp
-    assert not {"VP8/90000", "opus/48000/2"} & set(sdp["offer"]), sdp
+    assert not {"VP8/90000", "VP9/90000", "opus/48000/2"} & set(sdp["offer"]), sdp
+    # What the bot took from the room really was the room's codec (the room decoder's decoders by stream).
+    assert figures["room-decoder"]["decoders"] == {
+        "alice/video": room_codec.upper(), "bob/video": room_codec.upper(), "alice/audio": "OPUS", "bob/audio": "OPUS"
+    }, figures["room-decoder"]["decoders"]
     flows = rtp_flows(call.pcap, [AUDIO_PORT, VIDEO_PORT])
     assert set(flows[f"to_sip:{AUDIO_PORT}"].payload_types) == {0}, flows  # PCMU
     video_pts = set(flows[f"to_sip:{VIDEO_PORT}"].payload_types)

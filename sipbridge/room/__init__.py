@@ -40,7 +40,7 @@ def serve(host: str, port: int, janus_url: str) -> None:
               help="Tone of each participant in Hz (same order as --name; the last repeats).")
 @click.option("--viewer", "viewers", multiple=True, help="A receive-only participant (repeatable).")
 @click.option("--janus", default=None, help="Override the Janus URL the page uses.")
-@click.option("--codec", type=click.Choice(["h264", "vp8"]), default="h264", show_default=True)
+@click.option("--codec", type=click.Choice(["h264", "vp8", "vp9"]), default="h264", show_default=True)
 @click.option("--size", default="640x480", show_default=True)
 @click.option("--fps", type=int, default=30, show_default=True)
 @click.option("--probe/--no-probe", default=False, help="Report received counters and tones as JSON lines.")

@@ -2,7 +2,7 @@
 // libjs-janus-gateway). Every participant publishes camera and microphone and subscribes to every other
 // publisher with one subscriber handle each. Query parameters:
 //   room (number), name (display name; with autojoin=1 the page joins at once), janus (WebSocket URL of Janus),
-//   publish=0 (receive only), codec (video codec the room prefers: h264 or vp8), w, h, fps (capture size), synthetic=1 (test pattern
+//   publish=0 (receive only), codec (video codec the room prefers: h264, vp8 or vp9), w, h, fps (capture size), synthetic=1 (test pattern
 //   camera and tone microphone instead of real devices, see synthetic.js), tone (Hz), probe=1 (see probe.js).
 "use strict";
 
@@ -10,6 +10,8 @@
   const params = new URLSearchParams(location.search);
   const ROOM_ID = Number(params.get("room") || 1234);
   const VIDEO_CODEC = params.get("codec") || "h264";
+  // The room's codec list, preferred first (Janus VideoRoom picks the first one a publisher offers).
+  const ROOM_VIDEO_CODECS = { h264: "h264,vp8", vp8: "vp8,h264", vp9: "vp9,vp8,h264" };
   const WIDTH = Number(params.get("w") || 640);
   const HEIGHT = Number(params.get("h") || 480);
   const FPS = Number(params.get("fps") || 30);
@@ -162,7 +164,7 @@
   function ensureRoomThenJoin(display) {
     const create = {
       request: "create", room: ROOM_ID, publishers: 16, bitrate: ROOM_BITRATE_BPS,
-      videocodec: VIDEO_CODEC === "vp8" ? "vp8,h264" : "h264,vp8", audiocodec: "opus", fir_freq: 5,
+      videocodec: ROOM_VIDEO_CODECS[VIDEO_CODEC] || ROOM_VIDEO_CODECS.h264, audiocodec: "opus", fir_freq: 5,
     };
     publisher.send({
       message: create,
