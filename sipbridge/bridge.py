@@ -9,6 +9,7 @@ stage through its environment, never its command line or a log.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -67,6 +68,8 @@ class BridgeConfig:
     call: str | None = None
     inbound: bool = False
     accept_from: str = ".*"
+    # Inbound: (caller URI pattern, recipe variables) in order; with any, the bot joins only while a call is up.
+    routes: list[tuple[str, dict[str, str]]] = field(default_factory=list)
     to_sip: MediaLeg = field(default_factory=MediaLeg)
     to_room: MediaLeg = field(default_factory=lambda: MediaLeg(video_codec="none", audio_codec="opus"))
     layout: str = "grid"
@@ -134,6 +137,25 @@ def _leg(table: Any, where: str, default: MediaLeg) -> MediaLeg:
     return leg
 
 
+def _routes(entries: list[Any]) -> list[tuple[str, dict[str, str]]]:
+    routes = []
+    for number, entry in enumerate(entries, 1):
+        where = f"sip.route[{number}]"
+        table = _check_keys(entry, where, {"match", "vars"})
+        pattern = _take(table, where, "match", str, None)
+        if pattern is None:
+            raise BridgeConfigError(f"{where}.match is required (a regular expression on the caller's URI)")
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise BridgeConfigError(f"{where}.match is not a valid regular expression: {exc}") from None
+        variables = _take(table, where, "vars", dict, {})
+        if not all(isinstance(v, str) for v in variables.values()):
+            raise BridgeConfigError(f"{where}.vars must be a table of strings")
+        routes.append((pattern, dict(variables)))
+    return routes
+
+
 def parse_bridge(data: dict[str, Any]) -> BridgeConfig:
     _check_keys(data, "bridge file", {"room", "janus", "sip", "media", "layout", "room_side"})
     room = _check_keys(data.get("room"), "room", {"url", "recipe", "display_name", "capture", "vars"})
@@ -143,7 +165,7 @@ def parse_bridge(data: dict[str, Any]) -> BridgeConfig:
     sip = _check_keys(
         data.get("sip", {}),
         "sip",
-        {"identity", "register", "proxy", "authuser", "secret", "call", "inbound", "accept_from"},
+        {"identity", "register", "proxy", "authuser", "secret", "call", "inbound", "accept_from", "route"},
     )
     media = _check_keys(data.get("media", {}), "media", {"to_sip", "to_room"})
     layout = _check_keys(data.get("layout", {}), "layout", {"mode", "max_tiles", "participants"})
@@ -178,6 +200,9 @@ def parse_bridge(data: dict[str, Any]) -> BridgeConfig:
         raise BridgeConfigError(f"sip.accept_from is not a valid regular expression: {exc}") from None
     if bool(cfg.call) == cfg.inbound:
         raise BridgeConfigError("give exactly one of sip.call (outbound) or sip.inbound = true")
+    cfg.routes = _routes(_take(sip, "sip", "route", list, []))
+    if cfg.routes and not cfg.inbound:
+        raise BridgeConfigError("sip.route is for inbound calls (sip.inbound = true)")
     if cfg.register == "digest" and not (cfg.proxy and cfg.secret):
         raise BridgeConfigError('sip.register = "digest" needs sip.proxy and sip.secret')
     cfg.to_sip = _leg(media.get("to_sip", {}), "media.to_sip", cfg.to_sip)
@@ -281,6 +306,10 @@ def bridge_stages(cfg: BridgeConfig, run_dir: Path) -> list[StageSpec]:
     ]
     for key, value in sorted(cfg.recipe_vars.items()):
         browser_args += ["--var", f"{key}={value}"]
+    if cfg.routes:
+        browser_args.append("--join-on-call")
+        for pattern, variables in cfg.routes:
+            browser_args += ["--route", json.dumps({"match": pattern, "vars": variables})]
 
     # The room's audio rate comes out of the SIP decoder; a transformer process is only worth its hop to split.
     to_room = ["sip-transformer"] if to_room_video else ["sip-decoder"]

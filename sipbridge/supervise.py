@@ -101,7 +101,8 @@ def _program(spec: StageSpec, priority: int, run_dir: Path) -> str:
         argv = [sys.executable, "-m", "sipbridge", "stage", spec.kind or "", "--name", spec.name]
         for upstream in spec.inputs:
             argv += ["--in", f"ipc://{run_dir}/{upstream}.sock"]
-        command = shlex.join([*argv, *spec.args])
+        # supervisord expands %(name)s in command lines: a literal % (a URL escape, a regex) must be doubled.
+        command = shlex.join([*argv, *spec.args]).replace("%", "%%")
     group_stop = "true" if spec.kind in GROUP_STOP_KINDS else "false"
     env = ",".join(f'{k}="{v}"' for k, v in {"SIPBRIDGE_RUN_DIR": str(run_dir), **spec.env}.items())
     return f"""

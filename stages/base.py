@@ -202,6 +202,9 @@ class Stage:
         """Handle a consumer's keyframe request (codec thread). False passes it upstream."""
         return False
 
+    async def on_control(self, msg: Message) -> None:
+        """See a control message (event, error) from an input before it is passed on or ended (event loop)."""
+
     async def produce(self) -> None:
         """Create media for stages without inputs; return when the stream is over."""
 
@@ -554,6 +557,7 @@ class Stage:
             for out in outputs:
                 await self.emit(out)
         else:
+            await self.on_control(msg)
             if self.forwards_control:
                 # Control messages that travel downstream (events, errors) pass through.
                 self.control_forwarded += 1

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import re
+import shlex
+import sys
 import tomllib
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from supervisor.options import ServerOptions
 
 from sipbridge.bridge import BridgeConfigError, bridge_stages, missing_secrets, parse_bridge
 from sipbridge.cli import cli
@@ -27,6 +32,13 @@ def example() -> dict:
         (lambda d: d["media"]["to_sip"].update(audio_codec="amr"), "media.to_sip.audio_codec must be one of"),
         (lambda d: d["media"]["to_sip"].update(width=641), "media.to_sip.width must be an even number"),
         (lambda d: d["media"]["to_sip"].update(preset="placebo"), "media.to_sip.preset must be one of"),
+        (lambda d: d["sip"].update(route=[{"match": "^sip:a@"}]), "sip.route is for inbound calls"),
+        (lambda d: (d["sip"].pop("call"), d["sip"].update(inbound=True, route=[{"match": "(", "vars": {}}])),
+         "sip.route[1].match is not a valid regular expression"),
+        (lambda d: (d["sip"].pop("call"), d["sip"].update(inbound=True, route=[{"vars": {}}])),
+         "sip.route[1].match is required"),
+        (lambda d: (d["sip"].pop("call"), d["sip"].update(inbound=True, route=[{"match": ".", "vars": {"room": 7}}])),
+         "sip.route[1].vars must be a table of strings"),
         (lambda d: d["media"]["to_sip"].update(fps="30"), "media.to_sip.fps must be int"),
         (lambda d: d["sip"].update(call="echo@host"), "sip.call must be a sip: URI"),
         (lambda d: d["sip"].update(inbound=True), "exactly one of sip.call"),
@@ -41,7 +53,7 @@ def example() -> dict:
 def test_errors_name_the_bad_key(mutate, message: str) -> None:
     data = example()
     mutate(data)
-    with pytest.raises(BridgeConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):
+    with pytest.raises(BridgeConfigError, match=re.escape(message)):
         parse_bridge(data)
 
 
@@ -95,3 +107,26 @@ def test_up_refuses_a_bad_bridge_file_with_the_key_named(tmp_path: Path) -> None
     )
     result = CliRunner().invoke(cli, ["up", str(secret), "--run-dir", str(tmp_path / "run")])
     assert result.exit_code == 1 and "SB_UNSET_SECRET_VAR not set" in result.output
+
+
+def test_inbound_routes_reach_the_browser_through_supervisord_unchanged(tmp_path: Path, monkeypatch) -> None:
+    """Routes become the browser's --join-on-call and --route options; what supervisord itself parses out of the
+    rendered configuration is exactly that argv, % signs (URL escapes, regexes) included."""
+    data = example()
+    data["room"]["vars"] = {"room": "50%off"}
+    data["sip"].pop("call")
+    data["sip"].update(inbound=True, route=[{"match": "^sip:a%20b@", "vars": {"room": "7"}}, {"match": "."}])
+    specs = bridge_stages(parse_bridge(data), tmp_path)
+    (tmp_path / "logs").mkdir()
+    conf = tmp_path / "supervisord.conf"
+    conf.write_text(render_config(specs, tmp_path))
+    monkeypatch.setenv("SIPBRIDGE_PYTHON", sys.executable)
+    options = ServerOptions()
+    options.configfile = str(conf)
+    options.process_config(do_usage=False)
+    commands = {p.name: p.command for g in options.process_group_configs for p in g.process_configs}
+    argv = shlex.split(commands["browser"])
+    assert argv[argv.index("--var") + 1] == "room=50%off"
+    assert "--join-on-call" in argv
+    routes = [json.loads(argv[i + 1]) for i, a in enumerate(argv) if a == "--route"]
+    assert routes == [{"match": "^sip:a%20b@", "vars": {"room": "7"}}, {"match": ".", "vars": {}}]

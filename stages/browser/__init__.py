@@ -7,6 +7,8 @@ rejoin, protocol translation), ``recipes/`` (how to join each app), ``procs.py``
 
 from __future__ import annotations
 
+import json
+import re
 from typing import Any
 
 import click
@@ -22,6 +24,20 @@ def _parse_vars(values: tuple[str, ...]) -> dict[str, str]:
             raise click.BadParameter(f"expected NAME=VALUE, got {item!r}", param_hint="--var")
         out[name] = value
     return out
+
+
+def _parse_route(text: str) -> Any:
+    from stages.browser.stage import CallRoute
+
+    try:
+        data = json.loads(text)
+        pattern = re.compile(data["match"])
+        variables = data.get("vars", {})
+    except (ValueError, KeyError, TypeError, re.error) as exc:
+        raise click.BadParameter(f"{exc} in {text!r}", param_hint="--route") from None
+    if not isinstance(variables, dict) or not all(isinstance(v, str) for v in variables.values()):
+        raise click.BadParameter(f"vars must map names to strings in {text!r}", param_hint="--route")
+    return CallRoute(pattern, dict(variables))
 
 
 @click.command()
@@ -44,6 +60,11 @@ def _parse_vars(values: tuple[str, ...]) -> dict[str, str]:
               help="Rejoins allowed within --restart-window before exiting non-zero (supervisord restarts).")
 @click.option("--restart-window", type=float, default=300.0, show_default=True)
 @click.option("--ws-port", type=int, default=0, show_default=True, help="Page socket port (0: any free port).")
+@click.option("--join-on-call", is_flag=True,
+              help="Join only while a SIP call is up (CALL_STATE events from the pipeline), leave when it ends.")
+@click.option("--route", "routes", multiple=True, metavar="JSON",
+              help='With --join-on-call: {"match": REGEX on the caller URI, "vars": {NAME: VALUE}}; the first '
+              "match sets the recipe variables (which room) for that call (repeatable, in order).")
 @click.pass_context
 def command(ctx: click.Context, **params: Any) -> None:
     """Join a WebRTC room with headless Chromium: capture every participant, inject the pipeline's media."""
@@ -76,5 +97,7 @@ def command(ctx: click.Context, **params: Any) -> None:
         video_tracks=params["video_tracks"],
         max_restarts=params["max_restarts"],
         restart_window_s=params["restart_window"],
+        join_on_call=params["join_on_call"],
+        routes=[_parse_route(text) for text in params["routes"]],
     )
     run(BrowserStage(options, config))

@@ -57,6 +57,10 @@ BROWSER_CLOSE_TIMEOUT_S = 5.0
 DEFAULT_MAX_RESTARTS = 5
 DEFAULT_RESTART_WINDOW_S = 300.0
 RESTART_BACKOFF_S = 0.5
+# CALL_STATE values (stages.janus.sip.CallState) that say a SIP call is up, and that it is over.
+CALL_UP_STATES = frozenset({"accepted", "media_up"})
+CALL_OVER_STATES = frozenset({"ended", "failed", "declined", "janus_disconnected"})
+CALL_ENDED_REASON = "the SIP call ended"
 # Injection: video frames the page has not yet written into its generator; more means the page is behind.
 MAX_INJECT_IN_FLIGHT_FRAMES = 3
 MAX_INJECT_QUEUE_MSGS = 64
@@ -104,6 +108,16 @@ class BrowserConfig:
     max_restarts: int = DEFAULT_MAX_RESTARTS
     restart_window_s: float = DEFAULT_RESTART_WINDOW_S
     chromium_args: list[str] = field(default_factory=list)
+    join_on_call: bool = False
+    routes: list[CallRoute] = field(default_factory=list)
+
+
+@dataclass
+class CallRoute:
+    """Inbound calls from callers whose URI matches ``pattern`` join with these recipe variables."""
+
+    pattern: re.Pattern[str]
+    variables: dict[str, str]
 
 
 @dataclass
@@ -194,6 +208,10 @@ class BrowserStage(Stage):
         self._participant_tracks: collections.Counter[str] = collections.Counter()
         self._browser: Browser | None = None
         self._page_keyframe_requests = 0  # keyframe requests the page handed to a room sender's receiver
+        # join_on_call: the SIP call the bot is in the room for ({call_id, peer, vars}), None between calls.
+        self._call: dict[str, Any] | None = None
+        self._call_changed = asyncio.Event()
+        self._default_vars = dict(self.recipe.variables)
 
     # ----- statistics --------------------------------------------------------------------------------------------
     def extra_figures(self) -> dict[str, Any]:
@@ -212,6 +230,7 @@ class BrowserStage(Stage):
             "inject_latency_ms_p95": percentile(self._inject_latency_ms, 0.95),
             "chromium_pids": chromium_pids(os.getpid()),
             "page_keyframe_requests": self._page_keyframe_requests,
+            "call": self._call,
         }
 
     async def _emit_control(self, msg: Message) -> None:
@@ -515,16 +534,61 @@ class BrowserStage(Stage):
         await self._emit_control(Event(EventType.STAGE_STATE, "", {"stage": self.name, "state": state,
                                                           "session": self._session, **attributes}))
 
+    # ----- joining for SIP calls (--join-on-call) ----------------------------------------------------------------
+    async def on_control(self, msg: Message) -> None:
+        """The janus stage's CALL_STATE events reach the bot through the SIP-to-room stages: join the call's room
+        when a call is up, leave when it is over."""
+        if not (self.config.join_on_call and isinstance(msg, Event) and msg.type is EventType.CALL_STATE):
+            return
+        state = msg.attributes.get("state")
+        call_id = str(msg.attributes.get("call_id", ""))
+        if state in CALL_UP_STATES and self._call is None:
+            peer = str(msg.attributes.get("peer", ""))
+            self._call = {"call_id": call_id, "peer": peer, "vars": self._route(peer)}
+            self._call_changed.set()
+        elif state in CALL_OVER_STATES and self._call is not None and call_id in ("", self._call["call_id"]):
+            self.log.info("call %s: %s; leaving the room", call_id, state)
+            self._call = None
+            self._call_changed.set()
+            if self._session_failed is not None and not self._session_failed.done():
+                self._session_failed.set_result(CALL_ENDED_REASON)
+
+    def _route(self, peer: str) -> dict[str, str]:
+        for index, route in enumerate(self.config.routes):
+            if route.pattern.search(peer):
+                self.log.info("caller %s matches route %d (%s)", peer, index + 1, route.pattern.pattern)
+                return dict(route.variables)
+        self.log.info("caller %s matches no route: the room's default variables", peer)
+        return {}
+
+    async def _wait_for_call(self) -> None:
+        if self._call is None:
+            await self._set_state("waiting_for_call")
+        while self._call is None:
+            self._call_changed.clear()
+            await self._call_changed.wait()
+        self.recipe.variables = {**self._default_vars, **self._call["vars"]}
+        self.log.info("call %s from %s: joining %s", self._call["call_id"], self._call["peer"],
+                      self.recipe.start_url())
+
     async def produce(self) -> None:
         self._loop = asyncio.get_running_loop()
         await self._start_server()
         try:
             async with async_playwright() as pw:
+                if self.config.join_on_call:
+                    # Launched ahead, so a call waits only for the join (a failed launch is retried per session).
+                    with contextlib.suppress(Exception):
+                        await self._launch(pw)
                 while True:
+                    if self.config.join_on_call:
+                        await self._wait_for_call()
                     self._session += 1
                     reason = await self._run_session(pw)
                     if self._browser is not None and not self._browser.is_connected():
                         self._browser = None
+                    if self.config.join_on_call and self._call is None:
+                        continue  # the call is over: not a failure, wait for the next one
                     now = time.monotonic()
                     self._restarts.append(now)
                     while self._restarts and now - self._restarts[0] > self.config.restart_window_s:
@@ -557,6 +621,8 @@ class BrowserStage(Stage):
 
     async def _run_session(self, pw: Any) -> str:
         """One browser context, one page, one join; returns why it ended."""
+        if self.config.join_on_call and self._call is None:
+            return CALL_ENDED_REASON  # over before the session began
         loop = asyncio.get_running_loop()
         failed: asyncio.Future[str] = loop.create_future()
         self._session_failed = failed
