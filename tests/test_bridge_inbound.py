@@ -105,5 +105,8 @@ def test_inbound_call_joins_the_routed_room_for_the_call_only(tmp_path: Path) ->
             after = wait_figures(collector, "browser", lambda f: f["state"] == "waiting_for_call" and f["session"] == 1,
                                  "the bot leaving after the call")
             assert after["call"] is None and after["restarts"] == 0
+            # ... and the call ended the normal way: the caller's BYE, answered 200.
+            ended = collector.figures["janus"]["call"]
+            assert (ended["state"], ended.get("code")) == ("ended", 200), ended
         finally:
             collector.close()
