@@ -22,7 +22,7 @@ from sipbridge.supervise import StageSpec
 VIDEO_CODECS = ("h264", "vp8", "none")
 AUDIO_CODECS = ("pcmu", "pcma", "g722", "opus")
 X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium")
-LAYOUTS = ("single", "grid", "active")
+LAYOUTS = ("single", "grid", "active", "speaker")
 CAPTURE_MODES = ("raw", "encoded")
 CODEC_AUDIO_RATE_HZ = {"pcmu": 8000, "pcma": 8000, "g722": 16000, "opus": 48000}
 ROOM_AUDIO_RATE_HZ = 48000
@@ -233,6 +233,8 @@ def _grid(cfg: BridgeConfig) -> str:
     size = f"{cfg.to_sip.width}x{cfg.to_sip.height}"
     if cfg.layout == "active":
         return f"compose:active:{size}"
+    if cfg.layout == "speaker":
+        return f"compose:speaker:{size}"
     if cfg.layout == "single":
         ids = f":{cfg.participants[0]}" if cfg.participants else ""
         return f"compose:1x1:{size}{ids}"

@@ -8,6 +8,7 @@ Transforms are given as specs, applied in order (``--video`` and ``--audio`` rep
   split:COLSxROWS             one composite in, COLS*ROWS streams out, named STREAM/tileN (row-major)
   compose:COLSxROWS:WxH[:IDS] N streams in, one grid out; IDS=a,b,c fixes the slot order
   compose:active:WxH          grid sized to the streams currently sending (1, 2x1, 2x2, 3x2, 3x3, ...)
+  compose:speaker:WxH         the active speaker's video (loudest audio of late, with hold and margin)
   mix[:RATE]                  every audio stream mixed into one (mono) stream
   resample:RATE[:CHANNELS]    swresample to RATE Hz
   plugin:MODULE:ATTR[:ARG]    a user transform: ATTR(ARG) returns an object with process()/flush()
@@ -39,6 +40,12 @@ MIX_CHUNK_S = 0.02
 # A mixer waits at most this long for a late stream before mixing it as silence.
 MIX_MAX_WAIT_S = 0.06
 BLACK_Y, NEUTRAL_UV = 16, 128
+# Active speaker: quieter than this is silence; a new speaker must beat the current one by the margin for
+# the hold time; levels are smoothed per 20 ms frame with this factor (about 200 ms to settle).
+SPEAKER_MIN_DBFS = -50.0
+SPEAKER_MARGIN_DB = 6.0
+SPEAKER_HOLD_S = 0.6
+SPEAKER_SMOOTHING = 0.9
 
 
 class Transform(Protocol):
@@ -269,6 +276,85 @@ class Compose(Identity):
         }
 
 
+def participant_of(stream_id: str) -> str:
+    """'alice/video' and 'alice/audio' belong to 'alice' (the browser stage's naming)."""
+    return stream_id.rsplit("/", 1)[0]
+
+
+class Speaker(Identity):
+    """The active speaker's video, full frame: whoever has been loudest lately is shown.
+
+    Audio passes through untouched (a mix may follow); it only feeds each participant's level, an
+    exponentially smoothed RMS. A new speaker must stay the loudest, by a margin, for SPEAKER_HOLD_S before
+    the picture switches, so that a cough or crosstalk does not make it flap; in silence the picture stays.
+    Video of everyone else is consumed. Until anyone speaks, the first participant with video is shown.
+    """
+
+    def __init__(self, width: int, height: int, output_id: str) -> None:
+        if width % 2 or height % 2:
+            raise TransformSpecError("compose:speaker needs even output dimensions")
+        self.size = (width, height)
+        self.output_id = output_id
+        self.levels_db: dict[str, float] = {}
+        self.level_at: dict[str, float] = {}
+        self.last_video: dict[str, float] = {}
+        self.speaker: str | None = None
+        self.candidate: tuple[str, float] | None = None  # (participant, loudest since)
+        self.switches = 0
+        self.seq = 0
+
+    def process(self, msg: Message) -> Iterable[Message]:
+        now = time.monotonic()
+        if isinstance(msg, AudioFrame):
+            self._hear(participant_of(msg.header.stream_id), msg, now)
+            return (msg,)
+        if not isinstance(msg, VideoFrame):
+            return (msg,)
+        who = participant_of(msg.header.stream_id)
+        self.last_video[who] = now
+        shown = self.speaker if self.speaker is not None and now - self.last_video.get(self.speaker, -1e9) < \
+            STALE_STREAM_S else None
+        if shown is None:
+            # Nobody has spoken yet, or the speaker sends no video: show the first one who does.
+            shown = next(p for p, t in self.last_video.items() if now - t < STALE_STREAM_S)
+        if who != shown:
+            return ()
+        w, h = self.size
+        self.seq += 1
+        return (_with_data(msg, resize_i420(msg.data, msg.width, msg.height, w, h), w, h, self.output_id, self.seq),)
+
+    def _hear(self, who: str, msg: AudioFrame, now: float) -> None:
+        samples = np.frombuffer(memoryview(msg.data), dtype=np.int16).astype(np.float32)
+        rms = float(np.sqrt(np.mean(samples * samples))) if samples.size else 0.0
+        level_db = 20 * math.log10(max(rms, 1.0) / 32768.0)
+        previous = self.levels_db.get(who)
+        self.levels_db[who] = level_db if previous is None else (
+            SPEAKER_SMOOTHING * previous + (1 - SPEAKER_SMOOTHING) * level_db)
+        self.level_at[who] = now
+        heard = {p: db for p, db in self.levels_db.items() if now - self.level_at[p] < STALE_STREAM_S}
+        loudest = max(heard, key=heard.__getitem__)
+        if heard[loudest] < SPEAKER_MIN_DBFS or loudest == self.speaker:
+            self.candidate = None
+            return
+        current = heard.get(self.speaker, -math.inf) if self.speaker is not None else -math.inf
+        if heard[loudest] < current + SPEAKER_MARGIN_DB:
+            self.candidate = None
+            return
+        if self.candidate is None or self.candidate[0] != loudest:
+            self.candidate = (loudest, now)
+        elif now - self.candidate[1] >= SPEAKER_HOLD_S or self.speaker is None:
+            self.speaker, self.candidate = loudest, None
+            self.switches += 1
+
+    def figures(self) -> dict[str, Any]:
+        return {
+            "speaker": self.speaker,
+            "speaker_switches": self.switches,
+            "levels_dbfs": {p: round(db, 1) for p, db in sorted(self.levels_db.items())},
+            "composites": self.seq,
+        }
+
+
 class _MixInput:
     def __init__(self) -> None:
         self.chunks: list[np.ndarray] = []
@@ -428,6 +514,9 @@ def parse_transform(spec: str, output_id: str) -> Transform:
         return Split(cols, rows)
     if name == "compose":
         fields = rest.split(":")
+        if fields[0] == "speaker" and len(fields) == 2:
+            w, h = _ints(fields[1], 2, spec)
+            return Speaker(w, h, output_id)
         if fields[0] == "active" and len(fields) == 2:
             w, h = _ints(fields[1], 2, spec)
             return Compose(1, 1, w, h, None, True, output_id)
@@ -436,7 +525,8 @@ def parse_transform(spec: str, output_id: str) -> Transform:
             w, h = _ints(fields[1], 2, spec)
             ids = fields[2].split(",") if len(fields) == 3 else None
             return Compose(cols, rows, w, h, ids, False, output_id)
-        raise TransformSpecError(f"{spec!r}: use compose:COLSxROWS:WxH[:IDS] or compose:active:WxH")
+        raise TransformSpecError(f"{spec!r}: use compose:COLSxROWS:WxH[:IDS], compose:active:WxH or "
+                                 "compose:speaker:WxH")
     if name == "mix":
         return Mix(int(rest) if rest else None, output_id)
     if name == "resample":

@@ -130,3 +130,10 @@ def test_inbound_routes_reach_the_browser_through_supervisord_unchanged(tmp_path
     assert "--join-on-call" in argv
     routes = [json.loads(argv[i + 1]) for i, a in enumerate(argv) if a == "--route"]
     assert routes == [{"match": "^sip:a%20b@", "vars": {"room": "7"}}, {"match": ".", "vars": {}}]
+
+
+def test_speaker_layout_shows_the_active_speaker(tmp_path: Path) -> None:
+    data = example()
+    data["layout"] = {"mode": "speaker"}
+    specs = {s.name: s for s in bridge_stages(parse_bridge(data), tmp_path)}
+    assert "compose:speaker:640x480" in specs["room-transformer"].args

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import time
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -340,3 +342,56 @@ def test_five_stage_codec_chain_end_of_stream_and_content(tmp_path: Path, video_
     assert audio["sample_rate"] == 16000
     assert abs(audio["frequency_hz"] - 1000.0) < 3.0, audio
     assert audio["level_dbfs"] > -20, audio
+
+
+SPEAKER_SIZE = (160, 120)
+TURN_S = 2.0  # each participant speaks this long: well over the switch hold time (and smoothing)
+STEP_S = 0.02
+
+
+def test_active_speaker_follows_the_loudest_participant(tmp_path: Path) -> None:
+    """compose:speaker shows the video of whoever talks: alice first, then bob when he talks and she is quiet.
+    Audio passes through untouched; which picture came out is told by each participant's pattern colours."""
+    width, height = SPEAKER_SIZE
+    patterns = {"alice": PatternGenerator(width, height, 0), "bob": PatternGenerator(width, height, 1)}
+    tone = (8000 * np.sin(2 * np.pi * 440 * np.arange(960) / 48000)).astype(np.int16).tobytes()
+    silence = bytes(960 * 2)
+    with stage_procs(tmp_path) as procs:
+        feeder = Feeder(procs.endpoint("room"))
+        out = Collector(procs.endpoint("speaker"))
+        stats = StatsWatcher(f"ipc://{tmp_path}/speaker.stats")
+        procs.start("transformer", "speaker", "--in", procs.endpoint("room"), "--video",
+                    f"compose:speaker:{width}x{height}", "--compose-id", "room-video", "--video-policy", "all")
+        seq = 0
+        for turn, talker in enumerate(("alice", "bob")):
+            for step in range(int(TURN_S / STEP_S)):
+                tick = turn * int(TURN_S / STEP_S) + step
+                for person in patterns:
+                    header = MediaHeader(f"{person}/audio", tick, tick * 960, Fraction(1, 48000), 1)
+                    feeder.send(AudioFrame(header, 48000, 1, 960, tone if person == talker else silence))
+                    if tick % 3 == 0:
+                        vheader = MediaHeader(f"{person}/video", tick, tick * 1800, Fraction(1, 90000), 1)
+                        feeder.send(VideoFrame(vheader, width, height, patterns[person].frame(seq)))
+                seq += tick % 3 == 0
+                time.sleep(STEP_S)
+            figures = stats.latest_stats(lambda f, who=talker: f.get("speaker") == who)
+            assert figures["levels_dbfs"][talker] > figures["levels_dbfs"][next(p for p in patterns if p != talker)]
+        feeder.send(protocol.EndOfStream(""))
+        messages = out.until_end()
+        assert procs.wait_all() == {"speaker": 0}
+        for closable in (feeder, out, stats):
+            closable.close()
+    videos = [m for m in messages if isinstance(m, VideoFrame)]
+    assert {v.header.stream_id for v in videos} == {"room-video"}
+    assert {m.header.stream_id for m in messages if isinstance(m, AudioFrame)} == {"alice/audio", "bob/audio"}
+
+    def shows(frame: VideoFrame) -> str:
+        _, _, v = i420_planes(frame.data, width, height)
+        return min(patterns, key=lambda p: abs(float(v.mean()) - float(i420_planes(
+            patterns[p].frame(0), width, height)[2].mean())))
+
+    who = [shows(v) for v in videos]
+    quarter = len(who) // 4
+    assert set(who[quarter : len(who) // 2]) == {"alice"}, who  # alice's turn, once her level settled
+    assert set(who[-quarter:]) == {"bob"}, who  # the end of bob's turn
+    assert who == sorted(who, key=("alice", "bob").index), who  # one switch, no flapping
