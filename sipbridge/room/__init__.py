@@ -45,9 +45,11 @@ def serve(host: str, port: int, janus_url: str) -> None:
 @click.option("--fps", type=int, default=30, show_default=True)
 @click.option("--probe/--no-probe", default=False, help="Report received counters and tones as JSON lines.")
 @click.option("--duration", type=float, default=None, help="Leave after this many seconds (default: until SIGTERM).")
+@click.option("--sync-marks", is_flag=True, default=False,
+              help="Lip-sync marks: every 2 s a bright bottom band and a 2.5 kHz burst at the same instant.")
 def participant(room_url: str, room: int, names: tuple[str, ...], tones: tuple[float, ...], viewers: tuple[str, ...],
                 janus: str | None,
-                codec: str, size: str, fps: int, probe: bool, duration: float | None) -> None:
+                codec: str, size: str, fps: int, probe: bool, duration: float | None, sync_marks: bool) -> None:
     """Join synthetic participants that publish a frame-counter pattern and a tone."""
     from sipbridge.room.participant import ParticipantSpec, run_participants
 
@@ -55,4 +57,5 @@ def participant(room_url: str, room: int, names: tuple[str, ...], tones: tuple[f
     specs = [ParticipantSpec(name, tones[min(i, len(tones) - 1)]) for i, name in enumerate(names)]
     specs += [ParticipantSpec(name, 0.0, publish=False) for name in viewers]
     raise SystemExit(asyncio.run(run_participants(room_url, room, specs, janus=janus, codec=codec, width=int(width),
-                                                  height=int(height), fps=fps, probe=probe, duration_s=duration)))
+                                                  height=int(height), fps=fps, probe=probe, duration_s=duration,
+                                                  sync_marks=sync_marks)))

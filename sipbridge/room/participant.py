@@ -1,7 +1,8 @@
 """Synthetic participants of the local room: Chromium pages that publish a counter pattern and a tone.
 
 Each participant is a page of one shared headless Chromium opening the room page with ``synthetic=1`` (see
-static/synthetic.js) and optionally ``probe=1`` (static/probe.js), which reports what the participant receives.
+static/synthetic.js) and optionally ``probe=1`` (static/probe.js), which reports what the participant receives, and
+``sync=1`` (lip-sync marks: a bright bottom band and an audio burst at the same instants, found again by the probe).
 Probe and status lines are printed to stdout as JSON, one object per line, with the participant's name.
 """
 
@@ -38,13 +39,15 @@ def emit_line(record: dict[str, Any]) -> None:
 
 
 def page_url(room_url: str, room: int, spec: ParticipantSpec, *, janus: str | None, codec: str, width: int,
-             height: int, fps: int, probe: bool) -> str:
+             height: int, fps: int, probe: bool, sync_marks: bool = False) -> str:
     query: dict[str, Any] = {"room": room, "name": spec.name, "autojoin": 1, "synthetic": 1, "tone": spec.tone_hz,
                              "codec": codec, "w": width, "h": height, "fps": fps}
     if janus:
         query["janus"] = janus
     if probe:
         query["probe"] = 1
+    if sync_marks:
+        query["sync"] = 1
     if not spec.publish:
         query["publish"] = 0
     return room_url.rstrip("/") + "/?" + urlencode(query)
@@ -52,7 +55,7 @@ def page_url(room_url: str, room: int, spec: ParticipantSpec, *, janus: str | No
 
 async def run_participants(room_url: str, room: int, specs: list[ParticipantSpec], *, janus: str | None,
                            codec: str, width: int, height: int, fps: int, probe: bool,
-                           duration_s: float | None) -> int:
+                           duration_s: float | None, sync_marks: bool = False) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -79,7 +82,8 @@ async def run_participants(room_url: str, room: int, specs: list[ParticipantSpec
                 page.on("crash", on_crash)
                 # Not "load": the join status below is what matters, and load can lag behind a busy page.
                 await page.goto(page_url(room_url, room, spec, janus=janus, codec=codec, width=width, height=height,
-                                         fps=fps, probe=probe), wait_until="domcontentloaded")
+                                         fps=fps, probe=probe, sync_marks=sync_marks),
+                                wait_until="domcontentloaded")
                 pages[spec.name] = page
             for name, page in pages.items():
                 await page.wait_for_selector('#status[data-state="joined"]', timeout=JOIN_TIMEOUT_S * 1000)

@@ -3,6 +3,19 @@
 // convention: the Y plane's top band (rows [0, H/8)) holds 16 equal-width columns, column i = bit (15 - i) of
 // (counter mod 65536), luma 235 for 1 and 16 for 0. Below the band a slowly moving luma ramp keeps the encoder busy
 // like a real camera would. Audio: a sine tone of a known frequency from an OscillatorNode.
+//
+// Lip-sync marks (sync=1, off by default): every SYNC_PERIOD_MS of wall-clock time (performance.timeOrigin + now, so
+// every page of the machine marks at the same instants) the picture's bottom band (rows [H - H/8, H), away from the
+// counter band; compose scales pictures into their cells without letterboxing, so it stays at the bottom of a cell)
+// turns bright (luma 235, otherwise 16) for MARK_MS, and the audio carries a MARK_HZ burst over the tone for the same
+// MARK_MS. Both media then come from one clock, the page's: video frames are written on a wall-clock frame grid by a
+// self-correcting timer (a mark starts on a frame of the grid), and the audio is generated here as AudioData into a
+// MediaStreamTrackGenerator, written every AUDIO_TICK_MS with the samples whose time has passed (like a microphone
+// delivers them), so the burst's first sample leaves at most one audio tick after the marked frame. An
+// OscillatorNode scheduled on AudioContext time would leave an unknown render-ahead/output latency between the two
+// clocks, which getOutputTimestamp does not describe for a MediaStreamAudioDestinationNode.
+// Each mark is reported as "SBPROBE {event: 'mark_sent', ...}" with the actual write times of the marked frame and of
+// the audio chunk that holds the burst's first sample (epoch ms), so the source's own skew is measured too.
 "use strict";
 
 (function () {
@@ -11,8 +24,19 @@
   const LUMA_ZERO = 16;
   const CHROMA_NEUTRAL = 128;
   const TONE_GAIN = 0.5;
+  const SYNC_PERIOD_MS = 2000;
+  const MARK_MS = 100;
+  const MARK_HZ = 2500; // away from the test tones (440 to 1000 Hz) and inside G.711's band
+  const SYNC_TONE_GAIN = 0.2; // tone and burst of two participants mixed stay below full scale (no clipping)
+  const SYNC_MARK_GAIN = 0.2;
+  const AUDIO_RATE = 48000;
+  const AUDIO_TICK_MS = 10;
+  const AUDIO_MAX_BACKLOG_MS = 200; // a page stalled longer than this skips audio rather than bursting it out
 
-  function drawPattern(buffer, width, height, counter) {
+  const epochNow = () => performance.timeOrigin + performance.now();
+  const report = (record) => console.log("SBPROBE " + JSON.stringify(record));
+
+  function drawPattern(buffer, width, height, counter, mark) {
     const ySize = width * height;
     const band = Math.max(1, Math.floor(height / 8));
     const cell = Math.floor(width / PATTERN_COLUMNS);
@@ -26,10 +50,13 @@
       buffer.fill(LUMA_ZERO, rowStart + PATTERN_COLUMNS * cell, rowStart + width);
     }
     const shift = counter % width;
-    for (let row = band; row < height; row++) {
+    // mark === undefined: no mark band at all (sync marks off), the ramp fills the picture as before.
+    const rampEnd = mark === undefined ? height : height - band;
+    for (let row = band; row < rampEnd; row++) {
       const rowStart = row * width;
       for (let x = 0; x < width; x++) buffer[rowStart + x] = 48 + (((x + shift) * 160) / width) | 0;
     }
+    if (mark !== undefined) buffer.fill(mark ? LUMA_ONE : LUMA_ZERO, rampEnd * width, ySize);
     buffer.fill(CHROMA_NEUTRAL, ySize);
   }
 
@@ -63,9 +90,118 @@
     return dest.stream.getAudioTracks()[0];
   }
 
+  // ----- with lip-sync marks ---------------------------------------------------------------------------------
+  // Times are kept as integer indices on the wall clock (frame k at k / fps s, sample i at i / AUDIO_RATE s): epoch
+  // milliseconds are ~1.8e12, where repeated float additions would drift by more than the tolerances used here.
+  // Mark n starts on frame firstMarkFrame(n), the first frame of the grid at or after n * SYNC_PERIOD_MS (exactly
+  // that instant when the period holds a whole number of frames, as for any integer fps and a 2 s period).
+  function firstMarkFrame(n, fps) {
+    return Math.ceil((n * SYNC_PERIOD_MS * fps) / 1000 - 1e-6);
+  }
+
+  function markFrames(fps) {
+    return Math.max(1, Math.round((MARK_MS * fps) / 1000));
+  }
+
+  function syncedVideoTrack(width, height, fps, sent) {
+    const generator = new MediaStreamTrackGenerator({ kind: "video" });
+    const writer = generator.writable.getWriter();
+    const buffer = new Uint8Array(width * height + 2 * Math.ceil(width / 2) * Math.ceil(height / 2));
+    const frameMs = 1000 / fps;
+    let counter = 0;
+    let k = Math.ceil(epochNow() / frameMs); // index of the next frame on the wall-clock grid
+    const first = k;
+    let stopped = false;
+    function tick() {
+      if (stopped) return;
+      const now = epochNow();
+      if (now - k * frameMs > frameMs) k = Math.floor(now / frameMs); // stalled: skip frames, like a camera would
+      const n = Math.floor((k * 1000) / (fps * SYNC_PERIOD_MS) + 1e-9);
+      const k0 = firstMarkFrame(n, fps);
+      const marked = k >= k0 && k < k0 + markFrames(fps);
+      drawPattern(buffer, width, height, counter, marked);
+      const frame = new VideoFrame(buffer, {
+        format: "I420", codedWidth: width, codedHeight: height, timestamp: Math.round((k - first) * frameMs * 1000),
+      });
+      const written = epochNow();
+      writer.write(frame).catch(() => { stopped = true; });
+      if (k === k0) sent(n, k0 * frameMs, "video_ms", written);
+      counter += 1;
+      k += 1;
+      setTimeout(tick, Math.max(0, k * frameMs - epochNow()));
+    }
+    setTimeout(tick, Math.max(0, k * frameMs - epochNow()));
+    generator.addEventListener("ended", () => { stopped = true; });
+    return generator;
+  }
+
+  function syncedAudioTrack(toneHz, fps, sent) {
+    const generator = new MediaStreamTrackGenerator({ kind: "audio" });
+    const writer = generator.writable.getWriter();
+    const perMs = AUDIO_RATE / 1000;
+    let written = Math.floor(epochNow() * perMs); // absolute sample index on the wall clock: sample i is at i / perMs
+    const first = written;
+    let phase = 0;
+    const step = (2 * Math.PI * toneHz) / AUDIO_RATE;
+    const markStep = (2 * Math.PI * MARK_HZ) / AUDIO_RATE;
+    const timer = setInterval(() => {
+      const target = Math.floor(epochNow() * perMs);
+      if (target - written > AUDIO_MAX_BACKLOG_MS * perMs) written = target - AUDIO_TICK_MS * perMs;
+      const count = target - written;
+      if (count <= 0) return;
+      const samples = new Float32Array(count);
+      for (let i = 0; i < count; i++) {
+        samples[i] = SYNC_TONE_GAIN * Math.sin(phase);
+        phase += step;
+        if (phase > 2 * Math.PI) phase -= 2 * Math.PI;
+      }
+      // Bursts in sample terms: mark n starts at sample round(start * perMs), the same instant as its frame.
+      let onset = null;
+      const markSamples = Math.round(MARK_MS * perMs);
+      const lastMark = Math.floor(target / perMs / SYNC_PERIOD_MS);
+      for (let n = lastMark - 1; n <= lastMark; n++) {
+        const k0 = firstMarkFrame(n, fps);
+        const start = (k0 * 1000) / fps;
+        const s0 = Math.round((k0 * AUDIO_RATE) / fps);
+        const from = Math.max(s0, written);
+        const to = Math.min(s0 + markSamples, target);
+        for (let s = from; s < to; s++) samples[s - written] += SYNC_MARK_GAIN * Math.sin(markStep * (s - s0));
+        if (s0 >= written && s0 < target) onset = { n, start };
+      }
+      const data = new AudioData({ format: "f32", sampleRate: AUDIO_RATE, numberOfChannels: 1, numberOfFrames: count,
+        timestamp: Math.round(((written - first) / perMs) * 1000), data: samples });
+      written = target;
+      const at = epochNow();
+      writer.write(data).catch(() => clearInterval(timer));
+      if (onset) sent(onset.n, onset.start, "audio_ms", at);
+    }, AUDIO_TICK_MS);
+    generator.addEventListener("ended", () => clearInterval(timer));
+    return generator;
+  }
+
+  function createSynced({ width, height, fps, toneHz }) {
+    const marks = new Map(); // n -> {nominal_ms, video_ms, audio_ms}
+    function sent(n, nominal, key, at) {
+      const entry = marks.get(n) || { n, nominal_ms: nominal };
+      entry[key] = at;
+      marks.set(n, entry);
+      if (entry.video_ms !== undefined && entry.audio_ms !== undefined) {
+        marks.delete(n);
+        report({ event: "mark_sent", ...entry });
+      }
+      for (const old of marks.keys()) if (old < n - 2) marks.delete(old); // one side never came (a stall)
+    }
+    return new MediaStream([syncedAudioTrack(toneHz, fps, sent), syncedVideoTrack(width, height, fps, sent)]);
+  }
+
   window.SyntheticMedia = {
     drawPattern,
+    SYNC_PERIOD_MS,
+    MARK_MS,
+    MARK_HZ,
     create({ width, height, fps, toneHz }) {
+      // The page (room.js) knows nothing of marks: the URL parameter switches them on here.
+      if (new URLSearchParams(location.search).get("sync") === "1") return createSynced({ width, height, fps, toneHz });
       return new MediaStream([audioTrack(toneHz), videoTrack(width, height, fps)]);
     },
   };
