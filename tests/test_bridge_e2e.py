@@ -50,6 +50,7 @@ RATE_TOLERANCE = 0.2
 RATE_MIN_REPORTS = 8
 RATE_WINDOW_S = 8.0
 STATS_SETTLE_S = 1.5
+SIPP_EXIT_TIMEOUT_S = 10.0
 EVENTS_WINDOW_S = 3.0
 EVENTS_IN_STEADY_STATE = 5  # a stage state or call state change may fall in the window; a loop makes hundreds
 
@@ -152,6 +153,8 @@ def test_room_vp8_vp9_opus_to_h264_pcmu_sip_peer_and_back(room_codec: str, tmp_p
         wait_for_media(call, "bob", [track_source(1), track_source(2)], "the echoed video reaching the room")
         forwarded, figures = control_forwarded(call)
         call.stop_bridge()  # hang up, so the capture holds the whole call
+        # Stopping the bridge hung up: the SIP peer got a BYE, answered it and finished its scenario.
+        assert call.procs["sipp"].wait(SIPP_EXIT_TIMEOUT_S) == 0, call.stage_log("janus", 10)
         room = {t: counters(call, "bob", track_source(t)) for t in (1, 2)}
         tones = [r["tone_hz"] for r in received(call, "bob", BOT_NAME) if r.get("tone_hz")]
     # The SIP wire, from the capture: only what the legacy endpoint takes was offered and sent.
