@@ -11,6 +11,14 @@ Measured:
   Baseline in the same run: the codec work alone, in one process, on the same kind of frame (VP8/H.264 decode,
   scale, H.264 encode for room -> SIP; H.264 decode for SIP -> room): the ratio is what process hops, queueing and
   pacing add on top of the unavoidable work.
+* lip sync, measured from outside the bridge with the synthetic participant's marks (``--sync-marks``: every 2 s a
+  bright band and a 2.5 kHz burst at the same instant): the audio - video offset at the SIP peer (from the capture:
+  first RTP packet of the first marked picture, burst onset in the PCMU at its packet's arrival), and in the room as a
+  receive-only viewer gets the bot's camera and microphone (the sipp echo, SIP -> room). Baseline in the same run: the
+  same viewer's offset for the participant received directly from the room (what the room and the browsers cost
+  without the bridge). Bridge-added = offset after the bridge - the direct offset (medians over the marks of the
+  window), room -> SIP and for the whole loop back into the room. Timing at the viewer depends on its jitter buffers
+  (NetEQ adapts to load), so a loaded machine spreads the room figures widely: read p10..p90 with the median.
 * CPU (cores) and PSS (MB) of the whole call: every bridge stage (supervisord's process tree, Chromium included)
   and Janus, over the measurement window; and how many such calls a 2-core machine would hold by CPU.
 
@@ -34,7 +42,7 @@ import click
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sipbridge.demo import CallOptions, LocalCall
+from sipbridge.demo import CallOptions, LocalCall, lipsync_report
 from stages.browser.procs import cpu_seconds, pss_kb, tree_usage
 from stages.pattern import PatternGenerator
 
@@ -130,6 +138,8 @@ def run(seconds: float) -> dict[str, Any]:
         max_tiles=1,
         split=None,
         layout_ids=["alice/video"],
+        viewer=True,  # receives alice directly (the lip-sync baseline) and the bot
+        sync_marks=True,
     )
     floor = codec_floor_ms()
     run_dir = Path(tempfile.mkdtemp(prefix="sb-bench-bridge-"))
@@ -142,6 +152,7 @@ def run(seconds: float) -> dict[str, Any]:
             raise click.ClickException(f"no media through the bridge; see {call.run_dir}/logs")
         cpu0, _, _ = usage(call)
         programs0 = per_program(call)
+        window_start_ms = time.time() * 1000
         t0 = time.monotonic()
         pss_samples = []
         while time.monotonic() - t0 < seconds:
@@ -154,6 +165,10 @@ def run(seconds: float) -> dict[str, Any]:
         figures = collector.figures
         echoed = len(call.room_received(1))
         collector.close()
+    # After the call: the capture is complete once tshark has stopped.
+    lipsync = lipsync_report(call, since_ms=window_start_ms)
+    for where in ("sip", "room_direct", "room_via_bridge"):
+        lipsync[where].pop("pairs", None)
     janus_in = figures.get("janus", {}).get("streams", {})
     browser_in = figures.get("browser", {}).get("streams", {})
 
@@ -197,8 +212,9 @@ def run(seconds: float) -> dict[str, Any]:
             "loadavg_1m_at_end": os.getloadavg()[0],
         },
     }
-    # Lip sync: both kinds of media carry their capture time, so the difference of their delays through the bridge
-    # is the audio/video offset the bridge adds (positive: audio late).
+    result["lipsync"] = lipsync
+    # From the stages' own figures: both kinds of media carry their capture time, so the difference of their delays
+    # through the bridge stages is the audio/video offset those stages add (positive: audio late).
     lat_ = result["latency"]
     result["av_offset_ms"] = {
         direction: (round(lat_[f"{direction}_audio"]["p50_ms"] - lat_[f"{direction}_video"]["p50_ms"], 1)
@@ -235,12 +251,44 @@ def print_table(r: dict[str, Any]) -> None:
         )
     click.echo("per program: " + ", ".join(f"{n} {v['cores']:.2f} core/{v['pss_mb']:.0f} MB"
                                            for n, v in r["per_program"].items()))  # fmt: skip
-    click.echo(f"audio/video offset added by the bridge (p50 audio - p50 video): {r['av_offset_ms']}")
+    click.echo(f"audio/video offset added by the bridge stages (their p50 audio - p50 video): {r['av_offset_ms']}")
+    print_lipsync(r["lipsync"])
     u = r["usage"]
     click.echo(
         f"whole call: {u['cores']:.2f} cores, {u['pss_mb']:.0f} MB PSS over {u['processes']} processes "
         f"(targets < {TARGET_CORES} core, < {TARGET_PSS_MB:.0f} MB); "
         f"~{u['calls_per_2_cores_by_cpu']:.1f} calls per 2 cores by CPU"
+    )
+
+
+def print_lipsync(ls: dict[str, Any]) -> None:
+    def f(v: Any) -> str:
+        return "-" if v is None else f"{v:+.1f}"
+
+    click.echo("lip sync from the marks, audio - video in ms (+: audio late), over the window:")
+    click.echo(f"  {'where':<40}{'p50':>8}{'p10':>8}{'p90':>8}{'min':>8}{'max':>8}{'marks':>7}"
+               f"{'video lat':>11}{'audio lat':>11}")  # fmt: skip
+    for key, label in (
+        ("sip", "at the SIP peer (capture)"),
+        ("room_direct", f"room, {ls['direct_source']} directly (baseline)"),
+        ("room_via_bridge", "room, the bot (SIP echo)"),
+    ):
+        x = ls[key]
+        click.echo(
+            f"  {label:<40}{f(x.get('offset_ms_p50')):>8}{f(x.get('offset_ms_p10')):>8}{f(x.get('offset_ms_p90')):>8}"
+            f"{f(x.get('offset_ms_min')):>8}{f(x.get('offset_ms_max')):>8}{x.get('marks', 0):>7}"
+            f"{f(x.get('video_latency_ms_p50')):>11}{f(x.get('audio_latency_ms_p50')):>11}"
+        )
+    added = ls["bridge_added_ms"]
+    src = ls["source"]
+    click.echo(
+        f"  bridge-added offset (median after the bridge - median direct): room -> SIP {f(added['room_to_sip'])}, "
+        f"loop back into the room {f(added['loop'])} (SIP -> room alone {f(added['sip_to_room'])})"
+    )
+    click.echo(
+        f"  source alignment (participant page, {src.get('marks', 0)} marks): audio write - video write "
+        f"p50 {f(src.get('audio_minus_video_ms_p50'))} ms, max |{src.get('audio_minus_video_ms_max', '-')}| ms; "
+        "latency columns: from the mark's nominal instant"
     )
 
 

@@ -791,29 +791,30 @@ def offset_figures(pairs: list[dict[str, float]]) -> dict[str, Any]:
     }
 
 
-def sync_at_sip(pcap: Path, grid: tuple[int, int], audio_codec: str) -> dict[str, Any]:
-    """Marks as the SIP peer received them (video in the first cell of the composite, audio in the mix)."""
-    video = video_mark_onsets(pcap, SIP_PEER_MEDIA_PORT + 2, grid)
-    audio = audio_mark_onsets_from_capture(pcap, SIP_PEER_MEDIA_PORT, audio_codec)
+def sync_at_sip(pcap: Path, grid: tuple[int, int], audio_codec: str, since_ms: float = 0.0) -> dict[str, Any]:
+    """Marks as the SIP peer received them (video in the first cell of the composite, audio in the mix), from
+    ``since_ms`` (epoch ms) on."""
+    video = [t for t in video_mark_onsets(pcap, SIP_PEER_MEDIA_PORT + 2, grid) if t >= since_ms]
+    audio = [t for t in audio_mark_onsets_from_capture(pcap, SIP_PEER_MEDIA_PORT, audio_codec) if t >= since_ms]
     pairs = pair_marks(video, audio)
     return {**offset_figures(pairs), "video_onsets": len(video), "audio_onsets": len(audio), "pairs": pairs}
 
 
-def sync_in_room(lines: ProbeLines, observer: str, source: str) -> dict[str, Any]:
-    """Marks as ``observer``'s page received ``source``'s first camera and audio."""
+def sync_in_room(lines: ProbeLines, observer: str, source: str, since_ms: float = 0.0) -> dict[str, Any]:
+    """Marks as ``observer``'s page received ``source``'s first camera and audio, from ``since_ms`` on."""
     records = lines.matching(event="received", participant=observer, **{"from": source})
-    video = [t for r in records for t in r.get("marks_video", [])]
-    audio = [t for r in records for t in r.get("marks_audio", [])]
+    video = [t for r in records for t in r.get("marks_video", []) if t >= since_ms]
+    audio = [t for r in records for t in r.get("marks_audio", []) if t >= since_ms]
     pairs = pair_marks(video, audio)
     return {**offset_figures(pairs), "video_onsets": len(video), "audio_onsets": len(audio), "pairs": pairs}
 
 
-def source_skew(lines: ProbeLines, participant: str) -> dict[str, Any]:
+def source_skew(lines: ProbeLines, participant: str, since_ms: float = 0.0) -> dict[str, Any]:
     """How well the participant page itself aligned its marks: write time of the burst's first audio chunk minus
     that of the first marked frame (ms), and the frame's lateness against its nominal instant."""
     import numpy as np
 
-    sent = lines.matching(event="mark_sent", participant=participant)
+    sent = [r for r in lines.matching(event="mark_sent", participant=participant) if r["nominal_ms"] >= since_ms]
     if not sent:
         return {"marks": 0}
     skew = np.array([r["audio_ms"] - r["video_ms"] for r in sent])
@@ -829,20 +830,21 @@ def _diff(a: dict[str, Any], b: dict[str, Any]) -> float | None:
     return round(float(a["offset_ms_p50"]) - float(b["offset_ms_p50"]), 1)
 
 
-def lipsync_report(call: LocalCall, sip: dict[str, Any] | None = None) -> dict[str, Any]:
+def lipsync_report(call: LocalCall, sip: dict[str, Any] | None = None, since_ms: float = 0.0) -> dict[str, Any]:
     """Audio/video offsets of the lip-sync marks: at the SIP peer (from the capture), in the room as the observer
     receives the bot (the SIP peer's echo) and, the baseline of the same run, as it receives the first participant
     directly; the bridge-added offsets are the differences of the medians. ``sip``: an already computed
-    ``sync_at_sip`` (the capture is complete only after the hang-up)."""
+    ``sync_at_sip`` (the capture is complete only after the hang-up). ``since_ms``: only marks received from then
+    on (epoch ms; e.g. the start of a measurement window)."""
     assert call.participants is not None
     opts = call.options
     direct_source = opts.participants[0][0]
     observer = call.sync_observer
     report: dict[str, Any] = {"observer": observer, "direct_source": direct_source}
-    report["sip"] = sip if sip is not None else sync_at_sip(call.pcap, _grid_of(opts), opts.sip_audio)
-    report["room_via_bridge"] = sync_in_room(call.participants, observer, BOT_NAME)
-    report["room_direct"] = sync_in_room(call.participants, observer, direct_source)
-    report["source"] = source_skew(call.participants, direct_source)
+    report["sip"] = sip if sip is not None else sync_at_sip(call.pcap, _grid_of(opts), opts.sip_audio, since_ms)
+    report["room_via_bridge"] = sync_in_room(call.participants, observer, BOT_NAME, since_ms)
+    report["room_direct"] = sync_in_room(call.participants, observer, direct_source, since_ms)
+    report["source"] = source_skew(call.participants, direct_source, since_ms)
     report["bridge_added_ms"] = {
         "room_to_sip": _diff(report["sip"], report["room_direct"]),
         "sip_to_room": _diff(report["room_via_bridge"], report["sip"]),
@@ -931,7 +933,7 @@ def run_demo(run_dir: Path, seconds: float) -> None:
 def _run_demo(run_dir: Path, seconds: float) -> None:
     from sipbridge.status import StatusCollector
 
-    opts = CallOptions()
+    opts = CallOptions(sync_marks=True)  # lip-sync marks: measured at the SIP peer and in the room
     seconds = max(seconds, MIN_DEMO_MEDIA_S)
     click.echo(
         f"demo: a bridged call in a private network namespace for {seconds:.0f} s\n"
@@ -942,6 +944,7 @@ def _run_demo(run_dir: Path, seconds: float) -> None:
         f"  SIP -> room: the echo split {opts.split} into the bot's cameras; alice's page reads the counters"
     )
     summary: dict[str, Any] = {}
+    flowing_since_ms = 0.0  # wall clock of the first echoed frame: lip-sync marks count from there
     started = time.monotonic()
     with LocalCall(run_dir, opts) as call:
         click.echo(f"set-up {time.monotonic() - started:.1f} s (logs in {call.run_dir}/logs)")
@@ -956,6 +959,7 @@ def _run_demo(run_dir: Path, seconds: float) -> None:
                 right = len(call.room_received(2))
                 if left and not flowing:
                     flowing = True
+                    flowing_since_ms = time.time() * 1000
                     deadline = time.monotonic() + seconds
                 click.echo(
                     f"[{time.monotonic() - started:5.1f}s] {_progress(collector, call.supervisor)} "
@@ -984,6 +988,12 @@ def _run_demo(run_dir: Path, seconds: float) -> None:
         time.sleep(0.5)
     grid = _grid_of(opts)
     summary["sip"] = sip_leg_report(call.pcap, opts.sip_video, call.run_dir / "sip-received.png", grid)
+    if opts.sync_marks and opts.sip_video == "h264":
+        with contextlib.suppress(Exception):  # a summary line, never a reason to lose the rest of the summary
+            lipsync = lipsync_report(call, since_ms=flowing_since_ms)
+            for where in ("sip", "room_direct", "room_via_bridge"):
+                lipsync[where].pop("pairs", None)
+            summary["lipsync"] = lipsync
     (call.run_dir / "demo-summary.json").write_text(json.dumps(summary, indent=2, default=str))
     _print_summary(summary, call.run_dir)
 
@@ -1029,6 +1039,8 @@ def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
         f"  room ({who}'s page, counters read from pixels): bot camera 1 {room.get('track1')}, "
         f"camera 2 {room.get('track2')}, tone {room.get('tone_hz')} Hz"
     )
+    if "lipsync" in summary:
+        click.echo(f"  {lipsync_line(summary['lipsync'])}")
     stages = summary.get("stages", {})
     for stage, leg in (
         ("room-decoder", "room leg (what the bot received)"),

@@ -48,6 +48,9 @@ def page_url(room_url: str, room: int, spec: ParticipantSpec, *, janus: str | No
         query["probe"] = 1
     if sync_marks:
         query["sync"] = 1
+        # Wall clock - CLOCK_MONOTONIC (Chromium's capture clock), so the page stamps its media on the capture clock
+        # (see synthetic.js).
+        query["ticks"] = round(time.time() * 1000 - time.monotonic() * 1000, 3)
     if not spec.publish:
         query["publish"] = 0
     return room_url.rstrip("/") + "/?" + urlencode(query)

@@ -10,10 +10,15 @@
 // turns bright (luma 235, otherwise 16) for MARK_MS, and the audio carries a MARK_HZ burst over the tone for the same
 // MARK_MS. Both media then come from one clock, the page's: video frames are written on a wall-clock frame grid by a
 // self-correcting timer (a mark starts on a frame of the grid), and the audio is generated here as AudioData into a
-// MediaStreamTrackGenerator, written every AUDIO_TICK_MS with the samples whose time has passed (like a microphone
-// delivers them), so the burst's first sample leaves at most one audio tick after the marked frame. An
+// MediaStreamTrackGenerator in AUDIO_CHUNK_MS chunks, each written as soon as its last sample's time has passed
+// (like a microphone delivers them), so the burst's first sample leaves about one chunk after the marked frame. An
 // OscillatorNode scheduled on AudioContext time would leave an unknown render-ahead/output latency between the two
 // clocks, which getOutputTimestamp does not describe for a MediaStreamAudioDestinationNode.
+// Timestamps: Chromium takes an AudioData's timestamp pushed into a MediaStreamTrackGenerator as the capture time on
+// its monotonic clock (base::TimeTicks, CLOCK_MONOTONIC on Linux) and WebRTC sends it as such (RTCP sender reports),
+// while it re-stamps video frames whose timestamps are far from that clock. Timestamps from 0 leave receivers without
+// a common capture clock for audio and video, and their A/V sync then swings the audio delay by hundreds of ms. So
+// both media are stamped on CLOCK_MONOTONIC: the runner passes ticks = wall clock - CLOCK_MONOTONIC (ms) in the URL.
 // Each mark is reported as "SBPROBE {event: 'mark_sent', ...}" with the actual write times of the marked frame and of
 // the audio chunk that holds the burst's first sample (epoch ms), so the source's own skew is measured too.
 "use strict";
@@ -30,10 +35,16 @@
   const SYNC_TONE_GAIN = 0.2; // tone and burst of two participants mixed stay below full scale (no clipping)
   const SYNC_MARK_GAIN = 0.2;
   const AUDIO_RATE = 48000;
-  const AUDIO_TICK_MS = 10;
+  const AUDIO_CHUNK_MS = 10;
+  const AUDIO_TICK_MS = 5; // a chunk leaves 0 to 5 ms after its last sample's time (plus timer lateness)
   const AUDIO_MAX_BACKLOG_MS = 200; // a page stalled longer than this skips audio rather than bursting it out
 
   const epochNow = () => performance.timeOrigin + performance.now();
+  const TICKS_MS = Number(new URLSearchParams(location.search).get("ticks") || NaN);
+  // Capture timestamp (us) of the wall-clock instant epochMs on Chromium's monotonic clock (see above); without the
+  // runner's offset, time since the page's start (what the unsynced tracks use).
+  const captureUs = (epochMs) =>
+    Math.round((Number.isFinite(TICKS_MS) ? epochMs - TICKS_MS : epochMs - performance.timeOrigin) * 1000);
   const report = (record) => console.log("SBPROBE " + JSON.stringify(record));
 
   function drawPattern(buffer, width, height, counter, mark) {
@@ -110,7 +121,6 @@
     const frameMs = 1000 / fps;
     let counter = 0;
     let k = Math.ceil(epochNow() / frameMs); // index of the next frame on the wall-clock grid
-    const first = k;
     let stopped = false;
     function tick() {
       if (stopped) return;
@@ -121,7 +131,7 @@
       const marked = k >= k0 && k < k0 + markFrames(fps);
       drawPattern(buffer, width, height, counter, marked);
       const frame = new VideoFrame(buffer, {
-        format: "I420", codedWidth: width, codedHeight: height, timestamp: Math.round((k - first) * frameMs * 1000),
+        format: "I420", codedWidth: width, codedHeight: height, timestamp: captureUs(k * frameMs),
       });
       const written = epochNow();
       writer.write(frame).catch(() => { stopped = true; });
@@ -140,40 +150,44 @@
     const writer = generator.writable.getWriter();
     const perMs = AUDIO_RATE / 1000;
     let written = Math.floor(epochNow() * perMs); // absolute sample index on the wall clock: sample i is at i / perMs
-    const first = written;
     let phase = 0;
     const step = (2 * Math.PI * toneHz) / AUDIO_RATE;
     const markStep = (2 * Math.PI * MARK_HZ) / AUDIO_RATE;
-    const timer = setInterval(() => {
-      const target = Math.floor(epochNow() * perMs);
-      if (target - written > AUDIO_MAX_BACKLOG_MS * perMs) written = target - AUDIO_TICK_MS * perMs;
-      const count = target - written;
-      if (count <= 0) return;
-      const samples = new Float32Array(count);
-      for (let i = 0; i < count; i++) {
+    const chunk = AUDIO_CHUNK_MS * perMs;
+    const markSamples = Math.round(MARK_MS * perMs);
+    function writeChunk() {
+      const samples = new Float32Array(chunk);
+      for (let i = 0; i < chunk; i++) {
         samples[i] = SYNC_TONE_GAIN * Math.sin(phase);
         phase += step;
         if (phase > 2 * Math.PI) phase -= 2 * Math.PI;
       }
       // Bursts in sample terms: mark n starts at sample round(start * perMs), the same instant as its frame.
       let onset = null;
-      const markSamples = Math.round(MARK_MS * perMs);
-      const lastMark = Math.floor(target / perMs / SYNC_PERIOD_MS);
+      const end = written + chunk;
+      const lastMark = Math.floor(end / perMs / SYNC_PERIOD_MS);
       for (let n = lastMark - 1; n <= lastMark; n++) {
         const k0 = firstMarkFrame(n, fps);
-        const start = (k0 * 1000) / fps;
         const s0 = Math.round((k0 * AUDIO_RATE) / fps);
-        const from = Math.max(s0, written);
-        const to = Math.min(s0 + markSamples, target);
-        for (let s = from; s < to; s++) samples[s - written] += SYNC_MARK_GAIN * Math.sin(markStep * (s - s0));
-        if (s0 >= written && s0 < target) onset = { n, start };
+        const to = Math.min(s0 + markSamples, end);
+        for (let i = Math.max(s0, written); i < to; i++) {
+          samples[i - written] += SYNC_MARK_GAIN * Math.sin(markStep * (i - s0));
+        }
+        if (s0 >= written && s0 < end) onset = { n, start: (k0 * 1000) / fps };
       }
-      const data = new AudioData({ format: "f32", sampleRate: AUDIO_RATE, numberOfChannels: 1, numberOfFrames: count,
-        timestamp: Math.round(((written - first) / perMs) * 1000), data: samples });
-      written = target;
+      const data = new AudioData({ format: "f32", sampleRate: AUDIO_RATE, numberOfChannels: 1, numberOfFrames: chunk,
+        timestamp: captureUs(written / perMs), data: samples });
+      written = end;
       const at = epochNow();
       writer.write(data).catch(() => clearInterval(timer));
       if (onset) sent(onset.n, onset.start, "audio_ms", at);
+    }
+    // Chunks of one fixed size: Chromium reconfigures the track's sinks on every change of an AudioData's frame
+    // count, and a stream of varying sizes loses samples there (the receivers then conceal ~40 % of the audio).
+    const timer = setInterval(() => {
+      const target = Math.floor(epochNow() * perMs);
+      if (target - written > AUDIO_MAX_BACKLOG_MS * perMs) written = target - chunk;
+      while (target - written >= chunk) writeChunk();
     }, AUDIO_TICK_MS);
     generator.addEventListener("ended", () => clearInterval(timer));
     return generator;
