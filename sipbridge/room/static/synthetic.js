@@ -14,11 +14,11 @@
 // (like a microphone delivers them), so the burst's first sample leaves about one chunk after the marked frame. An
 // OscillatorNode scheduled on AudioContext time would leave an unknown render-ahead/output latency between the two
 // clocks, which getOutputTimestamp does not describe for a MediaStreamAudioDestinationNode.
-// Timestamps: Chromium takes an AudioData's timestamp pushed into a MediaStreamTrackGenerator as the capture time on
-// its monotonic clock (base::TimeTicks, CLOCK_MONOTONIC on Linux) and WebRTC sends it as such (RTCP sender reports),
-// while it re-stamps video frames whose timestamps are far from that clock. Timestamps from 0 leave receivers without
-// a common capture clock for audio and video, and their A/V sync then swings the audio delay by hundreds of ms. So
+// Timestamps: Chromium takes an AudioData's timestamp pushed into a MediaStreamTrackGenerator as its capture time on
+// its monotonic clock (base::TimeTicks, CLOCK_MONOTONIC on Linux), while it re-stamps video frames whose timestamps are
+// far from that clock; audio stamped from 0 would give receivers' A/V sync no common capture clock for the two. So
 // both media are stamped on CLOCK_MONOTONIC: the runner passes ticks = wall clock - CLOCK_MONOTONIC (ms) in the URL.
+// (Measured here, the offsets came out alike without it; the fixed chunk size below is what mattered.)
 // Each mark is reported as "SBPROBE {event: 'mark_sent', ...}" with the actual write times of the marked frame and of
 // the audio chunk that holds the burst's first sample (epoch ms), so the source's own skew is measured too.
 "use strict";
