@@ -49,6 +49,7 @@ from tests.test_codecs import (
 pytestmark = pytest.mark.timeout(60)
 
 RECEIVE_TIMEOUT_MS = 10_000
+STARTUP_RECEIVE_TIMEOUT_MS = 45_000
 EXIT_TIMEOUT_S = 10.0
 STATS_WAIT_S = 5.0
 PROGRAM = "from sipbridge.cli import main; main()"
@@ -224,16 +225,20 @@ AUDIO_CODECS = ["opus", "pcmu", "pcma", "g722"]
 AUDIO_CHUNK_SAMPLES = 480  # 10 ms at 48 kHz: the encoder re-chunks to 20 ms
 
 
+@pytest.mark.timeout(120)
 def test_audio_tone_round_trips_through_processes(harness: Harness) -> None:
     """A 1 kHz tone through encoder+decoder processes for every audio codec, all four chains at once."""
     chains = {}
     # label -> (codec, the decoder's output rate: 0 = the codec's own)
-    variants = {codec: (codec, 0) for codec in AUDIO_CODECS} | {"pcmu@48k": ("pcmu", 48000), "opus@8k": ("opus", 8000)}
+    # (G.711 to 48 kHz is what the bridge does on the way into the room.)
+    variants = {codec: (codec, 0) for codec in AUDIO_CODECS} | {"pcmu@48k": ("pcmu", 48000)}
     for label, (codec, out_rate) in variants.items():
         push, _, feed = harness.feed(f"feed-{label}")
         encoder = harness.start("encoder", f"enc-{label}", [feed], "--audio-codec", codec)
         decoder = harness.start("decoder", f"dec-{label}", [encoder.output], "--audio-rate", str(out_rate))
         chains[label] = (push, encoder, decoder, harness.socket(zmq.PULL, decoder.output, False))
+        # Ten stage processes start at once: on a loaded 2-core machine the first frame can take a while.
+        chains[label][3].setsockopt(zmq.RCVTIMEO, STARTUP_RECEIVE_TIMEOUT_MS)
     signal = tone(1.0)
     for i in range(len(signal) // AUDIO_CHUNK_SAMPLES):
         header = MediaHeader("a", i, i * AUDIO_CHUNK_SAMPLES, Fraction(1, INPUT_RATE_HZ), 3_000_000 + i)
