@@ -841,7 +841,11 @@ def lipsync_report(call: LocalCall, sip: dict[str, Any] | None = None, since_ms:
     direct_source = opts.participants[0][0]
     observer = call.sync_observer
     report: dict[str, Any] = {"observer": observer, "direct_source": direct_source}
-    report["sip"] = sip if sip is not None else sync_at_sip(call.pcap, _grid_of(opts), opts.sip_audio, since_ms)
+    if sip is None:
+        # Only H.264 is decoded from the capture; an audio-only peer has no pictures to time.
+        sip = (sync_at_sip(call.pcap, _grid_of(opts), opts.sip_audio, since_ms) if opts.sip_video == "h264"
+               else {"marks": 0, "offset_ms_p50": None, "pairs": []})  # fmt: skip
+    report["sip"] = sip
     report["room_via_bridge"] = sync_in_room(call.participants, observer, BOT_NAME, since_ms)
     report["room_direct"] = sync_in_room(call.participants, observer, direct_source, since_ms)
     report["source"] = source_skew(call.participants, direct_source, since_ms)

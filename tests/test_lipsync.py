@@ -13,13 +13,62 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from sipbridge.demo import BOT_NAME, CallOptions, LocalCall, lipsync_report, sync_in_room
+from sipbridge.demo import (
+    BOT_NAME,
+    MARK_HZ,
+    CallOptions,
+    LocalCall,
+    audio_mark_onsets,
+    lipsync_report,
+    mark_band_bright,
+    pair_marks,
+    sync_in_room,
+)
 from tests.test_bridge_e2e import need_media_tools
 
 MIN_MARKS = 3
 MARKS_TIMEOUT_S = 40.0
+BURST_S = 0.1
+
+
+@pytest.mark.parametrize("rate", [8000, 16000, 48000])
+def test_burst_onsets_found_to_a_sample_over_tones(rate: int) -> None:
+    """The detector the SIP side uses (probe.js runs the same one): bursts over two tones, each onset to about one
+    sample, chunk arrival times carried through."""
+    n = np.arange(rate * 7)
+    x = 0.2 * np.sin(2 * np.pi * 440 * n / rate) + 0.2 * np.sin(2 * np.pi * 660 * n / rate + 1)
+    starts = [int(1.0 * rate) + 3, int(3.0 * rate) + 7, int(5.0 * rate) + 11]
+    burst = 0.2 * np.sin(2 * np.pi * MARK_HZ * np.arange(int(BURST_S * rate)) / rate)
+    for s0 in starts:
+        x[s0 : s0 + burst.size] += burst
+    chunk = rate // 50
+    chunk_starts = np.arange(0, x.size, chunk)
+    chunk_times = 1_000_000.0 + chunk_starts * 1000 / rate
+    onsets = audio_mark_onsets(x, rate, chunk_starts, chunk_times)
+    expected = [1_000_000.0 + s0 * 1000 / rate for s0 in starts]
+    assert len(onsets) == len(expected), onsets
+    assert all(abs(o - e) <= 1.5 * 1000 / rate for o, e in zip(onsets, expected, strict=True)), (onsets, expected)
+
+
+def test_tones_alone_are_no_marks() -> None:
+    rate = 8000
+    n = np.arange(rate * 3)
+    x = 0.4 * np.sin(2 * np.pi * 440 * n / rate) + 0.4 * np.sin(2 * np.pi * 1000 * n / rate)
+    assert audio_mark_onsets(x, rate, np.array([0]), np.array([0.0])) == []
+
+
+def test_mark_band_and_pairing() -> None:
+    y = np.full((240, 320), 120, np.uint8)
+    y[-30:] = 16
+    assert not mark_band_bright(y)
+    y[-30:] = 235
+    assert mark_band_bright(y)
+    # Each video onset takes the nearest audio onset less than half a period away; a lone onset pairs with nothing.
+    pairs = pair_marks([2040.0, 4010.0, 6020.0], [2080.0, 3990.0, 9000.0])
+    assert [round(p["offset_ms"]) for p in pairs] == [40, -20]
 
 
 @pytest.mark.media
