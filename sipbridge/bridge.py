@@ -70,6 +70,7 @@ class BridgeConfig:
     accept_from: str = ".*"
     # Inbound: (caller URI pattern, recipe variables) in order; with any, the bot joins only while a call is up.
     routes: list[tuple[str, dict[str, str]]] = field(default_factory=list)
+    dtmf: str = "auto"  # RFC 4733 events when the peer takes telephone-event, else SIP INFO
     to_sip: MediaLeg = field(default_factory=MediaLeg)
     to_room: MediaLeg = field(default_factory=lambda: MediaLeg(video_codec="none", audio_codec="opus"))
     layout: str = "grid"
@@ -165,7 +166,7 @@ def parse_bridge(data: dict[str, Any]) -> BridgeConfig:
     sip = _check_keys(
         data.get("sip", {}),
         "sip",
-        {"identity", "register", "proxy", "authuser", "secret", "call", "inbound", "accept_from", "route"},
+        {"identity", "register", "proxy", "authuser", "secret", "call", "inbound", "accept_from", "route", "dtmf"},
     )
     media = _check_keys(data.get("media", {}), "media", {"to_sip", "to_room"})
     layout = _check_keys(data.get("layout", {}), "layout", {"mode", "max_tiles", "participants"})
@@ -201,6 +202,7 @@ def parse_bridge(data: dict[str, Any]) -> BridgeConfig:
     if bool(cfg.call) == cfg.inbound:
         raise BridgeConfigError("give exactly one of sip.call (outbound) or sip.inbound = true")
     cfg.routes = _routes(_take(sip, "sip", "route", list, []))
+    cfg.dtmf = _choice(_take(sip, "sip", "dtmf", str, cfg.dtmf), "sip.dtmf", ("auto", "rfc2833", "info"))
     if cfg.routes and not cfg.inbound:
         raise BridgeConfigError("sip.route is for inbound calls (sip.inbound = true)")
     if cfg.register == "digest" and not (cfg.proxy and cfg.secret):
@@ -285,6 +287,7 @@ def bridge_stages(cfg: BridgeConfig, run_dir: Path) -> list[StageSpec]:
     if cfg.janus_api_secret:
         janus_env["SIPBRIDGE_STAGE_JANUS_API_SECRET"] = f"%(ENV_{cfg.janus_api_secret})s"
     janus_args += ["--call", cfg.call] if cfg.call else ["--inbound", "--accept-from", cfg.accept_from]
+    janus_args += ["--dtmf-method", cfg.dtmf]
 
     # An audio-only endpoint: drop the room's video before it is scaled and encoded for nothing.
     room_video = ["--video", _grid(cfg) if sip_video != "none" else DROP_VIDEO]

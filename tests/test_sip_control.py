@@ -4,6 +4,8 @@ digest registration and Janus restarts. Real Janus, real sipp, a private namespa
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import re
 import socket
 import time
@@ -287,6 +289,7 @@ def test_janus_restart_mid_call(janus: JanusServer, tmp_path: Path) -> None:
 
 
 RFC2833_MEDIA_PORT = 6100  # fixed in uas_rfc2833.xml
+DTMF_SETTLE_S = 1.0  # after the command returns (it waits for every event to be sent), for the last packets
 
 
 def _rfc4733_packets(digit: str, payload_type: int, seq: int, timestamp: int, ssrc: int) -> list[bytes]:
@@ -330,12 +333,45 @@ async def _rfc2833(tmp_path: Path, janus: JanusServer) -> None:
             await asyncio.sleep(0.05)
         assert [e["digit"] for e in events] == ["5", "#"], events
         assert {e["method"] for e in events} == {"rfc2833"}
+        # And the other way: the peer took telephone-event, so the bridge's DTMF goes as RFC 4733 events in
+        # the audio it receives on this very socket, numbered in the audio's own sequence.
+        media.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                media.recv(2048)  # what arrived before the digits
+        assert (await rig.stage.command({"cmd": "dtmf", "digits": "4*", "duration_ms": 200}))["ok"]
+        packets = await _drain(media, DTMF_SETTLE_S)
         assert (await rig.stage.command({"cmd": "hangup"}))["ok"]
         assert sipp.wait(10) == 0
     finally:
         media.close()
         sipp.stop()
         await rig.close()
+    events_by_timestamp: dict[int, list[bytes]] = {}
+    for packet in packets:
+        if packet[1] & 0x7F == payload_type:
+            events_by_timestamp.setdefault(int.from_bytes(packet[4:8], "big"), []).append(packet[12:16])
+    digits = ["0123456789*#ABCD"[payloads[0][0]] for _, payloads in sorted(events_by_timestamp.items())]
+    assert digits == ["4", "*"], events_by_timestamp
+    for payloads in events_by_timestamp.values():
+        final = [p for p in payloads if p[1] & 0x80]
+        assert len(final) == 3 and int.from_bytes(final[0][2:4], "big") == 200 * 8  # 200 ms at 8 kHz, end x3
+    audio = [p for p in packets if p[1] & 0x7F == 0]
+    assert audio, "no PCMU beside the events"
+    assert len({p[8:12] for p in packets}) == 1, "events must ride on the audio's SSRC"
+    seqs = [int.from_bytes(p[2:4], "big") for p in packets]
+    assert all((b - a) & 0xFFFF == 1 for a, b in itertools.pairwise(seqs)), seqs  # one gapless sequence
+
+
+async def _drain(sock: socket.socket, seconds: float) -> list[bytes]:
+    packets: list[bytes] = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            packets.append(sock.recv(2048))
+        except BlockingIOError:
+            await asyncio.sleep(0.005)
+    return packets
 
 
 @pytest.mark.timeout(60)

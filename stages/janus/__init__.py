@@ -93,6 +93,8 @@ class SipSettings:
     audio_stream: str = "sip-audio"
     control: str | None = None
     low_latency_jitter_buffer: bool = True
+    # auto: RFC 4733 events in the audio when the peer took telephone-event, else SIP INFO.
+    dtmf_method: str = "auto"
 
 
 class JanusStage(Stage):
@@ -596,10 +598,20 @@ class JanusStage(Stage):
         bad = set(digits) - DTMF_DIGITS
         if bad:
             raise ValueError(f"not DTMF digits: {''.join(sorted(bad))}")
+        events = self.call.telephone_event_sender
+        method = self.settings.dtmf_method
+        if method == "rfc2833" and events is None:
+            raise RuntimeError("the SIP peer did not take telephone-event (RFC 4733) with an 8 kHz audio codec")
+        use_events = events is not None and method != "info"
         for digit in digits:
-            await self.handle.message({"request": "dtmf_info", "digit": digit, "duration": duration_ms})
+            if use_events:
+                assert events is not None
+                await events.send(digit, duration_ms)
+            else:
+                await self.handle.message({"request": "dtmf_info", "digit": digit, "duration": duration_ms})
             self.counters["dtmf_sent"] += 1
-            self.log.info("call %s: DTMF %s sent (SIP INFO)", self.call.info.call_id, digit)
+            self.log.info("call %s: DTMF %s sent (%s)", self.call.info.call_id, digit,
+                          "RFC 4733" if use_events else "SIP INFO")
             await asyncio.sleep(DTMF_GAP_S)
 
     async def hold(self, on: bool) -> None:
@@ -701,6 +713,8 @@ CODEC_CHOICES = {"h264": Codec.H264, "vp8": Codec.VP8, "pcmu": Codec.PCMU, "pcma
 @click.option("--inbound/--no-inbound", default=False, help="Accept incoming calls.")
 @click.option("--accept-from", default=".*", help="Regex on the caller URI for calls to accept.")
 @click.option("--decline-code", type=int, default=486, help="SIP code for declined calls.")
+@click.option("--dtmf-method", type=click.Choice(["auto", "rfc2833", "info"]), default="auto", show_default=True,
+              help="How DTMF is sent: RFC 4733 events in the audio (auto: when the peer takes them) or SIP INFO.")
 @click.option("--audio-codec", "audio_codecs", multiple=True, type=click.Choice(sorted(c for c in CODEC_CHOICES
               if not CODEC_CHOICES[c].is_video)), default=("pcmu",), help="Audio codecs to offer, in order.")
 @click.option("--video-codec", type=click.Choice(["h264", "vp8", "none"]), default="h264")
@@ -720,5 +734,6 @@ def command(**params: Any) -> None:
         audio_codecs=[CODEC_CHOICES[c] for c in params["audio_codecs"]],
         video_codec=None if params["video_codec"] == "none" else CODEC_CHOICES[params["video_codec"]],
         video_stream=params["video_stream"], audio_stream=params["audio_stream"], control=params["control"],
-        low_latency_jitter_buffer=params["jitter_buffer"] == "low-latency")
+        low_latency_jitter_buffer=params["jitter_buffer"] == "low-latency",
+        dtmf_method=params["dtmf_method"])
     run(JanusStage(options, settings))

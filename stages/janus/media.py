@@ -26,6 +26,7 @@ import fractions
 import logging
 import queue
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +35,7 @@ import av
 from aiortc import MediaStreamTrack, RTCRtpReceiver, RTCRtpSender
 from aiortc.jitterbuffer import JitterBuffer, JitterFrame
 from aiortc.mediastreams import MediaStreamError
+from aiortc.rtp import RtpPacket, is_rtcp
 from aiortc.utils import uint16_add
 
 from protocol import Codec
@@ -234,6 +236,7 @@ async def send_pli(receiver: RTCRtpReceiver) -> bool:
 # ----- RFC 4733 (RFC 2833) telephone events received from the SIP side ----------------------------
 TELEPHONE_EVENT_PT = 126  # a dynamic payload type aiortc never assigns (its video codecs use 97-102)
 DTMF_EVENTS = "0123456789*#ABCD"
+TELEPHONE_EVENT_CLOCK_HZ = 8000  # what add_telephone_event offers (telephone-event/8000)
 TELEPHONE_EVENT_RE = re.compile(r"a=rtpmap:(\d+) telephone-event/8000", re.IGNORECASE)
 
 
@@ -299,3 +302,72 @@ class TelephoneEventTap:
         self._last_timestamp = packet.timestamp
         duration_samples = int.from_bytes(payload[2:4], "big")
         self._callback(DTMF_EVENTS[payload[0]], duration_samples // 8)
+
+
+# ----- RFC 4733 (RFC 2833) telephone events sent to the SIP side ------------------------------------
+EVENT_PACKET_INTERVAL_S = 0.05  # RFC 4733 suggests 50 ms between updates of a running event
+EVENT_END_REPEATS = 3  # the end packet is sent three times: it is the one that must not be lost
+EVENT_VOLUME_DBM0 = 10  # -10 dBm0, a usual DTMF level
+MAX_EVENT_DURATION_MS = 5000  # the 16-bit duration field holds 8.2 s at 8 kHz
+
+
+class TelephoneEventSender:
+    """Sends RFC 4733 DTMF on an audio sender's SSRC and in its sequence space (aiortc has no DTMF sender).
+
+    aiortc numbers the audio packets itself, in a local variable of its send loop. Event packets go out
+    between them, so the transport's send is wrapped: audio packets of this SSRC are renumbered past the
+    events sent so far (cheap: two header bytes), the events take the numbers in between, and the receiver
+    sees one gapless sequence. RTCP and other SSRCs pass untouched.
+    """
+
+    def __init__(self, sender: RTCRtpSender, payload_type: int, clock_rate: int) -> None:
+        self.payload_type = payload_type
+        self.clock_rate = clock_rate
+        self.ssrc = sender._ssrc
+        self.transport = sender.transport
+        self._send = self.transport._send_rtp
+        self.transport._send_rtp = self._relay  # type: ignore[method-assign]
+        self._offset = 0
+        self._last_seq: int | None = None
+        self._last_timestamp: int | None = None
+        self._last_sent_s = 0.0
+        self._lock = asyncio.Lock()  # one digit at a time
+        self.events_sent = 0
+
+    async def _relay(self, data: bytes) -> None:
+        if len(data) >= 12 and not is_rtcp(data) and int.from_bytes(data[8:12], "big") == self.ssrc:
+            seq = (int.from_bytes(data[2:4], "big") + self._offset) & 0xFFFF
+            if self._offset:
+                data = data[:2] + seq.to_bytes(2, "big") + data[4:]
+            self._last_seq = seq
+            self._last_timestamp = int.from_bytes(data[4:8], "big")
+            self._last_sent_s = time.monotonic()
+        await self._send(data)
+
+    async def send(self, digit: str, duration_ms: int) -> None:
+        """One event: a first packet with the marker bit, updates every 50 ms, the end packet three times."""
+        event = DTMF_EVENTS.index(digit.upper())
+        async with self._lock:
+            if self._last_timestamp is None:
+                raise RuntimeError("no audio has been sent on this call yet: RFC 4733 events ride on its clock")
+            elapsed = time.monotonic() - self._last_sent_s
+            timestamp = (self._last_timestamp + round(elapsed * self.clock_rate)) & 0xFFFFFFFF
+            total = round(min(duration_ms, MAX_EVENT_DURATION_MS) / 1000 * self.clock_rate)
+            step = round(EVENT_PACKET_INTERVAL_S * self.clock_rate)
+            durations = [*range(step, total, step), total]
+            for index, duration in enumerate(durations):
+                end = index == len(durations) - 1
+                for _ in range(EVENT_END_REPEATS if end else 1):
+                    await self._inject(event, duration, end, index == 0, timestamp)
+                if not end:
+                    await asyncio.sleep(EVENT_PACKET_INTERVAL_S)
+            self.events_sent += 1
+
+    async def _inject(self, event: int, duration: int, end: bool, first: bool, timestamp: int) -> None:
+        seq = ((self._last_seq if self._last_seq is not None else 0) + 1) & 0xFFFF
+        self._last_seq = seq
+        self._offset += 1
+        payload = bytes([event, (0x80 if end else 0) | EVENT_VOLUME_DBM0]) + duration.to_bytes(2, "big")
+        packet = RtpPacket(payload_type=self.payload_type, marker=int(first), sequence_number=seq,
+                           timestamp=timestamp, ssrc=self.ssrc, payload=payload)
+        await self._send(packet.serialize())

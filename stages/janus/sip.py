@@ -25,8 +25,10 @@ from aiortc.rtcrtpparameters import RTCRtpCodecCapability
 from protocol import Codec
 from stages.janus.media import (
     RTP_NAMES,
+    TELEPHONE_EVENT_CLOCK_HZ,
     PacketTrack,
     ReceivedFrame,
+    TelephoneEventSender,
     TelephoneEventTap,
     add_telephone_event,
     send_pli,
@@ -174,6 +176,7 @@ class SipCall:
         self._on_dtmf = on_dtmf
         self._low_latency = low_latency
         self.telephone_events: TelephoneEventTap | None = None
+        self.telephone_event_sender: TelephoneEventSender | None = None
         self.audio: RTCRtpTransceiver | None = None
         self.video: RTCRtpTransceiver | None = None
         self.closed = False
@@ -223,6 +226,11 @@ class SipCall:
         if payload_type is None or self.audio is None or self._on_dtmf is None or self.telephone_events:
             return
         self.telephone_events = TelephoneEventTap(self.audio.receiver, payload_type, self._on_dtmf)
+        codecs = getattr(self.audio, "_codecs", None)
+        # telephone-event/8000 shares the audio's RTP clock only with the 8 kHz-clocked codecs (not Opus).
+        if codecs and codecs[0].clockRate == TELEPHONE_EVENT_CLOCK_HZ and self.audio.sender.transport is not None:
+            self.telephone_event_sender = TelephoneEventSender(self.audio.sender, payload_type,
+                                                               TELEPHONE_EVENT_CLOCK_HZ)
 
     async def answer(self, offer: dict[str, Any]) -> dict[str, str]:
         """Answer Janus's offer for an incoming call."""
