@@ -10,8 +10,8 @@
 // turns bright (luma 235, otherwise 16) for MARK_MS, and the audio carries a MARK_HZ burst over the tone for the same
 // MARK_MS. Both media then come from one clock, the page's: video frames are written on a wall-clock frame grid by a
 // self-correcting timer (a mark starts on a frame of the grid), and the audio is generated here as AudioData into a
-// MediaStreamTrackGenerator in AUDIO_CHUNK_MS chunks, each written as soon as its last sample's time has passed
-// (like a microphone delivers them), so the burst's first sample leaves about one chunk after the marked frame. An
+// MediaStreamTrackGenerator in AUDIO_CHUNK_MS chunks on the same wall-clock grid, each written when its first
+// sample's time comes, so the chunk that starts the burst leaves with the marked frame (within timer jitter). An
 // OscillatorNode scheduled on AudioContext time would leave an unknown render-ahead/output latency between the two
 // clocks, which getOutputTimestamp does not describe for a MediaStreamAudioDestinationNode.
 // Timestamps: Chromium takes an AudioData's timestamp pushed into a MediaStreamTrackGenerator as its capture time on
@@ -36,7 +36,7 @@
   const SYNC_MARK_GAIN = 0.2;
   const AUDIO_RATE = 48000;
   const AUDIO_CHUNK_MS = 10;
-  const AUDIO_TICK_MS = 5; // a chunk leaves 0 to 5 ms after its last sample's time (plus timer lateness)
+  const AUDIO_TICK_MS = 5; // a chunk leaves 0 to 5 ms after its first sample's time (plus timer lateness)
   const AUDIO_MAX_BACKLOG_MS = 200; // a page stalled longer than this skips audio rather than bursting it out
 
   const epochNow = () => performance.timeOrigin + performance.now();
@@ -149,11 +149,13 @@
     const generator = new MediaStreamTrackGenerator({ kind: "audio" });
     const writer = generator.writable.getWriter();
     const perMs = AUDIO_RATE / 1000;
-    let written = Math.floor(epochNow() * perMs); // absolute sample index on the wall clock: sample i is at i / perMs
+    const chunk = AUDIO_CHUNK_MS * perMs;
+    // Absolute sample index on the wall clock (sample i is at i / perMs), chunks on a grid of whole chunks: a mark
+    // starts on a whole 10 ms, so its burst starts a chunk.
+    let written = Math.ceil((epochNow() * perMs) / chunk) * chunk;
     let phase = 0;
     const step = (2 * Math.PI * toneHz) / AUDIO_RATE;
     const markStep = (2 * Math.PI * MARK_HZ) / AUDIO_RATE;
-    const chunk = AUDIO_CHUNK_MS * perMs;
     const markSamples = Math.round(MARK_MS * perMs);
     function writeChunk() {
       const samples = new Float32Array(chunk);
@@ -184,10 +186,12 @@
     }
     // Chunks of one fixed size: Chromium reconfigures the track's sinks on every change of an AudioData's frame
     // count, and a stream of varying sizes loses samples there (the receivers then conceal ~40 % of the audio).
+    // A chunk is written when the time of its first sample has come, as video frames are: the burst then leaves
+    // with the marked frame (a microphone would deliver it one chunk later, a constant that only shifts offsets).
     const timer = setInterval(() => {
-      const target = Math.floor(epochNow() * perMs);
-      if (target - written > AUDIO_MAX_BACKLOG_MS * perMs) written = target - chunk;
-      while (target - written >= chunk) writeChunk();
+      const now = epochNow() * perMs;
+      if (now - written > AUDIO_MAX_BACKLOG_MS * perMs) written = Math.floor(now / chunk) * chunk;
+      while (written <= now) writeChunk();
     }, AUDIO_TICK_MS);
     generator.addEventListener("ended", () => clearInterval(timer));
     return generator;
