@@ -167,8 +167,11 @@ def run(seconds: float) -> dict[str, Any]:
         collector.close()
     # After the call: the capture is complete once tshark has stopped.
     lipsync = lipsync_report(call, since_ms=window_start_ms)
-    for where in ("sip", "room_direct", "room_via_bridge"):  # per mark: the offsets only, in order
-        lipsync[where]["offsets_ms"] = [round(p["offset_ms"], 1) for p in lipsync[where].pop("pairs", [])]
+    for where in ("sip", "room_direct", "room_via_bridge"):  # per mark, in order: offset, video and audio latency
+        pairs = lipsync[where].pop("pairs", [])
+        lipsync[where]["per_mark_ms"] = [
+            [round(p["offset_ms"], 1), round(p["video_latency_ms"], 1), round(p["audio_latency_ms"], 1)] for p in pairs
+        ]
     janus_in = figures.get("janus", {}).get("streams", {})
     browser_in = figures.get("browser", {}).get("streams", {})
 
