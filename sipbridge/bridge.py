@@ -71,6 +71,7 @@ class BridgeConfig:
     # Inbound: (caller URI pattern, recipe variables) in order; with any, the bot joins only while a call is up.
     routes: list[tuple[str, dict[str, str]]] = field(default_factory=list)
     dtmf: str = "auto"  # RFC 4733 events when the peer takes telephone-event, else SIP INFO
+    media_timeout_s: float = 30.0  # hang up after this long without media from the SIP peer (0 = never)
     to_sip: MediaLeg = field(default_factory=MediaLeg)
     to_room: MediaLeg = field(default_factory=lambda: MediaLeg(video_codec="none", audio_codec="opus"))
     layout: str = "grid"
@@ -166,7 +167,8 @@ def parse_bridge(data: dict[str, Any]) -> BridgeConfig:
     sip = _check_keys(
         data.get("sip", {}),
         "sip",
-        {"identity", "register", "proxy", "authuser", "secret", "call", "inbound", "accept_from", "route", "dtmf"},
+        {"identity", "register", "proxy", "authuser", "secret", "call", "inbound", "accept_from", "route", "dtmf",
+         "media_timeout_s"},
     )
     media = _check_keys(data.get("media", {}), "media", {"to_sip", "to_room"})
     layout = _check_keys(data.get("layout", {}), "layout", {"mode", "max_tiles", "participants"})
@@ -203,6 +205,9 @@ def parse_bridge(data: dict[str, Any]) -> BridgeConfig:
         raise BridgeConfigError("give exactly one of sip.call (outbound) or sip.inbound = true")
     cfg.routes = _routes(_take(sip, "sip", "route", list, []))
     cfg.dtmf = _choice(_take(sip, "sip", "dtmf", str, cfg.dtmf), "sip.dtmf", ("auto", "rfc2833", "info"))
+    cfg.media_timeout_s = float(_take(sip, "sip", "media_timeout_s", (int, float), cfg.media_timeout_s))
+    if cfg.media_timeout_s < 0:
+        raise BridgeConfigError(f"sip.media_timeout_s must be 0 (never) or more, not {cfg.media_timeout_s}")
     if cfg.routes and not cfg.inbound:
         raise BridgeConfigError("sip.route is for inbound calls (sip.inbound = true)")
     if cfg.register == "digest" and not (cfg.proxy and cfg.secret):
@@ -287,7 +292,7 @@ def bridge_stages(cfg: BridgeConfig, run_dir: Path) -> list[StageSpec]:
     if cfg.janus_api_secret:
         janus_env["SIPBRIDGE_STAGE_JANUS_API_SECRET"] = f"%(ENV_{cfg.janus_api_secret})s"
     janus_args += ["--call", cfg.call] if cfg.call else ["--inbound", "--accept-from", cfg.accept_from]
-    janus_args += ["--dtmf-method", cfg.dtmf]
+    janus_args += ["--dtmf-method", cfg.dtmf, "--media-timeout-s", str(cfg.media_timeout_s)]
 
     # An audio-only endpoint: drop the room's video before it is scaled and encoded for nothing.
     room_video = ["--video", _grid(cfg) if sip_video != "none" else DROP_VIDEO]

@@ -34,6 +34,7 @@ def example() -> dict:
         (lambda d: d["media"]["to_sip"].update(preset="placebo"), "media.to_sip.preset must be one of"),
         (lambda d: d["sip"].update(route=[{"match": "^sip:a@"}]), "sip.route is for inbound calls"),
         (lambda d: d["sip"].update(dtmf="inband"), "sip.dtmf must be one of"),
+        (lambda d: d["sip"].update(media_timeout_s=-1), "sip.media_timeout_s must be 0 (never) or more"),
         (lambda d: (d["sip"].pop("call"), d["sip"].update(inbound=True, route=[{"match": "(", "vars": {}}])),
          "sip.route[1].match is not a valid regular expression"),
         (lambda d: (d["sip"].pop("call"), d["sip"].update(inbound=True, route=[{"vars": {}}])),

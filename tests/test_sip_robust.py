@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from fractions import Fraction
 from pathlib import Path
 
@@ -86,3 +88,42 @@ async def _bad_input(tmp_path: Path, janus: JanusServer) -> None:
 @pytest.mark.timeout(60)
 def test_bad_input_is_counted_and_the_stage_keeps_working(janus: JanusServer, tmp_path: Path) -> None:
     asyncio.run(_bad_input(tmp_path, janus))
+
+
+MEDIA_TIMEOUT_S = 2.0
+
+
+async def _vanished_peer(tmp_path: Path, janus: JanusServer) -> None:
+    """A SIP peer that vanishes mid-call sends no BYE: after --media-timeout-s without media the stage hangs up,
+    says why, and stays registered."""
+    rig = Rig(tmp_path, janus, args=["--media-timeout-s", str(MEDIA_TIMEOUT_S)])
+    try:
+        await rig.stage.wait_registered()
+        rig.feed(20.0)
+        sipp = Sipp("uas_echo", tmp_path / "sipp", SIPP_PORT, SIPP_MEDIA_PORT, extra=["-rtp_echo"]).start()
+        reply = await rig.stage.command({"cmd": "call", "uri": PEER, "wait": True})
+        assert reply["ok"], reply
+        await rig.wait_state("media_up")
+        while len(rig.collector.counters) < 10:  # the echo flows
+            await asyncio.sleep(0.1)
+        assert sipp.proc is not None
+        # Frozen, its sockets still open: like a peer whose host or network went away, no BYE and no ICMP
+        # (a killed peer on this host makes the kernel answer with port-unreachable, which Janus acts on).
+        os.killpg(sipp.proc.pid, signal.SIGSTOP)
+        try:
+            ended = await rig.wait_state("ended", timeout_s=MEDIA_TIMEOUT_S + 10)
+        finally:
+            os.killpg(sipp.proc.pid, signal.SIGKILL)
+            sipp.stop()
+        assert "no media from the SIP peer" in ended["reason"], ended
+        status = await rig.stage.command({"cmd": "status"})
+        assert status["errors"].get("media_timeout") == 1 and status["registration"]["state"] == "registered"
+        # (Janus keeps that SIP dialog until its BYE times out, 64*T1 = 32 s: a next call goes after that.)
+    finally:
+        await rig.close()
+    assert rig.exit_code == 0
+
+
+@pytest.mark.timeout(90)
+def test_vanished_peer_is_hung_up_after_the_media_timeout(janus: JanusServer, tmp_path: Path) -> None:
+    asyncio.run(_vanished_peer(tmp_path, janus))

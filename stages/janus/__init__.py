@@ -64,6 +64,11 @@ CALL_WAIT_TIMEOUT_S = 30.0
 STOP_HANGUP_TIMEOUT_S = 2.0
 OUTBOX_FLUSH_TIMEOUT_S = 2.0
 DTMF_DURATION_MS = 160
+# A SIP peer that vanished (crashed, unplugged, NAT binding gone) sends no BYE: without media from it for this
+# long the call is hung up. Long enough for silence suppression on an audio-only call; 0 turns it off.
+DEFAULT_MEDIA_TIMEOUT_S = 30.0
+MEDIA_WATCHDOG_INTERVAL_S = 1.0
+PEER_HOLD_RE = re.compile(r"^a=(sendonly|inactive)\s*$", re.MULTILINE)
 DTMF_GAP_S = 0.1
 # One keyframe request per this interval is plenty: an encoder takes a frame or two to react.
 KEYFRAME_REQUEST_MIN_INTERVAL_S = 0.25
@@ -95,6 +100,7 @@ class SipSettings:
     low_latency_jitter_buffer: bool = True
     # auto: RFC 4733 events in the audio when the peer took telephone-event, else SIP INFO.
     dtmf_method: str = "auto"
+    media_timeout_s: float = DEFAULT_MEDIA_TIMEOUT_S
 
 
 class JanusStage(Stage):
@@ -113,7 +119,7 @@ class JanusStage(Stage):
         self.last_call: CallInfo | None = None
         self.counters: dict[str, int] = {"calls_started": 0, "calls_connected": 0, "calls_failed": 0,
                                          "calls_declined": 0, "janus_reconnects": 0, "dtmf_sent": 0,
-                                         "dtmf_received": 0, "plis_from_sip": 0, "plis_to_sip": 0}
+                                         "dtmf_received": 0, "plis_from_sip": 0, "plis_to_sip": 0, "media_timeouts": 0}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._outbox: asyncio.Queue[Message] = asyncio.Queue()
         self._seq: dict[str, int] = {}
@@ -122,6 +128,8 @@ class JanusStage(Stage):
         self._last_kf_request = 0.0
         self._state_changed = asyncio.Event()
         self._first_packet_sent_ns: int | None = None
+        self._last_media_rx_s = 0.0  # monotonic time of the last frame from the SIP side (or of media up)
+        self._peer_on_hold = False  # the peer's last re-offer was sendonly or inactive
         self._video_keyframe_sent = False
         self._dialled_at_start = False
         self._background: set[asyncio.Task[Any]] = set()
@@ -220,6 +228,7 @@ class JanusStage(Stage):
 
     # ----- output: what the SIP peer sends --------------------------------------------------------
     def _on_received(self, kind: str, frame: ReceivedFrame) -> None:
+        self._last_media_rx_s = time.monotonic()
         stream_id = self.settings.video_stream if kind == "video" else self.settings.audio_stream
         seq = self._seq.get(stream_id, 0)
         self._seq[stream_id] = seq + 1
@@ -288,6 +297,8 @@ class JanusStage(Stage):
         tasks = [asyncio.create_task(self._drain_outbox(), name="outbox")]
         control = self.settings.control or default_endpoint(self.name, "control")
         tasks.append(asyncio.create_task(self._control_loop_rep(control), name="control-rep"))
+        if self.settings.media_timeout_s > 0:
+            tasks.append(asyncio.create_task(self._media_watchdog(), name="media-watchdog"))
         try:
             await self._janus_loop()
         finally:
@@ -298,6 +309,28 @@ class JanusStage(Stage):
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _media_watchdog(self) -> None:
+        while True:
+            await asyncio.sleep(MEDIA_WATCHDOG_INTERVAL_S)
+            call = self.call
+            if self._peer_on_hold or call is None or call.info.media_up_ns is None or call.info.state not in (
+                    CallState.MEDIA_UP, CallState.RESUMED, CallState.ACCEPTED):
+                continue  # not up yet, on hold (a held peer may send nothing), or ending
+            silent_s = time.monotonic() - self._last_media_rx_s
+            if silent_s < self.settings.media_timeout_s:
+                continue
+            reason = f"no media from the SIP peer for {silent_s:.0f} s"
+            self.log.warning("call %s: %s; hanging up", call.info.call_id, reason)
+            self.report_error("media_timeout", reason, call_id=call.info.call_id)
+            self.counters["media_timeouts"] += 1
+            call.hangup_reason = reason
+            if self.handle is not None:
+                # A vanished peer will not answer the BYE: end the call here rather than after the SIP timeout.
+                with contextlib.suppress(JanusError, JanusDisconnected, asyncio.TimeoutError):
+                    await asyncio.wait_for(self.handle.message({"request": "hangup"}), STOP_HANGUP_TIMEOUT_S)
+            if self.call is call:
+                await self._end_call(CallState.ENDED, reason=reason)
 
     async def _flush_outbox(self) -> None:
         while not self._outbox.empty():
@@ -428,6 +461,7 @@ class JanusStage(Stage):
         info = CallInfo(call_id=call_id or SipCall.new_call_id(), direction=direction, peer=peer)
         self._first_packet_sent_ns = None
         self._video_keyframe_sent = False
+        self._peer_on_hold = False
         return SipCall(info, self.settings.audio_codecs, self.settings.video_codec, self._on_received,
                        self._keyframe_requested_by_sip, self._on_rfc2833, self.settings.low_latency_jitter_buffer)
 
@@ -461,6 +495,7 @@ class JanusStage(Stage):
         if kind == "webrtcup":
             if call is not None:
                 call.info.media_up_ns = time.time_ns()
+                self._last_media_rx_s = time.monotonic()
                 self._publish_state(call.info, CallState.MEDIA_UP)
                 self._request_keyframe("call media up")
             return
@@ -508,6 +543,10 @@ class JanusStage(Stage):
         elif name in ("holding", "resuming", "updatingcall", "updated", "accepting", "hangingup", "declining",
                       "dtmfsent", "infosent", "messagesent", "registering"):
             self.log.info("call %s: %s", call.info.call_id if call else "-", name)
+            if name == "updatingcall" and call is not None and jsep:
+                # The peer re-offered: a peer that holds us (sendonly/inactive) may send no media at all.
+                self._peer_on_hold = bool(PEER_HOLD_RE.search(str(jsep.get("sdp", ""))))
+                self._last_media_rx_s = time.monotonic()
             if name == "holding" and call is not None:
                 self._publish_state(call.info, CallState.ON_HOLD)
             elif name == "resuming" and call is not None:
@@ -518,7 +557,8 @@ class JanusStage(Stage):
                 self.log.info("hangup for no active call: %s %s", code, reason)
                 return
             failed = call.info.accepted_ns is None and call.info.direction == "outbound"
-            await self._end_call(CallState.FAILED if failed else CallState.ENDED, code, reason)
+            # When we hung up for a reason of our own (a media timeout), that is why the call ended.
+            await self._end_call(CallState.FAILED if failed else CallState.ENDED, code, call.hangup_reason or reason)
         elif name == "missed_call":
             self.log.info("missed call from %s (busy)", result.get("caller"))
         elif name == "info":
@@ -713,6 +753,8 @@ CODEC_CHOICES = {"h264": Codec.H264, "vp8": Codec.VP8, "pcmu": Codec.PCMU, "pcma
 @click.option("--inbound/--no-inbound", default=False, help="Accept incoming calls.")
 @click.option("--accept-from", default=".*", help="Regex on the caller URI for calls to accept.")
 @click.option("--decline-code", type=int, default=486, help="SIP code for declined calls.")
+@click.option("--media-timeout-s", type=click.FloatRange(0), default=DEFAULT_MEDIA_TIMEOUT_S, show_default=True,
+              help="Hang up after this long without media from the SIP peer (a peer gone without BYE); 0 = never.")
 @click.option("--dtmf-method", type=click.Choice(["auto", "rfc2833", "info"]), default="auto", show_default=True,
               help="How DTMF is sent: RFC 4733 events in the audio (auto: when the peer takes them) or SIP INFO.")
 @click.option("--audio-codec", "audio_codecs", multiple=True, type=click.Choice(sorted(c for c in CODEC_CHOICES
@@ -735,5 +777,5 @@ def command(**params: Any) -> None:
         video_codec=None if params["video_codec"] == "none" else CODEC_CHOICES[params["video_codec"]],
         video_stream=params["video_stream"], audio_stream=params["audio_stream"], control=params["control"],
         low_latency_jitter_buffer=params["jitter_buffer"] == "low-latency",
-        dtmf_method=params["dtmf_method"])
+        dtmf_method=params["dtmf_method"], media_timeout_s=params["media_timeout_s"])
     run(JanusStage(options, settings))

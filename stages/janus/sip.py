@@ -177,6 +177,7 @@ class SipCall:
         self._low_latency = low_latency
         self.telephone_events: TelephoneEventTap | None = None
         self.telephone_event_sender: TelephoneEventSender | None = None
+        self.hangup_reason: str | None = None  # set when we end the call for a reason of our own
         self.audio: RTCRtpTransceiver | None = None
         self.video: RTCRtpTransceiver | None = None
         self.closed = False
