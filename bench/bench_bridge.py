@@ -269,7 +269,7 @@ def print_lipsync(ls: dict[str, Any]) -> None:
         return "-" if v is None else f"{v:+.1f}"
 
     click.echo("lip sync from the marks, audio - video in ms (+: audio late), over the window:")
-    click.echo(f"  {'where':<40}{'p50':>8}{'p10':>8}{'p90':>8}{'min':>8}{'max':>8}{'marks':>7}"
+    click.echo(f"  {'where':<40}{'p50':>8}{'p10':>8}{'p90':>8}{'min':>8}{'max':>8}{'last 5':>8}{'marks':>7}"
                f"{'video lat':>11}{'audio lat':>11}")  # fmt: skip
     for key, label in (
         ("sip", "at the SIP peer (capture)"),
@@ -279,19 +279,23 @@ def print_lipsync(ls: dict[str, Any]) -> None:
         x = ls[key]
         click.echo(
             f"  {label:<40}{f(x.get('offset_ms_p50')):>8}{f(x.get('offset_ms_p10')):>8}{f(x.get('offset_ms_p90')):>8}"
-            f"{f(x.get('offset_ms_min')):>8}{f(x.get('offset_ms_max')):>8}{x.get('marks', 0):>7}"
+            f"{f(x.get('offset_ms_min')):>8}{f(x.get('offset_ms_max')):>8}{f(x.get('offset_ms_p50_last5')):>8}"
+            f"{x.get('marks', 0):>7}"
             f"{f(x.get('video_latency_ms_p50')):>11}{f(x.get('audio_latency_ms_p50')):>11}"
         )
     added = ls["bridge_added_ms"]
     src = ls["source"]
     click.echo(
         f"  bridge-added offset (median after the bridge - median direct): room -> SIP {f(added['room_to_sip'])}, "
-        f"loop back into the room {f(added['loop'])} (SIP -> room alone {f(added['sip_to_room'])})"
+        f"loop back into the room {f(added['loop'])} (SIP -> room alone {f(added['sip_to_room'])}); "
+        f"over the last 5 marks: room -> SIP {f(ls['bridge_added_ms_last5']['room_to_sip'])}, "
+        f"loop {f(ls['bridge_added_ms_last5']['loop'])}"
     )
     click.echo(
         f"  source alignment (participant page, {src.get('marks', 0)} marks): audio write - video write "
         f"p50 {f(src.get('audio_minus_video_ms_p50'))} ms, max |{src.get('audio_minus_video_ms_max', '-')}| ms; "
-        "latency columns: from the mark's nominal instant"
+        "latency columns: p50 from the mark's nominal instant; last 5: median of the last 5 marks (the viewer's "
+        "A/V sync converges during the call)"
     )
 
 
