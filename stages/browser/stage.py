@@ -171,6 +171,11 @@ def pack_page_message(header: dict[str, Any], payload: Any) -> bytes:
 _STREAM_ID_UNSAFE = re.compile(r"[^A-Za-z0-9_.@+-]+")
 
 
+def _capture_ms(msg: VideoFrame | AudioFrame) -> float | None:
+    """The frame's capture time in ms since the epoch (the page's clock for injected timestamps), if known."""
+    return msg.header.capture_time_ns / 1e6 if msg.header.capture_time_ns else None
+
+
 def stream_name(participant: str) -> str:
     return _STREAM_ID_UNSAFE.sub("_", participant).strip("_")[:100] or "participant"
 
@@ -208,6 +213,7 @@ class BrowserStage(Stage):
         self._participant_tracks: collections.Counter[str] = collections.Counter()
         self._browser: Browser | None = None
         self._page_keyframe_requests = 0  # keyframe requests the page handed to a room sender's receiver
+        self._inject_audio_gaps: Any = None  # the page's last period: gaps between injected audio chunks (ms)
         # join_on_call: the SIP call the bot is in the room for ({call_id, peer, vars}), None between calls.
         self._call: dict[str, Any] | None = None
         self._call_changed = asyncio.Event()
@@ -230,6 +236,7 @@ class BrowserStage(Stage):
             "inject_latency_ms_p95": percentile(self._inject_latency_ms, 0.95),
             "chromium_pids": chromium_pids(os.getpid()),
             "page_keyframe_requests": self._page_keyframe_requests,
+            "inject_audio_gap_ms": self._inject_audio_gaps,
             "call": self._call,
         }
 
@@ -322,6 +329,8 @@ class BrowserStage(Stage):
             sent = body.get("kfreq")
             if isinstance(sent, int) and sent > 0:
                 self._page_keyframe_requests += sent
+        elif kind == "inject":
+            self._inject_audio_gaps = body.get("audio_gap_ms")
         elif kind == "ack":
             seq = body.get("seq")
             sent = conn.in_flight.pop(seq, None) if isinstance(seq, int) else None
@@ -457,13 +466,15 @@ class BrowserStage(Stage):
                 self.log.info("injecting %s as camera %d", msg.header.stream_id, slot)
             ts = int(msg.header.pts * msg.header.time_base * US_PER_S)
             self._inject_seq += 1
-            header = {"t": "v", "slot": slot, "w": msg.width, "h": msg.height, "ts": ts, "seq": self._inject_seq}
+            header = {"t": "v", "slot": slot, "w": msg.width, "h": msg.height, "ts": ts, "seq": self._inject_seq,
+                      "ct": _capture_ms(msg)}
             data = pack_page_message(header, msg.data)
             assert self._loop is not None
             self._loop.call_soon_threadsafe(self._inject, data, (self._inject_seq, received_ns))
         elif isinstance(msg, AudioFrame):
             ts = int(msg.header.pts * msg.header.time_base * US_PER_S)
-            header = {"t": "a", "sr": msg.sample_rate, "ch": msg.channels, "n": msg.samples, "ts": ts}
+            header = {"t": "a", "sr": msg.sample_rate, "ch": msg.channels, "n": msg.samples, "ts": ts,
+                      "ct": _capture_ms(msg)}
             data = pack_page_message(header, msg.data)
             assert self._loop is not None
             self._loop.call_soon_threadsafe(self._inject, data, None)

@@ -269,6 +269,20 @@
     };
   }
 
+  // Chromium takes an injected frame's timestamp as its capture time: audio and video must share one clock
+  // near "now", or the room's receivers misjudge their sync and buffer for it. The bridge's capture time (the
+  // SIP RTP receive, wall clock) is that clock, moved onto this page's performance.now() timeline.
+  const lastTimestamp = {};
+
+  function captureTimestamp(header, track) {
+    const ts = typeof header.ct === "number" ? Math.round((header.ct - performance.timeOrigin) * 1000)
+      : Math.round(performance.now() * 1000);
+    const prev = lastTimestamp[track];
+    const out = prev !== undefined && ts <= prev ? prev + 1 : ts; // never backwards within a track
+    lastTimestamp[track] = out;
+    return out;
+  }
+
   function onPythonMessage(data) {
     if (typeof data === "string") {
       const msg = JSON.parse(data);
@@ -280,16 +294,32 @@
     if (header.t === "v") {
       const slot = videoSlot(header.slot || 0);
       const frame = new VideoFrame(payload, { format: "I420", codedWidth: header.w, codedHeight: header.h,
-        timestamp: header.ts });
+        timestamp: captureTimestamp(header, "v" + (header.slot || 0)) });
       slot.writer.write(frame).then(() => {
         hook.injected.video++;
         sendJson({ t: "ack", seq: header.seq, slot: header.slot || 0 });
       }, () => drop("inject_video_error"));
     } else if (header.t === "a") {
+      const now = performance.now();
+      if (lastAudioAt !== null) audioGaps.push(now - lastAudioAt);
+      lastAudioAt = now;
       const audio = new AudioData({ format: "s16", sampleRate: header.sr, numberOfChannels: header.ch,
-        numberOfFrames: header.n, timestamp: header.ts, data: payload });
+        numberOfFrames: header.n, timestamp: captureTimestamp(header, "a"), data: payload });
       audioSlotGet().writer.write(audio).then(() => { hook.injected.audio++; }, () => drop("inject_audio_error"));
     }
+  }
+
+  // Gaps between injected audio chunks as they reach the page: a steady 20 ms here is what keeps the room's
+  // receivers from growing their jitter buffers for the bot's microphone.
+  let lastAudioAt = null;
+  let audioGaps = [];
+
+  function gapFigures() {
+    if (!audioGaps.length) return null;
+    const sorted = audioGaps.sort((a, b) => a - b);
+    const at = (q) => Math.round(sorted[Math.min(sorted.length - 1, Math.floor(q * sorted.length))] * 10) / 10;
+    audioGaps = [];
+    return { n: sorted.length, p50: at(0.5), p95: at(0.95), max: at(1) };
   }
 
   // Drop counts travel to Python as deltas, so the stage's figures include what the page lost.
@@ -303,6 +333,8 @@
     }
     reported = { ...hook.drops };
     if (any && wsReady()) sendJson({ t: "drops", drops: delta });
+    const gaps = gapFigures();
+    if (gaps && wsReady()) sendJson({ t: "inject", audio_gap_ms: gaps });
   }, cfg.statsIntervalMs);
 
   connect();
