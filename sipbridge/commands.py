@@ -160,6 +160,7 @@ BENCHMARKS = {
     "sip": "bench_sip.py",
     "browser": "bench_browser.py",
     "bridge": "bench_bridge.py",
+    "calls": "bench_calls.py",
 }
 
 
