@@ -36,6 +36,11 @@ from stages.options import build_options, run, stage_options
 from stages.pattern import i420_planes
 
 STALE_STREAM_S = 1.0
+# Compose: frame intervals are smoothed with this weight for the newest; the leading stream changes only
+# to one whose frames come at least this much closer together.
+FRAME_INTERVAL_SMOOTHING = 0.2
+LEADER_SWITCH_RATIO = 0.8
+LEADER_STALL_INTERVALS = 3.0
 MIX_CHUNK_S = 0.02
 # A mixer waits at most this long for a late stream before mixing it as silence.
 MIX_MAX_WAIT_S = 0.06
@@ -184,13 +189,23 @@ class _Slot:
     tile: np.ndarray | None = None
     last_seen: float = 0.0
     ended: bool = False
+    interval_s: float | None = None  # smoothed time between this stream's frames
+
+    def arrived(self, now: float) -> None:
+        if self.last_seen:
+            gap = now - self.last_seen
+            self.interval_s = gap if self.interval_s is None else (
+                (1 - FRAME_INTERVAL_SMOOTHING) * self.interval_s + FRAME_INTERVAL_SMOOTHING * gap)
+        self.last_seen = now
 
 
 class Compose(Identity):
     """N streams in, one grid out. Emits a composite on every frame of the leading stream.
 
-    The leader is the first active slot, so output runs at the rate of one real stream and never waits
-    for a late one; a slot with nothing recent shows black.
+    The leader is the active stream with the highest frame rate, so the grid moves as smoothly as its
+    smoothest camera (a slow one, a screen share at 5 fps, must not set the pace for everyone) and never
+    waits for a late one; it changes only when another stream is clearly faster, so that two cameras at
+    the same rate do not take turns. A slot with nothing recent shows black.
     """
 
     def __init__(
@@ -206,6 +221,7 @@ class Compose(Identity):
         self.output_id = output_id
         self.slots: dict[str, _Slot] = {}
         self.seq = 0
+        self.leader: str | None = None
 
     def _active(self, now: float) -> list[str]:
         return [
@@ -224,11 +240,32 @@ class Compose(Identity):
             self.order.append(sid)
         now = time.monotonic()
         slot = self.slots.setdefault(sid, _Slot())
-        slot.frame, slot.tile, slot.last_seen, slot.ended = msg, None, now, False
+        slot.arrived(now)
+        slot.frame, slot.tile, slot.ended = msg, None, False
         active = self._active(now)
-        if not active or active[0] != sid:
+        if not active or self._lead(active, now) != sid:
             return ()
         return (self._composite(active if self.active_layout else self.order, msg),)
+
+    def _lead(self, active: list[str], now: float) -> str:
+        def interval(sid: str) -> float:
+            value = self.slots[sid].interval_s
+            return value if value is not None else math.inf
+
+        def stalled(sid: str) -> bool:
+            # Several of its own frame intervals late: it stopped (left, froze). Do not wait a whole
+            # STALE_STREAM_S with the grid frozen, nor hand it the lead again.
+            return now - self.slots[sid].last_seen > LEADER_STALL_INTERVALS * interval(sid)
+
+        leader = self.leader
+        if leader is None or leader not in active:
+            leader = self.leader = min(active, key=interval)
+        others = [sid for sid in active if sid != leader and not stalled(sid)]
+        if others:
+            fastest = min(others, key=interval)
+            if stalled(leader) or interval(fastest) < LEADER_SWITCH_RATIO * interval(leader):
+                leader = self.leader = fastest
+        return leader
 
     def _composite(self, shown: list[str], leader: VideoFrame) -> VideoFrame:
         cols, rows = grid_for(len(shown)) if self.active_layout else self.fixed_grid
@@ -273,6 +310,7 @@ class Compose(Identity):
                 if (slot := self.slots.get(sid)) is not None
             },
             "composites": self.seq,
+            "compose_leader": self.leader,
         }
 
 

@@ -395,3 +395,40 @@ def test_active_speaker_follows_the_loudest_participant(tmp_path: Path) -> None:
     assert set(who[quarter : len(who) // 2]) == {"alice"}, who  # alice's turn, once her level settled
     assert set(who[-quarter:]) == {"bob"}, who  # the end of bob's turn
     assert who == sorted(who, key=("alice", "bob").index), who  # one switch, no flapping
+
+
+TICK_S = 0.05
+
+
+def test_compose_runs_at_its_fastest_camera_and_survives_it_leaving(tmp_path: Path) -> None:
+    """A grid led by its slowest camera would move at 5 fps: the fastest stream leads instead (b at 20 fps,
+    though listed second), and when b stops the grid goes on with the next fastest (c) without freezing."""
+    size = 64
+    rates = {"a": 4, "b": 1, "c": 2}  # a frame every N ticks of 50 ms: 5, 20 and 10 fps
+    b_stops_at, end = 60, 80  # ticks: 3 s with b, then 1 s without
+    with stage_procs(tmp_path) as procs:
+        feeder = Feeder(procs.endpoint("cams"))
+        out = Collector(procs.endpoint("grid"))
+        procs.start("transformer", "grid", "--in", procs.endpoint("cams"), "--video",
+                    f"compose:2x2:{2 * size}x{2 * size}:a,b,c", "--video-policy", "all")
+        sent = dict.fromkeys(rates, 0)
+        for tick in range(end):
+            for name, every in rates.items():
+                if tick % every or (name == "b" and tick >= b_stops_at):
+                    continue
+                header = MediaHeader(name, sent[name], tick * 4500, Fraction(1, 90000), 1)
+                feeder.send(VideoFrame(header, size, size, _expected(sent[name], 0, size, size).data))
+                sent[name] += 1
+            time.sleep(TICK_S)
+        feeder.send(protocol.EndOfStream(""))
+        composites = [m for m in out.until_end() if isinstance(m, VideoFrame)]
+        assert procs.wait_all() == {"grid": 0}
+        feeder.close()
+        out.close()
+    # A composite carries its leader's pts: while b runs, one per b frame (a would give 15 in all).
+    with_b = [c for c in composites if c.header.pts < b_stops_at * 4500]
+    assert len(with_b) >= 0.7 * sent["b"], (len(with_b), sent)
+    # Once b is a few of its intervals late, c leads: composites keep coming at c's rate.
+    after = [c for c in composites if c.header.pts >= (b_stops_at + 4) * 4500]
+    leaders_pts = [c.header.pts // 4500 for c in composites]
+    assert len(after) >= 0.6 * (end - b_stops_at - 4) / rates["c"], leaders_pts[-30:]
