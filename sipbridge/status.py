@@ -63,8 +63,37 @@ def _fmt(value: Any, digits: int = 1) -> str:
     return str(value)
 
 
+def call_summary(figures: dict[str, dict[str, Any]], now_ns: int | None = None) -> str | None:
+    """One line on the SIP call from the janus stage's figures (any stage reporting a ``call``), or None."""
+    now_ns = now_ns or time.time_ns()
+    for stage, fig in sorted(figures.items()):
+        call = fig.get("call")
+        registration = fig.get("registration")
+        if not isinstance(call, dict) or "state" not in call:
+            if isinstance(registration, dict) and registration.get("state"):
+                return f"no call ({stage}: SIP {registration['state']})"
+            continue
+        parts = [f"call {call.get('call_id', '?')}: {call['state']}"]
+        if call.get("peer"):
+            parts.append(f"{call.get('direction', '')} {call['peer']}".strip())
+        codecs = [c for c in (call.get("audio_codec"), call.get("video_codec")) if c]
+        if codecs:
+            parts.append("/".join(codecs))
+        if call.get("code"):
+            parts.append(f"SIP {call['code']} {call.get('reason', '')}".strip())
+        elif call.get("reason"):
+            parts.append(str(call["reason"]))
+        up_ns = call.get("media_up_ns") or call.get("accepted_ns")
+        if up_ns and not call.get("ended_ns"):
+            parts.append(f"up {(now_ns - int(up_ns)) / 1e9:.0f} s")
+        return ", ".join(parts)
+    return None
+
+
 def render(collector: StatusCollector, states: dict[str, dict[str, Any]]) -> Table:
-    table = Table(title=f"sipbridge pipeline in {collector.run_dir}", expand=False)
+    call = call_summary(collector.figures)
+    table = Table(title=f"sipbridge pipeline in {collector.run_dir}", expand=False,
+                  caption=call or "no SIP stage reporting")
     for column in (
         "stage",
         "state",
@@ -94,6 +123,8 @@ def render(collector: StatusCollector, states: dict[str, dict[str, Any]]) -> Tab
         if beat and now - beat > HEARTBEAT_STALE_S:
             age = f"[red]{age}[/red]"
         state = states.get(stage, {}).get("statename", "?")
+        if isinstance(figures.get("state"), str):
+            state = f"{state} · {figures['state']}"  # the stage's own, e.g. the bot: joined, waiting_for_call
         table.add_row(
             stage,
             state,
@@ -112,6 +143,7 @@ def render(collector: StatusCollector, states: dict[str, dict[str, Any]]) -> Tab
 
 def snapshot(collector: StatusCollector, states: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return {
+        "call": call_summary(collector.figures),
         "stages": {
             stage: {"state": states.get(stage, {}).get("statename"), "figures": collector.figures.get(stage)}
             for stage in sorted(set(collector.figures) | set(states))

@@ -4,6 +4,7 @@ joins it only for the call and leaves when the caller hangs up. Real Janus, Chro
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from dataclasses import dataclass
@@ -11,7 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 
+from sipbridge.cli import cli
 from sipbridge.demo import BOT_NAME, SIP_PEER_MEDIA_PORT, SIP_PEER_PORT, SIPP_DIR, CallOptions, LocalCall
 from sipbridge.janus_server import DEFAULT_RTP_PORT_RANGE
 from sipbridge.status import StatusCollector
@@ -91,6 +94,11 @@ def test_inbound_call_joins_the_routed_room_for_the_call_only(tmp_path: Path) ->
                 in_call = wait_figures(collector, "browser", lambda f: f["state"] == "joined", "the bot joining")
                 assert in_call["call"]["peer"].startswith(f"sip:{CALLER}@")
                 assert in_call["call"]["vars"] == {"room": str(ROUTED_ROOM)}
+                # `sipbridge status` tells the call's state, the caller and the codecs.
+                status = CliRunner().invoke(cli, ["status", "--json", "--run-dir", str(call.run_dir)])
+                assert status.exit_code == 0, status.output
+                summary = json.loads(status.output)["call"]
+                assert "media_up" in summary and f"sip:{CALLER}@" in summary and "PCMU/H264" in summary, summary
                 # alice is in the routed room: she sees her own picture come back from the caller's echo.
                 deadline = time.monotonic() + MEDIA_TIMEOUT_S
                 while time.monotonic() < deadline and len(set(counters(call, "alice", BOT_NAME))) < MIN_FRAMES:

@@ -189,3 +189,26 @@ def test_status_shows_live_figures_and_sigterm_stops_everything_cleanly(tmp_path
     report = json.loads((run_dir / "report.json").read_text())
     video = report["video"]["video0"]
     assert video["frames"] > 30 and video["out_of_order"] == 0
+
+
+def test_status_table_tells_the_call_and_each_stage_state(tmp_path: Path) -> None:
+    from rich.console import Console
+
+    from sipbridge.status import StatusCollector, call_summary, render
+
+    figures = {
+        "janus": {"streams": {}, "registration": {"state": "registered"},
+                  "call": {"call_id": "c1", "state": "media_up", "direction": "outbound", "peer": "sip:echo@h",
+                           "audio_codec": "PCMU", "video_codec": "H264", "media_up_ns": 1_000_000_000}},
+        "browser": {"streams": {}, "state": "joined"},
+    }
+    assert call_summary(figures, now_ns=43_000_000_000) == (
+        "call c1: media_up, outbound sip:echo@h, PCMU/H264, up 42 s")
+    assert call_summary({"janus": {"registration": {"state": "registered"}}}) == "no call (janus: SIP registered)"
+    collector = StatusCollector(tmp_path)
+    collector.figures = figures
+    console = Console(width=200, record=True)
+    console.print(render(collector, {"browser": {"statename": "RUNNING"}, "janus": {"statename": "RUNNING"}}))
+    text = console.export_text()
+    assert "RUNNING · joined" in text and "call c1: media_up" in text
+    collector.close()
