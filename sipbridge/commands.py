@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -43,6 +44,10 @@ def _progress_line(collector: Any, states: dict[str, dict[str, Any]]) -> str:
     return " | ".join(parts)
 
 
+def _interrupt(signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def run_pipeline(config: Path, run_dir: Path, forever: bool, quiet: bool = False) -> dict[str, Any]:
     """Start a pipeline under supervisord, print progress, stop it when done; return the final states."""
     from sipbridge.status import StatusCollector
@@ -80,6 +85,9 @@ def run_pipeline(config: Path, run_dir: Path, forever: bool, quiet: bool = False
     collector = StatusCollector(run_dir)
     click.echo(f"pipeline up: {conf_path} (logs in {run_dir}/logs; `sipbridge status --run-dir {run_dir}`)")
     final: dict[str, Any] = {}
+    # SIGTERM (systemd, docker stop, kill) takes the same way out as Ctrl-C: hang up, flush, stop supervisord.
+    # Left at its default it would end this process at once and orphan supervisord with every stage.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         while True:
             collector.poll(PROGRESS_INTERVAL_S)
@@ -93,9 +101,11 @@ def run_pipeline(config: Path, run_dir: Path, forever: bool, quiet: bool = False
     except KeyboardInterrupt:
         click.echo("stopping: stages flush and send end of stream")
     finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the clean stop short
         final = supervisor.states() or final
         supervisor.stop()
         collector.close()
+        signal.signal(signal.SIGTERM, previous)
     for name, info in sorted(final.items()):
         click.echo(f"  {name}: {info['statename']} (exit {info.get('exitstatus')})")
     return final

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -212,3 +213,33 @@ def test_status_table_tells_the_call_and_each_stage_state(tmp_path: Path) -> Non
     text = console.export_text()
     assert "RUNNING · joined" in text and "call c1: media_up" in text
     collector.close()
+
+
+def test_sigterm_to_up_stops_every_stage_and_supervisord(tmp_path: Path) -> None:
+    """`sipbridge up` under systemd or docker gets SIGTERM, not Ctrl-C: it must still stop what it started."""
+    run_dir = _run_dir(tmp_path)
+    pipeline = tmp_path / "p.toml"
+    pipeline.write_text(
+        '[[stage]]\nname = "source"\nkind = "source"\nargs = ["--frames", "0", "--width", "160", "--height", "120"]\n'
+        '[[stage]]\nname = "sink"\nkind = "sink"\ninputs = ["source"]\n'
+    )
+    up = subprocess.Popen([sys.executable, "-m", "sipbridge", "up", str(pipeline), "--run-dir", str(run_dir),
+                           "--forever"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        pids: set[int] = set()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and len(pids) < 2:
+            time.sleep(0.5)
+            result = CliRunner().invoke(cli, ["status", "--json", "--run-dir", str(run_dir)])
+            if result.exit_code == 0:
+                stages = json.loads(result.output)["stages"]
+                pids = {s["figures"]["pid"] for s in stages.values() if s.get("figures")}
+        assert len(pids) == 2, "the pipeline never came up"
+        supervisord = int((run_dir / "supervisord.pid").read_text())
+        up.send_signal(signal.SIGTERM)
+        assert up.wait(30) == 0, up.stdout.read().decode() if up.stdout else ""
+    finally:
+        if up.poll() is None:
+            up.kill()
+    for pid in (*pids, supervisord):
+        assert not os.path.exists(f"/proc/{pid}") or "zombie" in Path(f"/proc/{pid}/status").read_text(), pid
