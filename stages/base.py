@@ -276,14 +276,18 @@ class Stage:
     async def _send_waiting(self, parts: list[Any], copy: bool, timeout_ms: int) -> bool:
         """Send now if there is room (the common case, no poller); else wait up to ``timeout_ms`` for room."""
         assert self._out is not None
-        for attempt in range(2):
-            try:
-                await self._out.send_multipart(parts, flags=zmq.NOBLOCK, copy=copy)
-                return True
-            except zmq.Again:
-                if attempt or not await self._writable_within(timeout_ms):
-                    return False
-        return False
+        try:
+            await self._out.send_multipart(parts, flags=zmq.NOBLOCK, copy=copy)
+            return True
+        except zmq.Again:
+            pass
+        if not await self._writable_within(timeout_ms):
+            return False
+        try:
+            await self._out.send_multipart(parts, flags=zmq.NOBLOCK, copy=copy)
+            return True
+        except zmq.Again:
+            return False
 
     async def _writable_within(self, timeout_ms: int) -> bool:
         assert self._out is not None

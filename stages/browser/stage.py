@@ -464,17 +464,14 @@ class BrowserStage(Stage):
                 slot = len(self._inject_slots)
                 self._inject_slots[msg.header.stream_id] = slot
                 self.log.info("injecting %s as camera %d", msg.header.stream_id, slot)
-            ts = int(msg.header.pts * msg.header.time_base * US_PER_S)
             self._inject_seq += 1
-            header = {"t": "v", "slot": slot, "w": msg.width, "h": msg.height, "ts": ts, "seq": self._inject_seq,
+            header = {"t": "v", "slot": slot, "w": msg.width, "h": msg.height, "seq": self._inject_seq,
                       "ct": _capture_ms(msg)}
             data = pack_page_message(header, msg.data)
             assert self._loop is not None
             self._loop.call_soon_threadsafe(self._inject, data, (self._inject_seq, received_ns))
         elif isinstance(msg, AudioFrame):
-            ts = int(msg.header.pts * msg.header.time_base * US_PER_S)
-            header = {"t": "a", "sr": msg.sample_rate, "ch": msg.channels, "n": msg.samples, "ts": ts,
-                      "ct": _capture_ms(msg)}
+            header = {"t": "a", "sr": msg.sample_rate, "ch": msg.channels, "n": msg.samples, "ct": _capture_ms(msg)}
             data = pack_page_message(header, msg.data)
             assert self._loop is not None
             self._loop.call_soon_threadsafe(self._inject, data, None)
