@@ -119,12 +119,14 @@ participants = {json.dumps(self.layout_ids)}
 """
 
 
-def _udp_ports() -> set[int]:
+def udp_ports() -> set[int]:
+    """UDP ports bound in the caller's network namespace."""
     out = subprocess.run(["ss", "-lunH"], capture_output=True, text=True, check=True).stdout
     return {int(line.split()[3].rsplit(":", 1)[1]) for line in out.splitlines() if line.strip()}
 
 
-def _wait(predicate: Any, timeout_s: float, what: str, poll_s: float = 0.1) -> Any:
+def wait_until(predicate: Any, timeout_s: float, what: str, poll_s: float = 0.1) -> Any:
+    """Poll ``predicate`` until it returns something truthy (returned); TimeoutError naming ``what``."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         value = predicate()
@@ -245,7 +247,7 @@ class LocalCall:
         self._spawn(
             "room-server", [*SIPBRIDGE, "room", "serve", "--port", str(ROOM_HTTP_PORT), "--janus", self.janus.ws_url]
         )
-        _wait(self._room_healthy, START_TIMEOUT_S, "room server")
+        wait_until(self._room_healthy, START_TIMEOUT_S, "room server")
         self._start_sip_peer()
         self._start_capture()
         opts = self.options
@@ -278,7 +280,7 @@ class LocalCall:
             done = {r.get("participant") for r in lines.matching(event="joined")}
             return set(names) <= done or proc.poll() is not None
 
-        _wait(joined, START_TIMEOUT_S * 2, f"{', '.join(names)} joining")
+        wait_until(joined, START_TIMEOUT_S * 2, f"{', '.join(names)} joining")
         if proc.poll() is not None:
             raise RuntimeError(f"{name} exited; see {self.run_dir}/logs/{name}.log")
 
@@ -313,7 +315,7 @@ class LocalCall:
             "-trace_err",
         ]
         proc = self._spawn("sipp", argv, cwd=sipp_dir)
-        _wait(lambda: SIP_PEER_PORT in _udp_ports() or proc.poll() is not None, START_TIMEOUT_S, "sipp to listen")
+        wait_until(lambda: SIP_PEER_PORT in udp_ports() or proc.poll() is not None, START_TIMEOUT_S, "sipp to listen")
         if proc.poll() is not None:
             raise RuntimeError(f"sipp exited at start; see {self.run_dir}/logs/sipp.log")
 
@@ -321,7 +323,7 @@ class LocalCall:
         ports = f"udp port {SIP_PEER_PORT} or udp portrange {SIP_PEER_MEDIA_PORT}-{SIP_PEER_MEDIA_PORT + 3}"
         proc = self._spawn("tshark", ["tshark", "-q", "-i", "lo", "-f", ports, "-w", str(self.pcap)])
         log_path = self.run_dir / "logs" / "tshark.log"
-        _wait(
+        wait_until(
             lambda: b"Capturing on" in log_path.read_bytes() or proc.poll() is not None,
             START_TIMEOUT_S,
             "tshark to capture",

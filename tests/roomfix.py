@@ -29,6 +29,7 @@ import pytest
 import zmq
 
 import protocol
+from sipbridge.demo import wait_until
 from sipbridge.janus_server import JanusServer
 from stages.pattern import dominant_frequency, i420_planes, read_counter
 
@@ -53,16 +54,6 @@ def stop_process(proc: subprocess.Popen[Any], timeout_s: float = PROCESS_STOP_TI
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)  # stragglers of the group
     return proc.returncode
-
-
-def wait_until(predicate: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval_s)
-    raise TimeoutError(f"{what}: not within {timeout_s} s")
 
 
 class JsonLines:

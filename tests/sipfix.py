@@ -69,6 +69,7 @@ import zmq.asyncio
 import protocol
 from protocol import Codec, EncodedPacket, EndOfStream, Event, EventType, KeyframeRequest, MediaHeader
 from sipbridge import netns as netns_mod
+from sipbridge.demo import udp_ports
 from sipbridge.janus_server import JanusConfig, JanusServer
 from stages.base import control_endpoint
 
@@ -121,12 +122,6 @@ def wait_for(predicate: Callable[[], object], timeout_s: float, poll_s: float = 
             return
         time.sleep(poll_s)
     raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-
-
-def udp_ports() -> set[int]:
-    """UDP ports bound in the caller's namespace."""
-    out = subprocess.run(["ss", "-lunH"], capture_output=True, text=True, check=True).stdout
-    return {int(line.split()[3].rsplit(":", 1)[1]) for line in out.splitlines() if line.strip()}
 
 
 def sipp_scenario(name: str) -> Path:
