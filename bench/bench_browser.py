@@ -35,6 +35,7 @@ import numpy as np
 import zmq
 
 import protocol
+from sipbridge.demo import SIPBRIDGE
 from sipbridge.janus_server import JanusConfig, JanusServer
 from sipbridge.netns import NetNs
 from stages.browser.procs import chromium_pids, command_name, cpu_seconds, descendants, pss_kb, tree_usage
@@ -213,7 +214,7 @@ def viewer_fps(lines: collections.deque[dict[str, Any]], t0: float, t1: float) -
 def run_scenario(index: int, scenario: dict[str, Any], room_url: str, work: Path) -> dict[str, Any]:
     room_id = 5000 + index
     width, height = scenario["size"]
-    participants = spawn(["sipbridge", "room", "participant", "--room-url", room_url, "--room", str(room_id),
+    participants = spawn([*SIPBRIDGE, "room", "participant", "--room-url", room_url, "--room", str(room_id),
                           "--name", "alice", "--tone", "440", "--viewer", "viewer", "--probe",
                           "--size", f"{width}x{height}", "--fps", str(FPS)], stdout=subprocess.PIPE)
     viewer_lines: collections.deque[dict[str, Any]] = collections.deque(maxlen=10000)
@@ -234,7 +235,7 @@ def run_scenario(index: int, scenario: dict[str, Any], room_url: str, work: Path
     capture = Capture(out, "alice/video")
     stats = StatsListener(stats_ep)
     injector = Injector(inject_ep) if scenario["inject"] else None
-    argv = ["sipbridge", "stage", "browser", "--name", "bench-browser", "--out", out, "--stats", stats_ep,
+    argv = [*SIPBRIDGE, "stage", "browser", "--name", "bench-browser", "--out", out, "--stats", stats_ep,
             "--mode", scenario["mode"], "--display-name", "bot", "--var", f"room_url={room_url}",
             "--var", f"room={room_id}"]
     if injector:
@@ -316,7 +317,7 @@ def main() -> int:
             work = Path(tmp)
             janus = JanusServer(JanusConfig(), work_dir=work / "janus")
             janus.start()
-            room = spawn(["sipbridge", "room", "serve", "--port", str(ROOM_HTTP_PORT), "--janus", janus.ws_url])
+            room = spawn([*SIPBRIDGE, "room", "serve", "--port", str(ROOM_HTTP_PORT), "--janus", janus.ws_url])
             room_url = f"http://127.0.0.1:{ROOM_HTTP_PORT}/"
             try:
                 wait_until(lambda: _healthy(room_url + "healthz"), 10, "room server")

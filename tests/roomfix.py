@@ -32,6 +32,7 @@ import protocol
 from sipbridge.demo import wait_until
 from sipbridge.janus_server import JanusServer
 from stages.pattern import dominant_frequency, i420_planes, read_counter
+from tests.stagehelp import SIPBRIDGE
 
 ROOM_HTTP_PORT = 8480
 START_TIMEOUT_S = 10.0
@@ -98,7 +99,7 @@ class Room:
 
     def participants(self, room: int, names_tones: list[tuple[str, float]], *, probe: bool = False,
                      codec: str = "h264") -> tuple[subprocess.Popen[bytes], JsonLines]:
-        argv = ["sipbridge", "room", "participant", "--room-url", self.url, "--room", str(room), "--codec", codec,
+        argv = [*SIPBRIDGE, "room", "participant", "--room-url", self.url, "--room", str(room), "--codec", codec,
                 "--size", PARTICIPANT_SIZE, "--fps", str(PARTICIPANT_FPS)]
         for name, tone in names_tones:
             argv += ["--name", name, "--tone", str(tone)]
@@ -109,7 +110,7 @@ class Room:
 
     def bot(self, room: int, out: str, *, mode: str = "raw", inputs: tuple[str, ...] = (), codec: str = "h264",
             extra: tuple[str, ...] = ()) -> subprocess.Popen[bytes]:
-        argv = ["sipbridge", "stage", "browser", "--name", f"browser-{mode}", "--out", out, "--mode", mode,
+        argv = [*SIPBRIDGE, "stage", "browser", "--name", f"browser-{mode}", "--out", out, "--mode", mode,
                 "--display-name", "bot", "--var", f"room_url={self.url}", "--var", f"room={room}",
                 "--var", f"codec={codec}", "--stats", f"ipc://{self.run_dir}/browser.stats", *extra]
         for endpoint in inputs:
@@ -126,7 +127,7 @@ class Room:
 def room_fixture(janus: JanusServer, tmp_path: Path) -> Iterator[Room]:
     """The local room server (and Janus) in the test's namespace."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    server = subprocess.Popen(["sipbridge", "room", "serve", "--port", str(ROOM_HTTP_PORT), "--janus", janus.ws_url],
+    server = subprocess.Popen([*SIPBRIDGE, "room", "serve", "--port", str(ROOM_HTTP_PORT), "--janus", janus.ws_url],
                               env=env, start_new_session=True)
     room = Room(janus, ROOM_HTTP_PORT, server, tmp_path)
     try:

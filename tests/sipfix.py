@@ -72,6 +72,7 @@ from sipbridge import netns as netns_mod
 from sipbridge.demo import udp_ports
 from sipbridge.janus_server import JanusConfig, JanusServer
 from stages.base import control_endpoint
+from tests.stagehelp import SIPBRIDGE
 
 SIPP_DIR = Path(__file__).resolve().parent / "sipp"
 SIPP_STOP_TIMEOUT_S = 5.0
@@ -534,7 +535,7 @@ class StageProcess:
         self.control = f"ipc://{work_dir}/{name}.control"
         self.stats = f"ipc://{work_dir}/{name}.stats"
         self.log_path = work_dir / f"{name}.log"
-        self.argv = [shutil.which("sipbridge") or "sipbridge", "stage", "janus", "--name", name, "--in", feed,
+        self.argv = [*SIPBRIDGE, "stage", "janus", "--name", name, "--in", feed,
                      "--out", self.output, "--stats", self.stats, "--control", self.control,
                      "--janus-url", janus_url, *LOSSLESS_OUTPUT, *args]
         self.proc: subprocess.Popen[bytes] | None = None

@@ -18,6 +18,9 @@ import zmq
 import protocol
 
 STAGE_EXIT_TIMEOUT_S = 30.0
+# The project under test, from the interpreter running the tests: never a `sipbridge` looked up on PATH,
+# which on a fresh machine is missing (or, worse, an older install).
+SIPBRIDGE = [sys.executable, "-m", "sipbridge"]
 
 
 class StageProcs:
@@ -33,7 +36,7 @@ class StageProcs:
     def start(self, kind: str, name: str, *args: str) -> subprocess.Popen[bytes]:
         log = open(self.run_dir / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
         env = {**os.environ, "SIPBRIDGE_RUN_DIR": str(self.run_dir)}
-        cmd = [sys.executable, "-m", "sipbridge", "stage", kind, "--name", name, *args]
+        cmd = [*SIPBRIDGE, "stage", kind, "--name", name, *args]
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         self.procs[name] = proc
         return proc

@@ -15,7 +15,7 @@ from protocol import EventType
 from stages.base import control_endpoint
 from tests.roomfix import Collector, Room, in_order, room_fixture, wait_until  # noqa: F401  (pytest fixture)
 from tests.sipfix import janus_fixture, netns_fixture  # noqa: F401  (pytest fixtures)
-from tests.stagehelp import StatsWatcher
+from tests.stagehelp import SIPBRIDGE, StatsWatcher
 
 pytestmark = [pytest.mark.media, pytest.mark.timeout(90)]
 
@@ -96,7 +96,7 @@ def test_encoded_capture_through_the_decoder_stage(room: Room, tmp_path: Path) -
     collector = Collector(decoded)
     try:
         room.bot(ROOM_ID + 2, bot_out, mode="encoded")
-        room.spawn(["sipbridge", "stage", "decoder", "--in", bot_out, "--out", decoded,
+        room.spawn([*SIPBRIDGE, "stage", "decoder", "--in", bot_out, "--out", decoded,
                     "--stats", f"ipc://{tmp_path}/decoder.stats"], stdout=None)
         try:
             wait_until(lambda: all(len(collector.counters(f"{n}/video")) >= MIN_FRAMES and
@@ -131,7 +131,7 @@ def test_decoded_video_recovers_after_frames_are_lost(room: Room, tmp_path: Path
     decoder_stats = StatsWatcher(f"ipc://{tmp_path}/decoder.stats")
     try:
         room.bot(ROOM_ID + 3, bot_out, mode="encoded")
-        decoder = room.spawn(["sipbridge", "stage", "decoder", "--in", bot_out, "--out", decoded,
+        decoder = room.spawn([*SIPBRIDGE, "stage", "decoder", "--in", bot_out, "--out", decoded,
                               "--stats", f"ipc://{tmp_path}/decoder.stats"], stdout=None)
         wait_until(lambda: len(collector.counters("alice/video")) >= MIN_FRAMES, MEDIA_TIMEOUT_S, "alice's video")
         for _ in range(STALLS):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import subprocess
 import time
@@ -14,6 +13,7 @@ import pytest
 from sipbridge import netns as netns_mod
 from sipbridge.janus_server import JanusServer, fetch_info
 from tests.sipfix import janus_fixture, netns_fixture  # noqa: F401  (pytest fixtures)
+from tests.stagehelp import SIPBRIDGE
 
 pytestmark = [pytest.mark.media, pytest.mark.timeout(60)]
 
@@ -63,7 +63,7 @@ def test_two_janus_instances_in_two_namespaces(tmp_path) -> None:
 
 def test_janus_server_command_in_foreground(netns: netns_mod.NetNs, tmp_path) -> None:
     """What supervisord runs: `sipbridge janus-server` stays in the foreground and stops on SIGTERM."""
-    argv = [shutil.which("sipbridge") or "sipbridge", "janus-server", "--work-dir", str(tmp_path / "j"),
+    argv = [*SIPBRIDGE, "janus-server", "--work-dir", str(tmp_path / "j"),
             "--http-port", "8089", "--ws-port", "8189", "--log-file", str(tmp_path / "janus.log")]
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ from tests.sipfix import (
     janus_fixture,  # noqa: F401  (pytest fixture)
     netns_fixture,  # noqa: F401  (pytest fixture)
 )
+from tests.stagehelp import SIPBRIDGE
 
 pytestmark = [pytest.mark.media]
 
@@ -36,7 +36,7 @@ LOSSLESS = ("--video-policy", "all")
 def _start(run_dir: Path, kind: str, name: str, *args: str) -> subprocess.Popen[bytes]:
     log = open(run_dir / f"{name}.log", "wb")  # noqa: SIM115 - lives as long as the process
     env = {**os.environ, "SIPBRIDGE_RUN_DIR": str(run_dir)}
-    return subprocess.Popen([shutil.which("sipbridge") or "sipbridge", "stage", kind, "--name", name, *args],
+    return subprocess.Popen([*SIPBRIDGE, "stage", kind, "--name", name, *args],
                             stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
