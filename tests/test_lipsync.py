@@ -9,6 +9,7 @@ and a video onset; the offsets themselves are timing and belong to bench/bench_b
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ import pytest
 from sipbridge.demo import (
     BOT_NAME,
     MARK_HZ,
+    SYNC_PERIOD_MS,
     CallOptions,
     LocalCall,
     audio_mark_onsets,
@@ -31,6 +33,8 @@ from tests.test_bridge_e2e import need_media_tools
 
 MIN_MARKS = 3
 MARKS_TIMEOUT_S = 40.0
+# How far from the mark grid an onset may land: the jitter of a loaded 2-core machine, well below half a period.
+ONSET_JITTER_MS = 600.0
 BURST_S = 0.1
 
 
@@ -87,6 +91,7 @@ def test_sync_marks_found_at_the_sip_peer_and_in_the_room(tmp_path: Path) -> Non
         viewer=True,
         sync_marks=True,
     )
+    call_start_ms = time.time() * 1000.0
     with LocalCall(tmp_path / "run", options) as call:
         assert call.participants is not None
         observer = call.sync_observer
@@ -99,6 +104,7 @@ def test_sync_marks_found_at_the_sip_peer_and_in_the_room(tmp_path: Path) -> Non
         call.stop_bridge()  # hang up: the capture then holds the whole call
         time.sleep(0.3)
         report = lipsync_report(call)
+    call_end_ms = time.time() * 1000.0
     summary = {k: {kk: vv for kk, vv in v.items() if kk != "pairs"} if isinstance(v, dict) else v
                for k, v in report.items()}  # fmt: skip
     print(json.dumps(summary, indent=1))
@@ -108,5 +114,15 @@ def test_sync_marks_found_at_the_sip_peer_and_in_the_room(tmp_path: Path) -> Non
     # that have both, less than half a period apart).
     for where in ("sip", "room_direct", "room_via_bridge"):
         assert report[where]["marks"] >= MIN_MARKS, (where, summary)
-        for pair in report[where]["pairs"]:
-            assert pair["video_ms"] > 0 and pair["audio_ms"] > 0, (where, pair)
+        pairs = report[where]["pairs"]
+        # Onsets are wall-clock times seen during this call, not leftovers or garbage from the parser...
+        for pair in pairs:
+            for key in ("video_ms", "audio_ms"):
+                assert call_start_ms < pair[key] < call_end_ms, (where, key, pair)
+        # ...and the marks found are the participant's, sent every SYNC_PERIOD_MS: consecutive video onsets lie
+        # a whole number of periods apart (up to the latency jitter of a loaded machine).
+        onsets = sorted(p["video_ms"] for p in pairs)
+        for a, b in itertools.pairwise(onsets):
+            periods = (b - a) / SYNC_PERIOD_MS
+            assert round(periods) >= 1 and abs(periods - round(periods)) < ONSET_JITTER_MS / SYNC_PERIOD_MS, (
+                where, onsets)
