@@ -175,9 +175,24 @@ BENCHMARKS = {
 
 
 @cli.command()
-@click.argument("names", nargs=-1, type=click.Choice(sorted(BENCHMARKS)))
-def bench(names: tuple[str, ...]) -> None:
-    """Run the benchmarks in bench/ (all by default); each prints a table and writes bench/results/*.json."""
+@click.argument("names", nargs=-1, metavar=f"[{'|'.join(sorted(BENCHMARKS))}]...")
+@click.option("--runs", type=click.IntRange(1, 20), default=1, show_default=True,
+              help="Run each benchmark this many times; the JSON keeps every run and the min-max of each figure.")
+@click.option("--bench-args", default="", help="Arguments passed to each benchmark script (e.g. '--seconds 10').")
+def bench(names: tuple[str, ...], runs: int, bench_args: str) -> None:
+    """Run the benchmarks in bench/ (all by default); each prints a table and writes bench/results/*.json.
+
+    Each run's JSON records the commit, the machine, the load average before and after, and every program's
+    CPU and peak PSS while it ran. A figure belongs in the README only as the min-max of at least 3 runs.
+    """
+    import shlex
+
+    from sipbridge.benchrun import ProcessAccountant, provenance, summarise
+
+    unknown = [n for n in names if n not in BENCHMARKS]
+    if unknown:
+        raise click.BadParameter(f"{', '.join(unknown)}: not one of {', '.join(sorted(BENCHMARKS))}",
+                                 param_hint="NAMES")
     bench_dir = PROJECT_DIR / "bench"
     if not bench_dir.is_dir():
         raise click.ClickException(f"benchmarks live in the project checkout; {bench_dir} not found")
@@ -187,17 +202,51 @@ def bench(names: tuple[str, ...]) -> None:
         if not script.exists():
             click.echo(f"== {name}: {script.name} not found, skipped")
             continue
-        click.echo(f"== {name}")
-        started = time.monotonic()
-        # Benchmarks import the project (tests.*, stages.*) from the checkout they live in.
-        env = {
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_DIR), os.environ.get("PYTHONPATH")])),
-        }
-        code = subprocess.call([sys.executable, str(script)], cwd=PROJECT_DIR, env=env)
-        click.echo(f"== {name}: exit {code} after {time.monotonic() - started:.0f} s")
-        if code:
-            failed.append(name)
+        result_path = bench_dir / "results" / f"{name}.json"
+        records: list[dict[str, Any]] = []
+        for index in range(runs):
+            click.echo(f"== {name}" + (f" (run {index + 1} of {runs})" if runs > 1 else ""))
+            result_path.unlink(missing_ok=True)  # a failed run must not pass off the previous run's figures
+            started = time.monotonic()
+            # Benchmarks import the project (tests.*, stages.*) from the checkout they live in.
+            env = {
+                **os.environ,
+                "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_DIR), os.environ.get("PYTHONPATH")])),
+            }
+            load_before = os.getloadavg()
+            accountant = ProcessAccountant()
+            accountant.start()
+            code = subprocess.call([sys.executable, str(script), *shlex.split(bench_args)], cwd=PROJECT_DIR, env=env)
+            programs = accountant.stop()
+            wall_s = time.monotonic() - started
+            click.echo(f"== {name}: exit {code} after {wall_s:.0f} s; load average "
+                       f"{load_before[0]:.1f} -> {os.getloadavg()[0]:.1f}")
+            top = ", ".join(f"{label} {fig['cpu_s'] / wall_s:.2f}" for label, fig in list(programs.items())[:8])
+            click.echo(f"   cores by program over the run: {top}")
+            if code:
+                failed.append(name)
+                break
+            try:
+                result = json.loads(result_path.read_text())
+            except (OSError, ValueError) as exc:
+                failed.append(name)
+                click.echo(f"== {name}: no readable result in {result_path}: {exc}")
+                break
+            records.append({"result": result, "wall_s": round(wall_s, 1),
+                            "load_avg_before": [round(x, 2) for x in load_before],
+                            "load_avg_after": [round(x, 2) for x in os.getloadavg()],
+                            "programs": programs})
+        if records:
+            result_path.parent.mkdir(parents=True, exist_ok=True)
+            result_path.write_text(json.dumps({
+                "benchmark": name, "provenance": provenance(PROJECT_DIR), "bench_args": bench_args,
+                "runs": records,
+                "summary": summarise([r["result"] for r in records]),
+                "programs_summary": summarise([r["programs"] for r in records]),
+                "load_summary": summarise([{"before": r["load_avg_before"], "after": r["load_avg_after"]}
+                                           for r in records]),
+            }, indent=2) + "\n")
+            click.echo(f"== {name}: {len(records)} run(s) written to {result_path}")
     if failed:
         raise click.ClickException(f"benchmark(s) failed: {', '.join(failed)}")
 
