@@ -21,7 +21,7 @@ import importlib
 import importlib.metadata
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, Protocol
@@ -51,6 +51,10 @@ SPEAKER_MIN_DBFS = -50.0
 SPEAKER_MARGIN_DB = 6.0
 SPEAKER_HOLD_S = 0.6
 SPEAKER_SMOOTHING = 0.9
+
+
+# What compose, speaker and mix read the time from: time.monotonic in a stage, a driven clock in tests.
+Clock = Callable[[], float]
 
 
 class Transform(Protocol):
@@ -209,10 +213,19 @@ class Compose(Identity):
     """
 
     def __init__(
-        self, cols: int, rows: int, width: int, height: int, stream_ids: list[str] | None, active: bool, output_id: str
+        self,
+        cols: int,
+        rows: int,
+        width: int,
+        height: int,
+        stream_ids: list[str] | None,
+        active: bool,
+        output_id: str,
+        clock: Clock = time.monotonic,
     ) -> None:
         if width % 2 or height % 2:
             raise TransformSpecError("compose needs even output dimensions")
+        self.clock = clock
         self.fixed_grid = (cols, rows)
         self.size = (width, height)
         self.order = list(stream_ids or [])
@@ -238,7 +251,7 @@ class Compose(Identity):
             if self.fixed_order:
                 return (msg,)  # not one of ours: pass through untouched
             self.order.append(sid)
-        now = time.monotonic()
+        now = self.clock()
         slot = self.slots.setdefault(sid, _Slot())
         slot.arrived(now)
         slot.frame, slot.tile, slot.ended = msg, None, False
@@ -273,7 +286,7 @@ class Compose(Identity):
         tile_w, tile_h = even(width // cols), even(height // rows)
         canvas = make_i420(width, height)
         cy, cu, cv = i420_planes(canvas, width, height)
-        now = time.monotonic()
+        now = self.clock()
         oldest_capture = leader.header.capture_time_ns
         for index, sid in enumerate(shown[: cols * rows]):
             slot = self.slots.get(sid)
@@ -301,12 +314,12 @@ class Compose(Identity):
 
     def figures(self) -> dict[str, Any]:
         """Each slot's stream, age of its newest frame and state: shows why a tile is black."""
-        now = time.monotonic()
+        now = self.clock()
         return {
             "compose_slots": {
                 sid: {"age_s": round(now - slot.last_seen, 3) if slot.frame else None, "ended": slot.ended,
                       "size": [slot.frame.width, slot.frame.height] if slot.frame else None}
-                for sid in self.order
+                for sid in list(self.order)  # a copy: statistics run on the event loop, process on the codec thread
                 if (slot := self.slots.get(sid)) is not None
             },
             "composites": self.seq,
@@ -328,9 +341,10 @@ class Speaker(Identity):
     Video of everyone else is consumed. Until anyone speaks, the first participant with video is shown.
     """
 
-    def __init__(self, width: int, height: int, output_id: str) -> None:
+    def __init__(self, width: int, height: int, output_id: str, clock: Clock = time.monotonic) -> None:
         if width % 2 or height % 2:
             raise TransformSpecError("compose:speaker needs even output dimensions")
+        self.clock = clock
         self.size = (width, height)
         self.output_id = output_id
         self.levels_db: dict[str, float] = {}
@@ -342,7 +356,7 @@ class Speaker(Identity):
         self.seq = 0
 
     def process(self, msg: Message) -> Iterable[Message]:
-        now = time.monotonic()
+        now = self.clock()
         if isinstance(msg, AudioFrame):
             self._hear(participant_of(msg.header.stream_id), msg, now)
             return (msg,)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from fractions import Fraction
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from stages.pattern import PatternGenerator, i420_planes, read_counter
 from tests.stagehelp import Collector, Feeder, StatsWatcher, stage_procs
 
 pytestmark = pytest.mark.timeout(120)
+STAGE_START_TIMEOUT_S = 30.0
 
 
 def test_source_transformer_sink_counters_in_order_and_clean_exit(tmp_path: Path) -> None:
@@ -257,6 +257,8 @@ def test_bad_input_is_counted_and_the_stage_keeps_running(tmp_path: Path) -> Non
             "--video-policy",
             "all",
         )
+        # A first statistics message proves the subscription is up: the error reports sent later are not lost.
+        stats.latest_stats(timeout_s=STAGE_START_TIMEOUT_S)
         good = protocol.encode(_expected(1, 0, 128, 96))
         feeder.send_raw([b"garbage"])  # one part only
         feeder.send_raw([b"SB\x07\x01", b""])  # unknown version
@@ -268,11 +270,14 @@ def test_bad_input_is_counted_and_the_stage_keeps_running(tmp_path: Path) -> Non
         assert isinstance(frame, VideoFrame) and (frame.width, frame.height) == (64, 64)
         y, _, _ = i420_planes(frame.data, 64, 64)
         assert np.array_equal(y, i420_planes(_expected(1, 0, 128, 96).data, 128, 96)[0][:64, :64])
-        figures = stats.latest_stats(lambda f: f["drops"].get("malformed", 0) >= 4)
+        figures = stats.latest_stats(
+            lambda f: f["drops"].get("malformed", 0) >= 4 and f["drops"].get("process_error", 0) >= 1)
         assert figures["drops"]["malformed"] == 4
         assert figures["drops"]["process_error"] == 1
         assert figures["errors"]["malformed_message"] == 4 and figures["errors"]["process_failed"] == 1
-        assert any("exceeds" in e.message for e in stats.errors) or figures["errors"]["process_failed"] == 1
+        # Each error was also reported on its own, before the statistics that counted it, and says what was wrong.
+        failed = [e for e in stats.errors if e.code == "process_failed"]
+        assert len(failed) == 1 and "exceeds" in failed[0].message, stats.errors
         assert procs.procs["crop"].poll() is None, "stage died on bad input"
         feeder.send(protocol.EndOfStream(""))
         assert out.until_end() == []
@@ -345,90 +350,40 @@ def test_five_stage_codec_chain_end_of_stream_and_content(tmp_path: Path, video_
 
 
 SPEAKER_SIZE = (160, 120)
-TURN_S = 2.0  # each participant speaks this long: well over the switch hold time (and smoothing)
-STEP_S = 0.02
 
 
-def test_active_speaker_follows_the_loudest_participant(tmp_path: Path) -> None:
-    """compose:speaker shows the video of whoever talks: alice first, then bob when he talks and she is quiet.
-    Audio passes through untouched; which picture came out is told by each participant's pattern colours."""
+def test_active_speaker_stage_shows_who_talks(tmp_path: Path) -> None:
+    """compose:speaker in a stage process: audio passes through untouched; of the two cameras only the talker's
+    picture comes out, under the composite's id. (How the speaker changes over time is checked with a driven clock in
+    tests/test_compose.py.)"""
     width, height = SPEAKER_SIZE
     patterns = {"alice": PatternGenerator(width, height, 0), "bob": PatternGenerator(width, height, 1)}
     tone = (8000 * np.sin(2 * np.pi * 440 * np.arange(960) / 48000)).astype(np.int16).tobytes()
     silence = bytes(960 * 2)
+    frames = 20
     with stage_procs(tmp_path) as procs:
         feeder = Feeder(procs.endpoint("room"))
         out = Collector(procs.endpoint("speaker"))
-        stats = StatsWatcher(f"ipc://{tmp_path}/speaker.stats")
         procs.start("transformer", "speaker", "--in", procs.endpoint("room"), "--video",
                     f"compose:speaker:{width}x{height}", "--compose-id", "room-video", "--video-policy", "all")
-        seq = 0
-        for turn, talker in enumerate(("alice", "bob")):
-            for step in range(int(TURN_S / STEP_S)):
-                tick = turn * int(TURN_S / STEP_S) + step
-                for person in patterns:
-                    header = MediaHeader(f"{person}/audio", tick, tick * 960, Fraction(1, 48000), 1)
-                    feeder.send(AudioFrame(header, 48000, 1, 960, tone if person == talker else silence))
-                    if tick % 3 == 0:
-                        vheader = MediaHeader(f"{person}/video", tick, tick * 1800, Fraction(1, 90000), 1)
-                        feeder.send(VideoFrame(vheader, width, height, patterns[person].frame(seq)))
-                seq += tick % 3 == 0
-                time.sleep(STEP_S)
-            figures = stats.latest_stats(lambda f, who=talker: f.get("speaker") == who)
-            assert figures["levels_dbfs"][talker] > figures["levels_dbfs"][next(p for p in patterns if p != talker)]
+        for tick in range(frames):
+            for person in patterns:  # alice talks, bob is silent; then each sends a picture
+                header = MediaHeader(f"{person}/audio", tick, tick * 960, Fraction(1, 48000), 1)
+                feeder.send(AudioFrame(header, 48000, 1, 960, tone if person == "alice" else silence))
+            for person in patterns:
+                vheader = MediaHeader(f"{person}/video", tick, tick * 1800, Fraction(1, 90000), 1)
+                feeder.send(VideoFrame(vheader, width, height, patterns[person].frame(tick)))
         feeder.send(protocol.EndOfStream(""))
         messages = out.until_end()
         assert procs.wait_all() == {"speaker": 0}
-        for closable in (feeder, out, stats):
-            closable.close()
+        feeder.close()
     videos = [m for m in messages if isinstance(m, VideoFrame)]
     assert {v.header.stream_id for v in videos} == {"room-video"}
-    assert {m.header.stream_id for m in messages if isinstance(m, AudioFrame)} == {"alice/audio", "bob/audio"}
-
-    def shows(frame: VideoFrame) -> str:
-        _, _, v = i420_planes(frame.data, width, height)
-        return min(patterns, key=lambda p: abs(float(v.mean()) - float(i420_planes(
-            patterns[p].frame(0), width, height)[2].mean())))
-
-    who = [shows(v) for v in videos]
-    quarter = len(who) // 4
-    assert set(who[quarter : len(who) // 2]) == {"alice"}, who  # alice's turn, once her level settled
-    assert set(who[-quarter:]) == {"bob"}, who  # the end of bob's turn
-    assert who == sorted(who, key=("alice", "bob").index), who  # one switch, no flapping
-
-
-TICK_S = 0.05
-
-
-def test_compose_runs_at_its_fastest_camera_and_survives_it_leaving(tmp_path: Path) -> None:
-    """A grid led by its slowest camera would move at 5 fps: the fastest stream leads instead (b at 20 fps,
-    though listed second), and when b stops the grid goes on with the next fastest (c) without freezing."""
-    size = 64
-    rates = {"a": 4, "b": 1, "c": 2}  # a frame every N ticks of 50 ms: 5, 20 and 10 fps
-    b_stops_at, end = 60, 80  # ticks: 3 s with b, then 1 s without
-    with stage_procs(tmp_path) as procs:
-        feeder = Feeder(procs.endpoint("cams"))
-        out = Collector(procs.endpoint("grid"))
-        procs.start("transformer", "grid", "--in", procs.endpoint("cams"), "--video",
-                    f"compose:2x2:{2 * size}x{2 * size}:a,b,c", "--video-policy", "all")
-        sent = dict.fromkeys(rates, 0)
-        for tick in range(end):
-            for name, every in rates.items():
-                if tick % every or (name == "b" and tick >= b_stops_at):
-                    continue
-                header = MediaHeader(name, sent[name], tick * 4500, Fraction(1, 90000), 1)
-                feeder.send(VideoFrame(header, size, size, _expected(sent[name], 0, size, size).data))
-                sent[name] += 1
-            time.sleep(TICK_S)
-        feeder.send(protocol.EndOfStream(""))
-        composites = [m for m in out.until_end() if isinstance(m, VideoFrame)]
-        assert procs.wait_all() == {"grid": 0}
-        feeder.close()
-        out.close()
-    # A composite carries its leader's pts: while b runs, one per b frame (a would give 15 in all).
-    with_b = [c for c in composites if c.header.pts < b_stops_at * 4500]
-    assert len(with_b) >= 0.7 * sent["b"], (len(with_b), sent)
-    # Once b is a few of its intervals late, c leads: composites keep coming at c's rate.
-    after = [c for c in composites if c.header.pts >= (b_stops_at + 4) * 4500]
-    leaders_pts = [c.header.pts // 4500 for c in composites]
-    assert len(after) >= 0.6 * (end - b_stops_at - 4) / rates["c"], leaders_pts[-30:]
+    assert len([m for m in messages if isinstance(m, AudioFrame)]) == 2 * frames
+    assert len(videos) == frames  # one picture per tick: alice's; bob's are consumed
+    for video in videos:
+        y, _, v = i420_planes(video.data, width, height)
+        counter = read_counter(y)
+        assert counter is not None
+        expected = i420_planes(patterns["alice"].frame(counter), width, height)[2]
+        assert np.array_equal(v, expected), "the picture is not alice's"
