@@ -209,7 +209,8 @@ class Compose(Identity):
     The leader is the active stream with the highest frame rate, so the grid moves as smoothly as its
     smoothest camera (a slow one, a screen share at 5 fps, must not set the pace for everyone) and never
     waits for a late one; it changes only when another stream is clearly faster, so that two cameras at
-    the same rate do not take turns. A slot with nothing recent shows black.
+    the same rate do not take turns. A slot shows black until its stream's first frame and after its end; a
+    stream that stalls keeps its last picture.
     """
 
     def __init__(
@@ -290,7 +291,9 @@ class Compose(Identity):
         oldest_capture = leader.header.capture_time_ns
         for index, sid in enumerate(shown[: cols * rows]):
             slot = self.slots.get(sid)
-            if slot is None or slot.frame is None or slot.ended or now - slot.last_seen >= STALE_STREAM_S:
+            # A stalled stream (a decoder waiting for a keyframe, a starved process) keeps its last picture: the
+            # person is still in the call. Only the end of their stream frees the tile.
+            if slot is None or slot.frame is None or slot.ended:
                 continue
             frame = slot.frame
             if slot.tile is None:
@@ -300,7 +303,8 @@ class Compose(Identity):
             cy[y : y + tile_h, x : x + tile_w] = ty
             cu[y // 2 : (y + tile_h) // 2, x // 2 : (x + tile_w) // 2] = tu
             cv[y // 2 : (y + tile_h) // 2, x // 2 : (x + tile_w) // 2] = tv
-            oldest_capture = min(oldest_capture, frame.header.capture_time_ns)
+            if now - slot.last_seen < STALE_STREAM_S:  # a frozen picture would make the latency figures a stall's
+                oldest_capture = min(oldest_capture, frame.header.capture_time_ns)
         h = leader.header
         self.seq += 1
         header = MediaHeader(self.output_id, self.seq, h.pts, h.time_base, oldest_capture)

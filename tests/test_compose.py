@@ -11,7 +11,7 @@ from fractions import Fraction
 import numpy as np
 
 from protocol import AudioFrame, MediaHeader, Message, VideoFrame
-from stages.pattern import PatternGenerator, i420_planes
+from stages.pattern import PatternGenerator, i420_planes, read_counter
 from stages.transformer import Compose, Speaker
 
 VIDEO_TB = Fraction(1, 90000)
@@ -122,3 +122,46 @@ def test_a_short_burst_does_not_take_the_picture() -> None:
     """A cough (bob loud for 0.3 s, less than the hold) while alice talks leaves alice's picture on."""
     shown = speaker_run([("alice", 1.0), ("bob", 0.3), ("alice", 1.0)])
     assert {w for _, w in shown} == {"alice"}, shown
+
+
+def tile_counters_of(frame: VideoFrame, cols: int, rows: int) -> list[int | None]:
+    y, _, _ = i420_planes(frame.data, frame.width, frame.height)
+    h, w = y.shape
+    return [read_counter(y[r * h // rows : (r + 1) * h // rows, c * w // cols : (c + 1) * w // cols])
+            for r in range(rows) for c in range(cols)]
+
+
+def test_a_stalled_camera_keeps_its_tile_until_its_stream_ends() -> None:
+    """The cause of alice's empty tile under load (issue 9): her stream stalled for over a second (a decoder waiting
+    for a keyframe after a lost packet, a starved process), and the grid blanked every tile whose newest frame was
+    older than STALE_STREAM_S, although she was still in the call. A tile now keeps its last picture while its
+    stream lasts, shows the new ones as soon as they come again, and is freed only by the stream's end."""
+    size = 64
+    clock = DrivenClock()
+    compose = Compose(2, 2, 2 * size, 2 * size, ["alice", "bob", "carol"], False, "grid", clock)
+    patterns = {name: PatternGenerator(size, size, seed) for seed, name in enumerate(("alice", "bob", "carol"))}
+    sent = dict.fromkeys(patterns, 0)
+    seen: list[tuple[float, list[int | None]]] = []
+
+    def step(who: list[str]) -> None:
+        for name in who:
+            sent[name] += 1
+            for out in videos(list(compose.process(video(name, patterns[name], sent[name])))):
+                seen.append((clock.now, tile_counters_of(out, 2, 2)))
+        clock.advance(0.1)
+
+    for _ in range(10):
+        step(["alice", "bob", "carol"])
+    stalled_from = len(seen)
+    for _ in range(20):  # 2 s without a frame of alice's
+        step(["bob", "carol"])
+    during = seen[stalled_from:]
+    assert during and all(counters[0] == sent["alice"] for _, counters in during), during
+    assert [c[1] for _, c in during] == sorted({c[1] for _, c in during})  # bob's tile moves on meanwhile
+    resumed_from = len(seen)
+    for _ in range(3):
+        step(["alice", "bob", "carol"])
+    assert [c[0] for _, c in seen[resumed_from:]][-1] == sent["alice"]
+    compose.flush("alice")  # her stream ended: her tile is black from the next composite on
+    step(["bob", "carol"])
+    assert seen[-1][1][0] == 0 and seen[-1][1][1] == sent["bob"]
