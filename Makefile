@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := janus libjs-janus-gateway libjs-webrtc-adapter chromium sip-tester ffmpeg tshark iproute2
 
-.PHONY: setup system-deps venv test lint demo bench clean
+.PHONY: setup system-deps browser-user venv test lint demo bench clean
 
 system-deps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -20,7 +20,16 @@ $(PY):
 venv: $(PY)
 	$(PY) -m pip install -q -e '.[dev]'
 
-setup: system-deps venv
+# Chromium never runs as root: as root the browser stage drops to this system user for Chromium only
+# (stages/browser/chromium.py). Not root: Chromium runs as the caller, no user is needed.
+BROWSER_USER ?= sipbridge-browser
+browser-user:
+	@if [ "$$(id -u)" = 0 ] && ! id -u $(BROWSER_USER) >/dev/null 2>&1; then \
+	  echo "creating system user $(BROWSER_USER)"; \
+	  useradd --system --user-group --home-dir /nonexistent --no-create-home --shell /usr/sbin/nologin $(BROWSER_USER); \
+	fi
+
+setup: system-deps browser-user venv
 
 lint: setup
 	$(VENV)/bin/ruff check .

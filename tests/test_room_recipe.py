@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import pwd
 import subprocess
 import sys
 from pathlib import Path
@@ -69,3 +71,34 @@ def test_stage_exits_non_zero_when_it_cannot_join(netns: object, tmp_path: Path)
         assert isinstance(collector.events[-1][1], protocol.Event)
     finally:
         collector.close()
+
+
+def test_chromium_never_root(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As root Playwright starts the user-switching wrapper with a minimal environment; a missing user is an error
+    that says how to create it, never a fallback to root."""
+    from stages.browser import chromium
+
+    monkeypatch.setenv("SIPBRIDGE_TEST_SECRET", "hunter2")
+    monkeypatch.setattr(chromium.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(chromium.pwd, "getpwnam", lambda name: pwd_entry(name, 999, 995))
+    executable, env = chromium.launch_settings("sb-test-user")
+    assert executable == str(chromium.AS_USER_WRAPPER) and os.access(executable, os.X_OK)
+    assert env["SIPBRIDGE_CHROMIUM_UID"] == "999" and env["SIPBRIDGE_CHROMIUM_GID"] == "995"
+    assert "SIPBRIDGE_TEST_SECRET" not in env
+    monkeypatch.setattr(chromium.pwd, "getpwnam", lambda name: pwd_entry(name, 0, 0))
+    with pytest.raises(chromium.ChromiumUserError, match="uid or gid 0"):
+        chromium.launch_settings("sb-test-user")
+
+    def missing(name: str) -> None:
+        raise KeyError(name)
+
+    monkeypatch.setattr(chromium.pwd, "getpwnam", missing)
+    with pytest.raises(chromium.ChromiumUserError, match="make setup"):
+        chromium.launch_settings("sb-test-user")
+    monkeypatch.setattr(chromium.os, "geteuid", lambda: 1000)
+    executable, env = chromium.launch_settings("sb-test-user")
+    assert executable == chromium.CHROMIUM_PATH and "SIPBRIDGE_TEST_SECRET" not in env
+
+
+def pwd_entry(name: str, uid: int, gid: int) -> pwd.struct_passwd:
+    return pwd.struct_passwd((name, "x", uid, gid, "", "/nonexistent", "/usr/sbin/nologin"))

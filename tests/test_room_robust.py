@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from protocol import EventType
-from stages.browser.procs import browser_main_pids, renderer_pids
+from stages.browser.procs import browser_main_pids, chromium_pids, renderer_pids
 from tests.roomfix import Collector, Room, room_fixture, wait_until  # noqa: F401  (pytest fixture)
 from tests.sipfix import janus_fixture, netns_fixture  # noqa: F401  (pytest fixtures)
 
@@ -122,5 +122,41 @@ def test_bot_dropped_from_room_rejoins(room: Room, tmp_path: Path) -> None:
         print(f"\ncapture gap after being kicked: {resumed_gap_s(collector, 'alice/video', t_kick):.2f} s")
         rejoin = [e for e in collector.events_of(EventType.STAGE_STATE) if e.attributes.get("state") == "rejoining"]
         assert rejoin and rejoin[0].attributes["reason"] == "dropped from the room"
+    finally:
+        collector.close()
+
+
+def proc_status(pid: int) -> dict[str, str]:
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        fields[key] = value.strip()
+    return fields
+
+
+def test_bot_chromium_unprivileged_and_sandboxed(room: Room, tmp_path: Path) -> None:
+    """Issue 12: while the bot captures the room, none of its Chromium processes runs as root or without its
+    sandbox, and its renderers are confined by seccomp (what Chromium's sandbox does to a page)."""
+    room.participants(ROOM_ID, [("alice", 440.0)])
+    out = f"ipc://{tmp_path}/bot.sock"
+    collector = Collector(out)
+    try:
+        bot = room.bot(ROOM_ID, out)
+        wait_until(lambda: len(collector.counters("alice/video")) >= MIN_FRAMES, MEDIA_TIMEOUT_S, "alice's video")
+        renderers = wait_until(lambda: renderer_pids(bot.pid), 5, "the bot's renderers")
+        chromes = chromium_pids(bot.pid)
+        assert browser_main_pids(bot.pid) and len(chromes) >= 3
+        for pid in chromes:
+            status = proc_status(pid)
+            uids = [int(u) for u in status["Uid"].split()]
+            gids = [int(g) for g in status["Gid"].split()]
+            assert 0 not in uids and 0 not in gids, f"Chromium process {pid} runs as root: {status['Uid']}"
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            assert b"--no-sandbox" not in cmdline, f"Chromium process {pid} runs without its sandbox"
+        for pid in renderers:
+            # 2: a seccomp-bpf filter confines the renderer (0 without Chromium's sandbox).
+            assert proc_status(pid)["Seccomp"] == "2", f"renderer {pid} is not confined by seccomp"
+        # The stage itself (and Playwright's driver) keep running as the caller: only Chromium dropped privileges.
+        assert proc_status(bot.pid)["Uid"].split()[0] == str(os.getuid())
     finally:
         collector.close()

@@ -40,7 +40,7 @@ from protocol import (
     i420_size,
 )
 from stages.base import Stage, StageOptions, percentile
-from stages.browser.chromium import launch_chromium
+from stages.browser.chromium import ChromiumUserError, launch_chromium
 from stages.browser.procs import chromium_pids
 from stages.browser.recipes import Recipe, RecipeError
 
@@ -642,7 +642,7 @@ class BrowserStage(Stage):
         context: BrowserContext | None = None
         try:
             browser = await self._launch(pw)
-            context = await browser.new_context(bypass_csp=True)
+            context = await browser.new_context(bypass_csp=self.recipe.bypass_csp)
             await context.add_init_script(script=self._init_script())
             page: Page = await context.new_page()
             page.on("crash", lambda _p: fail("page crashed"))
@@ -663,6 +663,8 @@ class BrowserStage(Stage):
             self._joined_at_ns = time.time_ns()
             await self._set_state("joined")
             return await self._watch(page, failed)
+        except ChromiumUserError:
+            raise  # no rejoin can fix a missing user: say so at once
         except Exception as exc:
             return failed.result() if failed.done() else f"{type(exc).__name__}: {exc}"
         finally:

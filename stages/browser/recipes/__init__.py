@@ -55,6 +55,9 @@ class Recipe:
     participant_script: str | None = None
     variables: dict[str, str] = field(default_factory=dict)
     name: str = "recipe"
+    # Ignore the page's Content-Security-Policy: only for an app whose CSP blocks the bot's local WebSocket or its
+    # Blob workers (it weakens the page's own protection against injected content).
+    bypass_csp: bool = False
 
     def format(self, text: str) -> str:
         try:
@@ -126,6 +129,7 @@ def recipe_from_mapping(data: dict[str, Any], variables: dict[str, str], name: s
         participant_script=data.get("participant_script"),
         variables=merged,
         name=name,
+        bypass_csp=bool(data.get("bypass_csp", False)),
     )
 
 
