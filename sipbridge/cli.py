@@ -23,6 +23,7 @@ STAGE_COMMANDS: dict[str, str] = {
 EXTRA_COMMANDS: dict[str, str] = {
     "janus-server": "sipbridge.janus_server:command",
     "netns": "sipbridge.netns:command",
+    "node": "sipbridge.node:command",
     "room": "sipbridge.room:command",
 }
 
