@@ -6,6 +6,8 @@ Transforms are given as specs, applied in order (``--video`` and ``--audio`` rep
   crop:X,Y,W,H                cut a rectangle (even coordinates and sizes)
   resize:WxH                  scale (bilinear, swscale)
   split:COLSxROWS             one composite in, COLS*ROWS streams out, named STREAM/tileN (row-major)
+  compose:grid:WxH[:MAX[:IDS]] the room's cameras in a grid that follows who is there (up to MAX tiles,
+                              names, letterbox, a slate when empty); IDS=a,b,c pins those streams in that order
   compose:COLSxROWS:WxH[:IDS] N streams in, one grid out; IDS=a,b,c fixes the slot order
   compose:active:WxH          grid sized to the streams currently sending (1, 2x1, 2x2, 3x2, 3x3, ...)
   compose:speaker:WxH         the active speaker's video (loudest audio of late, with hold and margin)
@@ -17,6 +19,7 @@ Transforms are given as specs, applied in order (``--video`` and ``--audio`` rep
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import importlib.metadata
 import math
@@ -32,6 +35,7 @@ import numpy as np
 
 from protocol import AudioFrame, MediaHeader, Message, VideoFrame
 from stages.base import Stage, StageOptions
+from stages.bitmapfont import GLYPH_H, draw_text, fit_text, text_width
 from stages.options import build_options, run, stage_options
 from stages.pattern import i420_planes
 
@@ -44,6 +48,7 @@ LEADER_STALL_INTERVALS = 3.0
 MIX_CHUNK_S = 0.02
 # A mixer waits at most this long for a late stream before mixing it as silence.
 MIX_MAX_WAIT_S = 0.06
+MIX_MAX_SILENCE_BURST = 5  # chunks of silence sent at once after a stall, at most
 BLACK_Y, NEUTRAL_UV = 16, 128
 # Active speaker: quieter than this is silence; a new speaker must beat the current one by the margin for
 # the hold time; levels are smoothed per 20 ms frame with this factor (about 200 ms to settle).
@@ -51,6 +56,18 @@ SPEAKER_MIN_DBFS = -50.0
 SPEAKER_MARGIN_DB = 6.0
 SPEAKER_HOLD_S = 0.6
 SPEAKER_SMOOTHING = 0.9
+# Room grid: a grid with nobody in it (or whose every camera is stalled this long) still sends pictures, so that
+# the SIP side's video never stops (carriers hang up on RTP inactivity); the slate's and a repeat's rate.
+GRID_REPEAT_AFTER_S = 0.5
+# How often the stage lets slates, repeats and silence out (each paces itself).
+TICK_INTERVAL_S = 0.01
+CLOCK_EPSILON_S = 1e-6  # schedules add up periods in floating point
+GRID_DEFAULT_FPS = 15.0
+GRID_DEFAULT_MAX_TILES = 4
+FITS = ("letterbox", "stretch")
+# Labels: text at least this many pixels high, scaled with the tile; a darker box behind the text.
+LABEL_TEXT_LUMA, LABEL_BOX_LUMA = 235, 40
+SLATE_WAITING_TEXT = "waiting for participants"
 
 
 # What compose, speaker and mix read the time from: time.monotonic in a stage, a driven clock in tests.
@@ -194,6 +211,8 @@ class _Slot:
     last_seen: float = 0.0
     ended: bool = False
     interval_s: float | None = None  # smoothed time between this stream's frames
+    joined: int = 0  # room grid: order of arrival (a stream that ends and comes back arrives anew)
+    tile_size: tuple[int, int] = (0, 0)  # room grid: the size ``tile`` was scaled to
 
     def arrived(self, now: float) -> None:
         if self.last_seen:
@@ -411,6 +430,316 @@ class Speaker(Identity):
         }
 
 
+def frame_level_dbfs(msg: AudioFrame) -> float:
+    samples = np.frombuffer(memoryview(msg.data), dtype=np.int16).astype(np.float32)
+    rms = float(np.sqrt(np.mean(samples * samples))) if samples.size else 0.0
+    return 20 * math.log10(max(rms, 1.0) / 32768.0)
+
+
+def grid_shape(count: int) -> tuple[int, int]:
+    """The room grid's cells for ``count`` people: 1 full frame, 2 side by side, 3-4 in 2x2, 5-9 in 3x3, 10-16 4x4."""
+    if count <= 1:
+        return 1, 1
+    if count == 2:
+        return 2, 1
+    side = math.ceil(math.sqrt(count))
+    return side, side
+
+
+Rect = tuple[int, int, int, int]  # x, y, width, height (even, for I420's half-size chroma)
+
+
+def cell_rects(cols: int, rows: int, width: int, height: int) -> list[Rect]:
+    """The cells of a grid, row-major, where ``split:COLSxROWS`` cuts them (the same arithmetic)."""
+    tile_w, tile_h = even(width // cols), even(height // rows)
+    return [
+        (even(c * width // cols), even(r * height // rows), tile_w, tile_h) for r in range(rows) for c in range(cols)
+    ]
+
+
+def picture_rect(src_w: int, src_h: int, cell: Rect, fit: str) -> Rect:
+    """Where a ``src_w`` x ``src_h`` picture goes in ``cell``: all of it (stretch), or as large as it fits with
+    its own shape, centred, black bars on the sides left over (letterbox)."""
+    x, y, w, h = cell
+    if fit == "stretch" or src_w <= 0 or src_h <= 0:
+        return cell
+    scale = min(w / src_w, h / src_h)
+    pw, ph = max(2, min(w, even(round(src_w * scale)))), max(2, min(h, even(round(src_h * scale))))
+    return x + even((w - pw) // 2), y + even((h - ph) // 2), pw, ph
+
+
+def label_scale(cell_h: int) -> int:
+    return max(1, round(cell_h / 150))
+
+
+def label_box(picture: Rect, cell: Rect, name: str) -> tuple[Rect, str, int] | None:
+    """Where a tile's name is written: (box, the text as it fits, scale), or None when the tile is too small.
+
+    In the letterbox bar under the picture when it has room; else over the picture's lower left, just above its
+    bottom eighth. The picture's top eighth (where the test pattern's frame counter is) and bottom eighth (the
+    lip-sync marks) stay untouched, so tests and the demo read them through a named grid.
+    """
+    scale = label_scale(cell[3])
+    pad = 2 * scale
+    box_h = even(GLYPH_H * scale + 2 * pad + 1)
+    px, py, pw, ph = picture
+    bar = cell[1] + cell[3] - (py + ph)
+    if bar >= box_h:
+        top = py + ph + even((bar - box_h) // 2)
+    else:
+        top = even(py + ph - ph // 8 - box_h - 1)
+        if top < py + ph // 8 + 1:
+            return None
+    text = fit_text(name, pw - 2 * pad - 2, scale)
+    if not text:
+        return None
+    return (px, top, min(pw, even(text_width(text, scale) + 2 * pad + 1)), box_h), text, scale
+
+
+def _blit(planes: tuple[np.ndarray, ...], tile: np.ndarray, rect: Rect) -> None:
+    x, y, w, h = rect
+    cy, cu, cv = planes
+    ty, tu, tv = i420_planes(tile, w, h)
+    cy[y : y + h, x : x + w] = ty
+    cu[y // 2 : (y + h) // 2, x // 2 : (x + w) // 2] = tu
+    cv[y // 2 : (y + h) // 2, x // 2 : (x + w) // 2] = tv
+
+
+def draw_label(planes: tuple[np.ndarray, ...], box: Rect, text: str, scale: int) -> None:
+    x, y, w, h = box
+    cy, cu, cv = planes
+    cy[y : y + h, x : x + w] = LABEL_BOX_LUMA
+    cu[y // 2 : (y + h) // 2, x // 2 : (x + w) // 2] = NEUTRAL_UV
+    cv[y // 2 : (y + h) // 2, x // 2 : (x + w) // 2] = NEUTRAL_UV
+    draw_text(cy[y : y + h, x : x + w], 2 * scale, 2 * scale, text, scale, LABEL_TEXT_LUMA)
+
+
+def slate_i420(width: int, height: int, title: str) -> np.ndarray:
+    """The picture of an empty room: black, "waiting for participants" and the room's name, centred, in a band
+    from 0.38 to under 0.5 of the height (clear of the top eighth of a full frame or of a 2x1, 2x2 or 3x3 cell,
+    where frame counters are read)."""
+    canvas = make_i420(width, height)
+    y_plane = i420_planes(canvas, width, height)[0]
+    scale = max(1, height // 160)
+    top = int(height * 0.38)
+    for line in (SLATE_WAITING_TEXT, title):
+        text = fit_text(line, width - 4 * scale, scale)
+        draw_text(y_plane, (width - text_width(text, scale)) // 2, top, text, scale, LABEL_TEXT_LUMA)
+        top += (GLYPH_H + 3) * scale
+    return canvas
+
+
+@dataclass
+class GridOptions:
+    """How a room grid looks: names on tiles, how pictures fit their cells, the slate's title, the rate of
+    slates and repeats."""
+
+    names: bool = True
+    fit: str = "letterbox"
+    title: str = ""
+    fps: float = GRID_DEFAULT_FPS
+
+
+class RoomGrid(Compose):
+    """The room as the SIP side sees it: one tile for each camera in the call now, at most ``max_tiles``.
+
+    A stream that ends (its EndOfStream: the browser stage sends one when a track ends) frees its tile at once; a
+    newcomer takes a free tile (the others keep their places) or is added; the grid's shape follows the number of
+    tiles (grid_shape), and each picture keeps its own shape (letterbox) unless told to stretch. With more
+    cameras than tiles, the most recent speakers win (a participant's audio level above SPEAKER_MIN_DBFS for
+    SPEAKER_HOLD_S, heard through the audio passing by), else the most recent arrivals. With ``stream_ids`` the
+    grid is pinned instead: those streams, in that order, a black cell while one is away.
+
+    Composites are emitted on the leading camera's frames (see Compose). With nobody in the grid, ``tick`` sends
+    a slate at ``fps``; when every camera stalls, the last grid is repeated at ``fps`` after
+    GRID_REPEAT_AFTER_S, so the SIP side never goes without video. Output pts are the grid's own clock in
+    1/90000 (continuous whoever leads), and a composite's capture time is that of its oldest live tile.
+    """
+
+    def __init__(
+        self,
+        width: int,
+        height: int,
+        max_tiles: int,
+        stream_ids: list[str] | None,
+        output_id: str,
+        options: GridOptions | None = None,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        super().__init__(1, 1, width, height, stream_ids, False, output_id, clock)
+        self.options = options or GridOptions()
+        if not 1 <= max_tiles <= 16:
+            raise TransformSpecError(f"compose:grid takes 1 to 16 tiles, not {max_tiles}")
+        if self.options.fit not in FITS:
+            raise TransformSpecError(f"fit must be one of {', '.join(FITS)}, not {self.options.fit!r}")
+        if self.options.fps <= 0:
+            raise TransformSpecError("the grid's fps must be positive")
+        self.max_tiles = max_tiles
+        self.pinned = list(stream_ids or [])
+        self.positions: list[str | None] = []
+        self.layout = grid_shape(len(self.pinned))
+        self.arrivals = 0
+        self.levels_db: dict[str, float] = {}
+        self.loud_since: dict[str, float] = {}
+        self.spoke_at: dict[str, float] = {}
+        self.start = clock()
+        self.last_emit = -math.inf
+        self.last_live = -math.inf
+        self.due: float | None = None  # when tick sends the next slate or repeat
+        self.last_pts = -1
+        self.slates = 0
+        self.repeats = 0
+        self._slate: np.ndarray | None = None
+
+    # ----- who is shown where ----------------------------------------------------------------------------------
+    def process(self, msg: Message) -> Iterable[Message]:
+        now = self.clock()
+        if isinstance(msg, AudioFrame):
+            self._hear(participant_of(msg.header.stream_id), msg, now)
+            return (msg,)
+        if not isinstance(msg, VideoFrame):
+            return (msg,)
+        sid = msg.header.stream_id
+        if self.pinned and sid not in self.pinned:
+            return (msg,)  # not one of ours: pass through untouched
+        slot = self.slots.get(sid)
+        if slot is None or slot.ended:
+            self.arrivals += 1
+            slot = self.slots[sid] = _Slot(joined=self.arrivals)
+            slot.arrived(now)
+            slot.frame = msg
+            self._arrange()
+        else:
+            slot.arrived(now)
+            slot.frame, slot.tile = msg, None
+        sending = [p for p in self.positions if p is not None and now - self.slots[p].last_seen < STALE_STREAM_S]
+        if sid not in sending or self._lead(sending, now) != sid:
+            return ()
+        self.last_live = now
+        return (self._draw(now),)
+
+    def _hear(self, who: str, msg: AudioFrame, now: float) -> None:
+        level = frame_level_dbfs(msg)
+        previous = self.levels_db.get(who)
+        smoothed = self.levels_db[who] = level if previous is None else (
+            SPEAKER_SMOOTHING * previous + (1 - SPEAKER_SMOOTHING) * level)
+        if smoothed < SPEAKER_MIN_DBFS:
+            self.loud_since.pop(who, None)
+            return
+        if now - self.loud_since.setdefault(who, now) < SPEAKER_HOLD_S:
+            return
+        self.spoke_at[who] = now
+        if not self.pinned and any(
+            participant_of(sid) == who and not slot.ended and sid not in self.positions
+            for sid, slot in self.slots.items()
+        ):
+            self._arrange()  # a speaker without a tile takes the least recent speaker's
+
+    def _arrange(self) -> None:
+        if self.pinned:
+            self.positions = [sid if (slot := self.slots.get(sid)) and not slot.ended else None for sid in self.pinned]
+            return
+        present = [(sid, slot) for sid, slot in self.slots.items() if not slot.ended]
+        ranked = sorted(present, key=lambda item: (self.spoke_at.get(participant_of(item[0]), -math.inf),
+                                                   item[1].joined), reverse=True)
+        wanted = ranked[: self.max_tiles]
+        wanted_ids = {sid for sid, _ in wanted}
+        positions = [sid if sid in wanted_ids else None for sid in self.positions]
+        for sid, _ in sorted(wanted, key=lambda item: item[1].joined):
+            if sid in positions:
+                continue
+            if None in positions:
+                positions[positions.index(None)] = sid  # a free tile: the newcomer takes it
+            else:
+                positions.append(sid)
+        while positions and positions[-1] is None:
+            positions.pop()
+        cols, rows = grid_shape(len(wanted))
+        if len(positions) > cols * rows:  # fewer people than the holes allow for: close the gaps
+            positions = [sid for sid in positions if sid is not None]
+        self.positions = positions
+        self.layout = (cols, rows)
+
+    def flush(self, stream_id: str) -> Iterable[Message]:
+        for sid, slot in self.slots.items():
+            if not stream_id or sid == stream_id:
+                slot.ended = True
+                slot.frame = slot.tile = None
+        self._arrange()
+        return ()
+
+    # ----- pictures ----------------------------------------------------------------------------------------------
+    def _draw(self, now: float) -> VideoFrame:
+        width, height = self.size
+        if not any(self.positions):
+            self.slates += 1
+            if self._slate is None:
+                self._slate = slate_i420(width, height, self.options.title)
+            return self._output(now, self._slate.copy(), time.time_ns())
+        canvas = make_i420(width, height)
+        planes = i420_planes(canvas, width, height)
+        captures = []
+        for cell, sid in zip(cell_rects(*self.layout, width, height), self.positions, strict=False):
+            slot = self.slots.get(sid) if sid is not None else None
+            if sid is None or slot is None or slot.frame is None:
+                continue
+            frame = slot.frame
+            picture = picture_rect(frame.width, frame.height, cell, self.options.fit)
+            if slot.tile is None or slot.tile_size != picture[2:]:
+                slot.tile = resize_i420(frame.data, frame.width, frame.height, picture[2], picture[3])
+                slot.tile_size = (picture[2], picture[3])
+            _blit(planes, slot.tile, picture)
+            if self.options.names and (label := label_box(picture, cell, participant_of(sid))) is not None:
+                draw_label(planes, *label)
+            if now - slot.last_seen < STALE_STREAM_S:
+                captures.append(frame.header.capture_time_ns)
+        return self._output(now, canvas, min(captures) if captures else time.time_ns())
+
+    def _output(self, now: float, canvas: np.ndarray, capture_ns: int) -> VideoFrame:
+        pts = max(self.last_pts + 1, round((now - self.start) * 90000))
+        self.last_pts, self.last_emit = pts, now
+        self.seq += 1
+        width, height = self.size
+        return VideoFrame(MediaHeader(self.output_id, self.seq, pts, Fraction(1, 90000), capture_ns), width, height,
+                          canvas)
+
+    def tick(self) -> list[Message]:
+        """Called a few times per frame interval: the slate while nobody is shown, a repeat while every camera
+        is stalled."""
+        now = self.clock()
+        if any(self.positions) and now - self.last_live < GRID_REPEAT_AFTER_S:
+            self.due = None  # live composites are going out
+            return []
+        if self.due is None:
+            self.due = now
+        if now < self.due - CLOCK_EPSILON_S:
+            return []
+        period = 1.0 / self.options.fps
+        self.due += period
+        if self.due <= now:  # the clock jumped (a stalled process): go on from now, no burst
+            self.due = now + period
+        if any(self.positions):
+            self.repeats += 1
+        return [self._draw(now)]
+
+    def figures(self) -> dict[str, Any]:
+        now = self.clock()
+        figures: dict[str, Any] = {
+            "compose_slots": {
+                sid: {"age_s": round(now - slot.last_seen, 3), "ended": slot.ended,
+                      "size": [slot.frame.width, slot.frame.height] if slot.frame else None}
+                for sid, slot in list(self.slots.items())  # a copy: statistics run on the event loop
+            },
+            "composites": self.seq,
+            "compose_leader": self.leader,
+        }
+        figures["grid_layout"] = "{}x{}".format(*self.layout)
+        figures["grid_tiles"] = [participant_of(sid) if sid else None for sid in list(self.positions)]
+        figures["slates"] = self.slates
+        figures["grid_repeats"] = self.repeats
+        return figures
+
+
 class _MixInput:
     def __init__(self) -> None:
         self.chunks: list[np.ndarray] = []
@@ -438,12 +767,15 @@ class _MixInput:
 class Mix(Identity):
     """Every audio stream mixed into one mono stream, in 20 ms chunks, summed with saturation."""
 
-    def __init__(self, sample_rate: int | None, output_id: str) -> None:
+    def __init__(self, sample_rate: int | None, output_id: str, clock: Clock = time.monotonic) -> None:
         self.rate = sample_rate
         self.output_id = output_id
+        self.clock = clock
         self.inputs: dict[str, _MixInput] = {}
         self.samples_out = 0
         self.seq = 0
+        self.silence_due: float | None = None  # when the next chunk of an empty room's silence is due
+        self.silent_chunks = 0
 
     def process(self, msg: Message) -> Iterable[Message]:
         if not isinstance(msg, AudioFrame):
@@ -480,18 +812,41 @@ class Mix(Identity):
                 total += samples
                 if capture is not None:
                     captures.append(capture)
-            mixed = np.clip(total, -32768, 32767).astype(np.int16)
-            header = MediaHeader(
-                self.output_id,
-                self.seq,
-                self.samples_out,
-                Fraction(1, self.rate),
-                min(captures) if captures else time.time_ns(),
-            )
-            self.seq += 1
-            self.samples_out += chunk
-            out.append(AudioFrame(header, self.rate, 1, chunk, mixed))
+            out.append(self._chunk(np.clip(total, -32768, 32767).astype(np.int16), min(captures) if captures else None))
         return out
+
+    def _chunk(self, mixed: np.ndarray, capture_ns: int | None) -> AudioFrame:
+        assert self.rate is not None
+        header = MediaHeader(
+            self.output_id, self.seq, self.samples_out, Fraction(1, self.rate),
+            capture_ns if capture_ns is not None else time.time_ns(),
+        )
+        self.seq += 1
+        self.samples_out += mixed.size
+        return AudioFrame(header, self.rate, 1, mixed.size, mixed)
+
+    def tick(self) -> list[Message]:
+        """An empty room is not a silent line: with no stream to mix (none yet, or every one ended), silence goes
+        out on the 20 ms grid of the clock, so the SIP side keeps receiving audio (carriers hang up on RTP
+        inactivity). Needs the rate (``mix:RATE``) when no stream ever came."""
+        if self.rate is None or any(not i.ended or i.buffered for i in self.inputs.values()):
+            self.silence_due = None
+            return []
+        now = self.clock()
+        if self.silence_due is None:
+            self.silence_due = now
+        out: list[Message] = []
+        chunk = round(self.rate * MIX_CHUNK_S)
+        while now >= self.silence_due and len(out) < MIX_MAX_SILENCE_BURST:
+            out.append(self._chunk(np.zeros(chunk, dtype=np.int16), None))
+            self.silence_due += MIX_CHUNK_S
+            self.silent_chunks += 1
+        if now >= self.silence_due:  # the clock jumped (a stalled process): do not make up for it in one burst
+            self.silence_due = now + MIX_CHUNK_S
+        return out
+
+    def figures(self) -> dict[str, Any]:
+        return {"mix_silent_chunks": self.silent_chunks}
 
     def flush(self, stream_id: str) -> Iterable[Message]:
         for sid, inp in self.inputs.items():
@@ -555,7 +910,7 @@ def _load_plugin(target: str, arg: str | None) -> Transform:
     return factory(arg) if arg is not None else factory()
 
 
-def parse_transform(spec: str, output_id: str) -> Transform:
+def parse_transform(spec: str, output_id: str, grid: GridOptions | None = None) -> Transform:
     name, _, rest = spec.partition(":")
     if name == "identity":
         return Identity()
@@ -573,6 +928,11 @@ def parse_transform(spec: str, output_id: str) -> Transform:
         if fields[0] == "speaker" and len(fields) == 2:
             w, h = _ints(fields[1], 2, spec)
             return Speaker(w, h, output_id)
+        if fields[0] == "grid" and 2 <= len(fields) <= 4:
+            w, h = _ints(fields[1], 2, spec)
+            max_tiles = _ints(fields[2], 1, spec)[0] if len(fields) > 2 and fields[2] else GRID_DEFAULT_MAX_TILES
+            ids = fields[3].split(",") if len(fields) == 4 else None
+            return RoomGrid(w, h, max_tiles, ids, output_id, grid)
         if fields[0] == "active" and len(fields) == 2:
             w, h = _ints(fields[1], 2, spec)
             return Compose(1, 1, w, h, None, True, output_id)
@@ -581,8 +941,8 @@ def parse_transform(spec: str, output_id: str) -> Transform:
             w, h = _ints(fields[1], 2, spec)
             ids = fields[2].split(",") if len(fields) == 3 else None
             return Compose(cols, rows, w, h, ids, False, output_id)
-        raise TransformSpecError(f"{spec!r}: use compose:COLSxROWS:WxH[:IDS], compose:active:WxH or "
-                                 "compose:speaker:WxH")
+        raise TransformSpecError(f"{spec!r}: use compose:grid:WxH[:MAX[:IDS]], compose:COLSxROWS:WxH[:IDS], "
+                                 "compose:active:WxH or compose:speaker:WxH")
     if name == "mix":
         return Mix(int(rest) if rest else None, output_id)
     if name == "resample":
@@ -616,6 +976,29 @@ class TransformerStage(Stage):
             batch = [out for item in batch for out in transform.process(item)]
         return batch
 
+    async def produce(self) -> None:
+        """Transforms with a ``tick`` (a grid's slate, a mix's silence) make media without input: call them."""
+        if not any(hasattr(t, "tick") for t in self.transforms):
+            return
+        while True:
+            await asyncio.sleep(TICK_INTERVAL_S)
+            if self._consumers == 0:
+                continue  # nobody to send to yet: a slate now would only count as a dropped frame
+            for out in await self.run_codec(self._tick_all):
+                await self.emit(out)
+
+    def _tick_all(self) -> list[Message]:
+        out: list[Message] = []
+        for index, transform in enumerate(self.transforms):
+            tick = getattr(transform, "tick", None)
+            if tick is None:
+                continue
+            produced = list(tick())
+            for later in self.transforms[index + 1 :]:
+                produced = [o for item in produced for o in later.process(item)]
+            out.extend(produced)
+        return out
+
     def extra_figures(self) -> dict[str, Any]:
         figures: dict[str, Any] = {}
         for transform in self.transforms:
@@ -639,9 +1022,24 @@ class TransformerStage(Stage):
 @click.option("--audio", "audio", multiple=True, default=("identity",), help="Audio transform spec (chain).")
 @click.option("--compose-id", default="composite", help="Stream id of a compose output.")
 @click.option("--mix-id", default="mix", help="Stream id of a mix output.")
-def command(video: tuple[str, ...], audio: tuple[str, ...], compose_id: str, mix_id: str, **params: Any) -> None:
+@click.option("--tile-names/--no-tile-names", default=True, help="compose:grid writes each participant's name.")
+@click.option("--fit", type=click.Choice(FITS), default="letterbox", help="compose:grid: how pictures fill tiles.")
+@click.option("--slate-title", default="", help="compose:grid: the room's name on the empty room's slate.")
+@click.option("--grid-fps", type=float, default=GRID_DEFAULT_FPS, help="compose:grid: rate of slates and repeats.")
+def command(
+    video: tuple[str, ...],
+    audio: tuple[str, ...],
+    compose_id: str,
+    mix_id: str,
+    tile_names: bool,
+    fit: str,
+    slate_title: str,
+    grid_fps: float,
+    **params: Any,
+) -> None:
     """Crop, resize, split, compose, mix, resample or a plugged-in transform."""
-    transforms = [parse_transform(s, compose_id) for s in video if s != "identity"]
+    grid = GridOptions(names=tile_names, fit=fit, title=slate_title, fps=grid_fps)
+    transforms = [parse_transform(s, compose_id, grid) for s in video if s != "identity"]
     transforms += [parse_transform(s, mix_id) for s in audio if s != "identity"]
     options = build_options(params)
     run(TransformerStage(options, transforms))

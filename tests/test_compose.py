@@ -6,13 +6,15 @@ its stream's colours, read back from the composite's pixels.
 
 from __future__ import annotations
 
+import itertools
 from fractions import Fraction
 
 import numpy as np
 
 from protocol import AudioFrame, MediaHeader, Message, VideoFrame
+from stages.bitmapfont import text_mask
 from stages.pattern import PatternGenerator, i420_planes, read_counter
-from stages.transformer import Compose, Speaker
+from stages.transformer import Compose, GridOptions, Mix, RoomGrid, Speaker, cell_rects, label_box
 
 VIDEO_TB = Fraction(1, 90000)
 
@@ -165,3 +167,262 @@ def test_a_stalled_camera_keeps_its_tile_until_its_stream_ends() -> None:
     compose.flush("alice")  # her stream ended: her tile is black from the next composite on
     step(["bob", "carol"])
     assert seen[-1][1][0] == 0 and seen[-1][1][1] == sent["bob"]
+
+
+# ----- the room grid ---------------------------------------------------------------------------------------------
+W, H = 640, 480
+CAM_W, CAM_H = 320, 240
+PEOPLE = ["alice", "bob", "carol", "dave", "eve"]
+
+
+def person_frame(who: str, index: int, pattern: dict[str, PatternGenerator] = {}) -> VideoFrame:  # noqa: B006
+    """Frame ``index`` of a person's camera: the counter reads 1000 * (their place in PEOPLE) + index."""
+    seed = PEOPLE.index(who)
+    gen = pattern.setdefault(who, PatternGenerator(CAM_W, CAM_H, seed))
+    return video(f"{who}/video", gen, 1000 * seed + index)
+
+
+def pictures(frame: VideoFrame, rects: list[tuple[int, int, int, int]]) -> list[str | None]:
+    """Whose picture each rectangle of a composite shows, from the counter in it (None: unreadable or black)."""
+    y, _, _ = i420_planes(frame.data, frame.width, frame.height)
+    out: list[str | None] = []
+    for x, top, w, h in rects:
+        counter = read_counter(y[top : top + h, x : x + w])
+        out.append(PEOPLE[counter // 1000] if counter and counter // 1000 < len(PEOPLE) else None)
+    return out
+
+
+def outside_is_black(frame: VideoFrame, rects: list[tuple[int, int, int, int]]) -> bool:
+    y, _, _ = i420_planes(frame.data, frame.width, frame.height)
+    mask = np.ones(y.shape, dtype=bool)
+    for x, top, w, h in rects:
+        mask[top : top + h, x : x + w] = False
+    return bool((y[mask] == 16).all())
+
+
+def grid_with(people: list[str], clock: DrivenClock, **kwargs: object) -> tuple[RoomGrid, VideoFrame]:
+    """A room grid fed one frame of each person in turn; returns it and its newest composite."""
+    grid = RoomGrid(W, H, kwargs.pop("max_tiles", 4), None, "room-video",  # type: ignore[arg-type]
+                    GridOptions(**kwargs), clock)  # type: ignore[arg-type]
+    last: VideoFrame | None = None
+    for index in range(1, 4):
+        for who in people:
+            for out in videos(list(grid.process(person_frame(who, index)))):
+                last = out
+            clock.advance(0.02)
+    assert last is not None
+    return grid, last
+
+
+# Letterboxed 4:3 cameras in a 640x480 picture: where each one's picture lies, for 1 to 5 people.
+EXPECTED_PICTURES = {
+    1: [(0, 0, 640, 480)],
+    2: [(0, 120, 320, 240), (320, 120, 320, 240)],  # side by side, bars above and below: no empty half
+    3: [(0, 0, 320, 240), (320, 0, 320, 240), (0, 240, 320, 240)],
+    4: [(0, 0, 320, 240), (320, 0, 320, 240), (0, 240, 320, 240), (320, 240, 320, 240)],
+    5: [(0, 0, 212, 158), (212, 0, 212, 158), (426, 0, 212, 158), (0, 160, 212, 158), (212, 160, 212, 158)],
+}
+
+
+def test_room_grid_geometry_follows_the_number_of_people() -> None:
+    """1 full frame, 2 side by side, 3-4 in 2x2, 5 in 3x3; every picture keeps its 4:3 shape (letterbox); nothing
+    but black outside the pictures (names off here)."""
+    for count, rects in EXPECTED_PICTURES.items():
+        people = PEOPLE[:count]
+        grid, composite = grid_with(people, DrivenClock(), names=False, max_tiles=9)
+        assert (composite.width, composite.height) == (W, H)
+        assert pictures(composite, rects) == people, (count, pictures(composite, rects))
+        assert outside_is_black(composite, rects), count
+        assert grid.figures()["grid_layout"] == {1: "1x1", 2: "2x1", 3: "2x2", 4: "2x2", 5: "3x3"}[count]
+
+
+def test_room_grid_stretch_fills_each_cell() -> None:
+    _grid, composite = grid_with(["alice", "bob"], DrivenClock(), names=False, fit="stretch")
+    y, _, _ = i420_planes(composite.data, W, H)
+    assert pictures(composite, [(0, 0, 320, 480), (320, 0, 320, 480)]) == ["alice", "bob"]
+    assert (y[:, :] != 16).mean() > 0.5  # no bars: the counter band starts at the top of the frame
+
+
+def test_room_grid_names_each_tile_without_covering_the_counter() -> None:
+    """Each tile carries its participant's name: in the bar under a letterboxed picture, else over the picture's
+    lower left (clear of its top eighth, where the counter is read, and of its bottom eighth)."""
+    for people, rects in ((["alice", "bob"], EXPECTED_PICTURES[2]), (PEOPLE[:4], EXPECTED_PICTURES[4])):
+        grid, composite = grid_with(people, DrivenClock())
+        y, _, _ = i420_planes(composite.data, W, H)
+        assert pictures(composite, rects) == people  # counters still read
+        cols, rows = grid.layout
+        for who, cell, rect in zip(people, cell_rects(cols, rows, W, H), rects, strict=False):
+            label = label_box(rect, cell, who)
+            assert label is not None
+            (bx, by, _bw, bh), text, scale = label
+            assert text == who
+            mask = text_mask(who, scale)
+            region = y[by + 2 * scale : by + 2 * scale + mask.shape[0], bx + 2 * scale : bx + 2 * scale + mask.shape[1]]
+            assert (region[mask] == 235).all() and (region[~mask] == 40).all(), who  # the name, on its box
+            _px, py, _pw, ph = rect
+            if len(people) == 2:
+                assert by >= py + ph  # in the bar below the picture
+            else:
+                assert py + ph // 8 < by and by + bh <= py + ph - ph // 8
+
+
+def test_room_grid_churn_five_people_through_four_tiles() -> None:
+    """Issue 14's room: alice and bob join and leave, carol and dave join, then eve: eve is shown (the departed
+    freed their tiles); carol and dave leave: eve alone, full frame. An empty grid sends the slate."""
+    clock = DrivenClock()
+    grid = RoomGrid(W, H, 4, None, "room-video", GridOptions(names=False, title="room 1234"), clock)
+    index = 0
+
+    def frames(people: list[str]) -> VideoFrame:
+        nonlocal index
+        last = None
+        for _ in range(3):
+            index += 1
+            for who in people:
+                for out in videos(list(grid.process(person_frame(who, index)))):
+                    last = out
+                clock.advance(0.02)
+        assert last is not None, people
+        return last
+
+    assert pictures(frames(["alice", "bob"]), EXPECTED_PICTURES[2]) == ["alice", "bob"]
+    grid.flush("alice/video")
+    assert pictures(frames(["bob"]), EXPECTED_PICTURES[1]) == ["bob"]
+    grid.flush("bob/video")
+    clock.advance(0.1)
+    slate = grid.tick()
+    assert len(slate) == 1 and is_slate(videos(slate)[0], "room 1234")
+    assert pictures(frames(["carol", "dave"]), EXPECTED_PICTURES[2]) == ["carol", "dave"]
+    composite = frames(["carol", "dave", "eve"])
+    assert pictures(composite, EXPECTED_PICTURES[4]) == ["carol", "dave", "eve", None]
+    assert outside_is_black(composite, EXPECTED_PICTURES[3])
+    grid.flush("carol/video")
+    grid.flush("dave/video")
+    composite = frames(["eve"])
+    assert pictures(composite, EXPECTED_PICTURES[1]) == ["eve"]
+
+
+def test_room_grid_a_leaver_frees_the_tile_and_a_newcomer_takes_it() -> None:
+    """Four people in 2x2; bob leaves: his cell is black at once, the others stay where they were; eve joins:
+    she takes bob's cell."""
+    clock = DrivenClock()
+    grid, _ = grid_with(PEOPLE[:4], clock, names=False)
+    grid.flush("bob/video")
+    out = videos(list(grid.process(person_frame("alice", 10))))
+    assert out and pictures(out[0], EXPECTED_PICTURES[4]) == ["alice", None, "carol", "dave"]
+    composite = None
+    for index in range(11, 14):
+        for who in ("alice", "carol", "dave", "eve"):
+            for frame in videos(list(grid.process(person_frame(who, index)))):
+                composite = frame
+            clock.advance(0.02)
+    assert composite is not None
+    assert pictures(composite, EXPECTED_PICTURES[4]) == ["alice", "eve", "carol", "dave"]
+
+
+def talk(grid: RoomGrid, clock: DrivenClock, talker: str | None, seconds: float, people: list[str]) -> None:
+    tone = (8000 * np.sin(2 * np.pi * 440 * np.arange(960) / 48000)).astype(np.int16).tobytes()
+    silence = bytes(960 * 2)
+    for tick in range(round(seconds / 0.02)):
+        for who in people:
+            header = MediaHeader(f"{who}/audio", tick, tick * 960, Fraction(1, 48000), 1)
+            grid.process(AudioFrame(header, 48000, 1, 960, tone if who == talker else silence))
+        if tick % 3 == 0:
+            for who in people:
+                grid.process(person_frame(who, 100 + tick))
+        clock.advance(0.02)
+
+
+def test_room_grid_beyond_its_tiles_the_most_recent_speakers_win() -> None:
+    """Five people, four tiles: without anyone speaking the four most recent arrivals are shown (not alice, the
+    first); when alice talks (longer than the hold) she takes the tile of the one who spoke least recently."""
+    clock = DrivenClock()
+    grid, composite = grid_with(PEOPLE, clock, names=False)
+    assert sorted(p for p in pictures(composite, EXPECTED_PICTURES[4]) if p) == ["bob", "carol", "dave", "eve"]
+    talk(grid, clock, "carol", 1.0, PEOPLE)
+    talk(grid, clock, "dave", 1.0, PEOPLE)
+    talk(grid, clock, "eve", 1.0, PEOPLE)
+    talk(grid, clock, "bob", 1.0, PEOPLE)
+    talk(grid, clock, "alice", 0.3, PEOPLE)  # shorter than the hold: a cough takes no tile
+    assert "alice" not in grid.figures()["grid_tiles"]
+    talk(grid, clock, "alice", 1.0, PEOPLE)
+    tiles = grid.figures()["grid_tiles"]
+    assert sorted(tiles) == ["alice", "bob", "dave", "eve"], tiles  # carol spoke least recently
+    out = [f for who in PEOPLE for f in videos(list(grid.process(person_frame(who, 500))))]
+    assert out and sorted(p for p in pictures(out[-1], EXPECTED_PICTURES[4]) if p) == ["alice", "bob", "dave", "eve"]
+
+
+def is_slate(frame: VideoFrame, title: str) -> bool:
+    """The empty room's picture: black but for the two lines of text, in the middle band, written in the font."""
+    y, _, _ = i420_planes(frame.data, frame.width, frame.height)
+    scale = max(1, frame.height // 160)
+    top = int(frame.height * 0.38)
+    for line in ("waiting for participants", title):
+        mask = text_mask(line, scale)
+        x = (frame.width - mask.shape[1]) // 2
+        region = y[top : top + mask.shape[0], x : x + mask.shape[1]]
+        if not ((region[mask] == 235).all() and (region[~mask] == 16).all()):
+            return False
+        top += (7 + 3) * scale
+    return bool((y[: int(frame.height * 0.38)] == 16).all() and (y[top:] == 16).all())
+
+
+def test_an_empty_room_grid_sends_a_slate_at_its_frame_rate() -> None:
+    clock = DrivenClock()
+    grid = RoomGrid(W, H, 4, None, "room-video", GridOptions(title="Room 1234", fps=10.0), clock)
+    sent = []
+    for _ in range(100):  # 1 s of 10 ms ticks
+        sent += videos(grid.tick())
+        clock.advance(0.01)
+    assert len(sent) == 10 and all(is_slate(f, "Room 1234") for f in sent)
+    pts = [f.header.pts for f in sent]
+    assert all(b - a == 9000 for a, b in itertools.pairwise(pts)), pts  # 1/10 s apart in 1/90000
+    grid.process(person_frame("alice", 1))
+    assert grid.tick() == []  # someone is shown and sending: no slate, no repeat
+    clock.advance(0.6)
+    repeat = videos(grid.tick())  # every camera stalled: the last grid again, so video keeps flowing
+    assert len(repeat) == 1 and pictures(repeat[0], EXPECTED_PICTURES[1]) == ["alice"]
+
+
+def test_pinned_room_grid_keeps_places_and_a_stalled_camera() -> None:
+    """With stream ids the grid is pinned: those people in that order, in a grid sized for them, black while one
+    is away; a stalled camera keeps its picture (issue 9)."""
+    clock = DrivenClock()
+    ids = ["alice/video", "bob/video", "carol/video"]
+    grid = RoomGrid(W, H, 4, ids, "room-video", GridOptions(names=False), clock)
+    last = None
+    for index in range(1, 30):
+        for who in ("bob", "carol") if index > 5 else ("alice", "bob", "carol"):
+            for out in videos(list(grid.process(person_frame(who, index)))):
+                last = out
+            clock.advance(0.033)
+    assert last is not None
+    y, _, _ = i420_planes(last.data, W, H)
+    assert read_counter(y[:240, :320]) == 5  # alice's last picture, 2.5 s later
+    assert pictures(last, EXPECTED_PICTURES[4]) == ["alice", "bob", "carol", None]
+    passed = list(grid.process(person_frame("dave", 1)))
+    assert len(passed) == 1 and passed[0].header.stream_id == "dave/video"  # not one of ours: passed on
+
+
+def test_mix_sends_silence_while_the_room_is_empty() -> None:
+    """No stream to mix (none yet, or all ended): 20 ms chunks of silence on the clock's grid, pts continuous;
+    none while a stream is live."""
+    clock = DrivenClock()
+    mix = Mix(8000, "room-audio", clock)
+    chunks: list[AudioFrame] = []
+    for _ in range(50):  # 0.5 s of 10 ms ticks
+        chunks += [m for m in mix.tick() if isinstance(m, AudioFrame)]
+        clock.advance(0.01)
+    assert len(chunks) == 25 and all(c.samples == 160 and not np.frombuffer(c.data, np.int16).any() for c in chunks)
+    assert [c.header.pts for c in chunks] == [160 * i for i in range(25)]
+    header = MediaHeader("alice/audio", 0, 0, Fraction(1, 8000), 1)
+    tone = (3000 * np.sin(np.arange(160))).astype(np.int16)
+    mixed = [m for m in mix.process(AudioFrame(header, 8000, 1, 160, tone.tobytes())) if isinstance(m, AudioFrame)]
+    assert len(mixed) == 1 and mixed[0].header.pts == 160 * 25 and np.array_equal(
+        np.frombuffer(mixed[0].data, np.int16), tone)
+    clock.advance(0.1)
+    assert mix.tick() == []  # alice is live
+    assert list(mix.flush("alice/audio")) == []
+    clock.advance(0.04)
+    after = mix.tick()
+    assert len(after) == 1 and after[0].header.pts == 160 * 26
