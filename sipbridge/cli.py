@@ -25,6 +25,7 @@ EXTRA_COMMANDS: dict[str, str] = {
     "netns": "sipbridge.netns:command",
     "node": "sipbridge.node:command",
     "room": "sipbridge.room:command",
+    "cluster": "sipbridge.cluster.cli:command",
 }
 
 
