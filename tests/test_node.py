@@ -34,6 +34,7 @@ from sipbridge.node.calls import Call, RunFolderInUse, make_run_folder, plan_cal
 from sipbridge.node.config import NodeConfigError, NodeSettings, check, default_slots
 from sipbridge.node.hostinfo import scan_sessions
 from sipbridge.node.service import Node
+from tests.sipfix import janus_fixture, netns_fixture  # noqa: F401  (pytest fixtures)
 from tests.stagehelp import SIPBRIDGE
 
 pytestmark = pytest.mark.timeout(240)
@@ -499,3 +500,79 @@ async def _drain(proc: subprocess.Popen[bytes], port: int, run_root: Path) -> No
     await until(lambda: proc.poll() is not None, 90, "the node to exit")
     assert not any(pid_alive(p) for p in pids), "a call's process outlived the node"
     assert sorted(p.name for p in run_root.iterdir()) == sorted(ids)  # folders kept for their logs
+
+
+# ----- a real SIP call through the node ---------------------------------------------------------------------
+SIPP_PORT = 5090
+SIPP_MEDIA_PORT = 6000
+
+
+def sip_call(janus_url: str) -> dict[str, Any]:
+    """The SIP leg of a bridged call without the browser: test pattern + tone -> H.264 + PCMU -> janus stage ->
+    Janus -> SIP peer (sipp echoes the RTP) -> janus stage -> decoder -> sink."""
+    return {"stage": [
+        {"name": "source", "kind": "source", "args": ["--width", "160", "--height", "120", "--fps", "10"]},
+        {"name": "encoder", "kind": "encoder", "inputs": ["source"],
+         "args": ["--video-codec", "h264", "--audio-codec", "pcmu", "--fps", "10"]},
+        {"name": "janus", "kind": "janus", "inputs": ["encoder"],
+         "args": ["--janus-url", janus_url, "--call", f"sip:peer@127.0.0.1:{SIPP_PORT}", "--audio-codec", "pcmu",
+                  "--video-codec", "h264"]},
+        {"name": "decoder", "kind": "decoder", "inputs": ["janus"]},
+        {"name": "sink", "kind": "sink", "inputs": ["decoder"]},
+    ]}
+
+
+async def _sip_call(run_root: Path, janus_url: str, sipp: Any, sipp_dir: Path) -> None:
+    async with node_client(settings_for(run_root, slots=2)) as (node, client):
+        resp = await client.post("/calls", json=sip_call(janus_url), headers=AUTH)
+        assert resp.status == 201, await resp.text()
+        call_id = (await resp.json())["id"]
+
+        async def echoed() -> Any:
+            view = await get_call(client, call_id)
+            streams = view["stages"].get("sink", {}).get("streams", {})
+            up = (view["sip"] or {}).get("state") == "media_up"
+            return view if up and streams.get("sip-video", {}).get("frames_in", 0) >= 10 else None
+        view = await until(echoed, CALL_START_TIMEOUT_S, "the SIP call up and the echo back at the sink")
+        sip = view["sip"]
+        assert (sip["direction"], sip["audio_codec"], sip["video_codec"]) == ("outbound", "PCMU", "H264"), sip
+        assert sip["peer"] == f"sip:peer@127.0.0.1:{SIPP_PORT}"
+
+        resp = await client.post(f"/calls/{call_id}/dtmf", json={"digits": "19*"}, headers=AUTH)
+        assert resp.status == 200, await resp.text()
+
+        def digits_at_peer() -> list[str]:
+            logs = "".join(p.read_text(errors="replace") for p in sipp_dir.glob("*_logs.log"))
+            return re.findall(r"DTMF received (\S)", logs)
+        await until(lambda: len(digits_at_peer()) >= 3, 15, "three DTMF digits at the SIP peer")
+        assert digits_at_peer() == ["1", "9", "*"]
+
+        async def peer_digits_back() -> bool:  # the peer answers with 7 and # (SIP INFO) before it waits for BYE
+            return (await get_call(client, call_id))["stages"]["janus"]["extra"].get("dtmf_received", 0) >= 2
+        await until(peer_digits_back, 15, "the peer's two DTMF digits at the janus stage")
+
+        metrics = metric_samples(await (await client.get("/metrics", headers=AUTH)).text())
+        assert metrics[("sipbridge_call_sip_media_up", (("call", call_id),))] == 1
+        session = node.calls[call_id].session
+        resp = await client.delete(f"/calls/{call_id}", headers=AUTH)
+        assert resp.status == 200, await resp.text()
+        gone = await resp.json()
+        assert (gone["state"], gone["end_reason"]) == ("ended", "deleted")
+        assert session is not None and scan_sessions({session})[session] == []
+    # The peer got a BYE and answered it: its scenario (INVITE, DTMF both ways, BYE) completed.
+    assert await asyncio.to_thread(sipp.wait, 15) == 0, sipp.output()
+    assert "BYE sip:" in sipp.messages()
+
+
+@pytest.mark.media
+@pytest.mark.timeout(180)
+def test_a_sip_call_through_the_node_dtmf_and_delete_with_bye(netns: Any, janus: Any, run_root: Path,
+                                                               tmp_path: Path) -> None:
+    from tests.sipfix import Sipp
+
+    sipp_dir = tmp_path / "sipp"
+    sipp = Sipp("uas_dtmf", sipp_dir, SIPP_PORT, SIPP_MEDIA_PORT, extra=["-rtp_echo", "-trace_logs"]).start()
+    try:
+        asyncio.run(_sip_call(run_root, janus.ws_url, sipp, sipp_dir))
+    finally:
+        sipp.stop()

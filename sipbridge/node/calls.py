@@ -49,6 +49,8 @@ CALL_ID_RE = re.compile(rf"[a-z0-9][a-z0-9-]{{0,{CALL_ID_LENGTH_MAX - 1}}}")
 SIP_FINAL_STATES = {"ended", "failed", "declined", "janus_disconnected"}
 DTMF_RE = re.compile(r"[0-9*#A-Da-d]{1,32}")
 DTMF_DURATION_MS = (40, 2000)
+# Figures the call view already shows in its own shape (the SIP call, streams, drops, errors).
+BASE_FIGURES = {"pid", "streams", "drops", "errors", "call"}
 
 
 class CallRequestError(ValueError):
@@ -386,6 +388,8 @@ class Call:
                 row["stage_state"] = fig["state"]
             if detail:
                 row["streams"] = streams
+                # The rest of the stage's figures (backlogs, keyframe requests, the janus stage's counters).
+                row["extra"] = {k: v for k, v in fig.items() if k not in BASE_FIGURES}
             view[name] = row
         return view
 
