@@ -17,6 +17,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -576,3 +577,22 @@ def test_a_sip_call_through_the_node_dtmf_and_delete_with_bye(netns: Any, janus:
         asyncio.run(_sip_call(run_root, janus.ws_url, sipp, sipp_dir))
     finally:
         sipp.stop()
+
+
+def test_the_systemd_unit_verifies(tmp_path: Path) -> None:
+    """systemd-analyze verify on the shipped unit, its install paths pointed at this checkout."""
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze is not installed")
+    checkout = Path(__file__).resolve().parent.parent
+    unit = (checkout / "deploy" / "sipbridge-node.service").read_text()
+    assert "KillMode=mixed" in unit and "RuntimeDirectory=sipbridge" in unit
+    assert "ExecStart=/opt/sipbridge/.venv/bin/python -m sipbridge node --config /etc/sipbridge/node.toml" in unit
+    (tmp_path / "node.env").write_text("SIPBRIDGE_NODE_TOKEN=x\n")
+    python = Path(sys.executable)
+    local = (unit.replace("/opt/sipbridge/.venv/bin/python", str(python)).replace("/opt/sipbridge", str(checkout))
+             .replace("/etc/sipbridge/node.env", str(tmp_path / "node.env")))
+    path = tmp_path / "sipbridge-node.service"
+    path.write_text(local)
+    result = subprocess.run(["systemd-analyze", "verify", str(path)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "sipbridge-node.service" not in result.stderr, result.stderr  # no warning about the unit itself

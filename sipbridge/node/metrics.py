@@ -41,7 +41,7 @@ class NodeCollector(Collector):
         ended = CounterMetricFamily("sipbridge_calls_ended", "Calls ended, by reason.", labels=["reason"])
         for reason, count in sorted(node.ended.items()):
             ended.add_metric([reason], count)
-        rejected = CounterMetricFamily("sipbridge_calls_rejected", "Calls refused: full, cpu, draining.",
+        rejected = CounterMetricFamily("sipbridge_calls_rejected", "Calls refused: full, cpu, draining, invalid.",
                                        labels=["reason"])
         for reason, count in sorted(node.rejected.items()):
             rejected.add_metric([reason], count)

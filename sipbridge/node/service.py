@@ -107,7 +107,9 @@ class Node:
         self._samples += 1
         with_memory = self._samples % MEMORY_SAMPLE_EVERY == 1
         live = {c.session: c for c in self.calls.values() if c.state != "ended" and c.session}
-        busy, found, memory = await asyncio.to_thread(self._measure, set(live), with_memory)
+        # PSS of every call every few samples, and at once for a call not measured yet.
+        weigh = set(live) if with_memory else {sid for sid, c in live.items() if not c.memory_bytes}
+        busy, found, memory = await asyncio.to_thread(self._measure, set(live), weigh)
         self.cpu_busy = busy
         now = time.monotonic()
         for sid, call in live.items():
@@ -121,11 +123,11 @@ class Node:
             if sid in memory:
                 call.memory_bytes = memory[sid]
 
-    def _measure(self, sessions: set[int], with_memory: bool
+    def _measure(self, sessions: set[int], weigh: set[int]
                  ) -> tuple[float, dict[int, list[ProcInfo]], dict[int, int]]:
         busy = self._cpu_override() if self._cpu_override else self._sampler.sample()
         found = scan_sessions(sessions)
-        memory = {sid: sum(pss_bytes(p.pid) for p in procs) for sid, procs in found.items()} if with_memory else {}
+        memory = {sid: sum(pss_bytes(p.pid) for p in procs) for sid, procs in found.items() if sid in weigh}
         return busy, found, memory
 
     # ----- admission ---------------------------------------------------------------------------
