@@ -583,7 +583,6 @@ class RoomGrid(Compose):
         self.loud_since: dict[str, float] = {}
         self.spoke_at: dict[str, float] = {}
         self.start = clock()
-        self.last_emit = -math.inf
         self.last_live = -math.inf
         self.due: float | None = None  # when tick sends the next slate or repeat
         self.last_pts = -1
@@ -669,13 +668,15 @@ class RoomGrid(Compose):
         return ()
 
     # ----- pictures ----------------------------------------------------------------------------------------------
-    def _draw(self, now: float) -> VideoFrame:
+    def _draw(self, now: float, at: float | None = None) -> VideoFrame:
+        """The grid (or the slate) as it is ``now``, stamped ``at`` (default: now)."""
         width, height = self.size
+        stamp = now if at is None else at
         if not any(self.positions):
             self.slates += 1
             if self._slate is None:
                 self._slate = slate_i420(width, height, self.options.title)
-            return self._output(now, self._slate.copy(), time.time_ns())
+            return self._output(stamp, self._slate.copy(), time.time_ns())
         canvas = make_i420(width, height)
         planes = i420_planes(canvas, width, height)
         captures = []
@@ -693,11 +694,11 @@ class RoomGrid(Compose):
                 draw_label(planes, *label)
             if now - slot.last_seen < STALE_STREAM_S:
                 captures.append(frame.header.capture_time_ns)
-        return self._output(now, canvas, min(captures) if captures else time.time_ns())
+        return self._output(stamp, canvas, min(captures) if captures else time.time_ns())
 
-    def _output(self, now: float, canvas: np.ndarray, capture_ns: int) -> VideoFrame:
-        pts = max(self.last_pts + 1, round((now - self.start) * 90000))
-        self.last_pts, self.last_emit = pts, now
+    def _output(self, stamp: float, canvas: np.ndarray, capture_ns: int) -> VideoFrame:
+        pts = max(self.last_pts + 1, round((stamp - self.start) * 90000))
+        self.last_pts = pts
         self.seq += 1
         width, height = self.size
         return VideoFrame(MediaHeader(self.output_id, self.seq, pts, Fraction(1, 90000), capture_ns), width, height,
@@ -715,12 +716,13 @@ class RoomGrid(Compose):
         if now < self.due - CLOCK_EPSILON_S:
             return []
         period = 1.0 / self.options.fps
+        at = self.due  # stamped on the fps grid, not with when this tick happened to run
         self.due += period
         if self.due <= now:  # the clock jumped (a stalled process): go on from now, no burst
             self.due = now + period
         if any(self.positions):
             self.repeats += 1
-        return [self._draw(now)]
+        return [self._draw(now, at)]
 
     def figures(self) -> dict[str, Any]:
         now = self.clock()

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import signal
+import subprocess
+import sys
+import threading
+import time
 from fractions import Fraction
 from pathlib import Path
 
@@ -387,3 +393,167 @@ def test_active_speaker_stage_shows_who_talks(tmp_path: Path) -> None:
         assert counter is not None
         expected = i420_planes(patterns["alice"].frame(counter), width, height)[2]
         assert np.array_equal(v, expected), "the picture is not alice's"
+
+
+GRID_PEOPLE = {"alice": 15, "bob": 10, "carol": 6}  # frames per second, as in the bridge's end-to-end test
+STALLS = 5
+STALL_S = 0.3
+RECOVERY_S = 2.0  # every participant's counter moves on in the composite within this long after a stall
+GRID_JOIN_TIMEOUT_S = 30.0
+
+
+class CompositeReader:
+    """Reads a grid stage's composites on a thread: (arrival, {person: counter}) of each, from its 2x2 cells."""
+
+    def __init__(self, collector: Collector, people: list[str]) -> None:
+        self.collector, self.people = collector, people
+        self.seen: list[tuple[float, dict[str, int]]] = []
+        self.stop = False
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        from tests.gridfeeder import COUNTER_PER_PERSON
+
+        while not self.stop:
+            msg = self.collector.receive(timeout_s=0.2)
+            if not isinstance(msg, VideoFrame):
+                continue
+            y, _, _ = i420_planes(msg.data, msg.width, msg.height)
+            h, w = y.shape
+            shown: dict[str, int] = {}
+            for r in range(2):
+                for c in range(2):
+                    counter = read_counter(y[r * h // 2 : (r + 1) * h // 2, c * w // 2 : (c + 1) * w // 2])
+                    index = (counter or 0) // COUNTER_PER_PERSON
+                    if 1 <= index <= len(self.people):
+                        shown[self.people[index - 1]] = counter or 0
+            self.seen.append((time.monotonic(), shown))
+
+    def newest(self, since: float = 0.0) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for t, shown in list(self.seen):
+            if t >= since:
+                for who, counter in shown.items():
+                    out[who] = max(out.get(who, 0), counter)
+        return out
+
+    def close(self) -> None:
+        self.stop = True
+        self.thread.join(5)
+
+
+def test_grid_shows_everyone_through_upstream_stalls(tmp_path: Path) -> None:
+    """Issue 9: nobody vanishes from the grid while their media flows. Three participants (15, 10 and 6 fps) are
+    composed by a transformer process; the process feeding it is stopped (SIGSTOP) for 300 ms five times, then
+    sends its backlog at once. After each stall, every participant's counter moves on in the composite within
+    2 s."""
+    people = list(GRID_PEOPLE)
+    with stage_procs(tmp_path) as procs:
+        out = Collector(procs.endpoint("grid"))
+        reader = CompositeReader(out, people)
+        procs.start("transformer", "grid", "--in", procs.endpoint("room"), "--video", "compose:grid:640x480:4",
+                    "--compose-id", "room-video")
+        feeder = subprocess.Popen(
+            [sys.executable, "-m", "tests.gridfeeder", procs.endpoint("room"),
+             *(f"{p}:{fps}" for p, fps in GRID_PEOPLE.items())],
+            cwd=Path(__file__).resolve().parents[1])
+        try:
+            deadline = time.monotonic() + GRID_JOIN_TIMEOUT_S
+            while set(reader.newest()) != set(people):
+                assert time.monotonic() < deadline, f"not everyone in the grid: {reader.newest()}"
+                time.sleep(0.05)
+            for stall in range(STALLS):
+                before = reader.newest()
+                feeder.send_signal(signal.SIGSTOP)
+                time.sleep(STALL_S)
+                feeder.send_signal(signal.SIGCONT)
+                resumed = time.monotonic()
+                while True:
+                    after = reader.newest(since=resumed)
+                    late = [p for p in people if after.get(p, 0) <= before[p]]
+                    if not late:
+                        break
+                    assert time.monotonic() < resumed + RECOVERY_S, (
+                        f"stall {stall + 1}: {late} did not move on in the grid within {RECOVERY_S} s "
+                        f"(before {before}, since {after})\n{procs.log('grid')[-2000:]}")
+                    time.sleep(0.02)
+                time.sleep(0.5)
+        finally:
+            feeder.send_signal(signal.SIGCONT)
+            feeder.terminate()
+            feeder.wait(10)
+            reader.close()
+        assert procs.wait_all() == {"grid": 0}
+        out.close()
+
+
+SLATE_SIZE = (320, 240)
+SLATE_FPS = 10
+
+
+def test_empty_room_grid_sends_a_slate_and_silence(tmp_path: Path) -> None:
+    """A transformer with the bridge's room-side transforms and nobody in the room still sends media: the slate
+    (waiting for participants, the room's name) at the grid's rate and 20 ms chunks of silence with continuous
+    pts; a participant who comes is shown full frame; when their stream ends, the slate is back."""
+    from tests.test_compose import is_slate
+
+    width, height = SLATE_SIZE
+    pattern = PatternGenerator(width, height, 3)
+    with stage_procs(tmp_path) as procs:
+        feeder = Feeder(procs.endpoint("room"))
+        out = Collector(procs.endpoint("grid"))
+        procs.start("transformer", "grid", "--in", procs.endpoint("room"), "--video",
+                    f"compose:grid:{width}x{height}:4", "--audio", "mix:8000", "--slate-title", "Room 42",
+                    "--grid-fps", str(SLATE_FPS), "--compose-id", "room-video", "--mix-id", "room-audio")
+
+        def until(predicate: object, what: str, timeout_s: float = 20.0) -> list[protocol.Message]:
+            got: list[protocol.Message] = []
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline:
+                msg = out.receive(timeout_s=0.5)
+                if msg is not None:
+                    got.append(msg)
+                    if predicate(got):  # type: ignore[operator]
+                        return got
+            raise AssertionError(f"{what}: not within {timeout_s} s ({len(got)} messages)")
+
+        def slates(got: list[protocol.Message]) -> list[VideoFrame]:
+            return [m for m in got if isinstance(m, VideoFrame) and is_slate(m, "Room 42")]
+
+        empty = until(lambda got: len(slates(got)) >= 10, "slates while the room is empty")
+        videos = [m for m in empty if isinstance(m, VideoFrame)]
+        assert videos == slates(empty) and {v.header.stream_id for v in videos} == {"room-video"}
+        pts = [v.header.pts for v in videos]
+        assert pts == sorted(pts) and len(set(pts)) == len(pts)
+        silence = [m for m in empty if isinstance(m, AudioFrame)]
+        assert len(silence) >= 10 and {a.header.stream_id for a in silence} == {"room-audio"}
+        assert all(a.sample_rate == 8000 and a.samples == 160 for a in silence)
+        assert not any(np.frombuffer(a.data, np.int16).any() for a in silence)
+        assert [a.header.pts for a in silence] == [silence[0].header.pts + 160 * i for i in range(len(silence))]
+        # Paced on the grid's clock: never faster than its rate (a loaded machine may make them later, not sooner).
+        assert all(b - a >= 90000 // SLATE_FPS - 1 for a, b in itertools.pairwise(pts)), pts
+
+        index = 0
+
+        def send_alice(frames: int) -> None:
+            nonlocal index
+            for _ in range(frames):
+                index += 1
+                header = MediaHeader("alice/video", index, index * 6000, Fraction(1, 90000), time.time_ns())
+                feeder.send(VideoFrame(header, width, height, pattern.frame(index)))
+                time.sleep(1 / 15)
+
+        send_alice(15)
+
+        def alice_full_frame(got: list[protocol.Message]) -> bool:
+            return any(isinstance(m, VideoFrame) and (c := read_counter(i420_planes(m.data, width, height)[0]))
+                       and c > 0 for m in got)
+
+        until(alice_full_frame, "alice shown full frame")
+        feeder.send(protocol.EndOfStream("alice/video"))
+        until(lambda got: len(slates(got)) >= 3, "the slate again once alice's stream ended")
+        feeder.send(protocol.EndOfStream(""))
+        out.until_end()
+        assert procs.wait_all() == {"grid": 0}
+        feeder.close()
