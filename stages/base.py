@@ -34,8 +34,9 @@ import enum
 import logging
 import os
 import signal
+import socket
 import time
-from collections.abc import Iterable
+from collections.abc import ItemsView, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,12 +72,60 @@ LATENCY_WINDOW_SAMPLES = 512
 ERROR_LOG_INTERVAL_S = 1.0
 # How long real-time audio may wait for room downstream before it is dropped (counted).
 AUDIO_SEND_WAIT_MS = 200
+# Per-stream statistics are bounded: stream ids come from untrusted input (a room, a SIP peer, a forged packet).
+# A bridge has at most 16 tiles of audio + video, so this leaves room; a stream id over the bound is a counted drop.
+MAX_TRACKED_STREAMS = 64
+# A stream with no message in or out for this long is over: its figures are dropped and its codec state flushed.
+STREAM_IDLE_EXPIRY_S = 60.0
+# How long a probe waits for an ipc endpoint's owner to answer before the endpoint counts as free.
+IPC_PROBE_TIMEOUT_S = 0.5
 
+# The one default run folder (sockets, logs, reports); SIPBRIDGE_RUN_DIR or --run-dir choose another.
 DEFAULT_RUN_DIR = "/tmp/sipbridge"
+RUN_DIR_MODE = 0o700
+# Set to 1 in every program of a live bridge: end of stream then ends streams, never the stage.
+LIVE_ENV = "SIPBRIDGE_LIVE"
 
 
 def run_dir() -> str:
     return os.environ.get("SIPBRIDGE_RUN_DIR", DEFAULT_RUN_DIR)
+
+
+def make_run_dir(path: str | os.PathLike[str]) -> None:
+    """Create a run folder private to this user (0700); an existing one of ours is tightened to 0700."""
+    os.makedirs(path, mode=RUN_DIR_MODE, exist_ok=True)
+    info = os.stat(path)
+    if info.st_uid == os.getuid() and info.st_mode & 0o777 != RUN_DIR_MODE:
+        os.chmod(path, RUN_DIR_MODE)
+
+
+class EndpointInUse(RuntimeError):
+    """An ipc endpoint that a live process still owns: binding it would silently steal its socket."""
+
+
+def ipc_owner_alive(path: str) -> bool:
+    """Whether a process still accepts connections on the unix socket at ``path``."""
+    if not os.path.exists(path):
+        return False
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(IPC_PROBE_TIMEOUT_S)
+    try:
+        probe.connect(path)
+        return True
+    except OSError:
+        return False  # refused or not a socket: a leftover from a process that is gone
+    finally:
+        probe.close()
+
+
+def check_bind_free(endpoint: str) -> None:
+    """Refuse an ipc endpoint whose owner is alive (ZeroMQ would unlink it and take the socket over)."""
+    if endpoint.startswith("ipc://") and ipc_owner_alive(endpoint[len("ipc://") :]):
+        raise EndpointInUse(f"{endpoint} is in use by a live process; stop it or choose another endpoint/run folder")
+
+
+def live_from_env() -> bool:
+    return os.environ.get(LIVE_ENV, "") == "1"
 
 
 def default_endpoint(name: str, suffix: str = "sock") -> str:
@@ -113,12 +162,15 @@ class StageOptions:
     stats: str | None = None
     video_policy: VideoPolicy = VideoPolicy.LATEST
     hwm: int = DEFAULT_VIDEO_HWM_MSGS
+    #: Live (a bridge): an input's end of stream ends its streams, and the stage keeps running for the producer's
+    #: restart; only SIGTERM stops it. Finite (tests, files, benchmarks): the stage ends when every input has ended.
+    live: bool = field(default_factory=live_from_env)
 
 
 class StreamFigures:
     """Counters of one stream inside one stage."""
 
-    __slots__ = ("bytes_in", "bytes_out", "first_ns", "frames_in", "frames_out", "last_ns", "latency_ms")
+    __slots__ = ("bytes_in", "bytes_out", "first_ns", "frames_in", "frames_out", "last_ns", "latency_ms", "seen_s")
 
     def __init__(self) -> None:
         self.frames_in = 0
@@ -126,8 +178,71 @@ class StreamFigures:
         self.bytes_in = 0
         self.bytes_out = 0
         self.latency_ms: collections.deque[float] = collections.deque(maxlen=LATENCY_WINDOW_SAMPLES)
-        self.first_ns = 0
+        self.first_ns = 0  # wall clock of the first and last input: the input frame rate
         self.last_ns = 0
+        self.seen_s = time.monotonic()  # last message in or out: idle streams expire
+
+
+class StreamTable:
+    """Per-stream figures, at most ``limit`` streams; a stream idle for ``idle_s`` expires.
+
+    Indexing creates a stream like a defaultdict while there is room; when the table is full of live streams
+    a new id gets figures that are not kept (counted in ``refused``), so no input can grow it without bound.
+    """
+
+    def __init__(self, limit: int = MAX_TRACKED_STREAMS, idle_s: float = STREAM_IDLE_EXPIRY_S) -> None:
+        self.limit = limit
+        self.idle_s = idle_s
+        self._items: collections.OrderedDict[str, StreamFigures] = collections.OrderedDict()
+        self.refused = 0
+        self.expired = 0
+
+    def admits(self, stream_id: str) -> bool:
+        """Whether ``stream_id`` is tracked or can be (after expiring idle streams)."""
+        if stream_id in self._items:
+            return True
+        if len(self._items) >= self.limit:
+            self.expire()
+        return len(self._items) < self.limit
+
+    def __getitem__(self, stream_id: str) -> StreamFigures:
+        figures = self._items.get(stream_id)
+        if figures is None:
+            figures = StreamFigures()
+            if self.admits(stream_id):
+                self._items[stream_id] = figures
+            else:
+                self.refused += 1
+                return figures
+        else:
+            self._items.move_to_end(stream_id)  # least recently seen first: expiry stops at the first live one
+            figures.seen_s = time.monotonic()
+        return figures
+
+    def expire(self, now_s: float | None = None) -> list[tuple[str, StreamFigures]]:
+        """Remove and return the streams idle for ``idle_s`` or more."""
+        now_s = time.monotonic() if now_s is None else now_s
+        gone = []
+        while self._items:
+            stream_id, figures = next(iter(self._items.items()))
+            if now_s - figures.seen_s < self.idle_s:
+                break
+            del self._items[stream_id]
+            gone.append((stream_id, figures))
+        self.expired += len(gone)
+        return gone
+
+    def __contains__(self, stream_id: object) -> bool:
+        return stream_id in self._items
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def items(self) -> ItemsView[str, StreamFigures]:
+        return self._items.items()
+
+    def get(self, stream_id: str) -> StreamFigures | None:
+        return self._items.get(stream_id)
 
 
 def percentile(values: Iterable[float], q: float) -> float | None:
@@ -174,7 +289,10 @@ class Stage:
         self._stopping = asyncio.Event()
         self._closed = False
         self._eos_inputs = 0
-        self.streams: dict[str, StreamFigures] = collections.defaultdict(StreamFigures)
+        self._disconnects = 0  # consumers that hung up on the output, ever
+        self.streams = StreamTable()
+        # Which streams came in on which input: a live stage ends exactly those when that input ends.
+        self._input_streams: list[set[str]] = []
         self.drops: collections.Counter[str] = collections.Counter()
         self.errors: collections.Counter[str] = collections.Counter()
         self.keyframe_requests_in = 0
@@ -238,8 +356,21 @@ class Stage:
     async def emit(self, msg: Message) -> bool:
         """Send one message downstream under the edge's backpressure policy.
 
-        Returns False when the message was dropped.
+        Returns False when the message was dropped. Nothing on this path ends the stage: a message that cannot
+        be encoded (a transform that labelled its output wrongly) or sent is a counted drop and a log line.
         """
+        try:
+            return await self._emit(msg)
+        except (asyncio.CancelledError, zmq.ContextTerminated):
+            raise
+        except Exception as exc:
+            self.drops["emit_error"] += 1
+            stream_id = getattr(getattr(msg, "header", None), "stream_id", "") or getattr(msg, "stream_id", "")
+            self.report_error("emit_failed", f"{type(msg).__name__} not sent: {type(exc).__name__}: {exc}",
+                              str(stream_id))
+            return False
+
+    async def _emit(self, msg: Message) -> bool:
         if self._out is None:
             return False
         parts = protocol.encode(msg)
@@ -298,7 +429,13 @@ class Stage:
         """Send a downstream control message in order with media; give up if nobody takes it."""
         if self._out is None:
             return False
-        if not await self._send_waiting(protocol.encode(msg), True, int(timeout_s * 1000)):
+        try:
+            parts = protocol.encode(msg)
+        except ProtocolError as exc:
+            self.drops["emit_error"] += 1
+            self.report_error("emit_failed", f"{type(msg).__name__} not sent: {exc}")
+            return False
+        if not await self._send_waiting(parts, True, int(timeout_s * 1000)):
             self.drops["control_timeout"] += 1
             return False
         return True
@@ -328,6 +465,9 @@ class Stage:
     # ----- runtime --------------------------------------------------------------------------
     def _open_sockets(self) -> None:
         opts = self.options
+        for endpoint in (opts.output, control_endpoint(opts.output) if opts.output else None, opts.stats):
+            if endpoint:
+                check_bind_free(endpoint)
         if opts.output:
             self._out = self._socket(zmq.PUSH)
             self._out.setsockopt(zmq.SNDHWM, opts.hwm)
@@ -340,6 +480,7 @@ class Stage:
             sock.setsockopt(zmq.RCVHWM, opts.hwm)
             sock.connect(endpoint)
             self._ins.append(sock)
+            self._input_streams.append(set())
             ctl = self._socket(zmq.PUSH)
             ctl.setsockopt(zmq.SNDHWM, 16)
             ctl.connect(control_endpoint(endpoint))
@@ -376,19 +517,25 @@ class Stage:
         self._loop = asyncio.get_running_loop()
         for endpoint in [self.options.output, self.options.stats]:
             if endpoint and endpoint.startswith("ipc://"):
-                os.makedirs(os.path.dirname(endpoint[len("ipc://") :]) or ".", exist_ok=True)
+                make_run_dir(os.path.dirname(endpoint[len("ipc://") :]) or ".")
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
-        self._open_sockets()
+        try:
+            self._open_sockets()
+        except EndpointInUse as in_use:
+            self.log.error("%s", in_use)
+            await self.close()
+            return 2
         await self.run_codec(self.setup)
         self.log.info(
-            "started: inputs=%s output=%s stats=%s policy=%s hwm=%d",
+            "started: inputs=%s output=%s stats=%s policy=%s hwm=%d%s",
             self.options.inputs,
             self.options.output,
             self.options.stats,
             self.options.video_policy.value,
             self.options.hwm,
+            " live" if self.options.live else "",
         )
         tasks = [asyncio.create_task(self._stats_loop(), name="stats")]
         if self._out_control is not None:
@@ -415,7 +562,12 @@ class Stage:
         # Hang up on the producers now: each of them waits for that before it exits.
         for sock in self._ins:
             sock.close(linger=0)
-        await self._finish()
+        if self.exit_code == 0:
+            await self._finish()
+        else:
+            # A crash is not an end: consumers keep their state and wait for this stage's restart.
+            self.log.error("exiting %d without end of stream: consumers wait for the restart", self.exit_code)
+            self._publish_stats()
         # The work is flushed and the end of stream sent: a late SIGTERM (supervisord signals every stage
         # at shutdown) must not turn a clean exit into "terminated by SIGTERM" once the loop is gone.
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -439,16 +591,13 @@ class Stage:
             await asyncio.Event().wait()  # inputs decide when the stage ends
 
     async def _finish(self) -> None:
-        try:
-            for out in await self.run_codec(lambda: list(self.flush(""))):
-                await self.emit(out)
-        except Exception as exc:
-            self.report_error("flush_failed", repr(exc))
+        await self._flush_and_emit("")
         if self._out is not None and self._consumers == 0:
             self.log.info("no consumer connected: nobody to send the end of stream to")
         elif self._out is not None:
+            disconnects = self._disconnects
             if await self._send_control(EndOfStream("")):
-                await self._wait_for_consumers_to_leave()
+                await self._wait_for_consumers_to_leave(disconnects)
             else:
                 self.log.warning("no consumer took the end of stream within %.0f s", EOS_DRAIN_TIMEOUT_S)
         self._publish_stats()
@@ -462,13 +611,16 @@ class Stage:
                 self._consumers += 1
             elif event["event"] == zmq.EVENT_DISCONNECTED:
                 self._consumers = max(0, self._consumers - 1)
+                self._disconnects += 1
             self._consumers_changed.set()
 
-    async def _wait_for_consumers_to_leave(self) -> None:
+    async def _wait_for_consumers_to_leave(self, disconnects_before: int) -> None:
         """Closing with messages still queued would lose them (ZeroMQ drops a pipe's backlog when its
-        peer goes away), so wait until every consumer has read the end of stream and disconnected."""
+        peer goes away), so wait until the consumer has read the end of stream and hung up. A live consumer
+        hangs up and connects again at once (to this stage's restart): one hang-up since the end of stream
+        is enough, as an edge has exactly one consumer."""
         deadline = time.monotonic() + EOS_DRAIN_TIMEOUT_S
-        while self._consumers > 0:
+        while self._consumers > 0 and self._disconnects == disconnects_before:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 self.log.warning(
@@ -497,10 +649,10 @@ class Stage:
                 messages = self._skip_stale_video(messages)
             for msg in messages:
                 if isinstance(msg, EndOfStream):
-                    if await self._on_end_of_stream(msg):
+                    if await self._on_end_of_stream(msg, index, sock):
                         return
                     continue
-                await self._handle(msg)
+                await self._handle(msg, index)
 
     @staticmethod
     def _readable(sock: zmq.asyncio.Socket) -> bool:
@@ -524,13 +676,41 @@ class Stage:
             kept.append(msg)
         return kept
 
-    async def _on_end_of_stream(self, msg: EndOfStream) -> bool:
-        """Returns True when every input has ended."""
+    async def _flush_and_emit(self, stream_id: str) -> None:
+        try:
+            outputs = await self.run_codec(lambda: list(self.flush(stream_id)))
+        except Exception as exc:
+            self.drops["flush_error"] += 1
+            self.report_error("flush_failed", f"{type(exc).__name__}: {exc}", stream_id)
+            return
+        for out in outputs:
+            await self.emit(out)
+
+    async def _end_stream(self, stream_id: str, index: int | None) -> None:
+        await self._flush_and_emit(stream_id)
+        if index is not None:
+            self._input_streams[index].discard(stream_id)
+        if self.forwards_control:
+            await self._send_control(EndOfStream(stream_id))
+
+    async def _on_end_of_stream(self, msg: EndOfStream, index: int, sock: zmq.asyncio.Socket) -> bool:
+        """End a stream, or everything an input sent; returns True when the stage is over (finite only)."""
         if msg.stream_id:
-            for out in await self.run_codec(lambda: list(self.flush(msg.stream_id))):
-                await self.emit(out)
-            if self.forwards_control:
-                await self._send_control(msg)
+            await self._end_stream(msg.stream_id, index)
+            return False
+        if self.options.live:
+            # The producer stopped (a restart, or the bridge stopping in order): its streams ended, the bridge
+            # did not. Flush what came from it, then hang up and connect again: the hang-up tells the producer
+            # that everything was read, and the new connection finds its restart.
+            ended = sorted(self._input_streams[index])
+            self.log.info("input %s ended (%s); staying up for its restart", self.options.inputs[index],
+                          ", ".join(ended) or "no streams")
+            for stream_id in ended:
+                await self._end_stream(stream_id, index)
+            endpoint = self.options.inputs[index]
+            with contextlib.suppress(zmq.ZMQError):
+                sock.disconnect(endpoint)
+            sock.connect(endpoint)
             return False
         self._eos_inputs += 1
         if self._eos_inputs >= len(self._ins):
@@ -539,9 +719,18 @@ class Stage:
             return True
         return False
 
-    async def _handle(self, msg: Message) -> None:
+    async def _handle(self, msg: Message, index: int | None = None) -> None:
         if isinstance(msg, (VideoFrame, AudioFrame, EncodedPacket)):
-            figures = self.streams[msg.header.stream_id]
+            stream_id = msg.header.stream_id
+            if not self.streams.admits(stream_id):
+                # Untrusted input must not grow this stage's per-stream state (figures, codec contexts) without
+                # bound: a new stream waits until an idle one has expired.
+                self.drops["too_many_streams"] += 1
+                self.report_error("too_many_streams", f"more than {self.streams.limit} live streams", stream_id)
+                return
+            if index is not None and len(self._input_streams[index]) < self.streams.limit:
+                self._input_streams[index].add(stream_id)
+            figures = self.streams[stream_id]
             figures.frames_in += 1
             figures.bytes_in += payload_size(msg)
             now = time.time_ns()
@@ -561,7 +750,10 @@ class Stage:
             for out in outputs:
                 await self.emit(out)
         else:
-            await self.on_control(msg)
+            try:
+                await self.on_control(msg)
+            except Exception as exc:
+                self.report_error("control_failed", f"{type(exc).__name__}: {exc}")
             if self.forwards_control:
                 # Control messages that travel downstream (events, errors) pass through.
                 self.control_forwarded += 1
@@ -584,7 +776,11 @@ class Stage:
                 continue
             if isinstance(msg, KeyframeRequest):
                 self.keyframe_requests_in += 1
-                handled = await self.run_codec(self.on_keyframe_request, msg)
+                try:
+                    handled = await self.run_codec(self.on_keyframe_request, msg)
+                except Exception as exc:  # the control loop must outlive one bad request
+                    self.report_error("keyframe_request_failed", f"{type(exc).__name__}: {exc}", msg.stream_id)
+                    continue
                 if not handled:
                     await self.request_keyframe_upstream(msg.stream_id, msg.reason)
 
@@ -593,22 +789,33 @@ class Stage:
         while True:
             await asyncio.sleep(min(HEARTBEAT_INTERVAL_S, STATS_INTERVAL_S))
             self._publish(Heartbeat(self.name, time.time_ns(), os.getpid()))
+            await self._expire_idle_streams()
             self._publish_stats()
             if time.monotonic() >= next_log:
                 next_log += LOG_STATS_INTERVAL_S
                 self.log.info("%s", self._summary_line())
 
+    async def _expire_idle_streams(self) -> None:
+        """An idle stream is over: forget its figures and flush its codec state (bounded memory)."""
+        for stream_id, figures in self.streams.expire():
+            for streams in self._input_streams:
+                streams.discard(stream_id)
+            if figures.frames_in:
+                self.log.info("stream %s idle for %.0f s: ended", stream_id, self.streams.idle_s)
+                await self._flush_and_emit(stream_id)
+
     def figures(self) -> dict[str, Any]:
         now = time.time_ns()
         streams = {}
         for stream_id, f in self.streams.items():
-            span_s = max((f.last_ns - f.first_ns) / 1e9, 1e-9)
+            span_s = (f.last_ns - f.first_ns) / 1e9 if f.first_ns else 0.0
             streams[stream_id] = {
                 "frames_in": f.frames_in,
                 "frames_out": f.frames_out,
                 "bytes_in": f.bytes_in,
                 "bytes_out": f.bytes_out,
-                "fps_in": round((f.frames_in - 1) / span_s, 2) if f.frames_in > 1 else 0.0,
+                # A stage that counts frames without their times (or one frame) has no rate to show.
+                "fps_in": round((f.frames_in - 1) / span_s, 2) if f.frames_in > 1 and span_s > 0 else 0.0,
                 "latency_ms_p50": percentile(f.latency_ms, 0.5),
                 "latency_ms_p95": percentile(f.latency_ms, 0.95),
                 "idle_s": round((now - f.last_ns) / 1e9, 3) if f.last_ns else None,
@@ -627,6 +834,8 @@ class Stage:
             "codec_queue": self._codec_thread._work_queue.qsize(),
             "keyframe_requests_in": self.keyframe_requests_in,
             "keyframe_requests_out": self.keyframe_requests_out,
+            "streams_refused": self.streams.refused,
+            "streams_expired": self.streams.expired,
             "control_forwarded": self.control_forwarded,
             "control_ended": self.control_ended,
             **self.extra_figures(),

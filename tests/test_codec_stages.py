@@ -52,6 +52,9 @@ RECEIVE_TIMEOUT_MS = 10_000
 STARTUP_RECEIVE_TIMEOUT_S = 60.0
 EXIT_TIMEOUT_S = 10.0
 STATS_WAIT_S = 5.0
+# A test's own send waits for room this long: ten stage processes starting on a loaded machine connect late.
+SEND_TIMEOUT_S = 60.0
+PROJECT_DIR = Path(__file__).resolve().parents[1]
 PROGRAM = "from sipbridge.cli import main; main()"
 
 
@@ -86,15 +89,17 @@ class Harness:
     def endpoint(self, name: str) -> str:
         return f"ipc://{self.tmp}/{name}"
 
-    def start(self, kind: str, name: str, inputs: list[str], *extra: str) -> StageProcess:
+    def start(self, kind: str, name: str, inputs: list[str], *extra: str, live: bool = False) -> StageProcess:
         output, stats = self.endpoint(f"{name}.sock"), self.endpoint(f"{name}.stats")
         args = [sys.executable, "-c", PROGRAM, "stage", kind, "--name", name, "--out", output, "--stats", stats,
                 "--video-policy", "all"]
         for endpoint in inputs:
             args += ["--in", endpoint]
         log_path = self.tmp / f"{name}.log"
-        env = {**os.environ, "SIPBRIDGE_RUN_DIR": str(self.tmp)}
-        with open(log_path, "wb") as log:
+        # PYTHONPATH: plugin transforms defined in this module load in the stage process.
+        env = {**os.environ, "SIPBRIDGE_RUN_DIR": str(self.tmp), "SIPBRIDGE_LIVE": "1" if live else "0",
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_DIR), os.environ.get("PYTHONPATH")]))}
+        with open(log_path, "a+b") as log:
             proc = subprocess.Popen([*args, *extra], stdout=log, stderr=subprocess.STDOUT, env=env)
         stage = StageProcess(name, proc, output, stats, log_path)
         self.procs.append(stage)
@@ -135,8 +140,18 @@ def harness(tmp_path: Path) -> Iterator[Harness]:
         h.close()
 
 
-def send(sock: zmq.Socket[Any], msg: Message) -> None:
-    sock.send_multipart(protocol.encode(msg))
+def send(sock: zmq.Socket[Any], msg: Message, timeout_s: float = SEND_TIMEOUT_S) -> None:
+    """Send as soon as there is room (the stage may not have connected yet), failing only after a deadline."""
+    parts = protocol.encode(msg)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            sock.send_multipart(parts, flags=zmq.NOBLOCK)
+            return
+        except zmq.Again:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no room to send {type(msg).__name__} within {timeout_s:.0f} s") from None
+            sock.poll(100, zmq.POLLOUT)
 
 
 def receive(sock: zmq.Socket[Any]) -> Message:
@@ -375,3 +390,138 @@ def test_encoder_survives_bad_input(harness: Harness) -> None:
     pictures = [f for p in [first, *packets] for f in decoder.decode(av.Packet(bytes(p.data)))]
     assert [(f.width, f.height) for f in pictures] == [(160, 120)] * 3
     assert encoder.wait_exit() == 0
+
+
+class MislabelledAudio:
+    """A faulty user transform: stereo audio labelled as 6 channels (what ``resample:8000:6`` once did)."""
+
+    def process(self, msg: Message) -> tuple[Message, ...]:
+        if isinstance(msg, AudioFrame):
+            return (AudioFrame(msg.header, msg.sample_rate, 6, msg.samples, msg.data),)
+        return (msg,)
+
+    def flush(self, stream_id: str) -> tuple[Message, ...]:
+        return ()
+
+
+def receive_media(sock: zmq.Socket[Any], count: int) -> list[Message]:
+    """The next ``count`` media messages (control messages in between are skipped)."""
+    media: list[Message] = []
+    while len(media) < count:
+        msg = receive(sock)
+        if isinstance(msg, (VideoFrame, AudioFrame, EncodedPacket)):
+            media.append(msg)
+        else:
+            assert not (isinstance(msg, EndOfStream) and not msg.stream_id), "a live stage ended the bridge"
+    return media
+
+
+def media_flows(push: zmq.Socket[Any], out: zmq.Socket[Any], first_seq: int, timeout_s: float = 30.0) -> int:
+    """Send frames from ``first_seq`` on until one comes out (a reconnecting edge may lose the first few);
+    return the seq of the first one out."""
+    deadline = time.monotonic() + timeout_s
+    seq = first_seq
+    while time.monotonic() < deadline:
+        send(push, video_frame(seq))
+        seq += 1
+        if out.poll(200):
+            msg = receive(out)
+            assert not (isinstance(msg, EndOfStream) and not msg.stream_id), "a live stage ended the bridge"
+            if isinstance(msg, VideoFrame) and msg.header.seq >= first_seq:
+                return msg.header.seq
+    raise AssertionError(f"no media came out within {timeout_s:.0f} s")
+
+
+def test_a_message_the_stage_cannot_send_is_a_counted_drop_not_a_crash(harness: Harness) -> None:
+    push, _, feed = harness.feed("feed")
+    stage = harness.start("transformer", "bad", [feed], "--audio", "plugin:tests.test_codec_stages:MislabelledAudio")
+    out = harness.socket(zmq.PULL, stage.output, False)
+    stats = harness.socket(zmq.SUB, stage.stats, False)
+    for i in range(5):
+        header = MediaHeader("mic", i, i * 960, Fraction(1, 48000), 1_000_000 + i)
+        send(push, AudioFrame(header, 48000, 2, 960, np.zeros(960 * 2, np.int16).tobytes()))
+    send(push, video_frame(0))
+    [frame] = receive_media(out, 1)
+    assert isinstance(frame, VideoFrame), "media after the bad messages must still flow"
+    errors: list[ErrorReport] = []
+    figures = wait_stats(stats, lambda f: f["drops"].get("emit_error", 0) >= 5, errors)
+    assert figures["errors"].get("emit_failed", 0) >= 5
+    assert any(e.code == "emit_failed" and e.stream_id == "mic" for e in errors) or "emit_failed" in stage.log()
+    assert stage.proc.poll() is None
+    assert "[bad]" in stage.log() and "stream=mic" in stage.log(), "the log line names the stage and the stream"
+    send(push, EndOfStream(""))
+    receive_until_eos(out)
+    assert stage.wait_exit() == 0
+
+
+def test_a_live_stage_outlives_end_of_stream_and_its_producer_restart(harness: Harness) -> None:
+    """End of stream ends streams, never a live bridge: both stages downstream keep running and media flows
+    on after an injected EndOfStream(""), and after the first stage is stopped and started again."""
+    push, _, feed = harness.feed("feed")
+    first = harness.start("transformer", "first", [feed], "--video", "resize:32x24", live=True)
+    second = harness.start("transformer", "second", [first.output], "--video", "resize:16x12", live=True)
+    out = harness.socket(zmq.PULL, second.output, False)
+    for i in range(3):
+        send(push, video_frame(i))
+    assert [m.header.seq for m in receive_media(out, 3)] == [0, 1, 2]
+    send(push, EndOfStream(""))  # one valid message that used to end the whole bridge
+    media_flows(push, out, 3)
+    assert first.proc.poll() is None and second.proc.poll() is None
+    assert "staying up for its restart" in first.log()
+    # An intended stop of one stage (SIGTERM): it flushes, ends its streams, and exits 0 at once, as its live
+    # consumer hangs up after reading the end of stream; the consumer stays for the restart.
+    first.proc.terminate()
+    assert first.wait_exit() == 0
+    assert "consumer still connected" not in first.log()
+    assert second.proc.poll() is None
+    while out.poll(200):  # the first stage's flushed tail
+        receive(out)
+    restarted = harness.start("transformer", "first", [feed], "--video", "resize:32x24", live=True)
+    media_flows(push, out, 100)
+    assert second.proc.poll() is None and restarted.proc.poll() is None
+
+
+def test_a_stage_that_fails_sends_no_end_of_stream(tmp_path: Path) -> None:
+    """A crash is not an end: the consumer must not be told the streams are over (it would flush them and, in a
+    finite pipeline, exit); it keeps its state and waits for the restart."""
+    import asyncio
+
+    from stages.base import Stage, StageOptions
+
+    class FailingSource(Stage):
+        async def produce(self) -> None:
+            await self.wait_for_consumers(10.0)
+            await self.emit(video_frame(0))
+            raise RuntimeError("a bug in the stage")
+
+    ctx = zmq.Context.instance()
+    out = ctx.socket(zmq.PULL)
+    out.setsockopt(zmq.LINGER, 0)
+    endpoint = f"ipc://{tmp_path}/failing.sock"
+    out.connect(endpoint)
+    try:
+        stage = FailingSource(StageOptions("failing", output=endpoint, stats=f"ipc://{tmp_path}/failing.stats"))
+        assert asyncio.run(stage.run()) == 1
+        received = []
+        while out.poll(500):
+            received.append(receive(out))
+    finally:
+        out.close()
+    assert [type(m) for m in received] == [VideoFrame], received
+
+
+def test_unknown_stream_ids_cannot_grow_a_stage_without_bound(harness: Harness) -> None:
+    from stages.base import MAX_TRACKED_STREAMS
+
+    push, _, feed = harness.feed("feed")
+    stage = harness.start("transformer", "many", [feed])
+    out = harness.socket(zmq.PULL, stage.output, False)
+    stats = harness.socket(zmq.SUB, stage.stats, False)
+    total = MAX_TRACKED_STREAMS * 20
+    for i in range(total):
+        header = MediaHeader(f"forged-{i}", 0, 0, Fraction(1, 48000), 1_000_000)
+        send(push, AudioFrame(header, 48000, 1, 480, bytes(960)))
+    figures = wait_stats(stats, lambda f: f["drops"].get("too_many_streams", 0) == total - MAX_TRACKED_STREAMS)
+    assert len(figures["streams"]) == MAX_TRACKED_STREAMS
+    assert len(receive_media(out, MAX_TRACKED_STREAMS)) == MAX_TRACKED_STREAMS
+    assert stage.proc.poll() is None
