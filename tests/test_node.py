@@ -596,3 +596,48 @@ def test_the_systemd_unit_verifies(tmp_path: Path) -> None:
     result = subprocess.run(["systemd-analyze", "verify", str(path)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "sipbridge-node.service" not in result.stderr, result.stderr  # no warning about the unit itself
+
+
+async def _runner(run_root: Path) -> None:
+    from sipbridge.cluster.runner import ENDED, FAILED, UP, CallRejected
+    from sipbridge.node.runner import NodeRunner
+
+    cpu = [0.1]
+    async with node_client(settings_for(run_root, slots=1, cpu_ceiling=0.9), cpu=lambda: cpu[0]) as (node, _):
+        runner = NodeRunner(node)
+        await node.sample()
+        snap = runner.snapshot()
+        assert (snap.slots, snap.active, snap.draining, snap.admitting) == (1, 0, False, True)
+        with pytest.raises(CallRejected, match=r"unknown key bridge file\.x") as bad:
+            await runner.start_call("0123456789abcdef", {"room": {"url": "u"}, "sip": {"call": "sip:a@b"}, "x": 1})
+        assert bad.value.retry is False
+        await runner.start_call("0123456789abcdef", cheap_call())
+        await runner.start_call("0123456789abcdef", cheap_call())  # delivered twice: one call
+        assert len(node.calls) == 1
+        status = runner.call_state("0123456789abcdef")
+        assert status is not None and status.state == UP
+        assert runner.snapshot().admitting is False
+        with pytest.raises(CallRejected, match="no free slot") as full:
+            await runner.start_call("fedcba9876543210", cheap_call())
+        assert full.value.retry is True
+        await runner.stop_call("0123456789abcdef")
+        status = runner.call_state("0123456789abcdef")
+        assert status is not None and (status.state, status.reason) == (ENDED, "deleted")
+        assert runner.call_state("nope") is None
+        cpu[0] = 0.95  # over the ceiling: reported full
+        await node.sample()
+        assert runner.snapshot().active == 1 and not runner.snapshot().admitting
+        cpu[0] = 0.1
+        await node.sample()
+        # A call that cannot start (its sink gets an option it does not know) ends failed, with the reason.
+        broken = cheap_call(frames=5)
+        broken["stage"][1]["args"] = ["--no-such-option"]
+        await runner.start_call("00000000000000aa", broken)
+        await until(lambda: (s := runner.call_state("00000000000000aa")) and s.state in (ENDED, FAILED), 60,
+                    "the broken call to end")
+        status = runner.call_state("00000000000000aa")
+        assert status is not None and status.state == FAILED and "sink" in status.reason, status
+
+
+def test_the_node_as_the_cluster_call_runner(run_root: Path) -> None:
+    asyncio.run(_runner(run_root))
