@@ -183,7 +183,7 @@ class CallStore:
         call_id = secrets.token_hex(8)
         created, found = await self._submit(
             keys=[f"{self.prefix}:idem:{key}", self.stream, f"{self.prefix}:callidx"],
-            args=[self.prefix, call_id, key, json.dumps(config), time.time(), place_timeout_s, IDEM_TTL_S],
+            args=[self.prefix, call_id, key, json.dumps(config), time.time(), f"{place_timeout_s:g}", IDEM_TTL_S],
         )
         return _s(found), bool(created)
 
