@@ -24,6 +24,7 @@ EXTRA_COMMANDS: dict[str, str] = {
     "janus-server": "sipbridge.janus_server:command",
     "netns": "sipbridge.netns:command",
     "node": "sipbridge.node:command",
+    "recipe": "sipbridge.recipe_check:command",
     "room": "sipbridge.room:command",
     "cluster": "sipbridge.cluster.cli:command",
 }

@@ -148,7 +148,7 @@ def test_app_in_a_cross_origin_iframe(room: Room, tmp_path: Path) -> None:
                    MEDIA_TIMEOUT_S, "media both ways through the iframe")
         assert in_order(from_bot()) and in_order(collector.counters("alice/video"))
         added = [e for e in collector.events_of(EventType.TRACK_ADDED) if e.stream_id == "alice/video"]
-        assert added[0].attributes["identified_by"] == "page"  # found alice's tile inside the iframe
+        assert added[0].attributes["identified_by"] == "attribute"  # found alice's tile inside the iframe
     finally:
         collector.close()
         pusher.close()

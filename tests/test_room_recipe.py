@@ -15,6 +15,7 @@ from protocol import EventType
 from stages.browser.recipes import Recipe, RecipeError, load_recipe, recipe_from_mapping
 from tests.roomfix import Collector, wait_until
 from tests.sipfix import netns_fixture  # noqa: F401  (pytest fixture)
+from tests.test_recipe_check import strict_page_fixture, strict_recipe  # noqa: F401  (pytest fixture)
 
 
 def test_builtin_local_room_recipe_formats_variables() -> None:
@@ -29,7 +30,7 @@ def test_toml_recipe_and_bad_steps(tmp_path: Path) -> None:
     path.write_text('url = "https://app.example/{room}"\nsteps = [{ click = "#go" }, { wait_s = 1 }]\n')
     recipe = load_recipe(str(path), {"room": "r1"})
     assert recipe.start_url() == "https://app.example/r1" and len(recipe.steps) == 2
-    with pytest.raises(RecipeError, match="unknown step"):
+    with pytest.raises(RecipeError, match="no step kind"):
         recipe_from_mapping({"url": "x", "steps": [{"dance": "#go"}]}, {}, "bad")
     with pytest.raises(RecipeError, match="needs a url"):
         recipe_from_mapping({"steps": []}, {}, "bad")
@@ -102,3 +103,38 @@ def test_chromium_never_root(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def pwd_entry(name: str, uid: int, gid: int) -> pwd.struct_passwd:
     return pwd.struct_passwd((name, "x", uid, gid, "", "/nonexistent", "/usr/sbin/nologin"))
+
+
+@pytest.mark.media
+@pytest.mark.timeout(90)
+def test_stage_join_failure_explains_itself(strict_page: str, tmp_path: Path) -> None:
+    """Issue 14: the stage that cannot join says why in its error line and state event: the failed step, the page's
+    own error text, a likely fix, and a screenshot, console and page text saved in the run folder."""
+    run = tmp_path / "run"
+    run.mkdir()
+    out = f"ipc://{run}/bot.sock"
+    collector = Collector(out)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "sipbridge", "stage", "browser", "--recipe",
+                               str(strict_recipe(tmp_path)), "--var", f"page_url={strict_page}", "--out", out,
+                               "--stats", f"ipc://{run}/bot.stats", "--max-restarts", "0"],
+                              env={**os.environ, "SIPBRIDGE_RUN_DIR": str(run)}, capture_output=True, text=True,
+                              timeout=60)
+        assert proc.returncode == 1
+        wait_until(lambda: collector.events_of(EventType.STAGE_STATE)
+                   and collector.events_of(EventType.STAGE_STATE)[-1].attributes.get("state") == "failed", 5,
+                   "failed state event")
+        failed = collector.events_of(EventType.STAGE_STATE)[-1].attributes
+        diagnosis = failed["diagnosis"]
+        assert failed["reason"].startswith("join failed at step 3/3 (wait_for '#videos' to be visible)")
+        assert diagnosis["page_errors"] == ["Input is not alphanumeric"]
+        assert "--var display_name=SIPbridge" in diagnosis["suggestion"]
+        assert Path(diagnosis["screenshot"]).parent == run
+        assert Path(diagnosis["screenshot"]).read_bytes().startswith(b"\x89PNG")
+        assert 'join refused for name "SIP bridge"' in Path(diagnosis["console"]).read_text()
+        error_lines = [line for line in (proc.stdout + proc.stderr).splitlines()
+                       if "join_failed" in line and "ERROR" in line]
+        assert error_lines, proc.stderr[-3000:]
+        assert "Input is not alphanumeric" in error_lines[0] and diagnosis["screenshot"] in error_lines[0]
+    finally:
+        collector.close()

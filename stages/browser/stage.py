@@ -39,10 +39,11 @@ from protocol import (
     VideoFrame,
     i420_size,
 )
-from stages.base import Stage, StageOptions, percentile
+from stages.base import Stage, StageOptions, percentile, run_dir
 from stages.browser.chromium import ChromiumUserError, launch_chromium
+from stages.browser.diagnose import Diagnosis, PageWatch, diagnose
 from stages.browser.procs import chromium_pids
-from stages.browser.recipes import Recipe, RecipeError
+from stages.browser.recipes import Recipe
 
 JS_DIR = Path(__file__).resolve().parent / "js"
 WS_PATH = "/sipbridge"
@@ -53,6 +54,7 @@ PAGE_STATS_INTERVAL_MS = 1000
 WATCHDOG_INTERVAL_S = 1.0
 # Being out of the call this long (recipe's joined check failing) counts as dropped from the room.
 NOT_JOINED_GRACE_S = 1.0
+DROPPED_REASON = "dropped from the room"
 BROWSER_CLOSE_TIMEOUT_S = 5.0
 DEFAULT_MAX_RESTARTS = 5
 DEFAULT_RESTART_WINDOW_S = 300.0
@@ -180,6 +182,30 @@ def stream_name(participant: str) -> str:
     return _STREAM_ID_UNSAFE.sub("_", participant).strip("_")[:100] or "participant"
 
 
+def init_script(ws_url: str, recipe: Recipe, *, mode: CaptureMode = CaptureMode.RAW,
+                max_backlog_bytes: int = DEFAULT_MAX_BACKLOG_BYTES, identify_timeout_s: float = IDENTIFY_TIMEOUT_S,
+                video_tracks: int = 1) -> str:
+    """The page hook (js/hook.js and its workers) as one init script, talking to the socket at ``ws_url``."""
+    cfg = {
+        "wsUrl": ws_url,
+        "mode": mode.value,
+        "maxBacklogBytes": max_backlog_bytes,
+        "identifyTimeoutMs": int(identify_timeout_s * 1000),
+        "participantAttribute": recipe.participant_attribute,
+        "participantScript": recipe.participant_script,
+        "videoTracks": video_tracks,
+        "statsIntervalMs": PAGE_STATS_INTERVAL_MS,
+    }
+    worker = (JS_DIR / "capture_worker.js").read_text()
+    relay = (JS_DIR / "relay_worker.js").read_text()
+    hook = (JS_DIR / "hook.js").read_text()
+    # One script (separate init scripts would not share names, field notes), wrapped in a function so the
+    # page's own scripts cannot see the constants (the socket token among them).
+    return (f"(function () {{\n\"use strict\";\nconst SB_CONFIG = {json.dumps(cfg)};\n"
+            f"const SB_WORKER_SOURCE = {json.dumps(worker)};\nconst SB_RELAY_SOURCE = {json.dumps(relay)};\n"
+            f"{hook}\n}})();\n")
+
+
 class BrowserStage(Stage):
     """Joins a room with Chromium; emits every remote track; injects pipeline media as camera and microphone."""
 
@@ -218,6 +244,8 @@ class BrowserStage(Stage):
         self._call: dict[str, Any] | None = None
         self._call_changed = asyncio.Event()
         self._default_vars = dict(self.recipe.variables)
+        # What the page showed when the last session failed (files in the run folder), for the state event.
+        self._diagnosis: Diagnosis | None = None
 
     # ----- statistics --------------------------------------------------------------------------------------------
     def extra_figures(self) -> dict[str, Any]:
@@ -517,24 +545,9 @@ class BrowserStage(Stage):
 
     # ----- the browser session -----------------------------------------------------------------------------------
     def _init_script(self) -> str:
-        cfg = {
-            "wsUrl": self._ws_url,
-            "mode": self.config.mode.value,
-            "maxBacklogBytes": self.config.max_backlog_bytes,
-            "identifyTimeoutMs": int(self.config.identify_timeout_s * 1000),
-            "participantAttribute": self.recipe.participant_attribute,
-            "participantScript": self.recipe.participant_script,
-            "videoTracks": self.config.video_tracks,
-            "statsIntervalMs": PAGE_STATS_INTERVAL_MS,
-        }
-        worker = (JS_DIR / "capture_worker.js").read_text()
-        relay = (JS_DIR / "relay_worker.js").read_text()
-        hook = (JS_DIR / "hook.js").read_text()
-        # One script (separate init scripts would not share names, field notes), wrapped in a function so the
-        # page's own scripts cannot see the constants (the socket token among them).
-        return (f"(function () {{\n\"use strict\";\nconst SB_CONFIG = {json.dumps(cfg)};\n"
-                f"const SB_WORKER_SOURCE = {json.dumps(worker)};\nconst SB_RELAY_SOURCE = {json.dumps(relay)};\n"
-                f"{hook}\n}})();\n")
+        return init_script(self._ws_url, self.recipe, mode=self.config.mode,
+                           max_backlog_bytes=self.config.max_backlog_bytes,
+                           identify_timeout_s=self.config.identify_timeout_s, video_tracks=self.config.video_tracks)
 
     async def _set_state(self, state: str, **attributes: Any) -> None:
         self._state = state
@@ -601,11 +614,13 @@ class BrowserStage(Stage):
                     self._restarts.append(now)
                     while self._restarts and now - self._restarts[0] > self.config.restart_window_s:
                         self._restarts.popleft()
+                    explained = {"diagnosis": self._diagnosis.attributes()} if self._diagnosis else {}
+                    self._diagnosis = None
                     if len(self._restarts) > self.config.max_restarts:
-                        await self._set_state("failed", reason=reason)
+                        await self._set_state("failed", reason=reason, **explained)
                         raise RuntimeError(f"giving up after {len(self._restarts)} restarts in "
                                            f"{self.config.restart_window_s:.0f} s; last: {reason}")
-                    await self._set_state("rejoining", reason=reason)
+                    await self._set_state("rejoining", reason=reason, **explained)
                     await asyncio.sleep(RESTART_BACKOFF_S)
         finally:
             await self._drop_browser()
@@ -645,6 +660,7 @@ class BrowserStage(Stage):
             context = await browser.new_context(bypass_csp=self.recipe.bypass_csp)
             await context.add_init_script(script=self._init_script())
             page: Page = await context.new_page()
+            watch = PageWatch(page)
             page.on("crash", lambda _p: fail("page crashed"))
             page.on("close", lambda _p: fail("page closed"))
             if self.log.isEnabledFor(logging.DEBUG):  # every console line crosses the Playwright driver
@@ -658,11 +674,14 @@ class BrowserStage(Stage):
                 return failed.result()
             try:
                 join.result()
-            except (RecipeError, Exception) as exc:
-                return f"join failed: {exc}"
+            except Exception as exc:
+                return await self._explain(page, exc, watch, "join failed")
             self._joined_at_ns = time.time_ns()
             await self._set_state("joined")
-            return await self._watch(page, failed)
+            reason = await self._watch(page, failed)
+            if reason == DROPPED_REASON:  # the page may say why (kicked, room closed, session expired)
+                await self._explain(page, RuntimeError(reason), watch, "left the room")
+            return reason
         except ChromiumUserError:
             raise  # no rejoin can fix a missing user: say so at once
         except Exception as exc:
@@ -677,6 +696,16 @@ class BrowserStage(Stage):
                     await asyncio.wait_for(context.close(), BROWSER_CLOSE_TIMEOUT_S)
                 except Exception:  # a browser that cannot close a context is not reused
                     await self._drop_browser()
+
+    async def _explain(self, page: Page, error: BaseException, watch: PageWatch, headline: str) -> str:
+        """Save what the page shows and said (run folder), log one line with the reason, fix and files."""
+        diagnosis = await diagnose(page, self.recipe, error, Path(run_dir()),
+                                   f"{stream_name(self.name)}-s{self._session}", watch, headline)
+        self._diagnosis = diagnosis
+        call_id = str(self._call["call_id"]) if self._call else ""
+        self.report_error("join_failed" if headline == "join failed" else "left_room", diagnosis.line(),
+                          call_id=call_id)
+        return diagnosis.reason
 
     async def _drop_browser(self) -> None:
         browser, self._browser = self._browser, None
@@ -703,4 +732,4 @@ class BrowserStage(Stage):
             elif not_joined_since is None:
                 not_joined_since = now
             elif now - not_joined_since >= NOT_JOINED_GRACE_S:
-                return "dropped from the room"
+                return DROPPED_REASON

@@ -23,7 +23,10 @@
   const IDENTIFY_POLL_MS = 100;
   const TRACK_POLL_MS = 500;
 
-  const hook = { tracks: new Map(), pcs: new Set(), drops: {}, injected: { video: 0, audio: 0 }, ws: null };
+  // gum: getUserMedia calls and what they asked for; gumTracks: the tracks handed out (so `sipbridge recipe check`
+  // can tell whether what a connection sends is the bot's own camera).
+  const hook = { tracks: new Map(), pcs: new Set(), drops: {}, injected: { video: 0, audio: 0 }, ws: null,
+    gum: { calls: 0, audio: false, video: false }, gumTracks: new WeakSet() };
   window.__sipbridgeHook = hook;
   // Track keys are unique across documents and frames sharing one Python side.
   const DOC_ID = Math.random().toString(36).slice(2, 10);
@@ -90,20 +93,23 @@
     return null;
   }
 
+  // Who the page shows the track for, and how that was found: "script" (the recipe's participant_script) or
+  // "attribute" (participant_attribute on the element or an ancestor); null while the page does not show it.
   function participantOf(track) {
     const el = elementShowing(track);
     if (!el) return null;
     if (cfg.participantScript) {
       try {
         const name = new Function("element", "track", cfg.participantScript)(el, track);
-        if (name) return String(name);
+        if (name) return { participant: String(name), identifiedBy: "script" };
       } catch (err) {
         drop("identify_script_error");
       }
     }
     if (cfg.participantAttribute) {
       const holder = el.closest("[" + cfg.participantAttribute + "]");
-      if (holder) return holder.getAttribute(cfg.participantAttribute);
+      const name = holder && holder.getAttribute(cfg.participantAttribute);
+      if (name) return { participant: name, identifiedBy: "attribute" };
     }
     return null;
   }
@@ -111,8 +117,8 @@
   async function identify(track, streams) {
     const deadline = performance.now() + cfg.identifyTimeoutMs;
     while (performance.now() < deadline) {
-      const name = participantOf(track);
-      if (name) return { participant: name, identifiedBy: "page" };
+      const who = participantOf(track);
+      if (who) return who;
       if (track.readyState === "ended") break;
       await new Promise((r) => setTimeout(r, IDENTIFY_POLL_MS));
     }
@@ -254,6 +260,10 @@
         if (chosen !== null) tracks.push(videoSlot(chosen).generator.clone());
         else for (let i = 0; i < Math.max(1, cfg.videoTracks); i++) tracks.push(videoSlot(i).generator.clone());
       }
+      hook.gum.calls++;
+      hook.gum.audio = hook.gum.audio || !!(constraints && constraints.audio);
+      hook.gum.video = hook.gum.video || !!(constraints && constraints.video);
+      for (const track of tracks) hook.gumTracks.add(track);
       return new MediaStream(tracks);
     };
     navigator.mediaDevices.getDisplayMedia = async function () {

@@ -29,7 +29,9 @@ Built-in recipes by name: ``local-room`` (this project's Janus VideoRoom page, `
 from __future__ import annotations
 
 import importlib
+import time
 import tomllib
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +46,30 @@ STEP_KINDS = ("goto", "fill", "click", "press", "wait_for", "wait_s", "evaluate"
 
 class RecipeError(ValueError):
     """A recipe that cannot be loaded or a join step that failed."""
+
+
+class RecipeStepError(RecipeError):
+    """A join step that failed: which one (0 is opening the page), what it did, and the page's error."""
+
+    def __init__(self, recipe: str, index: int, total: int, description: str, step: dict[str, Any] | None,
+                 cause: BaseException) -> None:
+        self.recipe = recipe
+        self.index = index
+        self.total = total
+        self.description = description
+        self.step = step
+        self.cause = cause
+        super().__init__(f"recipe {recipe}: step {index}/{total} ({description}) failed: {first_line(cause)}")
+
+
+def first_line(exc: BaseException) -> str:
+    """Playwright's errors carry a multi-line call log; its first line says what went wrong."""
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
+
+
+# (step index, step count, description, seconds taken, the error or None)
+StepProgress = Callable[[int, int, str, float, BaseException | None], None]
 
 
 @dataclass
@@ -68,17 +94,54 @@ class Recipe:
     def start_url(self) -> str:
         return self.format(self.url)
 
-    async def join(self, page: Page) -> None:
-        """Open the app and do the steps; raise when a step fails or times out."""
+    async def join(self, page: Page, progress: StepProgress | None = None) -> None:
+        """Open the app and do the steps; raise ``RecipeStepError`` naming the step that failed or timed out.
+
+        ``progress(index, total, description, seconds, error)`` is called after each step (0 is opening the page).
+        """
+        total = len(self.steps)
         # Not "load": the steps wait for what matters, and a busy call page can delay its load event.
-        await page.goto(self.start_url(), wait_until="domcontentloaded")
-        for index, step in enumerate(self.steps):
-            try:
-                await self._step(page, step)
-            except RecipeError:
+        await self._timed(0, total, f"open {self.start_url()}", None, progress,
+                          page.goto(self.start_url(), wait_until="domcontentloaded"))
+        for index, step in enumerate(self.steps, 1):
+            await self._timed(index, total, self.describe_step(step), step, progress, self._step(page, step))
+
+    async def _timed(self, index: int, total: int, description: str, step: dict[str, Any] | None,
+                     progress: StepProgress | None, action: Awaitable[Any]) -> None:
+        started = time.monotonic()
+        try:
+            await action
+        except Exception as exc:
+            if progress is not None:
+                progress(index, total, description, time.monotonic() - started, exc)
+            if isinstance(exc, RecipeStepError):
                 raise
-            except Exception as exc:
-                raise RecipeError(f"recipe {self.name}: step {index + 1} {step} failed: {exc}") from exc
+            raise RecipeStepError(self.name, index, total, description, step, exc) from exc
+        if progress is not None:
+            progress(index, total, description, time.monotonic() - started, None)
+
+    def describe_step(self, step: dict[str, Any]) -> str:
+        """One line for a person: the step's kind and what it acts on, variables filled in."""
+        for kind in STEP_KINDS:
+            if kind not in step:
+                continue
+            target = step[kind]
+            try:
+                shown = self.format(str(target)) if kind != "wait_s" else f"{target} s"
+            except RecipeError:
+                shown = str(target)
+            text = f"{kind} {shown!r}" if kind != "wait_s" else f"wait {shown}"
+            if kind == "fill":
+                try:
+                    text += f" with {self.format(str(step.get('value', '')))!r}"
+                except RecipeError:
+                    text += f" with {step.get('value', '')!r}"
+            elif kind == "press":
+                text += f" key {step.get('key')!r}"
+            elif kind == "wait_for" and step.get("state"):
+                text += f" to be {step['state']}"
+            return text
+        return str(step)
 
     async def _step(self, page: Page, step: dict[str, Any]) -> None:
         timeout_ms = float(step.get("timeout_s", DEFAULT_STEP_TIMEOUT_S)) * 1000
@@ -110,16 +173,58 @@ class Recipe:
         """Leave politely before closing (optional)."""
 
 
+RECIPE_KEYS = ("url", "steps", "joined_selector", "participant_attribute", "participant_script", "defaults",
+               "bypass_csp")
+# Keys a step may carry besides its kind.
+STEP_OPTIONS = {"goto": {"timeout_s"}, "fill": {"value", "timeout_s"}, "click": {"timeout_s"},
+                "press": {"key", "timeout_s"}, "wait_for": {"state", "timeout_s"}, "wait_s": set(), "evaluate": set()}
+WAIT_STATES = ("attached", "detached", "visible", "hidden")
+
+
+def check_step(step: Any, where: str) -> None:
+    """A step is a table with exactly one kind and only that kind's keys, so a typo is an error, not ignored."""
+    if not isinstance(step, dict):
+        raise RecipeError(f"{where} must be a table like {{ click = \"#join\" }}, not {step!r}")
+    kinds = [kind for kind in STEP_KINDS if kind in step]
+    if len(kinds) != 1:
+        what = "no step kind" if not kinds else f"several kinds ({', '.join(kinds)})"
+        raise RecipeError(f"{where} {step} has {what}: one of {', '.join(STEP_KINDS)}")
+    kind = kinds[0]
+    unknown = set(step) - {kind} - STEP_OPTIONS[kind]
+    if unknown:
+        raise RecipeError(f"{where} ({kind}) has unknown key(s) {', '.join(sorted(unknown))}; a {kind} step takes "
+                          f"{', '.join(sorted(STEP_OPTIONS[kind])) or 'no other key'}")
+    if kind == "press" and "key" not in step:
+        raise RecipeError(f"{where} (press) needs a key, e.g. key = \"Enter\"")
+    if "state" in step and step["state"] not in WAIT_STATES:
+        raise RecipeError(f"{where} (wait_for) state must be one of {', '.join(WAIT_STATES)}")
+    for number in ("timeout_s", "wait_s"):
+        if number in step and (isinstance(step[number], bool) or not isinstance(step[number], (int, float))
+                               or not 0 <= step[number] < 3600):
+            raise RecipeError(f"{where}: {number} must be a number of seconds (0 to 3600)")
+
+
 def recipe_from_mapping(data: dict[str, Any], variables: dict[str, str], name: str) -> Recipe:
     if "url" not in data:
         raise RecipeError(f"recipe {name}: needs a url")
+    unknown = set(data) - set(RECIPE_KEYS)
+    if unknown:
+        raise RecipeError(f"recipe {name}: unknown key(s) {', '.join(sorted(unknown))} "
+                          f"(keys: {', '.join(RECIPE_KEYS)})")
     steps = data.get("steps", [])
-    if not isinstance(steps, list) or not all(isinstance(s, dict) for s in steps):
+    if not isinstance(steps, list):
         raise RecipeError(f"recipe {name}: steps must be a list of tables")
-    for step in steps:
-        if not any(kind in step for kind in STEP_KINDS):
-            raise RecipeError(f"recipe {name}: unknown step {step} (kinds: {', '.join(STEP_KINDS)})")
-    merged = {str(k): str(v) for k, v in data.get("defaults", {}).items()}
+    for index, step in enumerate(steps, 1):
+        check_step(step, f"recipe {name}: step {index}")
+    for key in ("joined_selector", "participant_attribute", "participant_script"):
+        if data.get(key) is not None and not isinstance(data[key], str):
+            raise RecipeError(f"recipe {name}: {key} must be a string")
+    if not isinstance(data.get("bypass_csp", False), bool):
+        raise RecipeError(f"recipe {name}: bypass_csp must be true or false")
+    defaults = data.get("defaults", {})
+    if not isinstance(defaults, dict):
+        raise RecipeError(f"recipe {name}: [defaults] must be a table of variables")
+    merged = {str(k): str(v) for k, v in defaults.items()}
     merged.update(variables)
     return Recipe(
         url=str(data["url"]),
@@ -129,7 +234,7 @@ def recipe_from_mapping(data: dict[str, Any], variables: dict[str, str], name: s
         participant_script=data.get("participant_script"),
         variables=merged,
         name=name,
-        bypass_csp=bool(data.get("bypass_csp", False)),
+        bypass_csp=data.get("bypass_csp", False),
     )
 
 
