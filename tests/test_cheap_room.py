@@ -1,0 +1,215 @@
+"""Browserless room participants (sipbridge/room/cheap.py, cheap_viewer.py): the pre-encoded loop carries the
+synthetic participants' counters, marks and tone; aiortc publishers and viewer work against a real Janus VideoRoom,
+and the bot's Chromium reads what a cheap publisher sends."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import av
+import numpy as np
+import pytest
+
+from sipbridge.room.cheap import (
+    AUDIO_PACKET_MS,
+    MARK_HZ,
+    MARK_MS,
+    SYNC_PERIOD_MS,
+    draw_picture,
+    encode_audio_loop,
+    encode_video_loop,
+    mark_frames,
+)
+from sipbridge.room.cheap_viewer import BurstDetector, first_channel, mark_band_bright
+from stages.pattern import dominant_frequency, read_counter
+from tests.roomfix import Collector, JsonLines, Room, in_order, room_fixture, wait_until  # noqa: F401  (fixture)
+from tests.sipfix import janus_fixture, netns_fixture  # noqa: F401  (pytest fixtures)
+from tests.stagehelp import SIPBRIDGE
+
+ROOM_ID = 4301
+SIZE, FPS = (320, 240), 15
+PUBLISHERS = [("alice", 440.0), ("bob", 660.0)]
+TONE_TOLERANCE_HZ = 10.0
+MIN_FRAMES = 30
+MEDIA_TIMEOUT_S = 60.0
+LOOP_S = 4  # short loops for the offline checks
+
+
+# ----- the loop itself (no media stack) ---------------------------------------------------------------------------
+@pytest.mark.parametrize("size", [(320, 240), (640, 480), (176, 144)])
+def test_picture_counter_and_mark_read_back(size: tuple[int, int]) -> None:
+    width, height = size
+    for counter, mark in [(0, False), (1, True), (0xA5C3, None), (65535, True)]:
+        buf = draw_picture(width, height, counter, mark)
+        y = buf[: width * height].reshape(height, width)
+        assert read_counter(y) == counter
+        if mark is not None:  # without marks the ramp reaches the bottom, and nobody looks for a band
+            assert mark_band_bright(y) is mark
+        assert (buf[width * height :] == 128).all()
+
+
+@pytest.mark.parametrize("codec", ["vp8", "h264"])
+def test_video_loop_decodes_to_its_counters_and_marks(codec: str) -> None:
+    loop = encode_video_loop(codec, *SIZE, FPS, LOOP_S, 1.0, sync=True, use_cache=False)
+    assert len(loop) == LOOP_S * FPS
+    assert [j for j, key in enumerate(loop.keyframes) if key] == list(range(0, LOOP_S * FPS, FPS))
+    decoder: Any = av.CodecContext.create(codec, "r")
+    counters, marks = [], []
+    # Twice round the loop: the wrap lands on a keyframe and decodes like any other frame.
+    for packet in loop.packets + loop.packets:
+        for frame in decoder.decode(av.Packet(packet)):
+            y = frame.to_ndarray(format="gray")
+            counters.append(read_counter(y))
+            marks.append(mark_band_bright(y))
+    assert counters == list(range(LOOP_S * FPS)) * 2
+    period = SYNC_PERIOD_MS * FPS // 1000
+    assert marks == [j % period < mark_frames(FPS) for j in range(LOOP_S * FPS)] * 2
+
+
+def decoded_audio(packets: list[bytes]) -> np.ndarray:
+    decoder: Any = av.CodecContext.create("opus", "r")
+    return np.concatenate([first_channel(f) for p in packets for f in decoder.decode(av.Packet(p))])
+
+
+def onsets_of(samples: np.ndarray, chunk_sizes: list[int], start_ms: float = 0.0) -> list[float]:
+    detector, found, i, k = BurstDetector(), [], 0, 0
+    while i < samples.size:
+        n = chunk_sizes[k % len(chunk_sizes)]
+        found += detector.push(samples[i : i + n], RATE, start_ms + i * 1000 / RATE)
+        i, k = i + n, k + 1
+    return found
+
+
+RATE = 48000
+ODD_CHUNKS = [480, 960, 333, 1024, 7]
+
+
+def test_burst_detector_times_a_clean_burst_whatever_the_chunking() -> None:
+    """A burst starting at a known sample: its onset, to a fraction of a millisecond, in any chunking."""
+    t = np.arange(RATE * 5)
+    samples = 0.2 * np.sin(2 * np.pi * 440 * t / RATE)
+    starts_ms = [700.0, 2700.0, 4100.0]
+    for start in starts_ms:
+        s0 = round(start * RATE / 1000)
+        burst = np.arange(round(MARK_MS * RATE / 1000))
+        samples[s0 : s0 + burst.size] += 0.2 * np.sin(2 * np.pi * MARK_HZ * burst / RATE)
+    for chunks in ([960], ODD_CHUNKS):
+        found = onsets_of(samples, chunks, start_ms=1000.0)
+        assert np.allclose(np.array(found) - 1000.0, starts_ms, atol=0.5), found
+    assert onsets_of(0.2 * np.sin(2 * np.pi * 660 * t / RATE), [960]) == []  # a tone alone is no mark
+
+
+def test_audio_loop_carries_tone_and_bursts() -> None:
+    loop = encode_audio_loop(440.0, LOOP_S, sync=True, use_cache=False)
+    assert len(loop) == LOOP_S * 1000 // AUDIO_PACKET_MS
+    samples = decoded_audio(loop.packets * 2)
+    assert abs(dominant_frequency(samples[RATE // 2 : RATE * 3 // 2], RATE) - 440) < 2
+    # A burst at the start of every period, twice round the loop (the codec's look-ahead delays them a few ms).
+    onsets = onsets_of(samples, ODD_CHUNKS)
+    assert len(onsets) == 2 * LOOP_S * 1000 // SYNC_PERIOD_MS
+    for n, onset in enumerate(onsets):
+        assert 0 <= onset - n * SYNC_PERIOD_MS < MARK_MS / 4, onsets
+
+
+# ----- against Janus ----------------------------------------------------------------------------------------------
+def cheap_publishers(room: Room, room_id: int, people: list[tuple[str, float]], *, codec: str = "vp8",
+                     sync: bool = False) -> tuple[Any, JsonLines]:
+    argv = [*SIPBRIDGE, "room", "participant", "--engine", "aiortc", "--room-url", room.url, "--room", str(room_id),
+            "--codec", codec, "--size", f"{SIZE[0]}x{SIZE[1]}", "--fps", str(FPS)]
+    for name, tone in people:
+        argv += ["--name", name, "--tone", str(tone)]
+    if sync:
+        argv.append("--sync-marks")
+    proc = room.spawn(argv)
+    return proc, JsonLines(proc)
+
+
+def cheap_viewer(room: Room, room_id: int, *, sync: bool = False) -> tuple[Any, JsonLines]:
+    argv = [*SIPBRIDGE, "room", "viewer", "--engine", "aiortc", "--room-url", room.url, "--room", str(room_id)]
+    proc = room.spawn(argv + (["--sync-marks"] if sync else []))
+    return proc, JsonLines(proc)
+
+
+def received(lines: JsonLines, source: str) -> list[dict[str, Any]]:
+    return lines.matching(lambda r: r.get("event") == "received" and r.get("from") == source)
+
+
+def counters_of(lines: JsonLines, source: str) -> list[int]:
+    return [c for r in received(lines, source) for c in r["counters"]]
+
+
+def last_tone(lines: JsonLines, source: str) -> float | None:
+    tones = [r["tone_hz"] for r in received(lines, source) if r.get("tone_hz")]
+    return tones[-1] if tones else None
+
+
+@pytest.mark.media
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("codec", ["vp8", "h264"])
+def test_cheap_viewer_reads_two_cheap_publishers(room: Room, codec: str) -> None:
+    publishers, pub_lines = cheap_publishers(room, ROOM_ID, PUBLISHERS, codec=codec)
+    wait_until(lambda: len(pub_lines.matching(lambda r: r.get("event") == "joined")) == 2 or publishers.poll(),
+               MEDIA_TIMEOUT_S, "both publishers joining")
+    assert publishers.poll() is None, pub_lines.records
+    viewer, lines = cheap_viewer(room, ROOM_ID)
+
+    def enough() -> bool:
+        return all(len(counters_of(lines, name)) >= MIN_FRAMES and last_tone(lines, name) for name, _ in PUBLISHERS)
+
+    wait_until(enough, MEDIA_TIMEOUT_S, "the viewer reading both publishers")
+    for name, tone in PUBLISHERS:
+        counters = counters_of(lines, name)
+        assert in_order(counters), (name, counters)
+        assert counters[-1] - counters[0] >= MIN_FRAMES - 1, counters  # advancing, not one frame repeated
+        assert abs((last_tone(lines, name) or 0) - tone) < TONE_TOLERANCE_HZ, (name, last_tone(lines, name))
+        sizes = {(r["width"], r["height"]) for r in received(lines, name) if r["frames"]}
+        assert sizes == {SIZE}
+    assert viewer.poll() is None and publishers.poll() is None
+
+
+@pytest.mark.media
+@pytest.mark.timeout(120)
+def test_cheap_marks_reach_the_cheap_viewer_together(room: Room) -> None:
+    """Every 2 s the band and the burst leave together (mark_sent) and arrive paired at the viewer."""
+    _, pub_lines = cheap_publishers(room, ROOM_ID + 1, PUBLISHERS[:1], sync=True)
+    _, lines = cheap_viewer(room, ROOM_ID + 1, sync=True)
+
+    def pairs() -> list[tuple[float, float]]:
+        """(video, audio) onsets of the same mark: both within the first half of the same sync period."""
+        records = received(lines, "alice")
+        video = {int(t // SYNC_PERIOD_MS): t for r in records for t in r.get("marks_video", [])}
+        audio = {int(t // SYNC_PERIOD_MS): t for r in records for t in r.get("marks_audio", [])}
+        return [(video[n], audio[n]) for n in sorted(video.keys() & audio.keys())]
+
+    found = wait_until(lambda: len(pairs()) >= 3 and pairs(), MEDIA_TIMEOUT_S, "three marks paired at the viewer")
+    print("marks at the viewer (video, audio latency from the nominal instant, ms):",
+          [(round(v % SYNC_PERIOD_MS), round(a % SYNC_PERIOD_MS)) for v, a in found])
+    for video_ms, audio_ms in found:
+        # Each onset arrives after its nominal instant (a whole sync period of the wall clock), well within it.
+        assert 0 < video_ms % SYNC_PERIOD_MS < SYNC_PERIOD_MS / 2 and 0 < audio_ms % SYNC_PERIOD_MS < SYNC_PERIOD_MS / 2
+    sent = pub_lines.matching(lambda r: r.get("event") == "mark_sent")
+    assert sent and all(r["nominal_ms"] % SYNC_PERIOD_MS == 0 for r in sent)
+
+
+@pytest.mark.media
+@pytest.mark.timeout(120)
+def test_bot_chromium_reads_cheap_publishers(room: Room, tmp_path: Path) -> None:
+    """The product's side is a real browser: the bot's Chromium decodes the loop, counters in order, tones right."""
+    cheap_publishers(room, ROOM_ID + 2, PUBLISHERS, codec="h264")
+    out = f"ipc://{tmp_path}/bot.sock"
+    collector = Collector(out)
+    try:
+        room.bot(ROOM_ID + 2, out, mode="raw")
+        wait_until(lambda: all(len(collector.counters(f"{n}/video")) >= MIN_FRAMES
+                               and collector.tone(f"{n}/audio") is not None for n, _ in PUBLISHERS),
+                   MEDIA_TIMEOUT_S, "both cheap publishers at the bot")
+        assert collector.errors.empty(), collector.errors.get()
+        for name, tone in PUBLISHERS:
+            counters = collector.counters(f"{name}/video")
+            readable = [c for c in counters if c is not None]
+            assert len(readable) >= 0.9 * len(counters) and in_order(counters), counters
+            measured = collector.tone(f"{name}/audio")
+            assert measured is not None and abs(measured - tone) < TONE_TOLERANCE_HZ, (name, measured)
+    finally:
+        collector.close()
