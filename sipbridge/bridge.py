@@ -23,6 +23,7 @@ VIDEO_CODECS = ("h264", "vp8", "none")
 AUDIO_CODECS = ("pcmu", "pcma", "g722", "opus")
 X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium")
 LAYOUTS = ("single", "grid", "active", "speaker")
+FITS = ("letterbox", "stretch")  # how a picture fills its grid tile: its own shape with bars, or all of the tile
 CAPTURE_MODES = ("raw", "encoded")
 CODEC_AUDIO_RATE_HZ = {"pcmu": 8000, "pcma": 8000, "g722": 16000, "opus": 48000}
 ROOM_AUDIO_RATE_HZ = 48000
@@ -77,6 +78,9 @@ class BridgeConfig:
     layout: str = "grid"
     max_tiles: int = 4
     participants: list[str] = field(default_factory=list)
+    names: bool | None = None  # participants' names on their tiles; None: on for grid, off for single
+    fit: str = "letterbox"
+    title: str | None = None  # the room's name on the empty room's slate; None: the room variable, else the URL
     split: tuple[int, int] | None = None
 
 
@@ -171,7 +175,8 @@ def parse_bridge(data: dict[str, Any]) -> BridgeConfig:
          "media_timeout_s"},
     )
     media = _check_keys(data.get("media", {}), "media", {"to_sip", "to_room"})
-    layout = _check_keys(data.get("layout", {}), "layout", {"mode", "max_tiles", "participants"})
+    layout = _check_keys(data.get("layout", {}), "layout",
+                         {"mode", "max_tiles", "participants", "names", "fit", "title"})
     room_side = _check_keys(data.get("room_side", {}), "room_side", {"split"})
     cfg = BridgeConfig(room_url=_take(room, "room", "url", str, ""))
     cfg.recipe = _take(room, "room", "recipe", str, cfg.recipe)
@@ -222,6 +227,9 @@ def parse_bridge(data: dict[str, Any]) -> BridgeConfig:
     if not all(isinstance(p, str) for p in participants):
         raise BridgeConfigError("layout.participants must be a list of stream ids")
     cfg.participants = participants
+    cfg.names = _take(layout, "layout", "names", bool, None)
+    cfg.fit = _choice(_take(layout, "layout", "fit", str, cfg.fit), "layout.fit", FITS)
+    cfg.title = _take(layout, "layout", "title", str, None)
     split = _take(room_side, "room_side", "split", str, None)
     if split is not None:
         match = re.fullmatch(r"([1-4])x([1-4])", split)
@@ -236,21 +244,23 @@ def missing_secrets(cfg: BridgeConfig, environ: dict[str, str] | None = None) ->
     return [name for name in (cfg.janus_api_secret, cfg.secret) if name and name not in env]
 
 
-def _grid(cfg: BridgeConfig) -> str:
+def _grid(cfg: BridgeConfig) -> list[str]:
+    """The room-side transformer's video arguments for the layout."""
     size = f"{cfg.to_sip.width}x{cfg.to_sip.height}"
     if cfg.layout == "active":
-        return f"compose:active:{size}"
+        return ["--video", f"compose:active:{size}"]
     if cfg.layout == "speaker":
-        return f"compose:speaker:{size}"
-    if cfg.layout == "single":
-        ids = f":{cfg.participants[0]}" if cfg.participants else ""
-        return f"compose:1x1:{size}{ids}"
-    cols = 1
-    while cols * cols < cfg.max_tiles:
-        cols += 1
-    rows = -(-cfg.max_tiles // cols)
-    ids = f":{','.join(cfg.participants)}" if cfg.participants else ""
-    return f"compose:{cols}x{rows}:{size}{ids}"
+        return ["--video", f"compose:speaker:{size}"]
+    # grid and single: the room's grid (stages/transformer.py RoomGrid), a slate while nobody is in it.
+    ids = cfg.participants[:1] if cfg.layout == "single" else cfg.participants
+    tiles = 1 if cfg.layout == "single" else cfg.max_tiles
+    names = cfg.names if cfg.names is not None else cfg.layout == "grid"
+    title = cfg.title if cfg.title is not None else cfg.recipe_vars.get("room", cfg.room_url)
+    return [
+        "--video", f"compose:grid:{size}:{tiles}" + (f":{','.join(ids)}" if ids else ""),
+        "--tile-names" if names else "--no-tile-names", "--fit", cfg.fit, "--slate-title", title,
+        "--grid-fps", str(cfg.to_sip.fps),
+    ]
 
 
 class DropVideo:
@@ -295,7 +305,7 @@ def bridge_stages(cfg: BridgeConfig, run_dir: Path) -> list[StageSpec]:
     janus_args += ["--dtmf-method", cfg.dtmf, "--media-timeout-s", str(cfg.media_timeout_s)]
 
     # An audio-only endpoint: drop the room's video before it is scaled and encoded for nothing.
-    room_video = ["--video", _grid(cfg) if sip_video != "none" else DROP_VIDEO]
+    room_video = _grid(cfg) if sip_video != "none" else ["--video", DROP_VIDEO]
     to_room_video = []
     if cfg.split:
         to_room_video += ["--video", f"split:{cfg.split[0]}x{cfg.split[1]}"]
@@ -362,7 +372,8 @@ def bridge_stages(cfg: BridgeConfig, run_dir: Path) -> list[StageSpec]:
                 "--audio",
                 f"resample:{sip_rate}",
                 "--audio",
-                "mix",
+                # At the SIP rate from the start: an empty room's mix sends silence before any stream came.
+                f"mix:{sip_rate}",
                 "--compose-id",
                 "room-video",
                 "--mix-id",

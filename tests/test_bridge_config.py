@@ -72,7 +72,7 @@ def test_stages_are_wired_in_both_directions(tmp_path: Path) -> None:
     assert "split:2x2" in specs["sip-transformer"].args
     assert specs["sip-decoder"].args == ["--audio-rate", "48000"]
     assert specs["browser"].args[specs["browser"].args.index("--video-tracks") + 1] == "4"
-    assert "compose:2x2:640x480" in specs["room-transformer"].args
+    assert "compose:grid:640x480:4" in specs["room-transformer"].args
     assert "resample:8000" in specs["room-transformer"].args
     assert specs["janus-server"].priority == 10
 

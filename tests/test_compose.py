@@ -8,13 +8,25 @@ from __future__ import annotations
 
 import itertools
 from fractions import Fraction
+from pathlib import Path
 
 import numpy as np
+import pytest
 
 from protocol import AudioFrame, MediaHeader, Message, VideoFrame
+from sipbridge.bridge import BridgeConfigError, bridge_stages, parse_bridge
 from stages.bitmapfont import text_mask
 from stages.pattern import PatternGenerator, i420_planes, read_counter
-from stages.transformer import Compose, GridOptions, Mix, RoomGrid, Speaker, cell_rects, label_box
+from stages.transformer import (
+    Compose,
+    GridOptions,
+    Mix,
+    RoomGrid,
+    Speaker,
+    cell_rects,
+    label_box,
+    parse_transform,
+)
 
 VIDEO_TB = Fraction(1, 90000)
 
@@ -426,3 +438,34 @@ def test_mix_sends_silence_while_the_room_is_empty() -> None:
     clock.advance(0.04)
     after = mix.tick()
     assert len(after) == 1 and after[0].header.pts == 160 * 26
+
+
+# ----- the bridge's [layout] -------------------------------------------------------------------------------------
+def room_transformer_args(layout: dict[str, object], tmp_path: Path) -> list[str]:
+    data = {"room": {"url": "http://127.0.0.1:8080/", "vars": {"room": "1234"}},
+            "sip": {"call": "sip:echo@127.0.0.1"}, "media": {"to_sip": {"fps": 12}}, "layout": layout}
+    specs = {s.name: s for s in bridge_stages(parse_bridge(data), tmp_path)}
+    return specs["room-transformer"].args
+
+
+def option(args: list[str], name: str) -> str:
+    return args[args.index(name) + 1]
+
+
+def test_bridge_layout_options_reach_the_room_grid(tmp_path: Path) -> None:
+    """[layout] grid: the room grid with names on, letterbox, the room variable on the slate, the SIP frame rate
+    for slates; mix at the SIP rate from the start (silence before anyone speaks). single: one tile, no names.
+    names, fit and title are settings; a wrong fit names the key."""
+    args = room_transformer_args({"mode": "grid", "max_tiles": 6}, tmp_path)
+    assert option(args, "--video") == "compose:grid:640x480:6"
+    assert "--tile-names" in args and option(args, "--fit") == "letterbox"
+    assert option(args, "--slate-title") == "1234" and option(args, "--grid-fps") == "12"
+    assert "mix:8000" in args
+    args = room_transformer_args({"mode": "single", "participants": ["bob/video"]}, tmp_path)
+    assert option(args, "--video") == "compose:grid:640x480:1:bob/video" and "--no-tile-names" in args
+    args = room_transformer_args({"mode": "grid", "names": False, "fit": "stretch", "title": "Sales"}, tmp_path)
+    assert "--no-tile-names" in args and option(args, "--fit") == "stretch" and option(args, "--slate-title") == "Sales"
+    with pytest.raises(BridgeConfigError, match=r"layout\.fit"):
+        room_transformer_args({"fit": "zoom"}, tmp_path)
+    grid = parse_transform(option(args, "--video"), "room-video", GridOptions(names=False, fit="stretch"))
+    assert isinstance(grid, RoomGrid) and grid.max_tiles == 4 and grid.options.fit == "stretch"

@@ -114,6 +114,8 @@ bitrate_kbps = {self.bitrate_kbps}
 mode = "{self.layout}"
 max_tiles = {self.max_tiles}
 participants = {json.dumps(self.layout_ids)}
+# Counters and lip-sync marks are read at the top and bottom edge of each cell: pictures fill their cells.
+fit = "stretch"
 
 [room_side]
 {split}
