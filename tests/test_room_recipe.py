@@ -138,3 +138,29 @@ def test_stage_join_failure_explains_itself(strict_page: str, tmp_path: Path) ->
         assert "Input is not alphanumeric" in error_lines[0] and diagnosis["screenshot"] in error_lines[0]
     finally:
         collector.close()
+
+
+def test_recipe_errors_name_the_problem(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Typos are refused with their name, not ignored; a relative path that is not there says where it looked."""
+    with pytest.raises(RecipeError, match=r"unknown key.*joined_selecter"):
+        recipe_from_mapping({"url": "x", "joined_selecter": "#in"}, {}, "t")
+    with pytest.raises(RecipeError, match=r"step 2 \(click\) has unknown key\(s\) timeout;"):
+        recipe_from_mapping({"url": "x", "steps": [{"click": "#a"}, {"click": "#b", "timeout": 5}]}, {}, "t")
+    with pytest.raises(RecipeError, match="several kinds"):
+        recipe_from_mapping({"url": "x", "steps": [{"click": "#a", "fill": "#b"}]}, {}, "t")
+    with pytest.raises(RecipeError, match="needs a key"):
+        recipe_from_mapping({"url": "x", "steps": [{"press": "#a"}]}, {}, "t")
+    with pytest.raises(RecipeError, match="state must be one of"):
+        recipe_from_mapping({"url": "x", "steps": [{"wait_for": "#a", "state": "shown"}]}, {}, "t")
+    with pytest.raises(RecipeError, match="bypass_csp must be true or false"):
+        recipe_from_mapping({"url": "x", "bypass_csp": "yes"}, {}, "t")
+    assert recipe_from_mapping({"url": "x", "bypass_csp": True}, {}, "t").bypass_csp
+    assert not recipe_from_mapping({"url": "x"}, {}, "t").bypass_csp
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RecipeError, match=f"relative path is taken from {tmp_path}"):
+        load_recipe("missing.toml", {})
+    recipe = recipe_from_mapping({"url": "x", "steps": [{"fill": "#n", "value": "{display_name}"},
+                                                       {"wait_for": "#v", "state": "visible"}, {"wait_s": 2}]},
+                                 {"display_name": "bot"}, "t")
+    assert [recipe.describe_step(s) for s in recipe.steps] == [
+        "fill '#n' with 'bot'", "wait_for '#v' to be visible", "wait 2 s"]

@@ -245,7 +245,8 @@ def load_recipe(spec: str, variables: dict[str, str]) -> Recipe:
         try:
             data = tomllib.loads(path.read_text())
         except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise RecipeError(f"cannot read recipe {spec}: {exc}") from None
+            where = "" if path.is_absolute() else f" (a relative path is taken from {Path.cwd()})"
+            raise RecipeError(f"cannot read recipe {spec}{where}: {exc}") from None
         return recipe_from_mapping(data, variables, spec)
     try:
         module = importlib.import_module(spec)
