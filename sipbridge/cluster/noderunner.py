@@ -1,0 +1,116 @@
+"""``CallRunner`` over ``sipbridge node``'s ``Node`` (issue 12): the cluster layer on the real node.
+
+API-started calls from the stream become the node's own calls under the cluster's call id (same schema
+and validation as ``POST /calls``); the node's admission (slots, CPU ceiling, draining) decides, and its
+``snapshot()`` answers the SIP front's OPTIONS probes.
+
+Inbound calls through the front need a SIP user agent per call whose address the front can forward the
+INVITE to. A bridged call's user agent is its Janus SIP handle, and the janus stage does not report the
+port its handle listens on yet, so ``start_inbound`` is refused (503: Kamailio tries the next node) unless
+the node is given ``inbound`` (an async function: call id -> (host, port) of a ready handle).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from sipbridge.cluster.agent import AgentOptions, NodeAgent
+from sipbridge.cluster.front import SipFront
+from sipbridge.cluster.runner import ENDED, FAILED, STARTING, UP, CallRejected, CallStatus, NodeSnapshot
+from sipbridge.cluster.streams import DEFAULT_PLACE_TIMEOUT_S, DEFAULT_PREFIX, CallStore
+
+
+class NodeRunner:
+    def __init__(self, node: Any, inbound: Callable[[str], Awaitable[tuple[str, int]]] | None = None) -> None:
+        self.node = node  # sipbridge.node.service.Node (not imported: the node imports the cluster, not back)
+        self.inbound = inbound
+
+    def snapshot(self) -> NodeSnapshot:
+        snap = self.node.snapshot()
+        # The node's own admission (slots and CPU ceiling) is the truth: a node over its CPU ceiling has no
+        # free slot as far as the cluster is concerned.
+        active = snap.slots - snap.free if snap.admitting or snap.draining else snap.slots
+        return NodeSnapshot(snap.name, snap.slots, active, snap.draining)
+
+    async def start_call(self, call_id: str, config: dict[str, Any]) -> None:
+        from sipbridge.node.calls import CallRequestError, RunFolderInUse
+        from sipbridge.node.service import Refused
+
+        try:
+            plan = self.node.plan(config)
+        except CallRequestError as exc:
+            raise CallRejected(f"invalid call: {exc}", retry=False) from None
+        try:
+            await self.node.start_call(plan, call_id)
+        except Refused as exc:
+            raise CallRejected(str(exc), retry=True) from None
+        except (RunFolderInUse, ValueError) as exc:
+            raise CallRejected(str(exc), retry=False) from None
+
+    async def start_inbound(self, call_id: str) -> tuple[str, int]:
+        refused = self.node.refusal()
+        if refused is not None:
+            raise CallRejected(str(refused))
+        if self.inbound is None:
+            raise CallRejected("this node takes no inbound calls through the cluster front (no inbound handle)")
+        return await self.inbound(call_id)
+
+    def call_state(self, call_id: str) -> CallStatus | None:
+        call = self.node.calls.get(call_id)
+        if call is None:
+            return None
+        if call.state == "ended":
+            failed = bool(getattr(call, "error", None)) or (call.end_reason or "").endswith("failed")
+            return CallStatus(FAILED if failed else ENDED, call.end_reason or "", call.since)
+        return CallStatus(UP if call.state in ("running", "stopping") else STARTING, "", call.since)
+
+    async def stop_call(self, call_id: str) -> None:
+        call = self.node.calls.get(call_id)
+        if call is not None and call.state != "ended":
+            await self.node.stop_call(call, "cluster: the call was taken over by another node")
+
+
+class ClusterMember:
+    """What a node runs to be part of a cluster: the Redis agent, and the SIP front when given an address."""
+
+    def __init__(self, agent: NodeAgent, front: SipFront | None) -> None:
+        self.agent = agent
+        self.front = front
+
+    async def close(self) -> None:
+        """After the node drained: record the last call ends in Redis, stop answering probes."""
+        await self.agent.stop()
+        if self.front is not None:
+            self.front.close()
+
+
+async def join_cluster(node: Any, redis_url: str, *, node_id: str | None = None, sip: tuple[str, int] | None = None,
+                       prefix: str = DEFAULT_PREFIX, stale_s: float = 6.0, refresh_s: float = 1.0,
+                       inbound: Callable[[str], Awaitable[tuple[str, int]]] | None = None,
+                       api_address: str = "") -> ClusterMember:
+    """Make ``node`` a cluster member: it takes API-started calls from the stream while it has room, and
+    (with ``sip``) answers Kamailio's OPTIONS probes from its admission state."""
+    runner = NodeRunner(node, inbound)
+    front = None
+    if sip is not None:
+        front = SipFront(runner, sip[0], sip[1])
+        await front.start()
+    agent = NodeAgent(runner, AgentOptions(
+        redis_url=redis_url, node_id=node_id or node.name, prefix=prefix, refresh_s=refresh_s, stale_s=stale_s,
+        sip_address=f"sip:{sip[0]}:{front.port}" if sip and front else "", api_address=api_address))
+    agent.start()
+    return ClusterMember(agent, front)
+
+
+async def submit_to_cluster(redis_url: str, config: dict[str, Any], key: str | None = None,
+                            place_timeout_s: float = DEFAULT_PLACE_TIMEOUT_S, prefix: str = DEFAULT_PREFIX
+                            ) -> tuple[str, bool]:
+    """``POST /calls`` on a cluster node: queue the call for whichever node has room; (call id, created)."""
+    import redis.asyncio as aioredis
+
+    client = aioredis.from_url(redis_url, socket_connect_timeout=2.0, socket_timeout=5.0)
+    try:
+        return await CallStore(client, prefix).submit(config, key, place_timeout_s)  # type: ignore[no-any-return]
+    finally:
+        await client.aclose()
