@@ -33,7 +33,7 @@ import av
 import click
 import numpy as np
 
-from protocol import AudioFrame, MediaHeader, Message, VideoFrame
+from protocol import AudioFrame, Event, EventType, MediaHeader, Message, VideoFrame
 from stages.base import Stage, StageOptions
 from stages.bitmapfont import GLYPH_H, draw_text, fit_text, text_width
 from stages.options import build_options, run, stage_options
@@ -399,9 +399,7 @@ class Speaker(Identity):
         return (_with_data(msg, resize_i420(msg.data, msg.width, msg.height, w, h), w, h, self.output_id, self.seq),)
 
     def _hear(self, who: str, msg: AudioFrame, now: float) -> None:
-        samples = np.frombuffer(memoryview(msg.data), dtype=np.int16).astype(np.float32)
-        rms = float(np.sqrt(np.mean(samples * samples))) if samples.size else 0.0
-        level_db = 20 * math.log10(max(rms, 1.0) / 32768.0)
+        level_db = frame_level_dbfs(msg)
         previous = self.levels_db.get(who)
         self.levels_db[who] = level_db if previous is None else (
             SPEAKER_SMOOTHING * previous + (1 - SPEAKER_SMOOTHING) * level_db)
@@ -431,6 +429,7 @@ class Speaker(Identity):
 
 
 def frame_level_dbfs(msg: AudioFrame) -> float:
+    """The frame's RMS level in dB of full scale (silence reads about -90)."""
     samples = np.frombuffer(memoryview(msg.data), dtype=np.int16).astype(np.float32)
     rms = float(np.sqrt(np.mean(samples * samples))) if samples.size else 0.0
     return 20 * math.log10(max(rms, 1.0) / 32768.0)
@@ -977,6 +976,13 @@ class TransformerStage(Stage):
         for transform in self.transforms:
             batch = [out for item in batch for out in transform.process(item)]
         return batch
+
+    async def on_control(self, msg: Message) -> None:
+        """A track-ended event ends its stream here too (a grid frees the tile at once), should the end of stream
+        not have come first; ending a stream twice changes nothing."""
+        if isinstance(msg, Event) and msg.type is EventType.TRACK_ENDED and msg.stream_id:
+            for out in await self.run_codec(lambda: list(self.flush(msg.stream_id))):
+                await self.emit(out)
 
     async def produce(self) -> None:
         """Transforms with a ``tick`` (a grid's slate, a mix's silence) make media without input: call them."""

@@ -546,13 +546,22 @@ def test_empty_room_grid_sends_a_slate_and_silence(tmp_path: Path) -> None:
 
         send_alice(15)
 
-        def alice_full_frame(got: list[protocol.Message]) -> bool:
+        def someone_full_frame(got: list[protocol.Message]) -> bool:
             return any(isinstance(m, VideoFrame) and (c := read_counter(i420_planes(m.data, width, height)[0]))
                        and c > 0 for m in got)
 
-        until(alice_full_frame, "alice shown full frame")
+        until(someone_full_frame, "alice shown full frame")
         feeder.send(protocol.EndOfStream("alice/video"))
         until(lambda got: len(slates(got)) >= 3, "the slate again once alice's stream ended")
+        # A track-ended event frees the tile too, end of stream or not.
+        bob = PatternGenerator(width, height, 4)
+        for n in range(1, 16):
+            header = MediaHeader("bob/video", n, n * 6000, Fraction(1, 90000), time.time_ns())
+            feeder.send(VideoFrame(header, width, height, bob.frame(n)))
+            time.sleep(1 / 15)
+        until(someone_full_frame, "bob shown full frame")
+        feeder.send(protocol.Event(protocol.EventType.TRACK_ENDED, "bob/video", {"reason": "ended"}))
+        until(lambda got: len(slates(got)) >= 3, "the slate again once bob's track ended")
         feeder.send(protocol.EndOfStream(""))
         out.until_end()
         assert procs.wait_all() == {"grid": 0}
