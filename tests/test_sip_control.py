@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
+import random
 import re
 import socket
 import time
@@ -19,6 +21,7 @@ import zmq.asyncio
 import protocol
 from protocol import Codec, EventType
 from sipbridge.janus_server import JanusServer
+from stages.janus.callcontrol import CommandError, parse_command
 from tests.sipfix import (
     MediaCollector,
     MediaFeeder,
@@ -394,3 +397,138 @@ async def _redial(tmp_path: Path, janus: JanusServer) -> None:
 @pytest.mark.timeout(60)
 def test_call_at_start_and_redial_after_failure(janus: JanusServer, tmp_path: Path) -> None:
     asyncio.run(_redial(tmp_path, janus))
+
+
+def _malformed_requests(count: int, seed: int = 15) -> list[list[bytes]]:
+    """Bad control requests of every kind: garbage bytes, JSON of the wrong shape, known commands with wrong types,
+    missing or extra fields, bad digits, non-finite numbers, and frames a REQ client cannot send."""
+    rng = random.Random(seed)
+    values: list[object] = [None, True, False, 0, -5, 2**70, 1.5, "", "x", "sip:", [], {}, [1, "a"], {"k": None},
+                            "\u0000\u00ff", "9" * 80]
+    templates: list[dict[str, object]] = [
+        {"cmd": "dtmf", "duration_ms": None}, {"cmd": "dtmf", "digits": "1", "duration_ms": None},
+        {"cmd": "dtmf", "digits": None}, {"cmd": "call"}, {"cmd": "call", "uri": None},
+        {"cmd": "call", "uri": "sip:x@y", "timeout_s": "soon"}, {"cmd": "hangup", "now": True},
+        {"cmd": "hold", "direction": 1}, {"cmd": 1}, {}, {"cmd": "status", "id": {}},
+    ]
+    cmds = ["status", "call", "hangup", "dtmf", "hold", "unhold", "reboot", ""]
+    keys = ["uri", "wait", "timeout_s", "digits", "duration_ms", "extra"]
+    requests: list[list[bytes]] = []
+    while len(requests) < count:
+        roll = rng.random()
+        if roll < 0.2:
+            raw = rng.randbytes(rng.randrange(0, 200))
+        elif roll < 0.3:
+            raw = json.dumps(rng.choice(values)).encode()
+        elif roll < 0.5:
+            raw = json.dumps(rng.choice(templates)).encode()
+        else:
+            request: dict[str, object] = {"cmd": rng.choice(cmds)}
+            for key in rng.sample(keys, rng.randrange(1, 4)):
+                request[key] = rng.choice(values)
+            raw = json.dumps(request).encode()
+        try:
+            parse_command(raw)
+            continue  # valid by chance (it could be a real hangup): not for this test
+        except CommandError:
+            pass
+        requests.append([raw])
+    return requests
+
+
+async def _control_fuzz(tmp_path: Path, janus: JanusServer) -> None:
+    rig = Rig(tmp_path, janus)
+    try:
+        await rig.stage.wait_registered()
+        rig.feed(60.0)
+        with Sipp("uas_echo", tmp_path / "sipp", SIPP_PORT, SIPP_MEDIA_PORT, extra=["-rtp_echo"]) as sipp:
+            reply = await rig.stage.command({"cmd": "call", "uri": PEER, "wait": True})
+            assert reply["ok"], reply
+            req = rig.stage.ctx.socket(zmq.REQ)
+            req.setsockopt(zmq.LINGER, 0)
+            req.connect(rig.stage.control)
+            dealer = rig.stage.ctx.socket(zmq.DEALER)
+            dealer.setsockopt(zmq.LINGER, 0)
+            dealer.connect(rig.stage.control)
+            errors = 0
+            try:
+                for index, frames in enumerate(_malformed_requests(N_MALFORMED)):
+                    if index % 10 == 0:
+                        # A DEALER may send several frames and no delimiter: still one error reply each.
+                        await dealer.send_multipart([b"", *frames] if index % 20 else [b"x", b"y", *frames])
+                        answer = await asyncio.wait_for(dealer.recv_multipart(), 5)
+                        reply = json.loads(answer[-1])
+                    else:
+                        await req.send(frames[0])
+                        reply = json.loads(await asyncio.wait_for(req.recv(), 5))
+                    assert reply["ok"] is False and reply["error"], (frames, reply)
+                    errors += 1
+            finally:
+                req.close()
+                dealer.close()
+            assert errors == N_MALFORMED
+            status = await rig.stage.command({"cmd": "status"})
+            assert status["active"] and status["call"]["state"] == "media_up", status["call"]
+            assert status["counters"]["control_rejected"] >= N_MALFORMED * 0.9
+            before = len(rig.collector.counters)
+            assert (await rig.stage.command({"cmd": "hangup"}))["ok"]
+            assert sipp.wait(10) == 0, sipp.output()  # the peer got its BYE
+        assert before > 0  # media flowed through the call the requests were aimed at
+        ended = await rig.wait_state("ended")
+        assert ended["call_id"] == reply_call_id(status)
+    finally:
+        await rig.close()
+    assert rig.exit_code == 0
+
+
+def reply_call_id(status: dict[str, Any]) -> str:
+    return str(status["call"]["call_id"])
+
+
+N_MALFORMED = 1000
+
+
+@pytest.mark.timeout(120)
+def test_control_socket_survives_malformed_requests(janus: JanusServer, tmp_path: Path) -> None:
+    asyncio.run(_control_fuzz(tmp_path, janus))
+
+
+async def _ringing_call_does_not_block(tmp_path: Path, janus: JanusServer) -> None:
+    rig = Rig(tmp_path, janus)
+    try:
+        await rig.stage.wait_registered()
+        other = StageClient(rig.stage.ctx, rig.stage.control)
+        with contextlib.closing(other), Sipp("uas_ring", tmp_path / "sipp", SIPP_PORT, SIPP_MEDIA_PORT) as sipp:
+            placing = asyncio.create_task(other.command({"cmd": "call", "uri": PEER, "wait": True, "timeout_s": 60}))
+            await rig.wait_state("ringing")
+            # The call request is still waiting for an answer; status and hangup are answered meanwhile.
+            status = await rig.stage.command({"cmd": "status"}, timeout_s=10)
+            assert status["call"]["state"] in ("ringing", "proceeding") and not placing.done()
+            assert (await rig.stage.command({"cmd": "hangup", "id": "h1"}, timeout_s=10)) == {"ok": True, "id": "h1"}
+            placed = await asyncio.wait_for(placing, 15)
+            assert placed["ok"] is False and placed["call"]["state"] in ("failed", "ended"), placed
+            assert sipp.wait(10) == 0, sipp.output()  # CANCEL reached it, 487 acknowledged
+    finally:
+        await rig.close()
+    assert rig.exit_code == 0
+
+
+class StageClient:
+    """A second REQ client of the stage's control socket."""
+
+    def __init__(self, ctx: zmq.asyncio.Context, endpoint: str) -> None:
+        self.sock = ctx.socket(zmq.REQ)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(endpoint)
+
+    async def command(self, request: dict[str, Any]) -> dict[str, Any]:
+        await self.sock.send(json.dumps(request).encode())
+        return json.loads(await self.sock.recv())  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.mark.timeout(90)
+def test_waiting_call_does_not_block_status_or_hangup(janus: JanusServer, tmp_path: Path) -> None:
+    asyncio.run(_ringing_call_does_not_block(tmp_path, janus))

@@ -10,9 +10,11 @@ process holds one Janus session and one SIP plugin handle, so one call at a time
 plugin allows one call per handle); several calls are several stage processes.
 
 Call control: ``--call URI`` dials at start; ``--inbound`` accepts incoming calls whose
-caller matches ``--accept-from`` (others get ``--decline-code``). A ZeroMQ REP socket
-(``--control``, JSON) takes ``{"cmd": "call", "uri": ..., "wait": true}``, ``hangup``,
-``dtmf`` (``digits``), ``hold``, ``unhold`` and ``status``.
+caller matches ``--accept-from`` (others get ``--decline-code``). A ZeroMQ ROUTER socket
+(``--control``, JSON; a REQ client works) takes ``{"cmd": "call", "uri": ..., "wait": true}``, ``hangup``,
+``dtmf`` (``digits``, ``duration_ms``), ``hold``, ``unhold`` and ``status``, each validated
+(``callcontrol.parse_command``) and answered ``{"ok": ...}``, an optional ``id`` echoed; requests run
+concurrently, so a call that waits does not hold up a hangup.
 
 Keyframes: a PLI/FIR from the SIP side becomes a KeyframeRequest sent upstream (to the
 encoder); a KeyframeRequest from downstream (the decoder lost its reference) becomes a
@@ -50,6 +52,16 @@ from protocol import (
     VideoFrame,
 )
 from stages.base import Stage, StageOptions, default_endpoint
+from stages.janus.callcontrol import (
+    DTMF_DIGITS,
+    DTMF_DURATION_MS,
+    REQUEST_MAX_BYTES,
+    Command,
+    CommandError,
+    error_reply,
+    parse_command,
+    request_id_of,
+)
 from stages.janus.client import JanusClient, JanusDisconnected, JanusError, JanusHandle
 from stages.janus.media import CODEC_BY_RTP_NAME, ReceivedFrame, make_packet
 from stages.janus.sip import ACTIVE_STATES, CallInfo, CallState, SipCall
@@ -60,10 +72,11 @@ RECONNECT_MIN_S = 0.2
 RECONNECT_MAX_S = 5.0
 REGISTER_TIMEOUT_S = 10.0
 REGISTER_RETRY_S = 30.0
-CALL_WAIT_TIMEOUT_S = 30.0
+# Control requests carried out at once; more are answered "busy" (a client cannot pile up tasks without bound).
+CONTROL_MAX_IN_FLIGHT = 32
+CONTROL_MAX_FRAMES = 4  # client id, delimiter, request; a DEALER may skip the delimiter
 STOP_HANGUP_TIMEOUT_S = 2.0
 OUTBOX_FLUSH_TIMEOUT_S = 2.0
-DTMF_DURATION_MS = 160
 # A SIP peer that vanished (crashed, unplugged, NAT binding gone) sends no BYE: without media from it for this
 # long the call is hung up. Long enough for silence suppression on an audio-only call; 0 turns it off.
 DEFAULT_MEDIA_TIMEOUT_S = 30.0
@@ -74,7 +87,6 @@ DTMF_GAP_S = 0.1
 KEYFRAME_REQUEST_MIN_INTERVAL_S = 0.25
 DTMF_RELAY_RE = re.compile(r"Signal\s*=\s*([0-9A-Da-d*#])", re.IGNORECASE)
 DTMF_DURATION_RE = re.compile(r"Duration\s*=\s*(\d+)", re.IGNORECASE)
-DTMF_DIGITS = set("0123456789*#ABCDabcd")
 
 
 @dataclass
@@ -119,7 +131,8 @@ class JanusStage(Stage):
         self.last_call: CallInfo | None = None
         self.counters: dict[str, int] = {"calls_started": 0, "calls_connected": 0, "calls_failed": 0,
                                          "calls_declined": 0, "janus_reconnects": 0, "dtmf_sent": 0,
-                                         "dtmf_received": 0, "plis_from_sip": 0, "plis_to_sip": 0, "media_timeouts": 0}
+                                         "dtmf_received": 0, "plis_from_sip": 0, "plis_to_sip": 0, "media_timeouts": 0,
+                                         "control_requests": 0, "control_rejected": 0}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._outbox: asyncio.Queue[Message] = asyncio.Queue()
         self._seq: dict[str, int] = {}
@@ -296,7 +309,7 @@ class JanusStage(Stage):
         self._loop = asyncio.get_running_loop()
         tasks = [asyncio.create_task(self._drain_outbox(), name="outbox")]
         control = self.settings.control or default_endpoint(self.name, "control")
-        tasks.append(asyncio.create_task(self._control_loop_rep(control), name="control-rep"))
+        tasks.append(asyncio.create_task(self._command_loop(control), name="control"))
         if self.settings.media_timeout_s > 0:
             tasks.append(asyncio.create_task(self._media_watchdog(), name="media-watchdog"))
         try:
@@ -680,49 +693,89 @@ class JanusStage(Stage):
                 "counters": dict(self.counters), "drops": dict(self.drops), "errors": dict(self.errors),
                 "first_packet_sent_ns": self._first_packet_sent_ns}
 
-    async def command(self, request: dict[str, Any]) -> dict[str, Any]:
-        cmd = request.get("cmd")
-        if cmd == "status":
+    async def command(self, command: Command) -> dict[str, Any]:
+        """Carry out one validated control request; raises for a request that cannot be carried out now."""
+        if command.cmd == "status":
             return {"ok": True, **self.status()}
-        if cmd == "call":
-            uri = request.get("uri")
-            if not isinstance(uri, str) or not uri.startswith(("sip:", "sips:")):
-                return {"ok": False, "error": "call needs a sip: uri"}
-            deadline = time.monotonic() + float(request.get("timeout_s", CALL_WAIT_TIMEOUT_S))
+        if command.cmd == "call":
+            deadline = time.monotonic() + command.timeout_s
             while not self.registered and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
-            info = await self._place_call(uri)
-            if request.get("wait"):
+            info = await self._place_call(command.uri)
+            if command.wait:
                 await self._wait_call_settled(info, max(0.0, deadline - time.monotonic()))
             return {"ok": info.state not in (CallState.FAILED, CallState.DISCONNECTED), "call": asdict(info)}
-        if cmd == "hangup":
+        if command.cmd == "hangup":
             await self.hangup()
             return {"ok": True}
-        if cmd == "dtmf":
-            await self.send_dtmf(str(request.get("digits", "")), int(request.get("duration_ms", DTMF_DURATION_MS)))
+        if command.cmd == "dtmf":
+            await self.send_dtmf(command.digits, command.duration_ms)
             return {"ok": True}
-        if cmd in ("hold", "unhold"):
-            await self.hold(cmd == "hold")
+        if command.cmd in ("hold", "unhold"):
+            await self.hold(command.cmd == "hold")
             return {"ok": True}
-        return {"ok": False, "error": f"unknown command {cmd!r}"}
+        raise CommandError(f"unknown command {command.cmd!r}")  # parse_command lets none through
 
-    async def _control_loop_rep(self, endpoint: str) -> None:
-        sock = self._socket(zmq.REP)
+    async def _command_loop(self, endpoint: str) -> None:
+        """The control socket: a ROUTER, so each request runs in its own task and a call that waits for an
+        answer does not hold up hangup or status; REQ and DEALER clients both work. Every request gets one
+        reply; a bad one gets an error reply and is counted, and nothing a client sends ends this loop."""
+        sock = self._socket(zmq.ROUTER)
+        # A bigger message is refused by ZeroMQ itself (it drops that client's connection) before it is read.
+        sock.setsockopt(zmq.MAXMSGSIZE, REQUEST_MAX_BYTES)
         sock.bind(endpoint)
         self.log.info("control socket on %s", endpoint)
+        pending: set[asyncio.Task[None]] = set()
         try:
             while True:
-                raw = await sock.recv()
-                try:
-                    request = json.loads(raw)
-                    if not isinstance(request, dict):
-                        raise ValueError("a command is a JSON object")
-                    reply = await self.command(request)
-                except (TimeoutError, ValueError, RuntimeError, JanusError, JanusDisconnected) as exc:
-                    reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
-                await sock.send(json.dumps(reply, default=str).encode())
+                frames = await sock.recv_multipart()
+                # [client id, (empty delimiter from REQ), request]; the reply goes back with the same envelope.
+                envelope, raw = frames[:-1], frames[-1]
+                if not envelope or len(frames) > CONTROL_MAX_FRAMES:
+                    self.counters["control_rejected"] += 1
+                    if envelope:
+                        await self._reply(sock, [envelope[0]], error_reply("a request is one frame of JSON"))
+                    continue
+                if len(pending) >= CONTROL_MAX_IN_FLIGHT:
+                    self.counters["control_rejected"] += 1
+                    await self._reply(sock, envelope, error_reply("busy: too many requests in flight",
+                                                                  request_id_of(raw)))
+                    continue
+                task = asyncio.create_task(self._answer(sock, envelope, raw))
+                pending.add(task)
+                task.add_done_callback(pending.discard)
         finally:
+            for task in list(pending):
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
             sock.close(linger=0)
+
+    async def _answer(self, sock: Any, envelope: list[bytes], raw: bytes) -> None:
+        try:
+            command = parse_command(raw)
+        except CommandError as exc:
+            self.counters["control_rejected"] += 1
+            await self._reply(sock, envelope, error_reply(str(exc), request_id_of(raw)))
+            return
+        self.counters["control_requests"] += 1
+        try:
+            reply = await self.command(command)
+        except asyncio.CancelledError:
+            raise
+        except (TimeoutError, CommandError, ValueError, RuntimeError, JanusError, JanusDisconnected) as exc:
+            reply = error_reply(f"{type(exc).__name__}: {exc}")
+        except Exception as exc:  # a bug in one command is that request's error, never the control socket's end
+            self.log.exception("control request %s failed", command.cmd)
+            self.report_error("control_failed", f"{command.cmd}: {type(exc).__name__}: {exc}")
+            reply = error_reply(f"internal error: {type(exc).__name__}: {exc}")
+        if command.request_id is not None:
+            reply["id"] = command.request_id
+        await self._reply(sock, envelope, reply)
+
+    async def _reply(self, sock: Any, envelope: list[bytes], reply: dict[str, Any]) -> None:
+        # A client that went away is not an error: ROUTER drops a reply it cannot route.
+        with contextlib.suppress(zmq.ZMQError):
+            await sock.send_multipart([*envelope, json.dumps(reply, default=str).encode()])
 
 
 def _plugin_data(event: dict[str, Any]) -> dict[str, Any]:
