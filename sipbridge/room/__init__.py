@@ -46,7 +46,8 @@ def serve(host: str, port: int, janus_url: str) -> None:
 @click.option("--codec", type=click.Choice(["h264", "vp8", "vp9"]), default="h264", show_default=True)
 @click.option("--size", default="640x480", show_default=True)
 @click.option("--fps", type=int, default=30, show_default=True)
-@click.option("--probe/--no-probe", default=False, help="Report received counters and tones as JSON lines.")
+@click.option("--probe/--no-probe", default=False,
+              help="Report received counters and tones as JSON lines (aiortc publishers receive nothing: --viewer).")
 @click.option("--duration", type=float, default=None, help="Leave after this many seconds (default: until SIGTERM).")
 @click.option("--sync-marks", is_flag=True, default=False,
               help="Lip-sync marks: every 2 s a bright bottom band and a 2.5 kHz burst at the same instant.")

@@ -318,6 +318,9 @@ def _tracks(media_video: MediaLoop, media_audio: MediaLoop, fps: int, marks: Mar
             if self.k is None:
                 self.k = math.ceil(now / frame_ms)
                 self.k0 = self.k // period * period  # the loop starts on a sync period of the wall clock
+                # The first frame sent is a keyframe (at most a keyframe interval away): receivers decode from it.
+                while media_video.keyframes and not media_video.keyframes[(self.k - self.k0) % len(media_video)]:
+                    self.k += 1
                 self.first = self.k
             elif now - self.k * frame_ms > frame_ms:  # stalled: skip frames, as a camera would
                 self.k = math.floor(now / frame_ms)
