@@ -508,7 +508,7 @@ SIPP_PORT = 5090
 SIPP_MEDIA_PORT = 6000
 
 
-def sip_call(janus_url: str) -> dict[str, Any]:
+def sip_call(janus_url: str, port: int = SIPP_PORT) -> dict[str, Any]:
     """The SIP leg of a bridged call without the browser: test pattern + tone -> H.264 + PCMU -> janus stage ->
     Janus -> SIP peer (sipp echoes the RTP) -> janus stage -> decoder -> sink."""
     return {"stage": [
@@ -516,14 +516,14 @@ def sip_call(janus_url: str) -> dict[str, Any]:
         {"name": "encoder", "kind": "encoder", "inputs": ["source"],
          "args": ["--video-codec", "h264", "--audio-codec", "pcmu", "--fps", "10"]},
         {"name": "janus", "kind": "janus", "inputs": ["encoder"],
-         "args": ["--janus-url", janus_url, "--call", f"sip:peer@127.0.0.1:{SIPP_PORT}", "--audio-codec", "pcmu",
+         "args": ["--janus-url", janus_url, "--call", f"sip:peer@127.0.0.1:{port}", "--audio-codec", "pcmu",
                   "--video-codec", "h264"]},
         {"name": "decoder", "kind": "decoder", "inputs": ["janus"]},
         {"name": "sink", "kind": "sink", "inputs": ["decoder"]},
     ]}
 
 
-async def _sip_call(run_root: Path, janus_url: str, sipp: Any, sipp_dir: Path) -> None:
+async def _sip_call(run_root: Path, janus_url: str, sipp: Any, sipp_dir: Path, second: Any) -> None:
     async with node_client(settings_for(run_root, slots=2)) as (node, client):
         resp = await client.post("/calls", json=sip_call(janus_url), headers=AUTH)
         assert resp.status == 201, await resp.text()
@@ -560,23 +560,40 @@ async def _sip_call(run_root: Path, janus_url: str, sipp: Any, sipp_dir: Path) -
         gone = await resp.json()
         assert (gone["state"], gone["end_reason"]) == ("ended", "deleted")
         assert session is not None and scan_sessions({session})[session] == []
-    # The peer got a BYE and answered it: its scenario (INVITE, DTMF both ways, BYE) completed.
-    assert await asyncio.to_thread(sipp.wait, 15) == 0, sipp.output()
-    assert "BYE sip:" in sipp.messages()
+        # The peer got a BYE and answered it: its scenario (INVITE, DTMF both ways, BYE) completed.
+        assert await asyncio.to_thread(sipp.wait, 15) == 0, sipp.output()
+        assert "BYE sip:" in sipp.messages()
+
+        # A drain that reaches its limit hangs the running call up the same way: BYE, the peer's scenario done.
+        resp = await client.post("/calls", json=sip_call(janus_url, second.port), headers=AUTH)
+        assert resp.status == 201, await resp.text()
+        second_id = (await resp.json())["id"]
+
+        async def second_up() -> bool:
+            return ((await get_call(client, second_id))["sip"] or {}).get("state") == "media_up"
+        await until(second_up, CALL_START_TIMEOUT_S, "the second SIP call up")
+        await node.drain(timeout_s=1.0)
+        view = await get_call(client, second_id)
+        assert (view["state"], view["end_reason"]) == ("ended", "drained")
+        assert (await client.get("/healthz")).status == 503
+        assert await asyncio.to_thread(second.wait, 15) == 0, second.output()
+        assert "BYE sip:" in second.messages()
 
 
 @pytest.mark.media
 @pytest.mark.timeout(180)
-def test_a_sip_call_through_the_node_dtmf_and_delete_with_bye(netns: Any, janus: Any, run_root: Path,
+def test_sip_calls_through_the_node_dtmf_delete_and_drain_send_bye(netns: Any, janus: Any, run_root: Path,
                                                                tmp_path: Path) -> None:
     from tests.sipfix import Sipp
 
     sipp_dir = tmp_path / "sipp"
     sipp = Sipp("uas_dtmf", sipp_dir, SIPP_PORT, SIPP_MEDIA_PORT, extra=["-rtp_echo", "-trace_logs"]).start()
+    second = Sipp("uas_echo", tmp_path / "sipp2", SIPP_PORT + 2, SIPP_MEDIA_PORT + 10, extra=["-rtp_echo"]).start()
     try:
-        asyncio.run(_sip_call(run_root, janus.ws_url, sipp, sipp_dir))
+        asyncio.run(_sip_call(run_root, janus.ws_url, sipp, sipp_dir, second))
     finally:
         sipp.stop()
+        second.stop()
 
 
 def test_the_systemd_unit_verifies(tmp_path: Path) -> None:

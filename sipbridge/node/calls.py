@@ -95,9 +95,9 @@ def _plan_pipeline(data: dict[str, Any], allow_pipelines: bool) -> CallPlan:
     if not allow_pipelines:
         raise CallRequestError("this node takes bridge configurations only ([[stage]] pipelines are off: "
                                "allow_pipelines)")
-    unknown = set(data) - {"stage"}
+    unknown = set(data) - {"stage", "live"}
     if unknown:
-        raise CallRequestError(f"unknown key {sorted(unknown)[0]} next to stage")
+        raise CallRequestError(f"unknown key {sorted(unknown)[0]} next to stage (a pipeline has [[stage]] and live)")
     try:
         specs = parse_pipeline(data)
     except PipelineError as exc:
@@ -254,6 +254,8 @@ class Call:
                                          start_new_session=True, umask=0o077)
         deadline = time.monotonic() + SUPERVISOR_START_TIMEOUT_S
         while True:
+            if self._stopping is not None:
+                return  # stopped (DELETE, drain) while starting: the stop takes it from here
             states = await asyncio.to_thread(process_states, self.run_dir)
             if states:
                 self.states = states

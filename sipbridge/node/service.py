@@ -17,11 +17,13 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from sipbridge.node.calls import CALL_ID_RE, Call, CallPlan, RunFolderInUse, plan_call
 from sipbridge.node.config import NodeSettings
 from sipbridge.node.hostinfo import CLOCK_TICKS_PER_S, CpuSampler, ProcInfo, pss_bytes, scan_sessions
+from sipbridge.supervise import process_states
 
 log = logging.getLogger("sipbridge.node")
 
@@ -29,6 +31,11 @@ SAMPLE_INTERVAL_S = 1.0
 MEMORY_SAMPLE_EVERY = 5  # PSS walks page tables: every 5th sample is often enough
 ENDED_CALLS_KEPT = 100
 RETRY_AFTER_S = 5
+
+
+def running_leftovers(run_root: Path) -> list[Path]:
+    """Call folders under ``run_root`` whose supervisord still answers."""
+    return [d for d in sorted(run_root.iterdir()) if (d / "supervisor.sock").exists() and process_states(d)]
 
 
 class Refused(Exception):
@@ -92,6 +99,11 @@ class Node:
     # ----- background sampling -------------------------------------------------------------------
     async def start(self) -> None:
         self.settings.run_root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for leftover in await asyncio.to_thread(running_leftovers, self.settings.run_root):
+            # A call of a node that died without draining: not ours to stop or wipe, but it takes CPU (which
+            # admission sees) and whoever runs the host should know.
+            log.warning("run folder %s: its supervisord still answers (a call left by an earlier node); "
+                        "left alone", leftover)
         self._task = asyncio.create_task(self._sample_loop(), name="node-sampler")
 
     async def _sample_loop(self) -> None:
@@ -172,6 +184,7 @@ class Node:
             await call.start()
         except RunFolderInUse:
             del self.calls[call_id]  # nothing of ours was created: the folder is someone else's
+            self.started[plan.kind] -= 1
             raise
         except Exception as exc:
             call.error = f"could not start: {exc}"
