@@ -600,8 +600,11 @@ class RoomGrid(Compose):
         sid = msg.header.stream_id
         if self.pinned and sid not in self.pinned:
             return (msg,)  # not one of ours: pass through untouched
+        if msg.width % 2 or msg.height % 2:
+            # Kept, it would fail every composite it is drawn into; refused, it is one counted drop.
+            raise ValueError(f"{sid}: {msg.width}x{msg.height} is not an even size; the grid takes even sizes only")
         slot = self.slots.get(sid)
-        if slot is None or slot.ended:
+        if slot is None:
             self.arrivals += 1
             slot = self.slots[sid] = _Slot(joined=self.arrivals)
             slot.arrived(now)
@@ -628,16 +631,15 @@ class RoomGrid(Compose):
             return
         self.spoke_at[who] = now
         if not self.pinned and any(
-            participant_of(sid) == who and not slot.ended and sid not in self.positions
-            for sid, slot in self.slots.items()
+            participant_of(sid) == who and sid not in self.positions for sid in self.slots
         ):
             self._arrange()  # a speaker without a tile takes the least recent speaker's
 
     def _arrange(self) -> None:
         if self.pinned:
-            self.positions = [sid if (slot := self.slots.get(sid)) and not slot.ended else None for sid in self.pinned]
+            self.positions = [sid if sid in self.slots else None for sid in self.pinned]
             return
-        present = [(sid, slot) for sid, slot in self.slots.items() if not slot.ended]
+        present = list(self.slots.items())
         ranked = sorted(present, key=lambda item: (self.spoke_at.get(participant_of(item[0]), -math.inf),
                                                    item[1].joined), reverse=True)
         wanted = ranked[: self.max_tiles]
@@ -659,10 +661,8 @@ class RoomGrid(Compose):
         self.layout = (cols, rows)
 
     def flush(self, stream_id: str) -> Iterable[Message]:
-        for sid, slot in self.slots.items():
-            if not stream_id or sid == stream_id:
-                slot.ended = True
-                slot.frame = slot.tile = None
+        for sid in [sid for sid in self.slots if not stream_id or sid == stream_id]:
+            del self.slots[sid]  # gone: a stream that comes back arrives anew (and a long call does not pile up)
         self._arrange()
         return ()
 
@@ -727,7 +727,7 @@ class RoomGrid(Compose):
         now = self.clock()
         figures: dict[str, Any] = {
             "compose_slots": {
-                sid: {"age_s": round(now - slot.last_seen, 3), "ended": slot.ended,
+                sid: {"age_s": round(now - slot.last_seen, 3),
                       "size": [slot.frame.width, slot.frame.height] if slot.frame else None}
                 for sid, slot in list(self.slots.items())  # a copy: statistics run on the event loop
             },

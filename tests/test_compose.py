@@ -312,6 +312,17 @@ def test_room_grid_churn_five_people_through_four_tiles() -> None:
     grid.flush("dave/video")
     composite = frames(["eve"])
     assert pictures(composite, EXPECTED_PICTURES[1]) == ["eve"]
+    assert list(grid.figures()["compose_slots"]) == ["eve/video"]  # the departed leave nothing behind
+
+
+def test_room_grid_refuses_an_odd_sized_picture_and_goes_on() -> None:
+    clock = DrivenClock()
+    grid, _ = grid_with(["alice"], clock, names=False)
+    odd = VideoFrame(MediaHeader("bob/video", 1, 0, VIDEO_TB, 1), 33, 25, bytes(33 * 25 + 2 * 17 * 13))
+    with pytest.raises(ValueError, match="even size"):
+        grid.process(odd)
+    out = videos(list(grid.process(person_frame("alice", 9))))
+    assert out and pictures(out[0], EXPECTED_PICTURES[1]) == ["alice"]
 
 
 def test_room_grid_a_leaver_frees_the_tile_and_a_newcomer_takes_it() -> None:
