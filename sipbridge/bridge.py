@@ -4,12 +4,13 @@ Room to SIP:  browser -> room-decoder -> room-transformer (layout, mix) -> sip-e
 SIP to room:  janus -> sip-decoder (decode, resample) -> [sip-transformer (split), only to split] -> browser
 
 Every key is validated up front; an error names the key. Secrets are written ``"env:NAME"`` and reach the
-stage through its environment, never its command line or a log.
+janus stage's environment only (through supervise.SecretBroker), never a file, a command line or a log.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -32,6 +33,10 @@ SECRET_ENV_PREFIX = "SIPBRIDGE_SECRET_"
 # stalls that participant until a keyframe, which the room's sender may be slow to give, so this edge rides
 # out short CPU stalls with a deeper queue (about a second of two participants' audio and video).
 ENCODED_EDGE_HWM_MSGS = 64
+# Every value becomes part of a command line: bound it here with a message naming the key, rather than let a huge
+# one fail every exec with E2BIG. A URL or a regular expression fits well within these.
+MAX_STRING_CHARS = 2048
+MAX_ITEMS = 64  # entries of any list or table (routes, vars, participants)
 
 
 class BridgeConfigError(ValueError):
@@ -68,7 +73,7 @@ class BridgeConfig:
     secret: str | None = None
     call: str | None = None
     inbound: bool = False
-    accept_from: str = ".*"
+    accept_from: str | None = None  # required for inbound calls: no caller is answered by default
     # Inbound: (caller URI pattern, recipe variables) in order; with any, the bot joins only while a call is up.
     routes: list[tuple[str, dict[str, str]]] = field(default_factory=list)
     dtmf: str = "auto"  # RFC 4733 events when the peer takes telephone-event, else SIP INFO
@@ -162,8 +167,32 @@ def _routes(entries: list[Any]) -> list[tuple[str, dict[str, str]]]:
     return routes
 
 
+def _check_bounds(value: Any, where: str) -> None:
+    """Every string bounded, every list and table bounded, every number finite, anywhere in the file."""
+    if isinstance(value, str):
+        if len(value) > MAX_STRING_CHARS:
+            raise BridgeConfigError(f"{where} is {len(value)} characters long; at most {MAX_STRING_CHARS}")
+        if "\x00" in value:
+            raise BridgeConfigError(f"{where} contains a NUL character")
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise BridgeConfigError(f"{where} must be a finite number, not {value}")
+    elif isinstance(value, (list, dict)):
+        if len(value) > MAX_ITEMS:
+            raise BridgeConfigError(f"{where} has {len(value)} entries; at most {MAX_ITEMS}")
+        items = value.items() if isinstance(value, dict) else enumerate(value, 1)
+        for key, item in items:
+            if isinstance(key, str) and len(key) > MAX_STRING_CHARS:
+                raise BridgeConfigError(f"a key in {where} is {len(key)} characters long; at most {MAX_STRING_CHARS}")
+            _check_bounds(item, f"{where}[{key}]" if isinstance(value, list) else f"{where}.{key}")
+
+
 def parse_bridge(data: dict[str, Any]) -> BridgeConfig:
     _check_keys(data, "bridge file", {"room", "janus", "sip", "media", "layout", "room_side"})
+    for section, value in data.items():
+        _check_bounds(value, section)
+    if "room" not in data:
+        raise BridgeConfigError("missing section [room] (url and recipe of the room the bot joins)")
     room = _check_keys(data.get("room"), "room", {"url", "recipe", "display_name", "capture", "vars"})
     if "url" not in room:
         raise BridgeConfigError("room.url is required")
@@ -198,16 +227,22 @@ def parse_bridge(data: dict[str, Any]) -> BridgeConfig:
     cfg.secret = _secret(_take(sip, "sip", "secret", str, None), "sip.secret")
     cfg.call = _take(sip, "sip", "call", str, None)
     cfg.inbound = _take(sip, "sip", "inbound", bool, False)
-    cfg.accept_from = _take(sip, "sip", "accept_from", str, cfg.accept_from)
+    cfg.accept_from = _take(sip, "sip", "accept_from", str, None)
     for key, value in (("identity", cfg.identity), ("call", cfg.call), ("proxy", cfg.proxy)):
         if value is not None and not value.startswith(("sip:", "sips:")):
             raise BridgeConfigError(f"sip.{key} must be a sip: URI, not {value!r}")
-    try:
-        re.compile(cfg.accept_from)
-    except re.error as exc:
-        raise BridgeConfigError(f"sip.accept_from is not a valid regular expression: {exc}") from None
+    if cfg.accept_from is not None:
+        try:
+            re.compile(cfg.accept_from)
+        except re.error as exc:
+            raise BridgeConfigError(f"sip.accept_from is not a valid regular expression: {exc}") from None
     if bool(cfg.call) == cfg.inbound:
         raise BridgeConfigError("give exactly one of sip.call (outbound) or sip.inbound = true")
+    if cfg.inbound and cfg.accept_from is None:
+        raise BridgeConfigError('sip.accept_from is required with sip.inbound = true: a regular expression on the '
+                                'caller\'s URI; nobody is answered by default (".*" answers every caller)')
+    if cfg.accept_from is not None and not cfg.inbound:
+        raise BridgeConfigError("sip.accept_from is for inbound calls (sip.inbound = true)")
     cfg.routes = _routes(_take(sip, "sip", "route", list, []))
     cfg.dtmf = _choice(_take(sip, "sip", "dtmf", str, cfg.dtmf), "sip.dtmf", ("auto", "rfc2833", "info"))
     cfg.media_timeout_s = float(_take(sip, "sip", "media_timeout_s", (int, float), cfg.media_timeout_s))
@@ -292,16 +327,21 @@ def bridge_stages(cfg: BridgeConfig, run_dir: Path) -> list[StageSpec]:
         "--video-codec",
         sip_video,
     ]
-    janus_env: dict[str, str] = {}
+    # Only the janus stage gets the secrets, in its environment (handed over by supervise.SecretBroker).
+    janus_secrets: dict[str, str] = {}
     if cfg.proxy:
         janus_args += ["--proxy", cfg.proxy]
     if cfg.authuser:
         janus_args += ["--authuser", cfg.authuser]
     if cfg.secret:
-        janus_env["SIPBRIDGE_STAGE_JANUS_SECRET"] = f"%(ENV_{cfg.secret})s"
+        janus_secrets["SIPBRIDGE_STAGE_JANUS_SECRET"] = cfg.secret
     if cfg.janus_api_secret:
-        janus_env["SIPBRIDGE_STAGE_JANUS_API_SECRET"] = f"%(ENV_{cfg.janus_api_secret})s"
-    janus_args += ["--call", cfg.call] if cfg.call else ["--inbound", "--accept-from", cfg.accept_from]
+        janus_secrets["SIPBRIDGE_STAGE_JANUS_API_SECRET"] = cfg.janus_api_secret
+    if cfg.call:
+        janus_args += ["--call", cfg.call]
+    else:
+        assert cfg.accept_from is not None  # parse_bridge requires it for inbound
+        janus_args += ["--inbound", "--accept-from", cfg.accept_from]
     janus_args += ["--dtmf-method", cfg.dtmf, "--media-timeout-s", str(cfg.media_timeout_s)]
 
     # An audio-only endpoint: drop the room's video before it is scaled and encoded for nothing.
@@ -341,7 +381,7 @@ def bridge_stages(cfg: BridgeConfig, run_dir: Path) -> list[StageSpec]:
             else []
         ),
         StageSpec("sip-decoder", "decoder", inputs=["janus"], args=["--audio-rate", str(ROOM_AUDIO_RATE_HZ)]),
-        StageSpec("janus", "janus", args=janus_args, inputs=["sip-encoder"], env=janus_env),
+        StageSpec("janus", "janus", args=janus_args, inputs=["sip-encoder"], secrets=janus_secrets),
         StageSpec(
             "sip-encoder",
             "encoder",
@@ -392,4 +432,7 @@ def bridge_stages(cfg: BridgeConfig, run_dir: Path) -> list[StageSpec]:
                 command=(f"%(ENV_SIPBRIDGE_PYTHON)s -m sipbridge janus-server --work-dir {run_dir}/janus"),
             ),
         )
+    for spec in specs:
+        # A call runs until it is stopped: a stage that ends is restarted, an end of stream ends only streams.
+        spec.live = True
     return specs

@@ -15,9 +15,11 @@ from typing import Any
 import click
 
 from sipbridge.cli import cli
+from stages.base import DEFAULT_RUN_DIR
 
-DEFAULT_RUN_DIR = "/tmp/sipbridge"
 PROGRESS_INTERVAL_S = 2.0
+# supervisord silent on its socket this long (alive but hung) ends `up` with an error.
+SUPERVISOR_SILENT_LIMIT_S = 15.0
 PACKAGE_DIR = Path(__file__).resolve().parent
 PROJECT_DIR = PACKAGE_DIR.parent
 DEFAULT_PIPELINE = PACKAGE_DIR / "pipelines" / "synthetic.toml"
@@ -48,27 +50,80 @@ def _interrupt(signum: int, _frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+class SupervisorLost(click.ClickException):
+    """supervisord died or stopped answering under `up`."""
+
+
+def _start_time(pid: int) -> str | None:
+    """The kernel's start time of ``pid`` (field 22 of /proc/PID/stat): tells a process from a reused pid."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rpartition(")")[2].split()[19]
+
+
+def _pipeline_processes(run_dir: Path) -> dict[int, str | None]:
+    """Processes started for the pipeline in ``run_dir``: every program gets SIPBRIDGE_RUN_DIR in its environment."""
+    marker = f"SIPBRIDGE_RUN_DIR={run_dir}".encode()
+    found: dict[int, str | None] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            environ = Path(f"/proc/{entry}/environ").read_bytes()
+        except OSError:
+            continue
+        if marker in environ.split(b"\0"):
+            found[int(entry)] = _start_time(int(entry))
+    return found
+
+
+def _stop_orphans(known: dict[int, str | None], run_dir: Path) -> list[int]:
+    """SIGTERM the stages a dead supervisord left running (each in its own process group), pid reuse excluded."""
+    stopped = []
+    for pid, started in {**_pipeline_processes(run_dir), **known}.items():
+        if started is not None and _start_time(pid) == started:
+            try:
+                os.killpg(pid, signal.SIGTERM)
+            except OSError:
+                try:
+                    os.kill(pid, signal.SIGTERM)
+                except OSError:
+                    continue
+            stopped.append(pid)
+    return stopped
+
+
 def run_pipeline(config: Path, run_dir: Path, forever: bool, quiet: bool = False) -> dict[str, Any]:
     """Start a pipeline under supervisord, print progress, stop it when done; return the final states."""
     from sipbridge.status import StatusCollector
-    from sipbridge.supervise import PipelineError, Supervisor, parse_pipeline, render_config
+    from sipbridge.supervise import (
+        PipelineError,
+        Supervisor,
+        ensure_run_dir_free,
+        parse_pipeline,
+        render_config,
+        stage_secrets,
+    )
 
     run_dir = run_dir.resolve()
-    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    secrets: dict[str, dict[str, str]] = {}
+    secret_names: set[str] = set()
+    try:
+        # Before anything is written: a folder where a pipeline runs is refused, and never wiped.
+        ensure_run_dir_free(run_dir)
+    except (PipelineError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
     if config.suffix == ".toml":
-        from sipbridge.bridge import BridgeConfigError, bridge_stages, missing_secrets, parse_bridge
+        from sipbridge.bridge import BridgeConfigError, bridge_stages, parse_bridge
 
         try:
             with open(config, "rb") as fh:
                 data = tomllib.load(fh)
-            if "stage" in data:
-                specs = parse_pipeline(data)
-            else:
-                bridge = parse_bridge(data)
-                missing = missing_secrets(bridge)
-                if missing:
-                    raise BridgeConfigError(f"environment variable(s) {', '.join(missing)} not set")
-                specs = bridge_stages(bridge, run_dir)
+            specs = parse_pipeline(data) if "stage" in data else bridge_stages(parse_bridge(data), run_dir)
+            secrets = stage_secrets(specs)
+            secret_names = {source for spec in specs for source in spec.secrets.values()}
         except (tomllib.TOMLDecodeError, PipelineError, BridgeConfigError) as exc:
             raise click.ClickException(f"{config}: {exc}") from None
         conf_path = run_dir / "supervisord.conf"
@@ -77,7 +132,7 @@ def run_pipeline(config: Path, run_dir: Path, forever: bool, quiet: bool = False
         conf_path = config
     os.environ["SIPBRIDGE_RUN_DIR"] = str(run_dir)
     os.environ["SIPBRIDGE_PYTHON"] = sys.executable
-    supervisor = Supervisor(conf_path, run_dir)
+    supervisor = Supervisor(conf_path, run_dir, secrets=secrets, secret_names=secret_names)
     try:
         supervisor.start()
     except PipelineError as exc:
@@ -85,6 +140,9 @@ def run_pipeline(config: Path, run_dir: Path, forever: bool, quiet: bool = False
     collector = StatusCollector(run_dir)
     click.echo(f"pipeline up: {conf_path} (logs in {run_dir}/logs; `sipbridge status --run-dir {run_dir}`)")
     final: dict[str, Any] = {}
+    # Every stage process seen, with its start time: what to stop if supervisord dies under us.
+    known: dict[int, str | None] = {}
+    answered_s = time.monotonic()
     # SIGTERM (systemd, docker stop, kill) takes the same way out as Ctrl-C: hang up, flush, stop supervisord.
     # Left at its default it would end this process at once and orphan supervisord with every stage.
     previous = signal.signal(signal.SIGTERM, _interrupt)
@@ -92,8 +150,20 @@ def run_pipeline(config: Path, run_dir: Path, forever: bool, quiet: bool = False
         while True:
             collector.poll(PROGRESS_INTERVAL_S)
             states = supervisor.states()
+            if not supervisor.alive():
+                code = supervisor.proc.returncode if supervisor.proc else None
+                stopped = _stop_orphans(known, run_dir)
+                raise SupervisorLost(f"supervisord exited unexpectedly (code {code}); the pipeline is down"
+                                     + (f"; stopped {len(stopped)} stage process(es) it left" if stopped else ""))
             if states:
                 final = states
+                answered_s = time.monotonic()
+                for info in states.values():
+                    if info.get("pid") and info["pid"] not in known:
+                        known[info["pid"]] = _start_time(info["pid"])
+            elif time.monotonic() - answered_s > SUPERVISOR_SILENT_LIMIT_S:
+                raise SupervisorLost(f"supervisord has not answered on {run_dir}/supervisor.sock for "
+                                     f"{SUPERVISOR_SILENT_LIMIT_S:.0f} s; stopping it")
             if not quiet:
                 click.echo(_progress_line(collector, states))
             if not forever and supervisor.all_finished():

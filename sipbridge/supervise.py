@@ -13,24 +13,38 @@ A pipeline TOML lists stages in order; each names its kind (a ``sipbridge stage`
     kind = "sink"
     inputs = ["source"]
 
-The generated file has the same shape as the top-level ``supervisord.conf``.
+The generated file has the same shape as the top-level ``supervisord.conf``. ``live = true`` at the top marks a
+pipeline that runs until stopped (a bridge): every program is restarted whatever its exit code, and an end of
+stream ends streams, never a stage. ``{run_dir}`` in an argument is the pipeline's run folder.
+
+Secrets never pass through supervisord: a stage's ``secrets = {VAR = "env:NAME"}`` are handed by the process
+that started supervisord (``SecretBroker``) to that one program at its start, which puts them in its own
+environment (``sipbridge.secretenv``); supervisord itself gets an environment without them.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shlex
 import shutil
 import signal
+import socket as socketlib
+import struct
 import subprocess
 import sys
+import threading
 import time
 import xmlrpc.client
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from http.client import HTTPConnection
 from pathlib import Path
 from socket import AF_UNIX, SOCK_STREAM, socket
 from typing import Any
+
+from stages.base import LIVE_ENV, ipc_owner_alive, make_run_dir
 
 SUPERVISOR_START_TIMEOUT_S = 15.0
 # Stages flush and send end of stream on SIGTERM; give them time before supervisord escalates to SIGKILL.
@@ -38,6 +52,21 @@ STAGE_STOP_WAIT_S = 15
 # The browser leaves children behind if only its leader is signalled.
 GROUP_STOP_KINDS = {"browser"}
 FINAL_STATES = {"EXITED", "FATAL", "STOPPED"}
+SECRETS_SOCKET_NAME = "secrets.sock"
+# How long a program's start waits for the broker's answer (supervisord has the pid the moment it forks).
+SECRET_REQUEST_TIMEOUT_S = 10.0
+MAX_SECRET_REQUEST_BYTES = 4096
+# supervisord passes its environment to every program: only these names reach it (and a name that looks like a
+# secret never does, even under one of these prefixes). Programs get their secrets from the broker instead.
+PASS_ENV_NAMES = frozenset({
+    "PATH", "HOME", "USER", "LOGNAME", "SHELL", "TERM", "LANG", "LANGUAGE", "TZ", "TMPDIR", "CI",
+    "VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME", "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE", "PYTHONFAULTHANDLER",
+    "LD_LIBRARY_PATH", "XDG_RUNTIME_DIR", "DISPLAY", "SSL_CERT_FILE", "SSL_CERT_DIR",
+})
+PASS_ENV_PREFIXES = ("LC_", "SIPBRIDGE_", "PLAYWRIGHT_")
+SECRET_NAME_PATTERN = re.compile(r"SECRET|PASSW|TOKEN|API_?KEY|CREDENTIAL", re.IGNORECASE)
+ENV_REFERENCE = re.compile(r"env:([A-Za-z_][A-Za-z0-9_]*)")
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 class PipelineError(ValueError):
@@ -54,9 +83,19 @@ class StageSpec:
     env: dict[str, str] = field(default_factory=dict)
     # supervisord priority; None derives it from the list order (consumers start first).
     priority: int | None = None
+    # Variable in this program's environment -> the variable of the starting environment that holds the secret.
+    secrets: dict[str, str] = field(default_factory=dict)
+    # Runs until stopped (a bridge): restarted whatever its exit code; end of stream does not end it.
+    live: bool = False
 
 
 def parse_pipeline(data: dict[str, Any]) -> list[StageSpec]:
+    unknown_top = set(data) - {"stage", "live"}
+    if unknown_top:
+        raise PipelineError(f"unknown key(s) {', '.join(sorted(unknown_top))} (a pipeline has [[stage]] and live)")
+    live = data.get("live", False)
+    if not isinstance(live, bool):
+        raise PipelineError("live must be true or false")
     stages_data = data.get("stage")
     if not isinstance(stages_data, list) or not stages_data:
         raise PipelineError("pipeline needs at least one [[stage]] table")
@@ -65,7 +104,7 @@ def parse_pipeline(data: dict[str, Any]) -> list[StageSpec]:
         where = f"stage[{index}]"
         if not isinstance(raw, dict):
             raise PipelineError(f"{where} must be a table")
-        unknown = set(raw) - {"name", "kind", "command", "args", "inputs", "env"}
+        unknown = set(raw) - {"name", "kind", "command", "args", "inputs", "env", "secrets"}
         if unknown:
             raise PipelineError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
         name = raw.get("name")
@@ -83,7 +122,18 @@ def parse_pipeline(data: dict[str, Any]) -> list[StageSpec]:
             raise PipelineError(f"stage {name!r}.inputs must be a list of stage names")
         if not isinstance(env, dict) or not all(isinstance(v, str) for v in env.values()):
             raise PipelineError(f"stage {name!r}.env must be a table of strings")
-        specs.append(StageSpec(name, kind, command, list(args), list(inputs), dict(env)))
+        for key, value in env.items():
+            check_env_entry(f"stage {name!r}.env.{key}", key, value)
+        secrets_raw = raw.get("secrets", {})
+        if not isinstance(secrets_raw, dict):
+            raise PipelineError(f'stage {name!r}.secrets must be a table of VAR = "env:NAME"')
+        secrets = {}
+        for key, value in secrets_raw.items():
+            match = ENV_REFERENCE.fullmatch(value) if isinstance(value, str) else None
+            if not ENV_NAME.fullmatch(key) or match is None:
+                raise PipelineError(f'stage {name!r}.secrets.{key} must be "env:NAME" (secrets stay out of files)')
+            secrets[key] = match[1]
+        specs.append(StageSpec(name, kind, command, list(args), list(inputs), dict(env), secrets=secrets, live=live))
     names = [s.name for s in specs]
     for spec in specs:
         if names.count(spec.name) > 1:
@@ -94,23 +144,43 @@ def parse_pipeline(data: dict[str, Any]) -> list[StageSpec]:
     return specs
 
 
+def check_env_entry(where: str, key: str, value: str) -> None:
+    """supervisord's environment= line has no escapes: refuse what it would misread, naming the key."""
+    if not ENV_NAME.fullmatch(key):
+        raise PipelineError(f"{where}: {key!r} is not an environment variable name")
+    if "\n" in value or "\r" in value or ('"' in value and "'" in value):
+        raise PipelineError(f"{where}: a value with a newline, or with both kinds of quote, cannot pass supervisord")
+
+
+def _env_entry(key: str, value: str) -> str:
+    quote = "'" if '"' in value else '"'
+    return f"{key}={quote}{value.replace('%', '%%')}{quote}"
+
+
 def _program(spec: StageSpec, priority: int, run_dir: Path) -> str:
     if spec.command is not None:
         command = spec.command
+        if spec.secrets:
+            command = f"{shlex.join(_secret_wrapper(spec.name, run_dir))} {command}"
     else:
         argv = [sys.executable, "-m", "sipbridge", "stage", spec.kind or "", "--name", spec.name]
         for upstream in spec.inputs:
             argv += ["--in", f"ipc://{run_dir}/{upstream}.sock"]
+        args = [a.replace("{run_dir}", str(run_dir)) for a in spec.args]
+        wrapper = _secret_wrapper(spec.name, run_dir) if spec.secrets else []
         # supervisord expands %(name)s in command lines: a literal % (a URL escape, a regex) must be doubled.
-        command = shlex.join([*argv, *spec.args]).replace("%", "%%")
+        command = shlex.join([*wrapper, *argv, *args]).replace("%", "%%")
     group_stop = "true" if spec.kind in GROUP_STOP_KINDS else "false"
-    env = ",".join(f'{k}="{v}"' for k, v in {"SIPBRIDGE_RUN_DIR": str(run_dir), **spec.env}.items())
+    variables = {"SIPBRIDGE_RUN_DIR": str(run_dir), **({LIVE_ENV: "1"} if spec.live else {}), **spec.env}
+    env = ",".join(_env_entry(k, v) for k, v in variables.items())
+    # A live program is restarted whatever its exit code: during a call nothing but the bridge's stop ends a stage.
+    restart = "true" if spec.live else "unexpected"
     return f"""
 [program:{spec.name}]
 command={command}
 priority={priority}
 autostart=true
-autorestart=unexpected
+autorestart={restart}
 exitcodes=0
 startsecs=1
 startretries=5
@@ -153,6 +223,121 @@ serverurl=unix://{run_dir}/supervisor.sock
     return header + "".join(programs)
 
 
+def _secret_wrapper(program: str, run_dir: Path) -> list[str]:
+    return [sys.executable, "-m", "sipbridge.secretenv", "--socket", str(run_dir / SECRETS_SOCKET_NAME),
+            "--program", program, "--"]
+
+
+def stage_secrets(specs: list[StageSpec], environ: Mapping[str, str] | None = None) -> dict[str, dict[str, str]]:
+    """Each program's secret variables with their values, read from ``environ``; a missing one is an error."""
+    env = os.environ if environ is None else environ
+    out: dict[str, dict[str, str]] = {}
+    missing = sorted({source for spec in specs for source in spec.secrets.values() if source not in env})
+    if missing:
+        raise PipelineError(f"environment variable(s) {', '.join(missing)} not set")
+    for spec in specs:
+        if spec.secrets:
+            out[spec.name] = {var: env[source] for var, source in spec.secrets.items()}
+    return out
+
+
+def supervisor_environment(environ: Mapping[str, str], secret_names: set[str] | frozenset[str] = frozenset()
+                           ) -> dict[str, str]:
+    """What supervisord (and so every program) may see of ``environ``: an allow-list, secrets left out."""
+    return {
+        k: v
+        for k, v in environ.items()
+        if (k in PASS_ENV_NAMES or k.startswith(PASS_ENV_PREFIXES))
+        and k not in secret_names
+        and not SECRET_NAME_PATTERN.search(k)
+    }
+
+
+def ensure_run_dir_free(run_dir: Path) -> None:
+    """Create the run folder (0700) unless a live pipeline uses it; never delete anything in it."""
+    make_run_dir(run_dir)
+    (run_dir / "logs").mkdir(mode=0o700, exist_ok=True)
+    if ipc_owner_alive(str(run_dir / "supervisor.sock")):
+        raise PipelineError(f"a pipeline already runs in {run_dir}; stop it or choose another --run-dir")
+
+
+def _peer_pid(conn: socketlib.socket) -> tuple[int, int]:
+    creds = conn.getsockopt(socketlib.SOL_SOCKET, socketlib.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, _gid = struct.unpack("3i", creds)
+    return pid, uid
+
+
+class SecretBroker:
+    """Hands each program its secrets over a unix socket (0600) in the run folder, to that program's process only.
+
+    The asker names its program; the broker answers only when the asking process (its pid from SO_PEERCRED)
+    is the one supervisord started for that program, and it runs as this user. The values never touch a file,
+    a command line, supervisord's environment or a log.
+    """
+
+    def __init__(self, run_dir: Path, secrets: dict[str, dict[str, str]], pid_of: Callable[[str], int | None]) -> None:
+        self.path = run_dir / SECRETS_SOCKET_NAME
+        self.secrets = secrets
+        self.pid_of = pid_of
+        self.refused = 0
+        self.handed = 0
+        self._sock: socketlib.socket | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if ipc_owner_alive(str(self.path)):
+            raise PipelineError(f"{self.path} is in use by a live process")
+        self.path.unlink(missing_ok=True)
+        sock = socketlib.socket(AF_UNIX, SOCK_STREAM)
+        old_umask = os.umask(0o177)  # created 0600: no window where another user could connect
+        try:
+            sock.bind(str(self.path))
+        finally:
+            os.umask(old_umask)
+        sock.listen(8)
+        self._sock = sock
+        self._thread = threading.Thread(target=self._serve, name="secret-broker", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        assert self._sock is not None
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return  # closed
+            with conn:
+                conn.settimeout(SECRET_REQUEST_TIMEOUT_S)
+                try:
+                    self._answer(conn)
+                except (OSError, ValueError):
+                    self.refused += 1
+
+    def _answer(self, conn: socketlib.socket) -> None:
+        request = json.loads(conn.recv(MAX_SECRET_REQUEST_BYTES).decode())
+        program = request.get("program") if isinstance(request, dict) else None
+        pid, uid = _peer_pid(conn)
+        if not isinstance(program, str) or program not in self.secrets:
+            reply: dict[str, Any] = {"error": f"no secrets for program {program!r}"}
+        elif uid != os.getuid():
+            reply = {"error": "asked by another user"}
+        elif self.pid_of(program) != pid:
+            reply = {"error": f"pid {pid} is not supervisord's {program!r}"}
+        else:
+            reply = {"env": self.secrets[program]}
+        if "error" in reply:
+            self.refused += 1
+        else:
+            self.handed += 1
+        conn.sendall(json.dumps(reply).encode())
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+            self.path.unlink(missing_ok=True)
+
+
 class _UnixHTTPConnection(HTTPConnection):
     def __init__(self, path: str) -> None:
         super().__init__("localhost")
@@ -186,21 +371,37 @@ def process_states(run_dir: Path) -> dict[str, dict[str, Any]]:
         return {}
 
 
-class Supervisor:
-    """A supervisord child process running one configuration in the foreground."""
+def _program_pid(run_dir: Path, program: str) -> int | None:
+    try:
+        info = rpc(run_dir).getProcessInfo(program)
+    except (OSError, xmlrpc.client.Error):
+        return None
+    return int(info["pid"]) or None
 
-    def __init__(self, config_path: Path, run_dir: Path) -> None:
+
+class Supervisor:
+    """A supervisord child process running one configuration in the foreground.
+
+    ``secrets`` (program -> variable -> value, see ``stage_secrets``) are served to those programs only; the
+    names in ``secret_names`` (the variables they were read from) are kept out of supervisord's environment.
+    """
+
+    def __init__(self, config_path: Path, run_dir: Path, secrets: dict[str, dict[str, str]] | None = None,
+                 secret_names: set[str] | None = None) -> None:
         self.config_path = config_path
         self.run_dir = run_dir
         self.proc: subprocess.Popen[bytes] | None = None
+        self.secrets = secrets or {}
+        self.secret_names = set(secret_names or ())
+        self.broker: SecretBroker | None = None
 
     def start(self) -> None:
-        (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
-        sock = self.run_dir / "supervisor.sock"
-        if sock.exists() and process_states(self.run_dir):
-            raise PipelineError(f"a pipeline already runs in {self.run_dir}; stop it or choose another --run-dir")
+        ensure_run_dir_free(self.run_dir)
         supervisord = shutil.which("supervisord") or str(Path(sys.executable).with_name("supervisord"))
-        env = {**os.environ, "SIPBRIDGE_RUN_DIR": str(self.run_dir)}
+        env = {**supervisor_environment(os.environ, self.secret_names), "SIPBRIDGE_RUN_DIR": str(self.run_dir)}
+        if self.secrets:
+            self.broker = SecretBroker(self.run_dir, self.secrets, lambda name: _program_pid(self.run_dir, name))
+            self.broker.start()
         self.proc = subprocess.Popen(
             [supervisord, "-n", "-c", str(self.config_path)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
         )
@@ -208,10 +409,20 @@ class Supervisor:
         while not process_states(self.run_dir):
             if self.proc.poll() is not None:
                 err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
+                self._close_broker()
                 raise PipelineError(f"supervisord exited at start ({self.proc.returncode}): {err.strip()}")
             if time.monotonic() > deadline:
+                self.stop()
                 raise PipelineError("supervisord did not answer on its socket")
             time.sleep(0.1)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def _close_broker(self) -> None:
+        if self.broker is not None:
+            self.broker.close()
+            self.broker = None
 
     def states(self) -> dict[str, dict[str, Any]]:
         return process_states(self.run_dir)
@@ -222,11 +433,14 @@ class Supervisor:
 
     def stop(self, timeout_s: float = 60.0) -> int:
         """Stop every program (highest priority number first) and supervisord itself."""
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else 0
-        self.proc.send_signal(signal.SIGTERM)
         try:
-            return self.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
+            if self.proc is None or self.proc.poll() is not None:
+                return self.proc.returncode if self.proc else 0
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                return self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                return self.proc.wait()
+        finally:
+            self._close_broker()

@@ -35,11 +35,13 @@ def example() -> dict:
         (lambda d: d["sip"].update(route=[{"match": "^sip:a@"}]), "sip.route is for inbound calls"),
         (lambda d: d["sip"].update(dtmf="inband"), "sip.dtmf must be one of"),
         (lambda d: d["sip"].update(media_timeout_s=-1), "sip.media_timeout_s must be 0 (never) or more"),
-        (lambda d: (d["sip"].pop("call"), d["sip"].update(inbound=True, route=[{"match": "(", "vars": {}}])),
+        (lambda d: (d["sip"].pop("call"),
+                    d["sip"].update(inbound=True, accept_from=".*", route=[{"match": "(", "vars": {}}])),
          "sip.route[1].match is not a valid regular expression"),
-        (lambda d: (d["sip"].pop("call"), d["sip"].update(inbound=True, route=[{"vars": {}}])),
+        (lambda d: (d["sip"].pop("call"), d["sip"].update(inbound=True, accept_from=".*", route=[{"vars": {}}])),
          "sip.route[1].match is required"),
-        (lambda d: (d["sip"].pop("call"), d["sip"].update(inbound=True, route=[{"match": ".", "vars": {"room": 7}}])),
+        (lambda d: (d["sip"].pop("call"),
+                    d["sip"].update(inbound=True, accept_from=".*", route=[{"match": ".", "vars": {"room": 7}}])),
          "sip.route[1].vars must be a table of strings"),
         (lambda d: d["media"]["to_sip"].update(fps="30"), "media.to_sip.fps must be int"),
         (lambda d: d["sip"].update(call="echo@host"), "sip.call must be a sip: URI"),
@@ -50,6 +52,16 @@ def example() -> dict:
         (lambda d: d.update(room_side={"split": "5x5"}), "room_side.split must be COLSxROWS"),
         (lambda d: d["janus"].update(colour="red"), "unknown key janus.colour"),
         (lambda d: d["janus"].update(url="http://x"), "janus.url must be a ws://"),
+        # No accept-all default: an inbound bridge says whom it answers.
+        (lambda d: (d["sip"].pop("call"), d["sip"].update(inbound=True)), "sip.accept_from is required"),
+        (lambda d: d["sip"].update(accept_from=".*"), "sip.accept_from is for inbound calls"),
+        (lambda d: d["sip"].update(media_timeout_s=float("nan")), "sip.media_timeout_s must be a finite number"),
+        (lambda d: d["sip"].update(media_timeout_s=float("inf")), "sip.media_timeout_s must be a finite number"),
+        (lambda d: d["room"].update(url="http://x/" + "a" * 300_000), "room.url is 300009 characters long; at most"),
+        (lambda d: d["room"].update(vars={f"v{i}": "x" for i in range(100)}), "room.vars has 100 entries; at most"),
+        (lambda d: d["layout"].update(participants=["p" * 5000]), "layout.participants[1] is 5000 characters"),
+        (lambda d: d.pop("room"), "missing section [room]"),
+        (lambda d: d.update(room="x"), "[room] must be a table"),
     ],
 )
 def test_errors_name_the_bad_key(mutate, message: str) -> None:
@@ -89,10 +101,37 @@ def test_secrets_come_from_the_environment_and_never_reach_the_config_file(tmp_p
     cfg = parse_bridge(data)
     assert missing_secrets(cfg, {}) == ["SB_TEST_SECRET"]
     assert missing_secrets(cfg, {"SB_TEST_SECRET": "hunter2"}) == []
-    conf = render_config(bridge_stages(cfg, tmp_path), tmp_path)
-    assert "hunter2" not in conf
-    assert 'SIPBRIDGE_STAGE_JANUS_SECRET="%(ENV_SB_TEST_SECRET)s"' in conf
-    assert "--secret" not in conf
+    specs = bridge_stages(cfg, tmp_path)
+    conf = render_config(specs, tmp_path)
+    assert "hunter2" not in conf and "SB_TEST_SECRET" not in conf and "--secret" not in conf
+    # Only the janus stage asks for it, by name, from the broker; supervisord never sees it.
+    assert {s.name: s.secrets for s in specs if s.secrets} == {"janus": {"SIPBRIDGE_STAGE_JANUS_SECRET":
+                                                                         "SB_TEST_SECRET"}}
+    janus_command = next(line for line in conf.splitlines() if line.startswith("command=") and "stage janus" in line)
+    assert "-m sipbridge.secretenv" in janus_command and "--program janus" in janus_command
+    assert sum("sipbridge.secretenv" in line for line in conf.splitlines()) == 1
+
+
+def test_a_bridge_is_live_every_program_restarted_whatever_its_exit_code(tmp_path: Path) -> None:
+    specs = bridge_stages(parse_bridge(example()), tmp_path)
+    assert all(s.live for s in specs)
+    conf = render_config(specs, tmp_path)
+    assert conf.count("autorestart=true") == len(specs) and "autorestart=unexpected" not in conf
+    assert conf.count('SIPBRIDGE_LIVE="1"') == len(specs)
+
+
+def test_room_url_with_a_query_string_gets_the_room_joined_with_an_ampersand() -> None:
+    from stages.browser.recipes import load_recipe
+
+    recipe = load_recipe("local-room", {"room_url": "http://127.0.0.1:8480/app?a=%41", "room": "1234"})
+    assert recipe.start_url() == "http://127.0.0.1:8480/app?a=%41&room=1234&codec=h264"
+    plain = load_recipe("local-room", {"room_url": "http://127.0.0.1:8480/", "room": "1234"})
+    assert plain.start_url() == "http://127.0.0.1:8480/?room=1234&codec=h264"
+
+
+def test_examples_all_parse(tmp_path: Path) -> None:
+    for path in sorted(EXAMPLE.parent.glob("bridge-*.toml")):
+        bridge_stages(parse_bridge(tomllib.loads(path.read_text())), tmp_path)
 
 
 def test_up_refuses_a_bad_bridge_file_with_the_key_named(tmp_path: Path) -> None:
@@ -117,7 +156,8 @@ def test_inbound_routes_reach_the_browser_through_supervisord_unchanged(tmp_path
     data = example()
     data["room"]["vars"] = {"room": "50%off"}
     data["sip"].pop("call")
-    data["sip"].update(inbound=True, route=[{"match": "^sip:a%20b@", "vars": {"room": "7"}}, {"match": "."}])
+    data["sip"].update(inbound=True, accept_from=".*", route=[{"match": "^sip:a%20b@", "vars": {"room": "7"}},
+                                                             {"match": "."}])
     specs = bridge_stages(parse_bridge(data), tmp_path)
     (tmp_path / "logs").mkdir()
     conf = tmp_path / "supervisord.conf"

@@ -525,3 +525,16 @@ def test_unknown_stream_ids_cannot_grow_a_stage_without_bound(harness: Harness) 
     assert len(figures["streams"]) == MAX_TRACKED_STREAMS
     assert len(receive_media(out, MAX_TRACKED_STREAMS)) == MAX_TRACKED_STREAMS
     assert stage.proc.poll() is None
+
+
+def test_an_endpoint_with_a_live_owner_is_refused(harness: Harness) -> None:
+    """ZeroMQ would unlink a bound ipc socket and take it over: a second stage on the same endpoint must not."""
+    _, _, feed = harness.feed("feed")
+    owner = harness.start("transformer", "relay", [feed])
+    stats = harness.socket(zmq.SUB, owner.stats, False)
+    wait_stats(stats, lambda f: True)  # bound and publishing
+    intruder = harness.start("transformer", "relay", [feed])
+    assert intruder.proc.wait(EXIT_TIMEOUT_S) == 2
+    assert "is in use by a live process" in intruder.log()
+    assert owner.proc.poll() is None
+    wait_stats(stats, lambda f: f["pid"] == owner.proc.pid)  # the owner still has its sockets

@@ -164,22 +164,29 @@ def test_status_shows_live_figures_and_sigterm_stops_everything_cleanly(tmp_path
     os.environ["SIPBRIDGE_PYTHON"] = sys.executable
     supervisor = Supervisor(conf, run_dir)
     supervisor.start()
+
+    def video_of(snapshot: dict, stage: str) -> dict:
+        return (((snapshot.get(stage) or {}).get("figures") or {}).get("streams") or {}).get("video0") or {}
+
+    def live_figures(snapshot: dict) -> bool:
+        # Each stage's figures are its own latest report, taken at its own moment: wait until all of them show
+        # the condition, never compare one stage's count against another's.
+        return (
+            {name: s["state"] for name, s in snapshot.items()} == dict.fromkeys(("sink", "source", "transformer"),
+                                                                                "RUNNING")
+            and video_of(snapshot, "sink").get("frames_in", 0) > 30
+            and video_of(snapshot, "source").get("frames_out", 0) > 30
+            and video_of(snapshot, "transformer").get("latency_ms_p50") is not None
+        )
+
     try:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60
         snapshot: dict = {}
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not live_figures(snapshot):
             result = CliRunner().invoke(cli, ["status", "--json", "--run-dir", str(run_dir)])
             assert result.exit_code == 0, result.output
             snapshot = json.loads(result.output)["stages"]
-            sink = (snapshot.get("sink") or {}).get("figures") or {}
-            if sink.get("streams", {}).get("video0", {}).get("frames_in", 0) > 30:
-                break
-        assert {name: s["state"] for name, s in snapshot.items()} == dict.fromkeys(
-            ("sink", "source", "transformer"), "RUNNING"
-        )
-        source = snapshot["source"]["figures"]["streams"]["video0"]
-        assert source["frames_out"] > 30
-        assert snapshot["transformer"]["figures"]["streams"]["video0"]["latency_ms_p50"] is not None
+        assert live_figures(snapshot), snapshot
     finally:
         code = supervisor.stop()
     assert code == 0
@@ -243,3 +250,207 @@ def test_sigterm_to_up_stops_every_stage_and_supervisord(tmp_path: Path) -> None
             up.kill()
     for pid in (*pids, supervisord):
         assert not os.path.exists(f"/proc/{pid}") or "zombie" in Path(f"/proc/{pid}/status").read_text(), pid
+
+
+LIVE_PIPELINE = """live = true
+[[stage]]
+name = "source"
+kind = "source"
+args = ["--frames", "0", "--width", "160", "--height", "120", "--fps", "30"]
+[[stage]]
+name = "relay"
+kind = "transformer"
+inputs = ["source"]
+[[stage]]
+name = "relay2"
+kind = "transformer"
+inputs = ["relay"]
+[[stage]]
+name = "sink"
+kind = "sink"
+inputs = ["relay2"]
+"""
+
+
+def _wait(predicate, timeout_s: float, what: str):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"{what}: not within {timeout_s:.0f} s")
+
+
+def _start_up(tmp_path: Path, text: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], Path]:
+    run_dir = _run_dir(tmp_path)
+    pipeline = tmp_path / "p.toml"
+    pipeline.write_text(text)
+    up = subprocess.Popen([sys.executable, "-m", "sipbridge", "up", str(pipeline), "--run-dir", str(run_dir),
+                           "--forever"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    return up, run_dir
+
+
+def _stop_up(up: subprocess.Popen[bytes]) -> str:
+    if up.poll() is None:
+        up.send_signal(signal.SIGTERM)
+        try:
+            up.wait(60)
+        except subprocess.TimeoutExpired:
+            up.kill()
+    return up.stdout.read().decode(errors="replace") if up.stdout else ""
+
+
+def test_a_live_pipeline_survives_a_stage_killed_or_stopped_mid_call(tmp_path: Path) -> None:
+    """SIGKILL of a middle stage, then a clean exit 0 of it (SIGTERM): each time the stage comes back, the stages
+    downstream keep running (same pids) and media reaches the sink again. Before, an exit 0 sent end of stream,
+    every stage downstream exited 0 and supervisord (autorestart=unexpected) left them down."""
+    from sipbridge.supervise import process_states
+    from tests.stagehelp import StatsWatcher
+
+    up, run_dir = _start_up(tmp_path, LIVE_PIPELINE)
+    watcher = None
+    try:
+        names = ("source", "relay", "relay2", "sink")
+        states = _wait(lambda: (s := process_states(run_dir)) and all(
+            s.get(n, {}).get("statename") == "RUNNING" for n in names) and s, 60, "the pipeline to come up")
+        watcher = StatsWatcher(f"ipc://{run_dir}/sink.stats")
+
+        def sink_frames() -> int:
+            try:
+                figures = watcher.latest_stats(timeout_s=5)
+            except AssertionError:  # no statistics yet: a loaded machine can take a while to start Python
+                return 0
+            return figures["streams"].get("video0", {}).get("frames_in", 0)
+
+        _wait(lambda: sink_frames() > 10, 120, "media at the sink")
+        for how in (signal.SIGKILL, signal.SIGTERM):
+            victim = states["relay"]["pid"]
+            downstream = {n: states[n]["pid"] for n in ("relay2", "sink")}
+            os.kill(victim, how)
+            states = _wait(lambda victim=victim: (s := process_states(run_dir)) and s["relay"]["statename"] == "RUNNING"
+                           and s["relay"]["pid"] != victim and s, 60, f"relay back after {how.name}")
+            assert {n: states[n]["pid"] for n in downstream} == downstream, f"a stage downstream ended ({how.name})"
+            assert all(states[n]["statename"] == "RUNNING" for n in downstream), states
+            before = sink_frames()
+            _wait(lambda before=before: sink_frames() > before + 15, 60, f"media flowing again after {how.name}")
+            states = process_states(run_dir)
+            assert {n: states[n]["pid"] for n in downstream} == downstream
+    finally:
+        if watcher is not None:
+            watcher.close()
+        output = _stop_up(up)
+    assert up.returncode == 0, output
+
+
+def test_up_exits_non_zero_when_its_supervisord_dies(tmp_path: Path) -> None:
+    from sipbridge.supervise import process_states
+
+    up, run_dir = _start_up(tmp_path, LIVE_PIPELINE)
+    try:
+        states = _wait(lambda: (s := process_states(run_dir)) and len(s) == 4 and all(
+            i["statename"] == "RUNNING" for i in s.values()) and s, 60, "the pipeline to come up")
+        stage_pids = [info["pid"] for info in states.values()]
+        os.kill(int((run_dir / "supervisord.pid").read_text()), signal.SIGKILL)
+        code = up.wait(60)
+    finally:
+        output = _stop_up(up)
+    assert code != 0
+    assert "supervisord exited unexpectedly" in output, output
+    # The stages it left behind are stopped, not orphaned.
+    _wait(lambda: not any(os.path.exists(f"/proc/{p}") and "zombie" not in Path(f"/proc/{p}/status").read_text()
+                          for p in stage_pids), 60, "the orphaned stages to stop")
+
+
+JANUS_STAND_IN = """import hashlib, os, sys, time
+for name in ("SIPBRIDGE_STAGE_JANUS_SECRET", "SIPBRIDGE_STAGE_JANUS_API_SECRET"):
+    print(name, hashlib.sha256(os.environ.get(name, "").encode()).hexdigest(), flush=True)
+time.sleep(600)
+"""
+
+
+def _descendants(root: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{entry}/stat").read_text().rpartition(")")[2].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = set(), [root]
+    while todo:
+        pid = todo.pop()
+        found.add(pid)
+        todo.extend(children.get(pid, []))
+    return found
+
+
+def test_secrets_reach_only_the_janus_stage(tmp_path: Path) -> None:
+    """The SIP password and the Janus API secret, with quotes, %, backslashes and a newline, reach the janus
+    stage's environment intact and nothing else: no other process's environment or command line, no file in the
+    run folder (rendered configuration, logs), not `sipbridge status`, not supervisord's errors or `up`'s output.
+    The same run shows the run folder rules: 0700, and a second `up` there is refused without touching it."""
+    import hashlib
+
+    from sipbridge.supervise import process_states
+
+    sip_secret = 'pa"ss\'w%(ENV_HOME)s\\d\nline2 ;x'
+    api_secret = "api-%s-secret-\\-value"
+    stand_in = tmp_path / "janus_stand_in.py"
+    stand_in.write_text(JANUS_STAND_IN)
+    text = LIVE_PIPELINE + f"""[[stage]]
+name = "janus"
+command = "{sys.executable} {stand_in}"
+[stage.secrets]
+SIPBRIDGE_STAGE_JANUS_SECRET = "env:SB_TEST_SIP_SECRET"
+SIPBRIDGE_STAGE_JANUS_API_SECRET = "env:SB_TEST_API"
+"""
+    env = {**os.environ, "SB_TEST_SIP_SECRET": sip_secret, "SB_TEST_API": api_secret}
+    up, run_dir = _start_up(tmp_path, text, env)
+    try:
+        states = _wait(lambda: (s := process_states(run_dir)) and len(s) == 5 and all(
+            i["statename"] == "RUNNING" for i in s.values()) and s, 60, "the pipeline to come up")
+        janus_log = run_dir / "logs" / "janus.log"
+        _wait(lambda: janus_log.exists() and janus_log.read_text().count("\n") >= 2, 30, "the stand-in's report")
+        assert janus_log.read_text().split() == [
+            "SIPBRIDGE_STAGE_JANUS_SECRET", hashlib.sha256(sip_secret.encode()).hexdigest(),
+            "SIPBRIDGE_STAGE_JANUS_API_SECRET", hashlib.sha256(api_secret.encode()).hexdigest()]
+        assert (run_dir.stat().st_mode & 0o777) == 0o700
+
+        # A second pipeline in the same folder is refused, and the running one's files are left as they were.
+        conf_before = (run_dir / "supervisord.conf").read_bytes()
+        second = subprocess.run([sys.executable, "-m", "sipbridge", "up", str(tmp_path / "p.toml"), "--run-dir",
+                                 str(run_dir)], capture_output=True, text=True, timeout=60, env=env)
+        assert second.returncode != 0 and "a pipeline already runs in" in second.stderr, second
+        assert (run_dir / "supervisord.conf").read_bytes() == conf_before
+        assert process_states(run_dir)["sink"]["pid"] == states["sink"]["pid"]
+
+        status = subprocess.run([sys.executable, "-m", "sipbridge", "status", "--json", "--run-dir", str(run_dir)],
+                                capture_output=True, timeout=60)
+        supervisord = int((run_dir / "supervisord.pid").read_text())
+        janus_pid = states["janus"]["pid"]
+        needles = [s.encode() for s in (sip_secret, api_secret)]
+        seen_in: list[str] = []
+        for pid in _descendants(supervisord):
+            for part in ("environ", "cmdline"):
+                try:
+                    data = Path(f"/proc/{pid}/{part}").read_bytes()
+                except OSError:
+                    continue
+                if any(n in data for n in needles):
+                    seen_in.append(f"{pid}/{part}")
+        for path in run_dir.rglob("*"):
+            if path.is_file() and not path.is_symlink() and any(n in path.read_bytes() for n in needles):
+                seen_in.append(str(path))
+        if any(n in status.stdout + status.stderr for n in needles):
+            seen_in.append("sipbridge status")
+        assert sorted(seen_in) == [f"{janus_pid}/environ"]
+        assert all(n in Path(f"/proc/{janus_pid}/environ").read_bytes() for n in needles)
+    finally:
+        output = _stop_up(up)
+    assert up.returncode == 0, output
+    assert sip_secret not in output and api_secret not in output
+    for path in run_dir.rglob("*"):
+        if path.is_file():
+            assert sip_secret.encode() not in path.read_bytes(), path

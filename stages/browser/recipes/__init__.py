@@ -72,6 +72,19 @@ def first_line(exc: BaseException) -> str:
 StepProgress = Callable[[int, int, str, float, BaseException | None], None]
 
 
+def join_query(url: str) -> str:
+    """A template's ``{room_url}?room=...`` on a URL that has a query already: join with ``&``, not a second ``?``.
+
+    Percent escapes and the fragment are kept as they are.
+    """
+    head, hash_mark, fragment = url.partition("#")
+    base, question, query = head.partition("?")
+    if not question or "?" not in query:
+        return url
+    parts = [p for p in query.split("?") if p]
+    return f"{base}?{'&'.join(parts)}{hash_mark}{fragment}"
+
+
 @dataclass
 class Recipe:
     url: str
@@ -92,7 +105,7 @@ class Recipe:
             raise RecipeError(f"recipe {self.name}: unknown variable {exc} in {text!r}") from None
 
     def start_url(self) -> str:
-        return self.format(self.url)
+        return join_query(self.format(self.url))
 
     async def join(self, page: Page, progress: StepProgress | None = None) -> None:
         """Open the app and do the steps; raise ``RecipeStepError`` naming the step that failed or timed out.
