@@ -59,6 +59,8 @@ class CallSnapshot:
 
 @dataclass
 class NodeSnapshot:
+    """The node's state in plain values. sipbridge.cluster (issue 13) publishes it: keep the field names."""
+
     name: str
     slots: int
     free: int
