@@ -180,6 +180,29 @@ def test_the_node_example_files_are_valid() -> None:
     assert "browser" in stages and "janus" in stages and "janus-server" not in stages
 
 
+def test_host_cpu_and_call_processes_are_read_from_proc(tmp_path: Path) -> None:
+    from sipbridge.node.hostinfo import CpuSampler, scan_sessions
+
+    proc = tmp_path / "proc"
+    proc.mkdir()
+
+    def stat(user: int, idle: int) -> None:  # cpu user nice system idle iowait irq softirq steal
+        (proc / "stat").write_text(f"cpu  {user} 0 0 {idle} 0 0 0 0 0 0\ncpu0 0 0 0 0 0 0 0 0 0 0\n")
+
+    stat(100, 100)
+    sampler = CpuSampler(proc)
+    stat(190, 110)  # 90 busy of 100 jiffies
+    assert sampler.sample() == pytest.approx(0.9)
+    # A command name with spaces and parentheses; the session is field 6, utime/stime 14/15, start time 22.
+    for pid, comm, session in ((11, "python3", 500), (12, "a (b) c", 500), (13, "other", 600)):
+        (proc / str(pid)).mkdir()
+        fields = ["S", "1", str(pid), str(session)] + ["0"] * 7 + ["30", "12"] + ["0"] * 6 + ["4242"]
+        (proc / str(pid) / "stat").write_text(f"{pid} ({comm}) " + " ".join(fields) + "\n")
+    found = scan_sessions({500, 700}, proc)
+    assert sorted(p.pid for p in found[500]) == [11, 12] and found[700] == []
+    assert {(p.cpu_ticks, p.start_ticks) for p in found[500]} == {(42, 4242)}
+
+
 def test_run_folder_is_private_and_an_existing_one_is_refused_untouched(tmp_path: Path) -> None:
     root = tmp_path / "root"
     run_dir = make_run_folder(root, "abc")
