@@ -1,5 +1,5 @@
 """Benchmark of a whole bridged call: one participant at 640x480@30 in the local room, the bot, the bridge stages,
-Janus and a sipp echo peer, in a private namespace (``sipbridge.demo.LocalCall``).
+Janus and a sipp echo peer, in a private namespace (``sipbridge.testing.LocalCall``).
 
 Measured:
 * bridge-added latency, one way, from the stages' own per-hop figures (``capture_time_ns`` is stamped where media
@@ -42,7 +42,8 @@ import click
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sipbridge.demo import CallOptions, LocalCall, lipsync_report
+from sipbridge.testing.lipsync import lipsync_report
+from sipbridge.testing.localcall import CallOptions, LocalCall
 from stages.browser.procs import cpu_seconds, pss_kb, tree_usage
 from stages.pattern import PatternGenerator
 

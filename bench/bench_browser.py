@@ -35,9 +35,9 @@ import numpy as np
 import zmq
 
 import protocol
-from sipbridge.demo import SIPBRIDGE
 from sipbridge.janus_server import JanusConfig, JanusServer
 from sipbridge.netns import NetNs
+from sipbridge.testing.localcall import SIPBRIDGE
 from stages.browser.procs import chromium_pids, command_name, cpu_seconds, descendants, pss_kb, tree_usage
 from stages.pattern import PatternGenerator, tone
 

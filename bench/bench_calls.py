@@ -1,6 +1,6 @@
 """Benchmark: how many bridged calls one machine holds, measured rather than extrapolated.
 
-Runs 1, then N simultaneous bridged calls (each a ``sipbridge.demo.LocalCall`` in its own network namespace:
+Runs 1, then N simultaneous bridged calls (each a ``sipbridge.testing.LocalCall`` in its own network namespace:
 its own Janus, room with one participant at 640x480@30 H.264 + Opus, bot, bridge stages and sipp echo peer)
 and measures, over the same window for every call:
 * the bridge-added latency each way (the stages' own per-hop figures, as in bench_bridge.py): room -> SIP at
@@ -29,8 +29,8 @@ import click
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sipbridge.demo import CallOptions, LocalCall
 from sipbridge.status import StatusCollector
+from sipbridge.testing.localcall import CallOptions, LocalCall
 
 RESULTS = Path(__file__).resolve().parent / "results" / "calls.json"
 WIDTH, HEIGHT, FPS = 640, 480, 30

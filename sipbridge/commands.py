@@ -34,18 +34,6 @@ run_dir_option = click.option(
 )
 
 
-def _progress_line(collector: Any, states: dict[str, dict[str, Any]]) -> str:
-    parts = []
-    for stage in sorted(set(states) | set(collector.figures)):
-        figures = collector.figures.get(stage, {})
-        streams = figures.get("streams", {})
-        frames = sum(s.get("frames_in", 0) or s.get("frames_out", 0) for s in streams.values())
-        drops = sum(figures.get("drops", {}).values())
-        state = states.get(stage, {}).get("statename", "?")
-        parts.append(f"{stage}[{state.lower()}] {frames} fr" + (f" {drops} drop" if drops else ""))
-    return " | ".join(parts)
-
-
 def _interrupt(signum: int, _frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -97,7 +85,7 @@ def _stop_orphans(known: dict[int, str | None], run_dir: Path) -> list[int]:
 
 def run_pipeline(config: Path, run_dir: Path, forever: bool, quiet: bool = False) -> dict[str, Any]:
     """Start a pipeline under supervisord, print progress, stop it when done; return the final states."""
-    from sipbridge.status import StatusCollector
+    from sipbridge.status import StatusCollector, progress_line
     from sipbridge.supervise import (
         PipelineError,
         Supervisor,
@@ -165,7 +153,7 @@ def run_pipeline(config: Path, run_dir: Path, forever: bool, quiet: bool = False
                 raise SupervisorLost(f"supervisord has not answered on {run_dir}/supervisor.sock for "
                                      f"{SUPERVISOR_SILENT_LIMIT_S:.0f} s; stopping it")
             if not quiet:
-                click.echo(_progress_line(collector, states))
+                click.echo(progress_line(collector, states))
             if not forever and supervisor.all_finished():
                 break
     except KeyboardInterrupt:
@@ -336,6 +324,7 @@ def demo(run_dir: Path, seconds: float, sip_peer: str) -> None:
 
     Exits non-zero when any check fails.
     """
-    from sipbridge.demo import run_demo
+    # The local-call harness is imported here only: it is no part of the CLI's import path.
+    from sipbridge.testing.demo import run_demo
 
     run_demo(run_dir, seconds, sip_peer)

@@ -1,6 +1,6 @@
 """Start the Janus WebRTC Server with the project's own configuration.
 
-The templates in ``janus-conf/`` hold only the settings the project depends on, with
+The templates in ``sipbridge/janus-conf/`` hold only the settings the project depends on, with
 ``${NAME}`` placeholders for what differs between instances (ports, RTP ranges,
 log file, ICE interface). ``render_config()`` writes a filled-in copy to a folder
 and ``janus -F FOLDER`` runs with it, so two Janus instances (two tests, or two
@@ -37,6 +37,7 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,8 @@ from sipbridge import netns as netns_mod
 
 log = logging.getLogger("sipbridge.janus")
 
-TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "janus-conf"
+# Package data (pyproject package-data), so an installed wheel finds it as a checkout does.
+TEMPLATE_DIR = Path(str(resources.files("sipbridge") / "janus-conf"))
 JANUS_BINARY = "janus"
 DEFAULT_HTTP_PORT = 8088
 DEFAULT_WS_PORT = 8188

@@ -55,6 +55,20 @@ class StatusCollector:
         self.sock.close()
 
 
+def progress_line(collector: StatusCollector, states: dict[str, dict[str, Any]]) -> str:
+    """One line per refresh for a pipeline running in the foreground (`up`, the demo): each stage's process state,
+    frames and drops."""
+    parts = []
+    for stage in sorted(set(states) | set(collector.figures)):
+        figures = collector.figures.get(stage, {})
+        streams = figures.get("streams", {})
+        frames = sum(s.get("frames_in", 0) or s.get("frames_out", 0) for s in streams.values())
+        drops = sum(figures.get("drops", {}).values())
+        state = states.get(stage, {}).get("statename", "?")
+        parts.append(f"{stage}[{state.lower()}] {frames} fr" + (f" {drops} drop" if drops else ""))
+    return " | ".join(parts)
+
+
 def _fmt(value: Any, digits: int = 1) -> str:
     if value is None:
         return "-"

@@ -29,8 +29,8 @@ import pytest
 import zmq
 
 import protocol
-from sipbridge.demo import wait_until
 from sipbridge.janus_server import JanusServer
+from sipbridge.testing.localcall import wait_until
 from stages.pattern import dominant_frequency, i420_planes, read_counter
 from tests.stagehelp import SIPBRIDGE
 

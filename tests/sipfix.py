@@ -69,12 +69,11 @@ import zmq.asyncio
 import protocol
 from protocol import Codec, EncodedPacket, EndOfStream, Event, EventType, KeyframeRequest, MediaHeader
 from sipbridge import netns as netns_mod
-from sipbridge.demo import udp_ports
 from sipbridge.janus_server import JanusConfig, JanusServer
+from sipbridge.testing.localcall import sipp_scenario, udp_ports
 from stages.base import control_endpoint
 from tests.stagehelp import SIPBRIDGE
 
-SIPP_DIR = Path(__file__).resolve().parent / "sipp"
 SIPP_STOP_TIMEOUT_S = 5.0
 SIPP_START_TIMEOUT_S = 5.0
 
@@ -123,15 +122,6 @@ def wait_for(predicate: Callable[[], object], timeout_s: float, poll_s: float = 
             return
         time.sleep(poll_s)
     raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-
-
-def sipp_scenario(name: str) -> Path:
-    path = SIPP_DIR / name
-    if not path.suffix:
-        path = path.with_suffix(".xml")
-    if not path.exists():
-        raise FileNotFoundError(path)
-    return path
 
 
 class Sipp:

@@ -1,6 +1,6 @@
 """The bridge end to end: real Chromium, real Janus (VideoRoom and SIP plugin), real sipp, in a private namespace.
 
-Each test runs one bridged call with ``sipbridge.demo.LocalCall``: synthetic participants in the local room, the
+Each test runs one bridged call with ``sipbridge.testing.LocalCall``: synthetic participants in the local room, the
 bot (browser stage) and the bridge stages under supervisord, and a sipp SIP peer that echoes RTP. What is checked
 comes from outside the bridge: the SIP leg from a tshark capture (SDP, RTP payload types, the H.264 and G.711/G.722
 payloads decoded), the room side from the participants' probes, which read frame counters out of the pixels and the
@@ -25,18 +25,15 @@ import pytest
 
 from protocol import MediaHeader, VideoFrame
 from sipbridge.bridge import DROP_VIDEO, DropVideo, bridge_stages, parse_bridge
-from sipbridge.demo import (
-    BOT_NAME,
-    SIP_PEER_MEDIA_PORT,
-    CallOptions,
-    LocalCall,
+from sipbridge.status import StatusCollector
+from sipbridge.testing.capture import (
     audio_from_capture,
     h264_frames_from_capture,
     rtp_flows,
     sdp_codecs,
     tile_counters,
 )
-from sipbridge.status import StatusCollector
+from sipbridge.testing.localcall import BOT_NAME, SIP_PEER_MEDIA_PORT, CallOptions, LocalCall
 from stages.pattern import dominant_frequency
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"

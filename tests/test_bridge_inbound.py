@@ -1,6 +1,6 @@
 """Inbound calls end to end: a SIP caller (sipp) calls the bridge, the route for that caller picks the room, the bot
 joins it only for the call and leaves when the caller hangs up. Real Janus, Chromium and sipp in a private namespace
-(``sipbridge.demo.LocalCall`` with the SIP peer as caller instead of the echoing callee)."""
+(``sipbridge.testing.LocalCall`` with the SIP peer as caller instead of the echoing callee)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,16 @@ import pytest
 from click.testing import CliRunner
 
 from sipbridge.cli import cli
-from sipbridge.demo import BOT_NAME, SIP_PEER_MEDIA_PORT, SIP_PEER_PORT, SIPP_DIR, CallOptions, LocalCall
 from sipbridge.janus_server import DEFAULT_RTP_PORT_RANGE
 from sipbridge.status import StatusCollector
+from sipbridge.testing.localcall import (
+    BOT_NAME,
+    SIP_PEER_MEDIA_PORT,
+    SIP_PEER_PORT,
+    CallOptions,
+    LocalCall,
+    sipp_scenario,
+)
 from tests.test_bridge_e2e import counters, need_media_tools
 
 ROUTED_ROOM = 1234  # where the participants are
@@ -86,7 +93,7 @@ def test_inbound_call_joins_the_routed_room_for_the_call_only(tmp_path: Path) ->
             sipp_dir = call.run_dir / "sipp"
             sipp_dir.mkdir()
             caller = subprocess.Popen(
-                ["sipp", "-sf", str(SIPP_DIR / "uac_call.xml"), "-i", "127.0.0.1", "-p", str(SIP_PEER_PORT),
+                ["sipp", "-sf", str(sipp_scenario("uac_call")), "-i", "127.0.0.1", "-p", str(SIP_PEER_PORT),
                  "-mi", "127.0.0.1", "-mp", str(SIP_PEER_MEDIA_PORT), "-m", "1", "-nostdin", "-rtp_echo",
                  "-s", "bridge", "-d", str(CALL_DURATION_MS), "-trace_msg", f"127.0.0.1:{janus_sip_port()}"],
                 cwd=sipp_dir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)

@@ -17,13 +17,8 @@ from typing import Any
 import click
 import pytest
 
-from sipbridge.demo import (
-    LIPSYNC_AUDIO_LATE_MS,
-    SIP_PEER_MEDIA_PORT,
-    claim_run_dir,
-    preflight,
-    verdict,
-)
+from sipbridge.testing.demo import LIPSYNC_AUDIO_LATE_MS, claim_run_dir, preflight, verdict
+from sipbridge.testing.localcall import SIP_PEER_MEDIA_PORT
 from tests.stagehelp import SIPBRIDGE
 from tests.test_bridge_e2e import need_media_tools
 

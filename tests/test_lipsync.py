@@ -17,18 +17,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sipbridge.demo import (
-    BOT_NAME,
+from sipbridge.testing.lipsync import (
     MARK_HZ,
     SYNC_PERIOD_MS,
-    CallOptions,
-    LocalCall,
     audio_mark_onsets,
     lipsync_report,
     mark_band_bright,
     pair_marks,
     sync_in_room,
 )
+from sipbridge.testing.localcall import BOT_NAME, CallOptions, LocalCall
 from tests.test_bridge_e2e import need_media_tools
 
 MIN_MARKS = 3
