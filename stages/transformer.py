@@ -56,8 +56,9 @@ SPEAKER_MIN_DBFS = -50.0
 SPEAKER_MARGIN_DB = 6.0
 SPEAKER_HOLD_S = 0.6
 SPEAKER_SMOOTHING = 0.9
-# Room grid: a grid with nobody in it (or whose every camera is stalled this long) still sends pictures, so that
-# the SIP side's video never stops (carriers hang up on RTP inactivity); the slate's and a repeat's rate.
+# Room grid: a grid with nobody in it sends a slate at its frame rate, and one whose every camera has stalled this
+# long repeats its last picture once per this long, so that the SIP side's video never stops (carriers hang up
+# on RTP inactivity).
 GRID_REPEAT_AFTER_S = 0.5
 # How often the stage lets slates, repeats and silence out (each paces itself).
 TICK_INTERVAL_S = 0.01
@@ -550,8 +551,8 @@ class RoomGrid(Compose):
     grid is pinned instead: those streams, in that order, a black cell while one is away.
 
     Composites are emitted on the leading camera's frames (see Compose). With nobody in the grid, ``tick`` sends
-    a slate at ``fps``; when every camera stalls, the last grid is repeated at ``fps`` after
-    GRID_REPEAT_AFTER_S, so the SIP side never goes without video. Output pts are the grid's own clock in
+    a slate at ``fps``; when every camera stalls, the last grid is repeated every GRID_REPEAT_AFTER_S, so the SIP
+    side never goes without video. Output pts are the grid's own clock in
     1/90000 (continuous whoever leads), and a composite's capture time is that of its oldest live tile.
     """
 
@@ -714,8 +715,10 @@ class RoomGrid(Compose):
             self.due = now
         if now < self.due - CLOCK_EPSILON_S:
             return []
-        period = 1.0 / self.options.fps
-        at = self.due  # stamped on the fps grid, not with when this tick happened to run
+        # The slate at the grid's rate; a repeat of stalled cameras only keeps RTP flowing, so no faster than one
+        # per GRID_REPEAT_AFTER_S: a starved machine must not be handed full-rate work for frozen pictures.
+        period = max(1.0 / self.options.fps, GRID_REPEAT_AFTER_S if any(self.positions) else 0.0)
+        at = self.due  # stamped on the schedule, not with when this tick happened to run
         self.due += period
         if self.due <= now:  # the clock jumped (a stalled process): go on from now, no burst
             self.due = now + period
