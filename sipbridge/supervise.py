@@ -63,7 +63,7 @@ PASS_ENV_NAMES = frozenset({
     "VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME", "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE", "PYTHONFAULTHANDLER",
     "LD_LIBRARY_PATH", "XDG_RUNTIME_DIR", "DISPLAY", "SSL_CERT_FILE", "SSL_CERT_DIR",
 })
-PASS_ENV_PREFIXES = ("LC_", "SIPBRIDGE_", "PLAYWRIGHT_")
+PASS_ENV_PREFIXES = ("LC_", "SIPBRIDGE_", "PLAYWRIGHT_", "XDG_", "FONTCONFIG_")
 SECRET_NAME_PATTERN = re.compile(r"SECRET|PASSW|TOKEN|API_?KEY|CREDENTIAL", re.IGNORECASE)
 ENV_REFERENCE = re.compile(r"env:([A-Za-z_][A-Za-z0-9_]*)")
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -394,6 +394,16 @@ class Supervisor:
         self.secrets = secrets or {}
         self.secret_names = set(secret_names or ())
         self.broker: SecretBroker | None = None
+
+    @classmethod
+    def for_specs(cls, specs: list[StageSpec], run_dir: Path, environ: Mapping[str, str] | None = None
+                  ) -> Supervisor:
+        """Render ``specs`` into RUN_DIR/supervisord.conf; their secrets are read from ``environ`` and served."""
+        ensure_run_dir_free(run_dir)
+        conf = run_dir / "supervisord.conf"
+        conf.write_text(render_config(specs, run_dir))
+        names = {source for spec in specs for source in spec.secrets.values()}
+        return cls(conf, run_dir, secrets=stage_secrets(specs, environ), secret_names=names)
 
     def start(self) -> None:
         ensure_run_dir_free(self.run_dir)

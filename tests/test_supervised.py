@@ -454,3 +454,26 @@ SIPBRIDGE_STAGE_JANUS_API_SECRET = "env:SB_TEST_API"
     for path in run_dir.rglob("*"):
         if path.is_file():
             assert sip_secret.encode() not in path.read_bytes(), path
+
+
+def test_the_secret_broker_answers_only_the_program_supervisord_started(tmp_path: Path) -> None:
+    from sipbridge.secretenv import fetch
+    from sipbridge.supervise import SecretBroker
+
+    run_dir = _run_dir(tmp_path)
+    owner = {"janus": os.getpid()}
+    broker = SecretBroker(run_dir, {"janus": {"SIPBRIDGE_STAGE_JANUS_SECRET": 'a"b%c\\d\ne'}}, owner.get)
+    broker.start()
+    try:
+        assert (run_dir / "secrets.sock").stat().st_mode & 0o777 == 0o600
+        assert fetch(str(run_dir / "secrets.sock"), "janus") == {"SIPBRIDGE_STAGE_JANUS_SECRET": 'a"b%c\\d\ne'}
+        owner["janus"] = 1  # another process is supervisord's janus: this one is refused
+        with pytest.raises(RuntimeError, match="is not supervisord's 'janus'") as refused:
+            fetch(str(run_dir / "secrets.sock"), "janus")
+        assert "a\"b" not in str(refused.value)
+        with pytest.raises(RuntimeError, match="no secrets for program 'browser'"):
+            fetch(str(run_dir / "secrets.sock"), "browser")
+        assert (broker.handed, broker.refused) == (1, 2)
+    finally:
+        broker.close()
+    assert not (run_dir / "secrets.sock").exists()
