@@ -121,8 +121,9 @@ bitrate_kbps = {self.bitrate_kbps}
 [layout]
 mode = "{self.layout}"
 max_tiles = {self.max_tiles}
-participants = {json.dumps(self.layout_ids)}
-# Counters and lip-sync marks are read at the top and bottom edge of each cell: pictures fill their cells.
+participants = {json.dumps(self.layout_ids or [f"{name}/video" for name, _ in self.participants])}
+# Counters and lip-sync marks are read at fixed places: each participant pinned to a tile (a grid that follows the
+# room would show the first to arrive full frame for a moment), pictures filling their cells up to the edges.
 fit = "stretch"
 
 [room_side]
