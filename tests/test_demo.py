@@ -59,7 +59,11 @@ def good_figures() -> dict[str, Any]:
             "tile_counters": [list(range(10, 220)), list(range(40, 250))],
             "audio": {"seconds": 14.2, "tone_hz": 440.8},
         },
-        "room": {"track1": {"frames": 190, "counters": "12..201"}, "track2": {"frames": 185}, "tone_hz": 659.5},
+        "room": {
+            "track1": {"frames": 190, "counters": "12..201", "counter_list": list(range(12, 202))},
+            "track2": {"frames": 185, "counters": "45..229", "counter_list": list(range(45, 230))},
+            "tone_hz": 659.5,
+        },
         "lipsync": {"sip": {"marks": 6, "offset_ms_p50": 21.0}},
     }
 
@@ -105,13 +109,14 @@ def _without(path: str, value: Any = None) -> dict[str, Any]:
     [
         ("sip.video_frames_decoded", 0, "room -> SIP video", "0 pictures"),
         ("sip.video_frames_decoded", None, "room -> SIP video", "not decoded"),
-        ("sip.tile_counters", [list(range(10, 220)), []], "room -> SIP video", "tile 2"),
         ("sip.tile_counters", [list(range(10, 220))], "room -> SIP video", "1 tiles read"),
         ("sip.audio", {"seconds": 0.0, "tone_hz": None}, "room -> SIP audio", "0.0 s"),
         ("sip.audio", None, "room -> SIP audio", "0.0 s"),
         ("sip.audio", {"seconds": 12.0, "tone_hz": 1000.0}, "room -> SIP audio", "1000.0 Hz"),
         ("room.track2", None, "SIP -> room video", "190 and 0 frames"),
         ("room.track1", {"frames": 3}, "SIP -> room video", "3 and 185"),
+        ("room.track2.counter_list", [0] * 185, "SIP -> room video", "190 and 0 distinct"),
+        ("room.track1.counter_list", list(range(500, 690)), "SIP -> room video", "0 and 185 distinct"),
         ("room.tone_hz", None, "SIP -> room audio", "no tone"),
         ("room.tone_hz", 2500.0, "SIP -> room audio", "2500 Hz"),
         ("room.tone_hz", 0.0, "SIP -> room audio", "0 Hz"),
@@ -134,6 +139,23 @@ def test_each_missing_or_wrong_figure_fails_its_own_check_only(
     assert len(failed) == 1 and failed[0].startswith(check), failed
     line = check_named(figures, check).line()
     assert line.startswith("FAIL  ") and words in line, line
+
+
+@pytest.mark.parametrize(
+    ("tiles", "words", "echoed"),
+    [
+        ([list(range(10, 220)), []], "tile 2 of the composite shows 0 readable", "190 and 0 distinct"),
+        ([[0] * 200, list(range(40, 250))], "tile 1's frame counter does not advance (0..0)", "0 and 185 distinct"),
+    ],
+)
+def test_a_participant_missing_at_the_sip_peer_fails_both_video_checks(
+    tiles: list[list[int]], words: str, echoed: str
+) -> None:
+    """What the room gets back is the echo of what the SIP peer received: an empty tile there cannot come back."""
+    figures = _without("sip.tile_counters", tiles)
+    assert failing(figures) == ["room -> SIP video arrived and decoded", "SIP -> room video arrived"]
+    assert words in check_named(figures, "room -> SIP video").line()
+    assert echoed in check_named(figures, "SIP -> room video").line()
 
 
 def test_a_rejected_call_fails_first_with_the_sip_code_and_reason() -> None:

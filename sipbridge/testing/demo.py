@@ -93,6 +93,7 @@ SIP_PEERS = {"echo": "uas_echo", "reject": "uas_486", "not-found": "uas_404"}
 MIN_SIP_PICTURES = 20  # pictures the SIP peer's video decodes to, from the capture
 MIN_TILE_READINGS = 5  # frame counters read in each participant's tile of those pictures
 MIN_ROOM_FRAMES = 20  # frames the observer's page reads on each of the bot's cameras
+MIN_ECHOED_COUNTERS = 10  # of those, counters the SIP peer received in the camera's tile (the echo is the same)
 MIN_SIP_AUDIO_S = 1.0  # decoded audio at the SIP peer
 TONE_TOLERANCE_HZ = 25.0
 MIN_SYNC_MARKS = 3
@@ -151,9 +152,14 @@ def _check_video_to_sip(summary: dict[str, Any]) -> Check:
         return Check(name, False, f"the SIP peer's video decodes to {pictures} pictures (need {MIN_SIP_PICTURES})")
     tiles = sip.get("tile_counters", [])
     for index, counters in enumerate(tiles[: expected["tiles"]]):
-        if len(counters) < MIN_TILE_READINGS or counters[-1] <= counters[0]:
-            return Check(name, False, f"{pictures} pictures, but tile {index + 1} of the composite shows "
-                         f"{len(counters)} readable frame counters ({_span(counters)}); a participant is missing")
+        if len(counters) < MIN_TILE_READINGS:
+            readable = f"{len(counters)} readable frame counters (need {MIN_TILE_READINGS})"
+            return Check(name, False, f"{pictures} pictures, but tile {index + 1} of the composite shows {readable}: "
+                         "a participant is missing")  # fmt: skip
+        if counters[-1] <= counters[0]:
+            # A black or static tile reads as one value (an empty tile as 0).
+            return Check(name, False, f"{pictures} pictures, but tile {index + 1}'s frame counter does not advance "
+                         f"({_span(counters)}): a participant is frozen or missing")
     if len(tiles) < expected["tiles"]:
         return Check(name, False, f"{pictures} pictures, {len(tiles)} tiles read of {expected['tiles']}")
     spans = ", ".join(_span(c) for c in tiles[: expected["tiles"]])
@@ -175,14 +181,27 @@ def _check_audio_to_sip(summary: dict[str, Any]) -> Check:
 
 
 def _check_video_to_room(summary: dict[str, Any]) -> Check:
+    """Each of the bot's cameras shows the echo of one tile of the composite: the counters the observer reads on
+    camera N must be counters the SIP peer received in tile N (what came back is what was sent, not a slate)."""
     name = "SIP -> room video arrived"
     room = summary.get("room", {})
     cameras = summary["expected"]["cameras"]
-    frames = [room.get(f"track{t}", {}).get("frames", 0) for t in range(1, cameras + 1)]
+    tracks = [room.get(f"track{t}", {}) for t in range(1, cameras + 1)]
+    frames = [track.get("frames", 0) for track in tracks]
     who = summary.get("observer", "the observer")
     detail = f"{who} read {' and '.join(map(str, frames))} frames on the bot's {cameras} camera(s)"
     if min(frames, default=0) < MIN_ROOM_FRAMES:
         return Check(name, False, f"{detail} (need {MIN_ROOM_FRAMES} on each)")
+    tiles = summary.get("sip", {}).get("tile_counters")
+    if tiles is None or len(tiles) < cameras:
+        return Check(name, True, f"{detail} (the SIP side's pictures are not decoded here to compare)")
+    # 0 is also what a black band reads as: it proves nothing.
+    echoed = [
+        len(set(track.get("counter_list", [])) & set(tile) - {0}) for track, tile in zip(tracks, tiles, strict=False)
+    ]
+    detail += f", {' and '.join(map(str, echoed))} distinct of them counters the SIP peer received in that tile"
+    if min(echoed) < MIN_ECHOED_COUNTERS:
+        return Check(name, False, f"{detail} (need {MIN_ECHOED_COUNTERS})")
     return Check(name, True, detail)
 
 
@@ -489,7 +508,11 @@ def _run_demo(run_dir: Path, seconds: float, sip_scenario: str = "uas_echo") -> 
         finally:
             collector.close()
         summary["room"] = {
-            f"track{t}": {"frames": len(call.room_received(t)), "counters": _span(call.room_received(t))}
+            f"track{t}": {
+                "frames": len(call.room_received(t)),
+                "counters": _span(call.room_received(t)),
+                "counter_list": call.room_received(t),
+            }
             for t in range(1, cameras + 1)
         }
         # The median of the page's estimates: a window that holds a lip-sync burst (2.5 kHz) reads high.
