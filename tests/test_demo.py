@@ -264,3 +264,28 @@ def test_demo_of_a_rejected_call_fails_naming_the_rejection(tmp_path: Path) -> N
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("Error: demo FAILED: SIP call answered: the SIP peer rejected the call: 486 Busy Here")
+
+
+def test_a_set_up_failure_is_one_line_with_the_traceback_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever breaks while the call is set up (here: a port Janus cannot bind) ends the command with one line
+    naming it, a non-zero exit and the traceback in a file, not on the terminal."""
+    from click.testing import CliRunner
+
+    import sipbridge.commands  # noqa: F401  (registers the demo command)
+    import sipbridge.testing.demo as demo
+    from sipbridge.cli import cli
+
+    def fail(*_args: Any) -> dict[str, Any]:
+        raise RuntimeError("Janus did not start: port 8188 in use\nmore detail on a second line")
+
+    monkeypatch.setattr(demo, "preflight", lambda _run_dir: [])
+    monkeypatch.setattr(demo, "_run_demo", fail)
+    run_dir = tmp_path / "run"
+    result = CliRunner().invoke(cli, ["demo", "--run-dir", str(run_dir)])
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert lines == [
+        f"Error: the demo failed to run: RuntimeError: Janus did not start: port 8188 in use (traceback in "
+        f"{run_dir}/demo-error.log, logs in {run_dir}/logs)"
+    ]
+    assert "Traceback (most recent call last)" in (run_dir / "demo-error.log").read_text()

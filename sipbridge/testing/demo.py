@@ -318,26 +318,30 @@ def run_demo(run_dir: Path, seconds: float, sip_peer: str = "echo") -> None:
     if problems:
         raise click.ClickException("the demo cannot run: " + "; ".join(problems))
     # SIGTERM (and SIGINT even where a shell left it ignored) ends the demo like Ctrl-C: hang up, clean up.
-    signal.signal(signal.SIGTERM, _interrupt)
-    signal.signal(signal.SIGINT, _interrupt)
-    with claim_run_dir(run_dir):
-        try:
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        with claim_run_dir(run_dir):
             summary = _run_demo(run_dir, seconds, SIP_PEERS[sip_peer])
-        except KeyboardInterrupt:
-            # LocalCall has already hung up, stopped every process and removed the namespace on the way out.
-            raise click.ClickException("interrupted; everything was stopped and cleaned up") from None
-        except click.ClickException:
-            raise
-        except Exception as exc:
-            # One line for the user; the traceback is for whoever debugs it.
-            import traceback
+    except KeyboardInterrupt:
+        # LocalCall has already hung up, stopped every process and removed the namespace on the way out.
+        raise click.ClickException("interrupted; everything was stopped and cleaned up") from None
+    except click.ClickException:
+        raise
+    except Exception as exc:
+        # One line for the user; the traceback is for whoever debugs it.
+        import traceback
 
-            trace = run_dir / "demo-error.log"
-            with contextlib.suppress(OSError):
-                trace.write_text(traceback.format_exc())
-            raise click.ClickException(
-                f"the demo failed to run: {type(exc).__name__}: {exc} (traceback in {trace}, logs in {run_dir}/logs)"
-            ) from None
+        trace = run_dir / "demo-error.log"
+        with contextlib.suppress(OSError):
+            run_dir.mkdir(parents=True, exist_ok=True)
+            trace.write_text(traceback.format_exc())
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise click.ClickException(
+            f"the demo failed to run: {type(exc).__name__}: {first} (traceback in {trace}, logs in {run_dir}/logs)"
+        ) from None
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     checks = verdict(summary)
     (run_dir / "demo-summary.json").write_text(
         json.dumps({**summary, "verdict": [c.line() for c in checks]}, indent=2, default=str)
