@@ -98,14 +98,24 @@ class Room:
         return proc
 
     def participants(self, room: int, names_tones: list[tuple[str, float]], *, probe: bool = False,
-                     codec: str = "h264") -> tuple[subprocess.Popen[bytes], JsonLines]:
+                     codec: str = "h264", engine: str = "chromium") -> tuple[subprocess.Popen[bytes], JsonLines]:
+        """Synthetic participants: Chromium pages, or with ``engine="aiortc"`` browserless publishers (a loop
+        encoded once; they receive nothing, so ``probe`` needs a ``viewer``)."""
         argv = [*SIPBRIDGE, "room", "participant", "--room-url", self.url, "--room", str(room), "--codec", codec,
-                "--size", PARTICIPANT_SIZE, "--fps", str(PARTICIPANT_FPS)]
+                "--size", PARTICIPANT_SIZE, "--fps", str(PARTICIPANT_FPS), "--engine", engine]
         for name, tone in names_tones:
             argv += ["--name", name, "--tone", str(tone)]
         if probe:
             argv.append("--probe")
         proc = self.spawn(argv)
+        return proc, JsonLines(proc)
+
+    def viewer(self, room: int, *, engine: str = "aiortc", sync_marks: bool = False,
+               name: str = "viewer") -> tuple[subprocess.Popen[bytes], JsonLines]:
+        """A receive-only participant printing the probe's ``received`` records (counters, tone, marks) per source."""
+        argv = [*SIPBRIDGE, "room", "viewer", "--engine", engine, "--room-url", self.url, "--room", str(room),
+                "--name", name]
+        proc = self.spawn(argv + (["--sync-marks"] if sync_marks else []))
         return proc, JsonLines(proc)
 
     def bot(self, room: int, out: str, *, mode: str = "raw", inputs: tuple[str, ...] = (), codec: str = "h264",

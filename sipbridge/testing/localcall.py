@@ -43,6 +43,9 @@ STOP_TIMEOUT_S = 10.0
 MEDIA_START_TIMEOUT_S = 60.0
 BOT_NAME = "bot"
 VIEWER_NAME = "viewer"
+GENERATORS = ("chromium", "aiortc")
+# The first aiortc participants on a machine encode their loop before joining (cached afterwards).
+LOOP_ENCODE_ALLOWANCE_S = 90.0
 PROBE_PREFIX = "SBPROBE "
 
 
@@ -84,6 +87,16 @@ class CallOptions:
     # Lip-sync marks in the participants' media (synthetic.js), found again at the SIP peer and in the room.
     sync_marks: bool = False
     snapshot_dir: Path | None = None
+    # Who simulates the room: "chromium" (a page per participant) or "aiortc" (browserless publishers sending a loop
+    # encoded once, and a browserless viewer: sipbridge/room/cheap.py), so that a small machine measures the bridge
+    # rather than its simulation. aiortc publishers receive nothing: the viewer then reports what the room gets.
+    generators: str = "chromium"
+
+    def __post_init__(self) -> None:
+        if self.generators not in GENERATORS:
+            raise ValueError(f"generators must be one of {', '.join(GENERATORS)}, not {self.generators!r}")
+        if self.generators == "aiortc":
+            self.viewer = True
 
     def grid(self) -> tuple[int, int]:
         """Columns and rows of the composite the SIP side receives."""
@@ -282,6 +295,8 @@ class LocalCall:
             argv += ["--sync-marks"]
         if viewer:
             argv += ["--viewer", VIEWER_NAME]
+        if opts.generators != "chromium":
+            argv += ["--engine", opts.generators]
         proc = self._spawn(name, argv, pipe=True)
         assert self.participants is not None
         self.participants.add(proc)
@@ -292,7 +307,8 @@ class LocalCall:
             done = {r.get("participant") for r in lines.matching(event="joined")}
             return set(names) <= done or proc.poll() is not None
 
-        wait_until(joined, START_TIMEOUT_S * 2, f"{', '.join(names)} joining")
+        allowance = LOOP_ENCODE_ALLOWANCE_S if opts.generators == "aiortc" else 0.0
+        wait_until(joined, START_TIMEOUT_S * 2 + allowance, f"{', '.join(names)} joining")
         if proc.poll() is not None:
             raise RuntimeError(f"{name} exited; see {self.run_dir}/logs/{name}.log")
 
