@@ -451,6 +451,64 @@ def test_a_call_whose_stages_end_frees_its_slot(run_root: Path) -> None:
     asyncio.run(_call_ends_by_itself(run_root))
 
 
+SIP_SECRET = "sip-secret-for-the-scan-31337"
+
+
+def secret_call() -> dict[str, Any]:
+    """A janus stage given a SIP secret (it talks to no Janus: the port is closed, it keeps reconnecting)."""
+    return {"stage": [
+        {"name": "source", "kind": "source", "args": ["--width", "160", "--height", "120", "--fps", "10"]},
+        {"name": "encoder", "kind": "encoder", "inputs": ["source"], "args": ["--audio-codec", "pcmu"]},
+        {"name": "janus", "kind": "janus", "inputs": ["encoder"],
+         "args": ["--janus-url", f"ws://127.0.0.1:{free_tcp_port()}", "--call", "sip:peer@127.0.0.1:5999"],
+         "secrets": {"SIPBRIDGE_STAGE_JANUS_SECRET": "env:SBN_SIP_SECRET"}},
+    ]}
+
+
+async def _secrets(run_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SBN_SIP_SECRET", SIP_SECRET)
+    async with node_client(settings_for(run_root, slots=2)) as (node, client):
+        bad = secret_call()
+        bad["stage"][0]["secrets"] = {"X": "env:SBN_SIP_SECRET"}
+        resp = await client.post("/calls", json=bad, headers=AUTH)
+        assert resp.status == 400 and "only a janus stage takes secrets" in (await resp.json())["error"]
+        resp = await client.post("/calls", json=secret_call(), headers=AUTH)
+        assert resp.status == 201, await resp.text()
+        call_id = (await resp.json())["id"]
+
+        async def janus_running() -> Any:
+            view = await get_call(client, call_id)
+            pid = view["stages"].get("janus", {}).get("pid")
+            return pid if pid and view["stages"]["janus"]["process"] == "RUNNING" and "janus" in view["stages"] \
+                and Path(f"/proc/{pid}/cmdline").read_bytes().find(b"sipbridge.secretenv") < 0 else None
+        janus_pid = await until(janus_running, CALL_START_TIMEOUT_S, "the janus stage running with its secrets")
+        session = node.calls[call_id].session
+        assert session is not None
+        procs = scan_sessions({session})[session]
+        assert len(procs) >= 4  # supervisord, source, encoder, janus
+        holders = []
+        for info in procs:
+            environ = Path(f"/proc/{info.pid}/environ").read_bytes()
+            cmdline = Path(f"/proc/{info.pid}/cmdline").read_bytes()
+            assert TOKEN.encode() not in environ + cmdline, f"the API token reached pid {info.pid}"
+            assert SIP_SECRET.encode() not in cmdline
+            if SIP_SECRET.encode() in environ:
+                holders.append(info.pid)
+        assert holders == [janus_pid], (holders, janus_pid)
+        for path in (run_root / call_id).rglob("*"):
+            if path.is_file():
+                data = path.read_bytes()
+                assert SIP_SECRET.encode() not in data and TOKEN.encode() not in data, path
+        metrics = await (await client.get("/metrics", headers=AUTH)).text()
+        view = await (await client.get(f"/calls/{call_id}", headers=AUTH)).text()
+        assert SIP_SECRET not in metrics + view and TOKEN not in metrics + view
+
+
+def test_secrets_reach_only_the_janus_stage_and_the_token_no_call(run_root: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    asyncio.run(_secrets(run_root, monkeypatch))
+
+
 def free_tcp_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

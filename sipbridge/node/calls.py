@@ -4,7 +4,8 @@ A call is what `sipbridge up BRIDGE.toml` runs (``bridge_stages`` rendered by ``
 * in its own private run folder (0700, created fresh; a folder that exists is refused, never wiped), so its
   sockets, logs and supervisord never meet another call's;
 * under a supervisord started in a new session (its own process group), with umask 077 (sockets and logs 0600)
-  and without the node's API token in its environment;
+  and an allow-list of the node's environment (supervise.supervisor_environment: no secret, not the API
+  token); the stages that need a secret (the janus stage) get it from a SecretBroker run by the node;
 * watched from the node: supervisord's process states, every stage's statistics, the SIP call's state. A call
   whose SIP call has ended (outbound), or whose stages have all ended, is stopped and its slot freed.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -33,7 +35,17 @@ import protocol
 from sipbridge.bridge import BridgeConfigError, bridge_stages, missing_secrets, parse_bridge
 from sipbridge.node.config import CALL_ID_LENGTH_MAX
 from sipbridge.node.hostinfo import ProcInfo, scan_sessions, still_same
-from sipbridge.supervise import FINAL_STATES, PipelineError, StageSpec, parse_pipeline, process_states, render_config
+from sipbridge.supervise import (
+    FINAL_STATES,
+    PipelineError,
+    SecretBroker,
+    StageSpec,
+    parse_pipeline,
+    process_states,
+    render_config,
+    stage_secrets,
+    supervisor_environment,
+)
 
 log = logging.getLogger("sipbridge.node")
 
@@ -112,6 +124,8 @@ def _plan_pipeline(data: dict[str, Any], allow_pipelines: bool) -> CallPlan:
             raise CallRequestError(f"stage {spec.name!r}.kind must be one of {', '.join(sorted(STAGE_COMMANDS))}")
         if spec.env:
             raise CallRequestError(f"stage {spec.name!r}: 'env' is not accepted over the API")
+        if spec.secrets and spec.kind != "janus":
+            raise CallRequestError(f"stage {spec.name!r}: only a janus stage takes secrets")
     janus = next((s for s in specs if s.kind == "janus"), None)
     control = None
     if janus is not None and "--control" in janus.args:
@@ -124,8 +138,8 @@ def _plan_pipeline(data: dict[str, Any], allow_pipelines: bool) -> CallPlan:
 
 
 def _copy(spec: StageSpec) -> StageSpec:
-    return StageSpec(spec.name, spec.kind, spec.command, list(spec.args), list(spec.inputs), dict(spec.env),
-                     spec.priority)
+    return dataclasses.replace(spec, args=list(spec.args), inputs=list(spec.inputs), env=dict(spec.env),
+                               secrets=dict(spec.secrets))
 
 
 class RunFolderInUse(RuntimeError):
@@ -218,6 +232,7 @@ class Call:
         self.cpu_cores = 0.0
         self.memory_bytes = 0
         self.ended = asyncio.Event()
+        self.broker: SecretBroker | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping: asyncio.Task[None] | None = None
 
@@ -240,7 +255,20 @@ class Call:
         conf = self.run_dir / "supervisord.conf"
         conf.write_text(render_config(specs, self.run_dir))
         os.chmod(conf, 0o600)
-        env = {**self.environ, "SIPBRIDGE_RUN_DIR": str(self.run_dir), "SIPBRIDGE_PYTHON": sys.executable}
+        try:
+            secrets = stage_secrets(specs, self.environ)
+        except PipelineError as exc:
+            raise RuntimeError(str(exc)) from None
+        # supervisord (and so every program) sees an allow-list of the node's environment, never a secret: the
+        # stages that need one (the janus stage) get it from the broker, to their own process only.
+        secret_names = {source for spec in specs for source in spec.secrets.values()}
+        env = {**supervisor_environment(self.environ, secret_names), "SIPBRIDGE_RUN_DIR": str(self.run_dir),
+               "SIPBRIDGE_PYTHON": sys.executable}
+        if secrets:
+            run_dir = self.run_dir
+            self.broker = SecretBroker(run_dir, secrets, lambda name: (process_states(run_dir).get(name) or {})
+                                       .get("pid") or None)
+            self.broker.start()
         supervisord = str(Path(sys.executable).with_name("supervisord"))
         if not Path(supervisord).exists():
             import shutil
@@ -283,6 +311,12 @@ class Call:
             states = await asyncio.to_thread(process_states, self.run_dir)
             if states:
                 self.states = states
+            fatal = sorted(n for n, p in self.states.items() if p["statename"] == "FATAL")
+            if fatal:
+                # supervisord gave up restarting it: the call cannot work; free its slot.
+                self.error = f"stage(s) failed: {', '.join(fatal)} (FATAL: kept crashing)"
+                self._spawn_stop("failed")
+                return
             if self.states and all(p["statename"] in FINAL_STATES for p in self.states.values()):
                 failed = [n for n, p in self.states.items() if p["statename"] == "FATAL" or p.get("exitstatus")]
                 if failed:
@@ -322,6 +356,8 @@ class Call:
                     task.cancel()
             if self.stats is not None:
                 self.stats.close()
+            if self.broker is not None:
+                self.broker.close()
             self._set_state("ended")
             self.ended.set()
 
