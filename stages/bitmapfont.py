@@ -8,6 +8,8 @@ and it keeps text drawing to numpy on the luma plane.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 GLYPH_W, GLYPH_H = 5, 7
@@ -80,8 +82,9 @@ def _bitmap(rows: str) -> np.ndarray:
 GLYPHS = {char: _bitmap(rows) for char, rows in _GLYPHS.items()}
 
 
+@functools.lru_cache(maxsize=256)  # names are drawn on every composite: render each once
 def text_mask(text: str, scale: int = 1) -> np.ndarray:
-    """The pixels of ``text`` at integer ``scale``: a boolean array of 7*scale rows."""
+    """The pixels of ``text`` at integer ``scale``: a boolean array of 7*scale rows (shared: do not modify)."""
     chars = text.upper()
     width = max(0, len(chars) * ADVANCE - 1)
     mask = np.zeros((GLYPH_H, width), dtype=bool)
