@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 
 import pytest
 
+from protocol import Codec
+from stages.janus import aiortc_adapter, sdp
+from stages.janus.aiortc_adapter import sending_payload_type
 from stages.janus.callcontrol import (
     DTMF_DURATION_MS,
     REQUEST_MAX_BYTES,
@@ -16,6 +20,7 @@ from stages.janus.callcontrol import (
     parse_command,
     request_id_of,
 )
+from stages.janus.sip import CallInfo, SipCall
 
 GOOD = [
     (b'{"cmd": "status"}', Command("status")),
@@ -146,3 +151,155 @@ def test_redial_interval_and_max_tries() -> None:
 def test_redial_policy_refuses_nonsense(kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError, match="redial"):
         RedialPolicy(**kwargs)  # type: ignore[arg-type]
+
+
+# ----- SDP: the softphone's offer, as Janus passes it to the stage ---------------------------------------------
+# What Janus 1.1.2 hands its WebRTC peer for an INVITE from a softphone that offers two H.264 variants
+# (96: packetization-mode 0, 97: mode 1), H.263 and MP4V-ES: the SIP payload types and fmtp pass through.
+SOFTPHONE_OFFER = "\r\n".join([
+    "v=0", "o=- 1733212345 1 IN IP4 127.0.0.2", "s=Softphone", "t=0 0", "a=group:BUNDLE 0 1",
+    "a=ice-options:trickle", "a=fingerprint:sha-256 " + ":".join(["AB"] * 32), "a=msid-semantic: WMS janus",
+    "m=audio 9 UDP/TLS/RTP/SAVPF 0 8 101", "c=IN IP4 127.0.0.2", "a=sendrecv", "a=mid:0", "a=rtcp-mux",
+    "a=ice-ufrag:Ab1c", "a=ice-pwd:0123456789abcdef012345", "a=ice-options:trickle", "a=setup:actpass",
+    "a=rtpmap:0 PCMU/8000", "a=rtpmap:8 PCMA/8000", "a=rtpmap:101 telephone-event/8000", "a=fmtp:101 0-16",
+    "a=msid:janus janusa0", "a=ssrc:11 cname:janus",
+    "m=video 9 UDP/TLS/RTP/SAVPF 96 97 34 98", "c=IN IP4 127.0.0.2", "a=sendrecv", "a=mid:1", "a=rtcp-mux",
+    "a=ice-ufrag:Ab1c", "a=ice-pwd:0123456789abcdef012345", "a=ice-options:trickle", "a=setup:actpass",
+    "a=rtpmap:96 H264/90000", "a=fmtp:96 profile-level-id=42801f;packetization-mode=0",
+    "a=rtcp-fb:96 nack", "a=rtcp-fb:96 nack pli", "a=rtcp-fb:96 ccm fir",
+    "a=rtpmap:97 H264/90000", "a=fmtp:97 profile-level-id=42801f;packetization-mode=1",
+    "a=rtcp-fb:97 nack", "a=rtcp-fb:97 nack pli", "a=rtcp-fb:97 ccm fir",
+    "a=rtpmap:34 H263/90000", "a=rtpmap:98 MP4V-ES/90000", "a=fmtp:98 profile-level-id=3",
+    "a=msid:janus janusv0", "a=ssrc:12 cname:janus", "",
+])
+
+
+def test_sdp_round_trip_keeps_every_line() -> None:
+    parsed = sdp.SessionDescription.parse(SOFTPHONE_OFFER)
+    assert str(parsed) == SOFTPHONE_OFFER
+    video = parsed.section("video")
+    assert video is not None
+    assert [(c.payload_type, c.name, c.packetization_mode) for c in video.codecs()] == [
+        (96, "H264", 0), (97, "H264", 1), (34, "H263", 0), (98, "MP4V-ES", 0)]
+
+
+@pytest.mark.parametrize(("variants", "expected"), [
+    # (payload type, fmtp) of each offered H.264 variant -> the one answered
+    ([(96, "profile-level-id=42801f;packetization-mode=0"), (97, "profile-level-id=42801f;packetization-mode=1")], 97),
+    ([(97, "profile-level-id=4d001f;packetization-mode=1"), (99, "profile-level-id=42e01f;packetization-mode=1")], 99),
+    ([(100, "packetization-mode=1"), (101, "profile-level-id=42e01f;packetization-mode=1")], 100),  # no id: 42e01f
+    ([(96, "profile-level-id=42e01f")], None),  # mode 0 only: our packetiser needs FU-A
+])
+def test_one_h264_variant_is_chosen(variants: list[tuple[int, str]], expected: int | None) -> None:
+    lines = ["v=0", "s=-", "t=0 0", "m=video 9 RTP/AVP " + " ".join(str(pt) for pt, _ in variants)]
+    for pt, fmtp in variants:
+        lines += [f"a=rtpmap:{pt} H264/90000", f"a=fmtp:{pt} {fmtp}"]
+    section = sdp.SessionDescription.parse("\r\n".join(lines)).section("video")
+    assert section is not None
+    chosen = sdp.choose_codec(section, "H264")
+    assert (chosen.payload_type if chosen else None) == expected
+
+
+def test_softphone_offer_is_reduced_to_one_variant_per_codec() -> None:
+    offer = sdp.SessionDescription.parse(SOFTPHONE_OFFER)
+    chosen = sdp.restrict_offer(offer, {"audio": ["PCMA", "PCMU"], "video": ["H264"]})
+    assert {k: c.payload_type for k, c in chosen.items()} == {"audio": 8, "video": 97}
+    text = str(offer)
+    assert "m=video 9 UDP/TLS/RTP/SAVPF 97\r\n" in text and "m=audio 9 UDP/TLS/RTP/SAVPF 8 101\r\n" in text
+    for gone in ("a=rtpmap:96", "a=fmtp:96", "a=rtcp-fb:96", "a=rtpmap:34", "a=rtpmap:98", "a=rtpmap:0 "):
+        assert gone not in text
+    assert "a=fmtp:97 profile-level-id=42801f;packetization-mode=1" in text and "a=rtcp-fb:97 nack pli" in text
+
+
+def test_answer_carries_the_offered_fmtp() -> None:
+    answer = sdp.SessionDescription.parse("v=0\r\ns=-\r\nt=0 0\r\nm=video 9 RTP/AVP 97\r\na=rtpmap:97 H264/90000\r\n"
+                                          "a=fmtp:97 level-asymmetry-allowed=1;packetization-mode=1;"
+                                          "profile-level-id=42e01f\r\na=rtcp-fb:97 nack\r\n")
+    codec = sdp.Codec(97, "H264", 90000, {"profile-level-id": "42801f", "packetization-mode": "1"})
+    sdp.answer_with_offered_fmtp(answer, {"video": codec})
+    assert str(answer).count("a=fmtp:97") == 1
+    assert "a=fmtp:97 profile-level-id=42801f;packetization-mode=1\r\na=rtcp-fb:97 nack" in str(answer)
+
+
+def test_telephone_event_and_hold() -> None:
+    assert sdp.telephone_event_pt(SOFTPHONE_OFFER) == 101
+    plain = "v=0\r\ns=-\r\nt=0 0\r\nm=audio 4000 RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\na=sendrecv\r\n"
+    added = sdp.add_telephone_event(plain, 126)
+    assert "m=audio 4000 RTP/AVP 0 126\r\n" in added and "a=rtpmap:126 telephone-event/8000\r\na=fmtp:126 0-16" in added
+    assert sdp.telephone_event_pt(added) == 126 and sdp.add_telephone_event(added, 127) == added
+    assert not sdp.peer_holds(plain)
+    assert sdp.peer_holds(plain.replace("a=sendrecv", "a=sendonly"))
+    assert sdp.peer_holds(plain.replace("a=sendrecv", "a=inactive"))
+
+
+def test_rejected_video_section_is_repaired_for_aiortc() -> None:
+    offer = ("v=0\r\ns=-\r\nt=0 0\r\na=group:BUNDLE 0 1\r\nm=audio 9 UDP/TLS/RTP/SAVPF 0\r\na=mid:0\r\n"
+             "a=rtpmap:0 PCMU/8000\r\nm=video 9 UDP/TLS/RTP/SAVPF 97\r\na=mid:1\r\na=rtpmap:97 H264/90000\r\n"
+             "a=fmtp:97 packetization-mode=1\r\n")
+    # Janus's answer when the SIP peer put port 0 on video: a bare section, outside the BUNDLE group.
+    answer = ("v=0\r\ns=-\r\nt=0 0\r\na=group:BUNDLE 0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 0\r\na=mid:0\r\n"
+              "a=ice-ufrag:u\r\na=ice-pwd:p\r\na=setup:active\r\na=rtpmap:0 PCMU/8000\r\n"
+              "m=video 0 UDP/TLS/RTP/SAVPF 0\r\na=mid:1\r\n")
+    repaired, rejected = sdp.repair_rejected_sections(answer, offer)
+    assert rejected == ["video"]
+    video = sdp.SessionDescription.parse(repaired).media[1]
+    assert video.formats == ["97"] and video.direction == "inactive"
+    assert video.attribute("ice-ufrag") == "u" and video.attribute("setup") == "active"
+    assert "a=group:BUNDLE 0 1" in repaired
+    assert sdp.repair_rejected_sections(repaired, offer) == (repaired, [])
+
+
+@pytest.mark.parametrize("text", ["", "x=1", "v=0\r\nm=audio\r\n", "v=0\r\nbad line"])
+def test_sdp_errors_are_named(text: str) -> None:
+    with pytest.raises(sdp.SdpError):
+        sdp.SessionDescription.parse(text)
+
+
+def test_aiortc_answers_and_sends_the_chosen_variant() -> None:
+    """The real answer path (aiortc, no Janus): the softphone's offer gets one H.264 payload type, 97, with the
+    offer's mode-1 fmtp and feedback for 97 only; the sender sends 97; audio is what our encoder makes."""
+    async def run() -> tuple[str, SipCall]:
+        info = CallInfo("t1", "inbound", "sip:phone@x")
+        call = SipCall(info, [Codec.PCMU], Codec.H264, lambda kind, frame: None, lambda: None,
+                       lambda digit, ms: None)
+        try:
+            answer = await call.answer({"type": "offer", "sdp": SOFTPHONE_OFFER})
+            return answer["sdp"], call
+        finally:
+            await call.close()
+
+    text, call = asyncio.run(run())
+    video = sdp.SessionDescription.parse(text).section("video")
+    audio = sdp.SessionDescription.parse(text).section("audio")
+    assert video is not None and audio is not None
+    assert video.formats == ["97"], video.formats
+    assert video.attribute("fmtp") == "97 profile-level-id=42801f;packetization-mode=1"
+    assert {line.split()[0] for line in video.lines if line.startswith("a=rtcp-fb:")} == {"a=rtcp-fb:97"}
+    assert audio.formats == ["0", "101"]  # PCMU and the offer's telephone-event payload type
+    assert call.video is not None and sending_payload_type(call.video) == 97
+    assert call.info.video_codec == "H264" and call.info.audio_codec == "PCMU"
+
+
+def test_aiortc_adapter_check_names_the_version(monkeypatch: pytest.MonkeyPatch) -> None:
+    aiortc_adapter.check()  # the installed aiortc is the pinned one, with every hook
+    monkeypatch.setattr(aiortc_adapter, "installed_version", lambda: "1.99.0")
+    with pytest.raises(aiortc_adapter.AiortcMismatch, match=r"aiortc==1\.16\.0 \(installed: 1\.99\.0"):
+        aiortc_adapter.check()
+    monkeypatch.undo()
+    monkeypatch.setattr(aiortc_adapter, "_HOOKS", [*aiortc_adapter._HOOKS,
+                                                   (SipCall, "_no_such_hook", "class")])
+    with pytest.raises(aiortc_adapter.AiortcMismatch, match=r"missing: SipCall\._no_such_hook"):
+        aiortc_adapter.check()
+
+
+def test_nothing_else_touches_aiortc_internals() -> None:
+    """Every private aiortc name is used in the adapter only (so a new aiortc is checked in one place)."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "stages" / "janus"
+    pattern = re.compile(r"\._(RTCRtp\w+|send_keyframe|send_rtcp_pli|handle_rtp_packet|rtp_router|send_rtp|codecs|"
+                         r"ssrc|origin|packets|data)\b")
+    offenders = [f"{path.name}: {m.group(0)}" for path in root.glob("*.py") if path.name != "aiortc_adapter.py"
+                 for m in pattern.finditer(path.read_text())]
+    assert not offenders, offenders

@@ -76,3 +76,39 @@ async def _echo_call(tmp_path: Path, janus: JanusServer) -> None:
 @pytest.mark.timeout(90)
 def test_echo_call_h264_pcmu(janus: JanusServer, tmp_path: Path) -> None:
     asyncio.run(_echo_call(tmp_path, janus))
+
+
+async def _stop_mid_call(tmp_path: Path, janus: JanusServer) -> None:
+    feed = f"ipc://{tmp_path}/feed.sock"
+    feeder = MediaFeeder(feed, video=Codec.H264, audio=Codec.PCMU)
+    stage = StageProcess(tmp_path / "stage", feed, janus.ws_url).start()
+    collector = MediaCollector(stage.output)
+    sipp = Sipp("uas_echo", tmp_path / "sipp", SIPP_PORT, SIPP_MEDIA_PORT, extra=["-rtp_echo"]).start()
+    collect = asyncio.create_task(collector.run())
+    try:
+        await stage.wait_registered()
+        feeding = asyncio.create_task(feeder.run(30.0))
+        reply = await stage.command({"cmd": "call", "uri": f"sip:echo@127.0.0.1:{SIPP_PORT}", "wait": True})
+        assert reply["ok"], reply
+        while len(collector.counters) < 5:
+            await asyncio.sleep(0.05)
+        code = await stop_stage_and_collector(stage, collector, collect)  # SIGTERM mid-call
+        feeding.cancel()
+        assert sipp.wait(10) == 0, sipp.output()  # the peer got a BYE and answered it
+    finally:
+        sipp.stop()
+        if stage.running():
+            await stop_stage_and_collector(stage, collector, collect)
+        feeder.close()
+    log = stage.log_text()
+    print(log[-3000:])
+    assert code == 0
+    ended = [e.attributes for e in collector.events if e.attributes.get("state") in ("ended", "janus_disconnected")]
+    assert [e["state"] for e in ended] == ["ended"], ended
+    assert ended[0]["call_id"] == reply["call"]["call_id"] and "stopping" in ended[0]["reason"]
+    assert "janus_disconnected" not in log and " ERROR " not in log
+
+
+@pytest.mark.timeout(60)
+def test_stop_mid_call_is_a_clean_hangup(janus: JanusServer, tmp_path: Path) -> None:
+    asyncio.run(_stop_mid_call(tmp_path, janus))

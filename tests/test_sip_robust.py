@@ -91,6 +91,9 @@ def test_bad_input_is_counted_and_the_stage_keeps_working(janus: JanusServer, tm
 
 
 MEDIA_TIMEOUT_S = 2.0
+NEXT_PEER_PORT = 5092
+NEXT_PEER_MEDIA_PORT = 6200
+NEXT_PEER = f"sip:next@127.0.0.1:{NEXT_PEER_PORT}"
 
 
 async def _vanished_peer(tmp_path: Path, janus: JanusServer) -> None:
@@ -118,12 +121,23 @@ async def _vanished_peer(tmp_path: Path, janus: JanusServer) -> None:
         assert "no media from the SIP peer" in ended["reason"], ended
         status = await rig.stage.command({"cmd": "status"})
         assert status["errors"].get("media_timeout") == 1 and status["registration"]["state"] == "registered"
-        # (Janus keeps that SIP dialog until its BYE times out, 64*T1 = 32 s: a next call goes after that.)
+        # Janus keeps that SIP dialog until its BYE times out (64*T1 = 32 s) and the handle answers 447 until
+        # then: the next call goes out at once on a fresh handle, and connects.
+        with Sipp("uas_echo", tmp_path / "sipp2", NEXT_PEER_PORT, NEXT_PEER_MEDIA_PORT, extra=["-rtp_echo"]) as peer:
+            mark = len(rig.collector.counters)
+            reply = await rig.stage.command({"cmd": "call", "uri": NEXT_PEER, "wait": True})
+            assert reply["ok"] and reply["call"]["state"] in ("accepted", "media_up"), reply
+            while len(rig.collector.counters) < mark + 10:  # and carries media both ways
+                await asyncio.sleep(0.1)
+            assert (await rig.stage.command({"cmd": "hangup"}))["ok"]
+            assert peer.wait(10) == 0, peer.output()
+        status = await rig.stage.command({"cmd": "status"})
+        assert status["counters"]["sip_handles"] == 2 and status["counters"]["calls_connected"] == 2
     finally:
         await rig.close()
     assert rig.exit_code == 0
 
 
-@pytest.mark.timeout(90)
+@pytest.mark.timeout(120)
 def test_vanished_peer_is_hung_up_after_the_media_timeout(janus: JanusServer, tmp_path: Path) -> None:
     asyncio.run(_vanished_peer(tmp_path, janus))

@@ -52,12 +52,14 @@ from protocol import (
     VideoFrame,
 )
 from stages.base import Stage, StageOptions, default_endpoint
+from stages.janus import aiortc_adapter, sdp
 from stages.janus.callcontrol import (
     DTMF_DIGITS,
     DTMF_DURATION_MS,
     REQUEST_MAX_BYTES,
     Command,
     CommandError,
+    RedialPolicy,
     error_reply,
     parse_command,
     request_id_of,
@@ -68,10 +70,12 @@ from stages.janus.sip import ACTIVE_STATES, CallInfo, CallState, SipCall
 from stages.options import build_options, run, stage_options
 
 SIP_PLUGIN = "janus.plugin.sip"
+HANDLE_SWITCHED = {"janus": "sipbridge_handle_switched"}  # our own marker in a retired handle's event queue
 RECONNECT_MIN_S = 0.2
 RECONNECT_MAX_S = 5.0
 REGISTER_TIMEOUT_S = 10.0
 REGISTER_RETRY_S = 30.0
+REDIAL_POLL_S = 0.5  # a pending re-dial looks again this often whether the stage is registered
 # Control requests carried out at once; more are answered "busy" (a client cannot pile up tasks without bound).
 CONTROL_MAX_IN_FLIGHT = 32
 CONTROL_MAX_FRAMES = 4  # client id, delimiter, request; a DEALER may skip the delimiter
@@ -81,7 +85,6 @@ OUTBOX_FLUSH_TIMEOUT_S = 2.0
 # long the call is hung up. Long enough for silence suppression on an audio-only call; 0 turns it off.
 DEFAULT_MEDIA_TIMEOUT_S = 30.0
 MEDIA_WATCHDOG_INTERVAL_S = 1.0
-PEER_HOLD_RE = re.compile(r"^a=(sendonly|inactive)\s*$", re.MULTILINE)
 DTMF_GAP_S = 0.1
 # One keyframe request per this interval is plenty: an encoder takes a frame or two to react.
 KEYFRAME_REQUEST_MIN_INTERVAL_S = 0.25
@@ -101,6 +104,11 @@ class SipSettings:
     secret: str | None = None
     call_uri: str | None = None
     redial_s: float = 0.0  # > 0: call call_uri again this long after a call ends or fails
+    # A call that Janus took down with it (crash, restart) is dialled again once reconnected and registered.
+    redial_after_janus_restart: bool = True
+    redial_backoff_s: float = 1.0  # failed re-dials in a row wait this long, doubling ...
+    redial_backoff_max_s: float = 30.0  # ... up to this
+    redial_max_tries: int = 0  # failed re-dials in a row before giving up; 0 = no limit
     inbound: bool = False
     accept_from: str = ".*"
     decline_code: int = 486
@@ -132,7 +140,7 @@ class JanusStage(Stage):
         self.counters: dict[str, int] = {"calls_started": 0, "calls_connected": 0, "calls_failed": 0,
                                          "calls_declined": 0, "janus_reconnects": 0, "dtmf_sent": 0,
                                          "dtmf_received": 0, "plis_from_sip": 0, "plis_to_sip": 0, "media_timeouts": 0,
-                                         "control_requests": 0, "control_rejected": 0}
+                                         "control_requests": 0, "control_rejected": 0, "sip_handles": 0}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._outbox: asyncio.Queue[Message] = asyncio.Queue()
         self._seq: dict[str, int] = {}
@@ -145,6 +153,10 @@ class JanusStage(Stage):
         self._peer_on_hold = False  # the peer's last re-offer was sendonly or inactive
         self._video_keyframe_sent = False
         self._dialled_at_start = False
+        self._handle_used = False  # the current SIP handle had a call (see _fresh_handle)
+        self.redial = RedialPolicy(settings.redial_after_janus_restart, settings.redial_s, settings.redial_backoff_s,
+                                   settings.redial_backoff_max_s, settings.redial_max_tries)
+        self._redial_task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
 
     def _spawn(self, coro: Any) -> None:
@@ -246,9 +258,15 @@ class JanusStage(Stage):
         seq = self._seq.get(stream_id, 0)
         self._seq[stream_id] = seq + 1
         self._media_streams_seen.add(stream_id)
-        header = MediaHeader(stream_id, seq, frame.timestamp, Fraction(1, frame.clock_rate), time.time_ns())
-        self.streams[stream_id].frames_in += 1
-        self.streams[stream_id].bytes_in += len(frame.data)
+        now_ns = time.time_ns()
+        header = MediaHeader(stream_id, seq, frame.timestamp, Fraction(1, frame.clock_rate), now_ns)
+        figures = self.streams[stream_id]
+        figures.frames_in += 1
+        figures.bytes_in += len(frame.data)
+        # Media enters the bridge here (no input message does it): the receive times give the row its frame rate.
+        figures.last_ns = now_ns
+        if not figures.first_ns:
+            figures.first_ns = now_ns
         self._outbox.put_nowait(EncodedPacket(header, frame.codec, frame.keyframe, frame.data))
 
     async def _drain_outbox(self) -> None:
@@ -297,9 +315,7 @@ class JanusStage(Stage):
             # the same handle (and its registration) takes the next call.
             with contextlib.suppress(JanusDisconnected):
                 await self.handle.hangup_webrtc()
-        if (self.settings.redial_s > 0 and self.settings.call_uri and info.direction == "outbound"
-                and state != CallState.DISCONNECTED and not self._stopping.is_set()):
-            self._spawn(self._redial(self.settings.call_uri))
+        self._schedule_redial(call, state)
         for stream_id in sorted(self._media_streams_seen):
             self._outbox.put_nowait(EndOfStream(stream_id))
         self._media_streams_seen.clear()
@@ -356,7 +372,7 @@ class JanusStage(Stage):
         if self.handle is not None and self.client is not None and not self.client.closed.is_set():
             with contextlib.suppress(JanusError, JanusDisconnected, asyncio.TimeoutError):
                 await asyncio.wait_for(self.handle.message({"request": "hangup"}), STOP_HANGUP_TIMEOUT_S)
-        await self._end_call(CallState.ENDED, reason="stage stopping")
+        await self._end_call(CallState.ENDED, reason="hung up: the bridge is stopping")
 
     async def _janus_loop(self) -> None:
         backoff = RECONNECT_MIN_S
@@ -379,6 +395,9 @@ class JanusStage(Stage):
             except (TimeoutError, JanusDisconnected, JanusError) as exc:
                 self.log.warning("Janus session lost: %s", exc)
             finally:
+                if self._stopping.is_set():
+                    # A stop is a clean hang-up (BYE to the peer), not a lost connection.
+                    await self._hangup_for_stop()
                 self.registered = False
                 self.handle = None
                 if self.call is not None:
@@ -396,14 +415,23 @@ class JanusStage(Stage):
     async def _session(self) -> None:
         assert self.client is not None
         self.handle = await self.client.attach(SIP_PLUGIN)
+        self._handle_used = False
+        self.counters["sip_handles"] += 1
         await self._register(self.handle)
-        if self.settings.call_uri and (not self._dialled_at_start or self.settings.redial_s > 0):
-            self._dialled_at_start = True
+        if self.settings.call_uri and not self._dialled_at_start:
+            self._dialled_at_start = True  # later dials are the re-dial policy's (see _schedule_redial)
             self._spawn(self._place_call(self.settings.call_uri))
         while True:
             event = await self.handle.events.get()
             if event.get("janus") == "disconnected":
                 raise JanusDisconnected("Janus connection closed")
+            if event is HANDLE_SWITCHED or event.get("janus") == HANDLE_SWITCHED["janus"]:
+                continue
+            sender = event.get("sender")
+            if isinstance(sender, int) and sender != self.handle.id:
+                # A retired handle (see _fresh_handle) still ending its old call: not this call's business.
+                self.log.info("ignoring %s from retired SIP handle %d", event.get("janus"), sender)
+                continue
             try:
                 await self._on_event(event)
             except JanusDisconnected:
@@ -432,7 +460,7 @@ class JanusStage(Stage):
                 body["proxy"] = s.proxy
         return body
 
-    async def _register(self, handle: JanusHandle) -> None:
+    async def _register(self, handle: JanusHandle, announce: bool = True) -> None:
         self.registration = {"state": CallState.REGISTERING, "mode": self.settings.register}
         await handle.message(self._register_request())
         deadline = time.monotonic() + REGISTER_TIMEOUT_S
@@ -450,6 +478,8 @@ class JanusStage(Stage):
                 self.registered = True
                 self.registration = {"state": CallState.REGISTERED, "mode": self.settings.register,
                                      "username": result.get("username"), "register_sent": result.get("register_sent")}
+                if not announce:
+                    return
                 self._publish_state(None, CallState.REGISTERED, identity=self.settings.identity,
                                     register_sent=bool(result.get("register_sent")))
                 return
@@ -488,19 +518,90 @@ class JanusStage(Stage):
         self.counters["calls_started"] += 1
         self._publish_state(call.info, CallState.CALLING)
         try:
+            if self._handle_used and not self.settings.inbound:
+                await self._fresh_handle()
+            self._handle_used = True
             offer = await call.create_offer()
             # Our own Call-ID: logs of sipbridge, Janus and the SIP peer then share one id.
             await self.handle.message({"request": "call", "uri": uri, "call_id": call.info.call_id,
                                        "autoaccept_reinvites": True}, jsep=offer)
-        except (JanusError, ValueError) as exc:
+        except (JanusError, ValueError, TimeoutError) as exc:
             await self._end_call(CallState.FAILED, reason=str(exc))
         return call.info
 
-    async def _redial(self, uri: str) -> None:
-        await asyncio.sleep(self.settings.redial_s)
-        if self.call is None and self.registered and not self._stopping.is_set():
-            self.log.info("redialling %s", uri)
-            await self._place_call(uri)
+    async def _fresh_handle(self) -> None:
+        """Give the next outbound call a new SIP plugin handle, registered like the first.
+
+        A handle that had a call can stay busy ending it inside Janus: a BYE to a peer that vanished is
+        retransmitted for 32 s, and the handle answers every new call with 447 until then. An inbound stage
+        keeps its handle, because its SIP port (where callers reach it) belongs to the handle.
+        """
+        assert self.client is not None
+        old = self.handle
+        new = await self.client.attach(SIP_PLUGIN)
+        try:
+            await self._register(new, announce=False)
+        except BaseException:
+            self._spawn(new.detach())
+            raise
+        self.handle = new
+        self.counters["sip_handles"] += 1
+        if old is not None:
+            old.events.put_nowait(dict(HANDLE_SWITCHED))  # wakes the event loop, which moves to the new handle
+            self._spawn(old.detach())
+
+    def _end_reason(self, call: SipCall, state: str) -> str:
+        """Why an outbound call ended, in the words of RedialPolicy.after_end."""
+        if self._stopping.is_set():
+            return "stopping"
+        if state == CallState.DISCONNECTED:
+            return "janus_restart"
+        if call.hung_up_by_user:
+            return "hangup"
+        return "failed" if state == CallState.FAILED else "ended"
+
+    def _schedule_redial(self, call: SipCall, state: str) -> None:
+        info = call.info
+        if info.direction != "outbound":
+            return
+        reason = self._end_reason(call, state)
+        # Interval re-dials are for the --call target; after a Janus restart any outbound call is placed again.
+        if reason != "janus_restart" and info.peer != self.settings.call_uri:
+            return
+        delay = self.redial.after_end(reason, answered=info.accepted_ns is not None)
+        if delay is None:
+            if reason in ("janus_restart", "failed") and self.redial.max_tries and \
+                    self.redial.failures > self.redial.max_tries:
+                self.log.warning("call %s: not dialling %s again: %d attempts in a row failed", info.call_id,
+                                 info.peer, self.redial.failures - 1)
+            return
+        self._cancel_redial()
+        self.log.info("call %s: dialling %s again in %.1f s (%s)", info.call_id, info.peer, delay,
+                      "after the Janus restart" if reason == "janus_restart" else f"call {reason}")
+        self._redial_task = asyncio.ensure_future(self._redial(info.peer, delay))
+
+    def _cancel_redial(self) -> None:
+        task, self._redial_task = self._redial_task, None
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+
+    async def _redial(self, uri: str, delay_s: float) -> None:
+        """Place the call again after ``delay_s``, once registered (Janus may still be coming back)."""
+        await asyncio.sleep(delay_s)
+        while not self._stopping.is_set():
+            if self.call is not None:
+                return  # someone placed a call meanwhile: that one wins
+            if self.registered and self.handle is not None:
+                self.log.info("redialling %s", uri)
+                self._redial_task = None
+                try:
+                    await self._place_call(uri)
+                except (RuntimeError, JanusError, JanusDisconnected) as exc:
+                    self.log.warning("redialling %s failed: %s", uri, exc)
+                return
+            self._state_changed.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._state_changed.wait(), REDIAL_POLL_S)
 
     async def _on_event(self, event: dict[str, Any]) -> None:
         kind = event.get("janus")
@@ -551,6 +652,7 @@ class JanusStage(Stage):
                 await call.set_answer(jsep)
             call.info.accepted_ns = time.time_ns()
             self.counters["calls_connected"] += 1
+            self.redial.connected()
             self._publish_state(call.info, CallState.ACCEPTED)
             self._request_keyframe("call accepted")
         elif name in ("holding", "resuming", "updatingcall", "updated", "accepting", "hangingup", "declining",
@@ -558,7 +660,7 @@ class JanusStage(Stage):
             self.log.info("call %s: %s", call.info.call_id if call else "-", name)
             if name == "updatingcall" and call is not None and jsep:
                 # The peer re-offered: a peer that holds us (sendonly/inactive) may send no media at all.
-                self._peer_on_hold = bool(PEER_HOLD_RE.search(str(jsep.get("sdp", ""))))
+                self._peer_on_hold = sdp.peer_holds(str(jsep.get("sdp", "")))
                 self._last_media_rx_s = time.monotonic()
             if name == "holding" and call is not None:
                 self._publish_state(call.info, CallState.ON_HOLD)
@@ -642,6 +744,8 @@ class JanusStage(Stage):
     async def hangup(self) -> None:
         if self.handle is None or self.call is None:
             raise RuntimeError("no active call")
+        self._cancel_redial()
+        self.call.hung_up_by_user = True
         self._publish_state(self.call.info, CallState.HANGINGUP)
         await self.handle.message({"request": "hangup"})
 
@@ -803,6 +907,14 @@ CODEC_CHOICES = {"h264": Codec.H264, "vp8": Codec.VP8, "pcmu": Codec.PCMU, "pcma
 @click.option("--call", "call_uri", default=None, help="Call this SIP URI once registered.")
 @click.option("--redial-s", type=click.FloatRange(0), default=0.0,
               help="With --call: call again this many seconds after a call ends or fails (0 = once).")
+@click.option("--redial-after-janus-restart/--no-redial-after-janus-restart", default=True, show_default=True,
+              help="Dial an outbound call again that Janus took down with it, once reconnected and registered.")
+@click.option("--redial-backoff-s", type=click.FloatRange(0), default=1.0, show_default=True,
+              help="Re-dials that keep failing wait this long, doubling each time ...")
+@click.option("--redial-backoff-max-s", type=click.FloatRange(0), default=30.0, show_default=True,
+              help="... up to this long.")
+@click.option("--redial-max-tries", type=click.IntRange(0), default=0, show_default=True,
+              help="Give up re-dialling after this many failures in a row (0 = never).")
 @click.option("--inbound/--no-inbound", default=False, help="Accept incoming calls.")
 @click.option("--accept-from", default=".*", help="Regex on the caller URI for calls to accept.")
 @click.option("--decline-code", type=int, default=486, help="SIP code for declined calls.")
@@ -820,6 +932,10 @@ CODEC_CHOICES = {"h264": Codec.H264, "vp8": Codec.VP8, "pcmu": Codec.PCMU, "pcma
               help="low-latency: release frames at the marker bit; aiortc: its stock buffer (benchmark baseline).")
 def command(**params: Any) -> None:
     """Send encoded media to a SIP peer through Janus and emit what it sends back."""
+    try:
+        aiortc_adapter.check()  # before any call: a mismatched aiortc would connect calls that carry nothing
+    except aiortc_adapter.AiortcMismatch as exc:
+        raise click.ClickException(str(exc)) from None
     options = build_options(params)
     settings = SipSettings(
         janus_url=params["janus_url"], api_secret=params["api_secret"], identity=params["identity"],
@@ -830,5 +946,7 @@ def command(**params: Any) -> None:
         video_codec=None if params["video_codec"] == "none" else CODEC_CHOICES[params["video_codec"]],
         video_stream=params["video_stream"], audio_stream=params["audio_stream"], control=params["control"],
         low_latency_jitter_buffer=params["jitter_buffer"] == "low-latency",
-        dtmf_method=params["dtmf_method"], media_timeout_s=params["media_timeout_s"])
+        dtmf_method=params["dtmf_method"], media_timeout_s=params["media_timeout_s"],
+        redial_after_janus_restart=params["redial_after_janus_restart"], redial_backoff_s=params["redial_backoff_s"],
+        redial_backoff_max_s=params["redial_backoff_max_s"], redial_max_tries=params["redial_max_tries"])
     run(JanusStage(options, settings))

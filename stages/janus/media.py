@@ -13,7 +13,9 @@ core and keyframe-request logic), decoding here would cost this stage a core per
 and throw away the option of forwarding H.264 untouched, and PyAV in another process
 decodes exactly the same bytes.
 
-Keyframes: a PLI/FIR from Janus calls ``RTCRtpSender._send_keyframe``, which aiortc uses
+aiortc's private internals are reached only through ``aiortc_adapter`` (checked at start).
+
+Keyframes: a PLI/FIR from Janus calls the sender's keyframe hook, which aiortc uses
 to force its own encoder; ``watch_keyframe_requests`` redirects it to a callback so the
 request travels up the pipeline to the real encoder. ``send_pli`` asks the SIP side for a
 keyframe when our consumer (the decoder stage) lost its reference.
@@ -25,7 +27,6 @@ import asyncio
 import fractions
 import logging
 import queue
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ from aiortc.rtp import RtpPacket, is_rtcp
 from aiortc.utils import uint16_add
 
 from protocol import Codec
+from stages.janus import aiortc_adapter
 
 log = logging.getLogger("sipbridge.janus.media")
 
@@ -172,17 +174,18 @@ class LowLatencyJitterBuffer(JitterBuffer):
     """
 
     def _remove_frame(self, sequence_number: int) -> JitterFrame | None:
-        assert self._origin is not None
+        origin = aiortc_adapter.buffer_origin(self)
+        assert origin is not None
         if not self._is_video:
             # Each audio packet is a whole frame: release it now and skip any gap before it (a lost
             # 20 ms packet is concealed by the decoder; waiting for it would delay everything after it).
-            packet = self._packets[sequence_number % self.capacity]
+            packet = aiortc_adapter.buffer_packet(self, sequence_number)
             assert packet is not None
-            return self._take([packet], packet.timestamp, uint16_add(sequence_number, -self._origin) + 1)
+            return self._take([packet], packet.timestamp, uint16_add(sequence_number, -origin) + 1)
         packets = []
         timestamp = None
         for count in range(self.capacity):
-            packet = self._packets[(self._origin + count) % self.capacity]
+            packet = aiortc_adapter.buffer_packet(self, origin + count)
             if packet is None:
                 return None  # a gap: wait for the missing packet (or aiortc's overflow handling)
             if timestamp is None:
@@ -196,7 +199,7 @@ class LowLatencyJitterBuffer(JitterBuffer):
         return None
 
     def _take(self, packets: list[Any], timestamp: int, count: int) -> JitterFrame:
-        frame = JitterFrame(data=b"".join(p._data for p in packets), timestamp=timestamp)
+        frame = JitterFrame(data=b"".join(aiortc_adapter.packet_payload(p) for p in packets), timestamp=timestamp)
         self.remove(count)
         return frame
 
@@ -208,19 +211,15 @@ def tap_receiver(receiver: RTCRtpReceiver, callback: Callable[[ReceivedFrame], N
 
     Must run before the receiver starts (before the connection is established).
     """
-    attr = "_RTCRtpReceiver__decoder_queue"
-    buffer_attr = "_RTCRtpReceiver__jitter_buffer"
-    if not hasattr(receiver, attr) or not hasattr(receiver, buffer_attr):
-        raise RuntimeError("this aiortc version has no receiver queue/jitter buffer to tap (tested with 1.16)")
-    setattr(receiver, attr, _TapQueue(callback))
+    aiortc_adapter.replace_decoder_queue(receiver, _TapQueue(callback))
     if low_latency:
-        capacity = getattr(receiver, buffer_attr).capacity
-        setattr(receiver, buffer_attr, LowLatencyJitterBuffer(capacity, is_video=kind == "video"))
+        capacity = aiortc_adapter.jitter_buffer(receiver).capacity
+        aiortc_adapter.replace_jitter_buffer(receiver, LowLatencyJitterBuffer(capacity, is_video=kind == "video"))
 
 
 def watch_keyframe_requests(sender: RTCRtpSender, callback: Callable[[], None]) -> None:
     """Call ``callback`` (event loop thread) for every PLI/FIR the remote side sends for ``sender``."""
-    sender._send_keyframe = callback  # type: ignore[method-assign]
+    aiortc_adapter.on_keyframe_request(sender, callback)
 
 
 async def send_pli(receiver: RTCRtpReceiver) -> bool:
@@ -229,48 +228,14 @@ async def send_pli(receiver: RTCRtpReceiver) -> bool:
     if not sources:
         return False
     for source in sources:
-        await receiver._send_rtcp_pli(source.source)
+        await aiortc_adapter.send_pli(receiver, source.source)
     return True
 
 
 # ----- RFC 4733 (RFC 2833) telephone events received from the SIP side ----------------------------
 TELEPHONE_EVENT_PT = 126  # a dynamic payload type aiortc never assigns (its video codecs use 97-102)
 DTMF_EVENTS = "0123456789*#ABCD"
-TELEPHONE_EVENT_CLOCK_HZ = 8000  # what add_telephone_event offers (telephone-event/8000)
-TELEPHONE_EVENT_RE = re.compile(r"a=rtpmap:(\d+) telephone-event/8000", re.IGNORECASE)
-
-
-def _audio_section(sdp: str) -> tuple[int, int] | None:
-    start = sdp.find("m=audio ")
-    if start < 0:
-        return None
-    end = sdp.find("\r\nm=", start)
-    return start, (end + 2 if end >= 0 else len(sdp))
-
-
-def add_telephone_event(sdp: str, payload_type: int = TELEPHONE_EVENT_PT) -> str:
-    """Add telephone-event/8000 to the audio section of an SDP that aiortc wrote.
-
-    aiortc cannot negotiate it, but Janus passes it on to the SIP peer, which then can send
-    RFC 4733 DTMF; the events come back to aiortc on the audio SSRC (see ``TelephoneEventTap``).
-    """
-    section = _audio_section(sdp)
-    if section is None or TELEPHONE_EVENT_RE.search(sdp[section[0]:section[1]]):
-        return sdp
-    start, end = section
-    lines = sdp[start:end].split("\r\n")
-    lines[0] = f"{lines[0]} {payload_type}"
-    last_rtpmap = max(i for i, line in enumerate(lines) if line.startswith(("a=rtpmap:", "m=audio")))
-    lines[last_rtpmap + 1:last_rtpmap + 1] = [f"a=rtpmap:{payload_type} telephone-event/8000",
-                                              f"a=fmtp:{payload_type} 0-16"]
-    return sdp[:start] + "\r\n".join(lines) + sdp[end:]
-
-
-def telephone_event_pt(sdp: str) -> int | None:
-    """The telephone-event payload type of the audio section of ``sdp``, if any."""
-    section = _audio_section(sdp)
-    match = TELEPHONE_EVENT_RE.search(sdp[section[0]:section[1]]) if section else None
-    return int(match.group(1)) if match else None
+TELEPHONE_EVENT_CLOCK_HZ = 8000  # what the offer carries (telephone-event/8000)
 
 
 class TelephoneEventTap:
@@ -284,11 +249,9 @@ class TelephoneEventTap:
         self.payload_type = payload_type
         self._callback = callback
         self._last_timestamp: int | None = None
-        self._original = receiver._handle_rtp_packet
-        receiver._handle_rtp_packet = self._handle  # type: ignore[method-assign]
+        self._original = aiortc_adapter.intercept_rtp(receiver, self._handle)
         # aiortc's router only hands a receiver the payload types it negotiated.
-        router = receiver.transport._rtp_router
-        router.payload_type_table.setdefault(payload_type, set()).add(receiver)
+        aiortc_adapter.route_payload_type(receiver, payload_type)
 
     async def _handle(self, packet: Any, arrival_time_ms: int) -> None:
         if packet.payload_type != self.payload_type:
@@ -323,10 +286,9 @@ class TelephoneEventSender:
     def __init__(self, sender: RTCRtpSender, payload_type: int, clock_rate: int) -> None:
         self.payload_type = payload_type
         self.clock_rate = clock_rate
-        self.ssrc = sender._ssrc
+        self.ssrc = aiortc_adapter.sender_ssrc(sender)
         self.transport = sender.transport
-        self._send = self.transport._send_rtp
-        self.transport._send_rtp = self._relay  # type: ignore[method-assign]
+        self._send = aiortc_adapter.wrap_send_rtp(self.transport, self._relay)
         self._offset = 0
         self._last_seq: int | None = None
         self._last_timestamp: int | None = None

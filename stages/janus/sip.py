@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import re
 import time
 import uuid
 from collections.abc import Callable
@@ -23,17 +22,17 @@ from aiortc import RTCPeerConnection, RTCRtpSender, RTCRtpTransceiver, RTCSessio
 from aiortc.rtcrtpparameters import RTCRtpCodecCapability
 
 from protocol import Codec
+from stages.janus import aiortc_adapter, sdp
 from stages.janus.media import (
     RTP_NAMES,
     TELEPHONE_EVENT_CLOCK_HZ,
+    TELEPHONE_EVENT_PT,
     PacketTrack,
     ReceivedFrame,
     TelephoneEventSender,
     TelephoneEventTap,
-    add_telephone_event,
     send_pli,
     tap_receiver,
-    telephone_event_pt,
     watch_keyframe_requests,
 )
 
@@ -90,58 +89,6 @@ def codec_capabilities(kind: str, codecs: list[Codec]) -> list[RTCRtpCodecCapabi
     return chosen
 
 
-def _sections(sdp: str) -> list[str]:
-    """Session part first, then one string per m= section (CRLF line ends kept inside)."""
-    parts = sdp.split("\r\nm=")
-    return [parts[0]] + ["m=" + p for p in parts[1:]]
-
-
-def _attribute(section: str, name: str) -> str | None:
-    for line in section.split("\r\n"):
-        if line.startswith(f"a={name}:"):
-            return line
-    return None
-
-
-def repair_rejected_sections(answer: str, offer: str) -> tuple[str, list[str]]:
-    """Make a Janus answer with a rejected media section acceptable to aiortc.
-
-    When the SIP peer declines a stream (port 0), Janus answers that section bare: no ICE credentials,
-    no DTLS role, a payload type of the other kind. aiortc refuses the whole answer (field notes). Here
-    the section gets the bundled transport's credentials, our offered codecs back and ``a=inactive``,
-    and joins the BUNDLE group; the stream is reported as rejected. Returns (answer, rejected kinds).
-    """
-    sections = _sections(answer)
-    offered = _sections(offer)
-    if len(sections) != len(offered):
-        return answer, []
-    live = next((s for s in sections[1:] if s.split(" ", 2)[1] != "0"), None)
-    if live is None:
-        return answer, []
-    transport = [a for a in (_attribute(live, n) for n in ("ice-ufrag", "ice-pwd", "setup")) if a]
-    rejected: list[str] = []
-    for i in range(1, len(sections)):
-        head = sections[i].split("\r\n", 1)[0].split(" ")
-        if head[1] != "0" or _attribute(sections[i], "ice-ufrag"):
-            continue
-        kind = head[0][2:]
-        mid = _attribute(sections[i], "mid") or _attribute(offered[i], "mid")
-        offer_lines = offered[i].split("\r\n")
-        codecs = [line for line in offer_lines if line.startswith(("a=rtpmap:", "a=fmtp:"))]
-        offer_head = offer_lines[0].split(" ")
-        new_head = " ".join([head[0], "9", head[2], *offer_head[3:]])
-        lines = [new_head, "c=IN IP4 0.0.0.0", "a=inactive", *([mid] if mid else []), "a=rtcp-mux", *transport,
-                 *codecs]
-        sections[i] = "\r\n".join(lines) + ("\r\n" if i == len(sections) - 1 else "")
-        rejected.append(kind)
-        if mid:
-            mid_value = mid.split(":", 1)[1]
-            sections[0] = re.sub(r"(a=group:BUNDLE [^\r\n]*)", rf"\1 {mid_value}", sections[0], count=1)
-    if not rejected:
-        return answer, []
-    return "\r\n".join(sections), rejected
-
-
 @dataclass
 class CallInfo:
     call_id: str
@@ -178,9 +125,11 @@ class SipCall:
         self.telephone_events: TelephoneEventTap | None = None
         self.telephone_event_sender: TelephoneEventSender | None = None
         self.hangup_reason: str | None = None  # set when we end the call for a reason of our own
+        self.hung_up_by_user = False  # a hangup request: the call is not dialled again
         self.audio: RTCRtpTransceiver | None = None
         self.video: RTCRtpTransceiver | None = None
         self.closed = False
+        self.chosen: dict[str, sdp.Codec] = {}  # inbound: the offered codec answered per kind
 
     @staticmethod
     def new_call_id() -> str:
@@ -207,15 +156,15 @@ class SipCall:
         if self.video_track is not None:
             self._prepare(self.pc.addTransceiver(self.video_track, direction="sendrecv"))
         await self.pc.setLocalDescription(await self.pc.createOffer())
-        sdp = self.pc.localDescription.sdp
+        text = self.pc.localDescription.sdp
         if self.audio is not None and self._on_dtmf is not None:
-            sdp = add_telephone_event(sdp)  # lets the SIP peer send RFC 4733 DTMF
-        return {"type": "offer", "sdp": sdp}
+            text = sdp.add_telephone_event(text, TELEPHONE_EVENT_PT)  # lets the SIP peer send RFC 4733 DTMF
+        return {"type": "offer", "sdp": text}
 
     async def set_answer(self, jsep: dict[str, Any]) -> None:
         offer = self.pc.localDescription.sdp
-        sdp, rejected = repair_rejected_sections(jsep["sdp"], offer)
-        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type=jsep["type"]))
+        text, rejected = sdp.repair_rejected_sections(jsep["sdp"], offer)
+        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=text, type=jsep["type"]))
         self._note_codecs()
         for kind in rejected:
             log.info("call %s: the SIP peer rejected %s", self.info.call_id, kind)
@@ -223,19 +172,33 @@ class SipCall:
         self._tap_telephone_events(jsep["sdp"])
 
     def _tap_telephone_events(self, remote_sdp: str) -> None:
-        payload_type = telephone_event_pt(remote_sdp)
+        payload_type = sdp.telephone_event_pt(remote_sdp)
         if payload_type is None or self.audio is None or self._on_dtmf is None or self.telephone_events:
             return
         self.telephone_events = TelephoneEventTap(self.audio.receiver, payload_type, self._on_dtmf)
-        codecs = getattr(self.audio, "_codecs", None)
+        codecs = aiortc_adapter.negotiated_codecs(self.audio)
         # telephone-event/8000 shares the audio's RTP clock only with the 8 kHz-clocked codecs (not Opus).
         if codecs and codecs[0].clockRate == TELEPHONE_EVENT_CLOCK_HZ and self.audio.sender.transport is not None:
             self.telephone_event_sender = TelephoneEventSender(self.audio.sender, payload_type,
                                                                TELEPHONE_EVENT_CLOCK_HZ)
 
     async def answer(self, offer: dict[str, Any]) -> dict[str, str]:
-        """Answer Janus's offer for an incoming call."""
-        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=offer["sdp"], type="offer"))
+        """Answer Janus's offer for an incoming call (the SIP caller's offer, passed through).
+
+        A phone may offer several variants of one codec (H.264 packetization-mode 0 under one payload type,
+        mode 1 under another) and codecs we do not send. aiortc would answer several of them and send with
+        whichever came first, under fmtp of its own. So the offer is reduced first, through the SDP model, to
+        one codec per section: ours, in the variant we can send, with its own payload type; the answer then
+        carries that payload type with the offer's fmtp, and the sender uses it.
+        """
+        description = sdp.SessionDescription.parse(str(offer["sdp"]))
+        wanted = {"audio": [RTP_NAMES[c] for c in self.audio_codecs],
+                  "video": [RTP_NAMES[self.video_codec]] if self.video_codec is not None else []}
+        self.chosen = sdp.restrict_offer(description, wanted)
+        for kind, codec in self.chosen.items():
+            log.info("call %s: answering %s with %s/%d (payload type %d%s)", self.info.call_id, kind, codec.name,
+                     codec.clock_rate, codec.payload_type, f", {sdp.fmtp_text(codec.fmtp)}" if codec.fmtp else "")
+        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=str(description), type="offer"))
         for transceiver in self.pc.getTransceivers():
             if transceiver.kind == "audio" and self.audio_track is not None and self.audio is None:
                 transceiver.sender.replaceTrack(self.audio_track)
@@ -249,16 +212,18 @@ class SipCall:
                 transceiver.direction = "inactive"
         await self.pc.setLocalDescription(await self.pc.createAnswer())
         self._note_codecs()
-        sdp = self.pc.localDescription.sdp
-        payload_type = telephone_event_pt(offer["sdp"])
+        answer = sdp.SessionDescription.parse(self.pc.localDescription.sdp)
+        sdp.answer_with_offered_fmtp(answer, self.chosen)
+        text = str(answer)
+        payload_type = sdp.telephone_event_pt(str(offer["sdp"]))
         if payload_type is not None and self.audio is not None and self._on_dtmf is not None:
-            sdp = add_telephone_event(sdp, payload_type)
-            self._tap_telephone_events(offer["sdp"])
-        return {"type": "answer", "sdp": sdp}
+            text = sdp.add_telephone_event(text, payload_type)
+            self._tap_telephone_events(str(offer["sdp"]))
+        return {"type": "answer", "sdp": text}
 
     def _note_codecs(self) -> None:
         for transceiver, attr in ((self.audio, "audio_codec"), (self.video, "video_codec")):
-            codecs = getattr(transceiver, "_codecs", None) if transceiver is not None else None
+            codecs = aiortc_adapter.negotiated_codecs(transceiver) if transceiver is not None else None
             if codecs:
                 setattr(self.info, attr, codecs[0].mimeType.split("/")[1].upper())
 
