@@ -164,3 +164,37 @@ def test_recipe_errors_name_the_problem(tmp_path: Path, monkeypatch: pytest.Monk
                                  {"display_name": "bot"}, "t")
     assert [recipe.describe_step(s) for s in recipe.steps] == [
         "fill '#n' with 'bot'", "wait_for '#v' to be visible", "wait 2 s"]
+
+
+@pytest.mark.media
+@pytest.mark.timeout(60)
+def test_joined_check_holds_no_handles() -> None:
+    """Issue 15: the watchdog asks is_joined every second for the whole call; each answer must leave nothing behind
+    in Playwright's client (an ElementHandle per call grew the stage's memory without bound)."""
+    import asyncio
+    import gc
+
+    from playwright.async_api import async_playwright
+
+    from stages.browser.chromium import launch_chromium
+
+    recipe = recipe_from_mapping({"url": "x", "joined_selector": "#in-call"}, {}, "t")
+
+    async def handles_after(checks: int) -> tuple[list[bool], int]:
+        async with async_playwright() as pw:
+            browser = await launch_chromium(pw)
+            try:
+                page = await browser.new_page()
+                await page.set_content("<div id='in-call'>in the call</div>")
+                answers = [await recipe.is_joined(page) for _ in range(checks)]
+                await page.set_content("<div>left</div>")
+                answers.append(await recipe.is_joined(page))
+                gc.collect()
+                held = sum(1 for o in gc.get_objects() if type(o).__name__ in ("ElementHandle", "JSHandle"))
+                return answers, held
+            finally:
+                await browser.close()
+
+    answers, held = asyncio.run(handles_after(50))
+    assert answers == [True] * 50 + [False]
+    assert held < 5, f"{held} element handles held after 50 joined checks"

@@ -180,7 +180,9 @@ class Recipe:
         """Whether the bot is still in the call (checked periodically to notice being dropped)."""
         if not self.joined_selector:
             return True
-        return await page.query_selector(self.format(self.joined_selector)) is not None
+        # A count, not query_selector: each ElementHandle stays registered in Playwright's client and driver until
+        # the page closes, and this runs every second for the whole call (issue 15's steady growth).
+        return await page.locator(self.format(self.joined_selector)).count() > 0
 
     async def leave(self, page: Page) -> None:
         """Leave politely before closing (optional)."""
