@@ -694,3 +694,67 @@ def test_the_systemd_unit_verifies(tmp_path: Path) -> None:
     result = subprocess.run(["systemd-analyze", "verify", str(path)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "sipbridge-node.service" not in result.stderr, result.stderr  # no warning about the unit itself
+
+
+# ----- a real bridged call (room bot, codec stages, SIP) started over the API ------------------------------
+async def _bridged(call: Any, run_root: Path) -> None:
+    import tomllib
+
+    body = tomllib.loads(call.options.bridge_toml())  # the harness's bridge.toml, sent as JSON
+    async with node_client(settings_for(run_root, slots=1, allow_pipelines=False)) as (node, client):
+        resp = await client.post("/calls", json=body, headers=AUTH)
+        assert resp.status == 201, await resp.text()
+        call_id = (await resp.json())["id"]
+        assert (await client.post("/calls", json=body, headers=AUTH)).status == 429  # one slot
+
+        # Media both ways through every stage: the room's video at the janus stage (composed, encoded), the SIP
+        # echo at the bot (decoded). Whether its pixels reach the room's viewers is the bridge's own test
+        # (test_cheap_room, test_bridge_e2e); this one is about the node running the bridge configuration.
+        def stream_in(view: dict[str, Any], stage: str, stream: str) -> int:
+            return int(view["stages"].get(stage, {}).get("streams", {}).get(stream, {}).get("frames_in", 0))
+
+        async def both_ways() -> Any:
+            view = await get_call(client, call_id)
+            up = (view["sip"] or {}).get("state") == "media_up"
+            flowing = stream_in(view, "janus", "room-video") >= 10 and stream_in(view, "browser", "sip-video") >= 10
+            return view if up and flowing else None
+        try:
+            await until(both_ways, 150, "media both ways through the bridge")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}: {json.dumps((await get_call(client, call_id))['stages'])[:3000]}\n"
+                                 f"{(run_root / call_id / 'logs' / 'browser.log').read_text()[-3000:]}") from None
+        view = await get_call(client, call_id)
+        sip = view["sip"]
+        assert (sip["state"], sip["audio_codec"], sip["video_codec"]) == ("media_up", "PCMU", "H264"), sip
+        for stage in ("browser", "room-decoder", "room-transformer", "sip-encoder", "janus", "sip-decoder"):
+            assert view["stages"][stage]["process"] == "RUNNING", (stage, view["stages"][stage])
+        resp = await client.delete(f"/calls/{call_id}", headers=AUTH)
+        assert resp.status == 200 and (await resp.json())["end_reason"] == "deleted"
+        session = node.calls[call_id].session
+        assert session is not None and scan_sessions({session})[session] == []  # Chromium's helpers included
+    # The hang-up reached the SIP peer: BYE answered, scenario done.
+    assert await asyncio.to_thread(call.procs["sipp"].wait, 15) == 0
+
+
+@pytest.mark.media
+@pytest.mark.timeout(300)
+def test_a_bridged_call_started_over_the_api(run_root: Path, tmp_path: Path) -> None:
+    """A bridge configuration (not a pipeline) through POST /calls: the room bot joins the local room where a
+    browserless participant publishes, its picture goes to a sipp echo as H.264 + PCMU, the echo comes back to
+    the bot, and DELETE hangs up with BYE and leaves no process (Chromium's included)."""
+    from sipbridge.testing.localcall import CallOptions, LocalCall
+
+    for tool in ("janus", "sipp", "tshark", "chromium"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is not installed")
+    if os.geteuid() != 0:
+        pytest.skip("needs root for network namespaces")
+
+    class NodeCall(LocalCall):
+        def _start_bridge(self) -> None:  # the node starts the bridge, over its API
+            pass
+
+    options = CallOptions(participants=[("alice", 440.0)], room_codec="vp8", layout="single", max_tiles=1,
+                          split=None, layout_ids=["alice/video"], width=320, height=240, generators="aiortc")
+    with NodeCall(tmp_path / "run", options) as call:
+        asyncio.run(_bridged(call, run_root))
