@@ -32,7 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from sipbridge.node.api import make_app
 from sipbridge.node.calls import Call, RunFolderInUse, make_run_folder, plan_call
-from sipbridge.node.config import NodeConfigError, NodeSettings, check, default_slots
+from sipbridge.node.config import NodeConfigError, NodeSettings, check, default_run_root, default_slots
 from sipbridge.node.hostinfo import scan_sessions
 from sipbridge.node.service import Node
 from tests.sipfix import janus_fixture, netns_fixture  # noqa: F401  (pytest fixtures)
@@ -138,6 +138,10 @@ def test_settings_fail_at_start_with_the_setting_named(tmp_path: Path) -> None:
     with pytest.raises(NodeConfigError, match="cpu_ceiling"):
         check(settings_for(Path("/tmp/sbn"), cpu_ceiling=1.5), {"SBN_TEST_TOKEN": TOKEN})
     assert default_slots(0.9, cores=2) == 1 and default_slots(0.9, cores=8) == 7
+    assert default_run_root(0, {}) == Path("/run/sipbridge")
+    assert default_run_root(1000, {"XDG_RUNTIME_DIR": "/run/user/1000"}) == Path("/run/user/1000/sipbridge")
+    with pytest.raises(NodeConfigError, match="XDG_RUNTIME_DIR is not set"):
+        default_run_root(1000, {})
 
 
 def test_options_come_from_the_command_line_then_env_then_the_config_file(monkeypatch: pytest.MonkeyPatch,

@@ -301,6 +301,14 @@ class Call:
 
     async def _watch(self) -> None:
         """Follow supervisord and the SIP call; stop the call when it is over."""
+        try:
+            await self._follow()
+        except Exception as exc:  # a bug here must not leave a call running unwatched, holding its slot
+            log.exception("call %s: watching it failed; stopping it", self.id)
+            self.error = f"node could not watch the call: {type(exc).__name__}: {exc}"
+            self._spawn_stop("failed")
+
+    async def _follow(self) -> None:
         while self.state in ("starting", "running"):
             assert self.stats is not None and self.proc is not None
             self.stats.discover()
