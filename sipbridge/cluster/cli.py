@@ -147,7 +147,8 @@ def status(as_json: bool, calls_limit: int, redis_url: str, prefix: str) -> None
 @click.option("--id", "node_id", required=True, help="This node's name in the cluster.")
 @click.option("--sip", "sip_address", default="127.0.0.1:5060", help="IP:PORT of the node's SIP front.")
 @click.option("--slots", default=2, type=click.IntRange(0, 10000))
-@click.option("--hold-s", default=0.0, type=click.FloatRange(0), help="Hang up calls after this long (0: never).")
+@click.option("--hold-s", default=0.0, type=click.FloatRange(0),
+              help="Hang up API-started calls after this long (0: never); inbound ones end with the caller's BYE.")
 @click.option("--redis", "redis_url", default=None, envvar="SIPBRIDGE_REDIS_URL",
               help="Take API-started calls from this Redis (none: inbound only).")
 @PREFIX_OPTION

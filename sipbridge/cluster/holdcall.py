@@ -163,7 +163,8 @@ class HoldUA(asyncio.DatagramProtocol):
             self.remote_target = sipmsg.uri_of(req.get("contact") or "")
             self.route_set = req.get_all("record-route")  # UAS: in the order received
             self.state = "ringing"
-            self._reply(req, 180, extra=[("contact", self.contact)])
+            # Answered at once, with no 180 first: over UDP through a multi-process proxy a 180 sent just before
+            # the 200 can be relayed after it, and a strict caller (sipp) then aborts the call on the late 180.
             answer = sipmsg.audio_sdp(self.host, self.rtp_port, random.getrandbits(31))
             self._ok = self._reply(req, 200, extra=[("contact", self.contact), ("content-type", "application/sdp")],
                                    body=answer)

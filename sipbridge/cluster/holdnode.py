@@ -29,6 +29,7 @@ log = logging.getLogger("sipbridge.cluster.node")
 
 INBOUND_INVITE_TIMEOUT_S = 10.0  # a reserved slot whose INVITE never arrives is given back
 FORGET_ENDED_S = 300.0
+INBOUND_MAX_S = 3600.0
 
 
 @dataclass
@@ -131,7 +132,9 @@ class HoldRunner:
                 self._set(call, FAILED, call.ua.reason or "the INVITE never arrived or was not acknowledged")
                 return
             self._set(call, UP)
-            await call.ua.hold(self.hold_s)
+            # The caller decides how long an inbound call lasts (its BYE); the bound only frees the slot of
+            # a caller that vanished without one.
+            await call.ua.hold(INBOUND_MAX_S)
             self._set(call, ENDED, call.ua.reason)
         except asyncio.CancelledError:
             self._set(call, FAILED, "node stopped")
