@@ -282,19 +282,19 @@ def missing_secrets(cfg: BridgeConfig, environ: dict[str, str] | None = None) ->
 def _grid(cfg: BridgeConfig) -> list[str]:
     """The room-side transformer's video arguments for the layout."""
     size = f"{cfg.to_sip.width}x{cfg.to_sip.height}"
-    if cfg.layout == "active":
-        return ["--video", f"compose:active:{size}"]
-    if cfg.layout == "speaker":
-        return ["--video", f"compose:speaker:{size}"]
-    # grid and single: the room's grid (stages/transformer.py RoomGrid), a slate while nobody is in it.
+    # Whatever the layout, the SIP side never goes without video: a slate (waiting for participants, the room's
+    # name) at the SIP frame rate while nobody is shown, the last picture repeated while every camera stalls.
+    title = cfg.title if cfg.title is not None else cfg.recipe_vars.get("room", cfg.room_url)
+    paced = ["--slate-title", title, "--grid-fps", str(cfg.to_sip.fps)]
+    if cfg.layout in ("active", "speaker"):
+        return ["--video", f"compose:{cfg.layout}:{size}", "--slate", *paced]
+    # grid and single: the room's grid (stages/transformer.py RoomGrid).
     ids = cfg.participants[:1] if cfg.layout == "single" else cfg.participants
     tiles = 1 if cfg.layout == "single" else cfg.max_tiles
     names = cfg.names if cfg.names is not None else cfg.layout == "grid"
-    title = cfg.title if cfg.title is not None else cfg.recipe_vars.get("room", cfg.room_url)
     return [
         "--video", f"compose:grid:{size}:{tiles}" + (f":{','.join(ids)}" if ids else ""),
-        "--tile-names" if names else "--no-tile-names", "--fit", cfg.fit, "--slate-title", title,
-        "--grid-fps", str(cfg.to_sip.fps),
+        "--tile-names" if names else "--no-tile-names", "--fit", cfg.fit, *paced,
     ]
 
 

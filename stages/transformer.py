@@ -205,6 +205,94 @@ def grid_for(count: int) -> tuple[int, int]:
     return cols, rows
 
 
+class _Pacer:
+    """When a compose sends pictures of its own: a slate while nobody is there, at the grid's rate, and a repeat
+    of the last picture once per GRID_REPEAT_AFTER_S while everyone's camera is stalled; none while live pictures
+    go out. Output pts come from the clock (1/90000), continuous whatever stream a picture came from."""
+
+    def __init__(self, fps: float, clock: Clock) -> None:
+        if fps <= 0:
+            raise TransformSpecError("the slate's fps must be positive")
+        self.fps, self.clock = fps, clock
+        self.start = clock()
+        self.due: float | None = None  # when the next slate or repeat is due
+        self.last_live = -math.inf
+        self.was_present = False
+        self.last_pts = -1
+        self.slates = 0
+        self.repeats = 0
+
+    def pts(self, at: float) -> int:
+        self.last_pts = max(self.last_pts + 1, round((at - self.start) * 90000))
+        return self.last_pts
+
+    def live(self, now: float) -> None:
+        self.last_live = now
+
+    def due_at(self, now: float, present: bool) -> float | None:
+        """When a picture of its own is due now: the time to stamp it with (on the schedule); else None."""
+        if present and now - self.last_live < GRID_REPEAT_AFTER_S:
+            self.due = None  # live pictures are going out
+            return None
+        if self.due is None or present != self.was_present:  # the room emptied (or filled): start over now
+            self.due = now
+        self.was_present = present
+        if now < self.due - CLOCK_EPSILON_S:
+            return None
+        # A repeat of stalled cameras only keeps RTP flowing: no faster than once per GRID_REPEAT_AFTER_S, so a
+        # starved machine is not handed full-rate work for frozen pictures.
+        period = max(1.0 / self.fps, GRID_REPEAT_AFTER_S if present else 0.0)
+        at = self.due
+        self.due += period
+        if self.due <= now:  # the clock jumped (a stalled process): go on from now, no burst
+            self.due = now + period
+        if present:
+            self.repeats += 1
+        else:
+            self.slates += 1
+        return at
+
+    def figures(self) -> dict[str, Any]:
+        return {"slates": self.slates, "repeats": self.repeats}
+
+
+class _Keepalive:
+    """compose:active and compose:speaker with a slate: their pictures restamped on the pacer's clock, the
+    last one repeated while every camera stalls, the slate (waiting for participants, the title) while nobody
+    with video is there. (compose:grid draws its own: it redraws its tiles instead of repeating.)"""
+
+    def __init__(self, width: int, height: int, options: GridOptions, clock: Clock) -> None:
+        self.size, self.options, self.clock = (width, height), options, clock
+        self.pacer = _Pacer(options.fps, clock)
+        self.last: VideoFrame | None = None
+        self.seq = 0
+        self._slate: np.ndarray | None = None
+
+    def _frame(self, like: VideoFrame | None, at: float, data: Any, capture_ns: int, output_id: str) -> VideoFrame:
+        self.seq += 1
+        width, height = self.size
+        header = MediaHeader(like.header.stream_id if like else output_id, self.seq, self.pacer.pts(at),
+                             Fraction(1, 90000), capture_ns)
+        return VideoFrame(header, width, height, data)
+
+    def live(self, now: float, frame: VideoFrame) -> VideoFrame:
+        self.pacer.live(now)
+        self.last = self._frame(frame, now, frame.data, frame.header.capture_time_ns, frame.header.stream_id)
+        return self.last
+
+    def tick(self, present: bool, output_id: str) -> list[Message]:
+        now = self.clock()
+        present = present and self.last is not None
+        at = self.pacer.due_at(now, present)
+        if at is None:
+            return []
+        if present and self.last is not None:
+            return [self._frame(self.last, at, self.last.data, time.time_ns(), output_id)]
+        if self._slate is None:
+            self._slate = slate_i420(*self.size, self.options.title)
+        return [self._frame(None, at, self._slate.copy(), time.time_ns(), output_id)]
+
+
 @dataclass
 class _Slot:
     frame: VideoFrame | None = None
@@ -243,10 +331,13 @@ class Compose(Identity):
         active: bool,
         output_id: str,
         clock: Clock = time.monotonic,
+        keepalive: GridOptions | None = None,
     ) -> None:
         if width % 2 or height % 2:
             raise TransformSpecError("compose needs even output dimensions")
         self.clock = clock
+        # With keepalive: a slate while no stream is there, repeats while all stall, pts from the clock.
+        self.keepalive = _Keepalive(width, height, keepalive, clock) if keepalive else None
         self.fixed_grid = (cols, rows)
         self.size = (width, height)
         self.order = list(stream_ids or [])
@@ -279,7 +370,13 @@ class Compose(Identity):
         active = self._active(now)
         if not active or self._lead(active, now) != sid:
             return ()
-        return (self._composite(active if self.active_layout else self.order, msg),)
+        composite = self._composite(active if self.active_layout else self.order, msg)
+        return (self.keepalive.live(now, composite) if self.keepalive else composite,)
+
+    def tick(self) -> list[Message]:
+        if self.keepalive is None:
+            return []
+        return self.keepalive.tick(any(not slot.ended for slot in self.slots.values()), self.output_id)
 
     def _lead(self, active: list[str], now: float) -> str:
         def interval(sid: str) -> float:
@@ -348,6 +445,7 @@ class Compose(Identity):
             },
             "composites": self.seq,
             "compose_leader": self.leader,
+            **(self.keepalive.pacer.figures() if self.keepalive else {}),
         }
 
 
@@ -365,10 +463,15 @@ class Speaker(Identity):
     Video of everyone else is consumed. Until anyone speaks, the first participant with video is shown.
     """
 
-    def __init__(self, width: int, height: int, output_id: str, clock: Clock = time.monotonic) -> None:
+    def __init__(
+        self, width: int, height: int, output_id: str, clock: Clock = time.monotonic,
+        keepalive: GridOptions | None = None,
+    ) -> None:
         if width % 2 or height % 2:
             raise TransformSpecError("compose:speaker needs even output dimensions")
         self.clock = clock
+        self.keepalive = _Keepalive(width, height, keepalive, clock) if keepalive else None
+        self.video_streams: set[str] = set()
         self.size = (width, height)
         self.output_id = output_id
         self.levels_db: dict[str, float] = {}
@@ -388,6 +491,7 @@ class Speaker(Identity):
             return (msg,)
         who = participant_of(msg.header.stream_id)
         self.last_video[who] = now
+        self.video_streams.add(msg.header.stream_id)
         shown = self.speaker if self.speaker is not None and now - self.last_video.get(self.speaker, -1e9) < \
             STALE_STREAM_S else None
         if shown is None:
@@ -397,7 +501,20 @@ class Speaker(Identity):
             return ()
         w, h = self.size
         self.seq += 1
-        return (_with_data(msg, resize_i420(msg.data, msg.width, msg.height, w, h), w, h, self.output_id, self.seq),)
+        out = _with_data(msg, resize_i420(msg.data, msg.width, msg.height, w, h), w, h, self.output_id, self.seq)
+        return (self.keepalive.live(now, out) if self.keepalive else out,)
+
+    def flush(self, stream_id: str) -> Iterable[Message]:
+        """A participant whose video ended is no longer there to be shown."""
+        for sid in [sid for sid in self.video_streams if not stream_id or sid == stream_id]:
+            self.video_streams.discard(sid)
+            who = participant_of(sid)
+            if not any(participant_of(other) == who for other in self.video_streams):
+                self.last_video.pop(who, None)
+        return ()
+
+    def tick(self) -> list[Message]:
+        return self.keepalive.tick(bool(self.last_video), self.output_id) if self.keepalive else []
 
     def _hear(self, who: str, msg: AudioFrame, now: float) -> None:
         level_db = frame_level_dbfs(msg)
@@ -426,6 +543,7 @@ class Speaker(Identity):
             "speaker_switches": self.switches,
             "levels_dbfs": {p: round(db, 1) for p, db in sorted(self.levels_db.items())},
             "composites": self.seq,
+            **(self.keepalive.pacer.figures() if self.keepalive else {}),
         }
 
 
@@ -538,6 +656,7 @@ class GridOptions:
     fit: str = "letterbox"
     title: str = ""
     fps: float = GRID_DEFAULT_FPS
+    slate: bool = False  # compose:active and compose:speaker too send a slate and repeats (compose:grid always)
 
 
 class RoomGrid(Compose):
@@ -572,8 +691,7 @@ class RoomGrid(Compose):
             raise TransformSpecError(f"compose:grid takes 1 to 16 tiles, not {max_tiles}")
         if self.options.fit not in FITS:
             raise TransformSpecError(f"fit must be one of {', '.join(FITS)}, not {self.options.fit!r}")
-        if self.options.fps <= 0:
-            raise TransformSpecError("the grid's fps must be positive")
+        self.pacer = _Pacer(self.options.fps, clock)
         self.max_tiles = max_tiles
         self.pinned = list(stream_ids or [])
         self.positions: list[str | None] = []
@@ -582,12 +700,6 @@ class RoomGrid(Compose):
         self.levels_db: dict[str, float] = {}
         self.loud_since: dict[str, float] = {}
         self.spoke_at: dict[str, float] = {}
-        self.start = clock()
-        self.last_live = -math.inf
-        self.due: float | None = None  # when tick sends the next slate or repeat
-        self.last_pts = -1
-        self.slates = 0
-        self.repeats = 0
         self._slate: np.ndarray | None = None
 
     # ----- who is shown where ----------------------------------------------------------------------------------
@@ -617,7 +729,7 @@ class RoomGrid(Compose):
         sending = [p for p in self.positions if p is not None and now - self.slots[p].last_seen < STALE_STREAM_S]
         if sid not in sending or self._lead(sending, now) != sid:
             return ()
-        self.last_live = now
+        self.pacer.live(now)
         return (self._draw(now),)
 
     def _hear(self, who: str, msg: AudioFrame, now: float) -> None:
@@ -673,7 +785,6 @@ class RoomGrid(Compose):
         width, height = self.size
         stamp = now if at is None else at
         if not any(self.positions):
-            self.slates += 1
             if self._slate is None:
                 self._slate = slate_i420(width, height, self.options.title)
             return self._output(stamp, self._slate.copy(), time.time_ns())
@@ -697,8 +808,7 @@ class RoomGrid(Compose):
         return self._output(stamp, canvas, min(captures) if captures else time.time_ns())
 
     def _output(self, stamp: float, canvas: np.ndarray, capture_ns: int) -> VideoFrame:
-        pts = max(self.last_pts + 1, round((stamp - self.start) * 90000))
-        self.last_pts = pts
+        pts = self.pacer.pts(stamp)
         self.seq += 1
         width, height = self.size
         return VideoFrame(MediaHeader(self.output_id, self.seq, pts, Fraction(1, 90000), capture_ns), width, height,
@@ -708,23 +818,8 @@ class RoomGrid(Compose):
         """Called a few times per frame interval: the slate while nobody is shown, a repeat while every camera
         is stalled."""
         now = self.clock()
-        if any(self.positions) and now - self.last_live < GRID_REPEAT_AFTER_S:
-            self.due = None  # live composites are going out
-            return []
-        if self.due is None:
-            self.due = now
-        if now < self.due - CLOCK_EPSILON_S:
-            return []
-        # The slate at the grid's rate; a repeat of stalled cameras only keeps RTP flowing, so no faster than one
-        # per GRID_REPEAT_AFTER_S: a starved machine must not be handed full-rate work for frozen pictures.
-        period = max(1.0 / self.options.fps, GRID_REPEAT_AFTER_S if any(self.positions) else 0.0)
-        at = self.due  # stamped on the schedule, not with when this tick happened to run
-        self.due += period
-        if self.due <= now:  # the clock jumped (a stalled process): go on from now, no burst
-            self.due = now + period
-        if any(self.positions):
-            self.repeats += 1
-        return [self._draw(now, at)]
+        at = self.pacer.due_at(now, any(self.positions))
+        return [] if at is None else [self._draw(now, at)]
 
     def figures(self) -> dict[str, Any]:
         now = self.clock()
@@ -739,8 +834,7 @@ class RoomGrid(Compose):
         }
         figures["grid_layout"] = "{}x{}".format(*self.layout)
         figures["grid_tiles"] = [participant_of(sid) if sid else None for sid in list(self.positions)]
-        figures["slates"] = self.slates
-        figures["grid_repeats"] = self.repeats
+        figures.update(self.pacer.figures())
         return figures
 
 
@@ -931,7 +1025,7 @@ def parse_transform(spec: str, output_id: str, grid: GridOptions | None = None) 
         fields = rest.split(":")
         if fields[0] == "speaker" and len(fields) == 2:
             w, h = _ints(fields[1], 2, spec)
-            return Speaker(w, h, output_id)
+            return Speaker(w, h, output_id, keepalive=grid if grid and grid.slate else None)
         if fields[0] == "grid" and 2 <= len(fields) <= 4:
             w, h = _ints(fields[1], 2, spec)
             max_tiles = _ints(fields[2], 1, spec)[0] if len(fields) > 2 and fields[2] else GRID_DEFAULT_MAX_TILES
@@ -939,7 +1033,7 @@ def parse_transform(spec: str, output_id: str, grid: GridOptions | None = None) 
             return RoomGrid(w, h, max_tiles, ids, output_id, grid)
         if fields[0] == "active" and len(fields) == 2:
             w, h = _ints(fields[1], 2, spec)
-            return Compose(1, 1, w, h, None, True, output_id)
+            return Compose(1, 1, w, h, None, True, output_id, keepalive=grid if grid and grid.slate else None)
         if len(fields) in (2, 3):
             cols, rows = _ints(fields[0], 2, spec)
             w, h = _ints(fields[1], 2, spec)
@@ -1037,6 +1131,8 @@ class TransformerStage(Stage):
 @click.option("--fit", type=click.Choice(FITS), default="letterbox", help="compose:grid: how pictures fill tiles.")
 @click.option("--slate-title", default="", help="compose:grid: the room's name on the empty room's slate.")
 @click.option("--grid-fps", type=float, default=GRID_DEFAULT_FPS, help="compose:grid: rate of slates and repeats.")
+@click.option("--slate/--no-slate", default=False,
+              help="compose:active and compose:speaker: a slate while nobody sends video (compose:grid always).")
 def command(
     video: tuple[str, ...],
     audio: tuple[str, ...],
@@ -1046,10 +1142,11 @@ def command(
     fit: str,
     slate_title: str,
     grid_fps: float,
+    slate: bool,
     **params: Any,
 ) -> None:
     """Crop, resize, split, compose, mix, resample or a plugged-in transform."""
-    grid = GridOptions(names=tile_names, fit=fit, title=slate_title, fps=grid_fps)
+    grid = GridOptions(names=tile_names, fit=fit, title=slate_title, fps=grid_fps, slate=slate)
     transforms = [parse_transform(s, compose_id, grid) for s in video if s != "identity"]
     transforms += [parse_transform(s, mix_id) for s in audio if s != "identity"]
     options = build_options(params)

@@ -480,7 +480,48 @@ def test_bridge_layout_options_reach_the_room_grid(tmp_path: Path) -> None:
     assert option(args, "--video") == "compose:grid:640x480:1:bob/video" and "--no-tile-names" in args
     args = room_transformer_args({"mode": "grid", "names": False, "fit": "stretch", "title": "Sales"}, tmp_path)
     assert "--no-tile-names" in args and option(args, "--fit") == "stretch" and option(args, "--slate-title") == "Sales"
-    with pytest.raises(BridgeConfigError, match=r"layout\.fit"):
-        room_transformer_args({"fit": "zoom"}, tmp_path)
     grid = parse_transform(option(args, "--video"), "room-video", GridOptions(names=False, fit="stretch"))
     assert isinstance(grid, RoomGrid) and grid.max_tiles == 4 and grid.options.fit == "stretch"
+    args = room_transformer_args({"mode": "speaker", "title": "Sales"}, tmp_path)
+    assert option(args, "--video") == "compose:speaker:640x480" and "--slate" in args  # a slate in every layout
+    assert option(args, "--slate-title") == "Sales" and option(args, "--grid-fps") == "12"
+    with pytest.raises(BridgeConfigError, match=r"layout\.fit"):
+        room_transformer_args({"fit": "zoom"}, tmp_path)
+
+
+def keepalive_run(make: object) -> None:
+    """Slate while nobody sends video, nothing of its own while live pictures go out, the last picture once per
+    0.5 s while the camera stalls, the slate again once its stream ended."""
+    clock = DrivenClock()
+    compose = make(clock)  # type: ignore[operator]
+
+    def ticks(seconds: float) -> list[VideoFrame]:
+        out: list[VideoFrame] = []
+        for _ in range(round(seconds / 0.01)):
+            out += videos(compose.tick())
+            clock.advance(0.01)
+        return out
+
+    slates = ticks(1.0)
+    assert len(slates) == 10 and all(is_slate(f, "Room 7") for f in slates)
+    live: list[VideoFrame] = []
+    for index in range(1, 16):
+        live += videos(list(compose.process(person_frame("alice", index))))
+        live += ticks(0.05)
+    assert len(live) == 15 and not any(is_slate(f, "Room 7") for f in live)
+    assert pictures(live[-1], EXPECTED_PICTURES[1]) == ["alice"]
+    repeats = ticks(2.0)  # 0.05 to 2.05 s after alice's last frame: repeats at 0.5, 1, 1.5 and 2 s
+    assert len(repeats) == 4 and all(pictures(r, EXPECTED_PICTURES[1]) == ["alice"] for r in repeats)
+    compose.flush("alice/video")
+    again = ticks(0.5)
+    assert len(again) == 5 and all(is_slate(f, "Room 7") for f in again)
+    pts = [f.header.pts for f in slates + live + repeats + again]
+    assert pts == sorted(pts) and len(set(pts)) == len(pts)  # one clock, whatever the picture
+
+
+def test_speaker_and_active_grid_keep_video_going_with_a_slate() -> None:
+    options = GridOptions(title="Room 7", fps=10.0, slate=True)
+    keepalive_run(lambda clock: Speaker(W, H, "room-video", clock, keepalive=options))
+    keepalive_run(lambda clock: Compose(1, 1, W, H, None, True, "room-video", clock, keepalive=options))
+    assert parse_transform("compose:speaker:640x480", "v", options).keepalive is not None  # type: ignore[attr-defined]
+    assert parse_transform("compose:speaker:640x480", "v", GridOptions()).keepalive is None  # type: ignore[attr-defined]
