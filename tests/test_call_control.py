@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import fractions
 import json
 import random
 
@@ -20,6 +21,7 @@ from stages.janus.callcontrol import (
     parse_command,
     request_id_of,
 )
+from stages.janus.media import SingleNalPacker, split_annex_b
 from stages.janus.sip import CallInfo, SipCall
 
 GOOD = [
@@ -184,11 +186,13 @@ def test_sdp_round_trip_keeps_every_line() -> None:
 
 
 @pytest.mark.parametrize(("variants", "expected"), [
-    # (payload type, fmtp) of each offered H.264 variant -> the one answered
-    ([(96, "profile-level-id=42801f;packetization-mode=0"), (97, "profile-level-id=42801f;packetization-mode=1")], 97),
-    ([(97, "profile-level-id=4d001f;packetization-mode=1"), (99, "profile-level-id=42e01f;packetization-mode=1")], 99),
-    ([(100, "packetization-mode=1"), (101, "profile-level-id=42e01f;packetization-mode=1")], 100),  # no id: 42e01f
-    ([(96, "profile-level-id=42e01f")], None),  # mode 0 only: our packetiser needs FU-A
+    # (payload type, fmtp) of each offered H.264 variant -> the one answered: the first that is mode 0 or 1,
+    # because Janus's SIP stack renumbers any other choice to it (see sdp.choose_codec)
+    ([(96, "profile-level-id=42801f;packetization-mode=0"), (97, "profile-level-id=42801f;packetization-mode=1")], 96),
+    ([(97, "profile-level-id=42801f;packetization-mode=1"), (96, "profile-level-id=42801f;packetization-mode=0")], 97),
+    ([(100, "profile-level-id=42e01f"), (101, "packetization-mode=1")], 100),  # no mode: mode 0
+    ([(96, "packetization-mode=2"), (97, "packetization-mode=1")], 97),  # interleaved: not ours to send
+    ([(96, "packetization-mode=2")], None),
 ])
 def test_one_h264_variant_is_chosen(variants: list[tuple[int, str]], expected: int | None) -> None:
     lines = ["v=0", "s=-", "t=0 0", "m=video 9 RTP/AVP " + " ".join(str(pt) for pt, _ in variants)]
@@ -203,12 +207,12 @@ def test_one_h264_variant_is_chosen(variants: list[tuple[int, str]], expected: i
 def test_softphone_offer_is_reduced_to_one_variant_per_codec() -> None:
     offer = sdp.SessionDescription.parse(SOFTPHONE_OFFER)
     chosen = sdp.restrict_offer(offer, {"audio": ["PCMA", "PCMU"], "video": ["H264"]})
-    assert {k: c.payload_type for k, c in chosen.items()} == {"audio": 8, "video": 97}
+    assert {k: c.payload_type for k, c in chosen.items()} == {"audio": 8, "video": 96}
     text = str(offer)
-    assert "m=video 9 UDP/TLS/RTP/SAVPF 97\r\n" in text and "m=audio 9 UDP/TLS/RTP/SAVPF 8 101\r\n" in text
-    for gone in ("a=rtpmap:96", "a=fmtp:96", "a=rtcp-fb:96", "a=rtpmap:34", "a=rtpmap:98", "a=rtpmap:0 "):
+    assert "m=video 9 UDP/TLS/RTP/SAVPF 96\r\n" in text and "m=audio 9 UDP/TLS/RTP/SAVPF 8 101\r\n" in text
+    for gone in ("a=rtpmap:97", "a=fmtp:97", "a=rtcp-fb:97", "a=rtpmap:34", "a=rtpmap:98", "a=rtpmap:0 "):
         assert gone not in text
-    assert "a=fmtp:97 profile-level-id=42801f;packetization-mode=1" in text and "a=rtcp-fb:97 nack pli" in text
+    assert "a=fmtp:96 profile-level-id=42801f;packetization-mode=0" in text and "a=rtcp-fb:96 nack pli" in text
 
 
 def test_answer_carries_the_offered_fmtp() -> None:
@@ -256,8 +260,9 @@ def test_sdp_errors_are_named(text: str) -> None:
 
 
 def test_aiortc_answers_and_sends_the_chosen_variant() -> None:
-    """The real answer path (aiortc, no Janus): the softphone's offer gets one H.264 payload type, 97, with the
-    offer's mode-1 fmtp and feedback for 97 only; the sender sends 97; audio is what our encoder makes."""
+    """The real answer path (aiortc, no Janus): the softphone's offer gets one H.264 payload type, its first (96),
+    with the offer's own mode-0 fmtp and feedback for 96 only; the sender sends 96, in single NAL unit packets;
+    audio is what our encoder makes."""
     async def run() -> tuple[str, SipCall]:
         info = CallInfo("t1", "inbound", "sip:phone@x")
         call = SipCall(info, [Codec.PCMU], Codec.H264, lambda kind, frame: None, lambda: None,
@@ -272,11 +277,12 @@ def test_aiortc_answers_and_sends_the_chosen_variant() -> None:
     video = sdp.SessionDescription.parse(text).section("video")
     audio = sdp.SessionDescription.parse(text).section("audio")
     assert video is not None and audio is not None
-    assert video.formats == ["97"], video.formats
-    assert video.attribute("fmtp") == "97 profile-level-id=42801f;packetization-mode=1"
-    assert {line.split()[0] for line in video.lines if line.startswith("a=rtcp-fb:")} == {"a=rtcp-fb:97"}
+    assert video.formats == ["96"], video.formats
+    assert video.attribute("fmtp") == "96 profile-level-id=42801f;packetization-mode=0"
+    assert {line.split()[0] for line in video.lines if line.startswith("a=rtcp-fb:")} == {"a=rtcp-fb:96"}
     assert audio.formats == ["0", "101"]  # PCMU and the offer's telephone-event payload type
-    assert call.video is not None and sending_payload_type(call.video) == 97
+    assert call.video is not None and sending_payload_type(call.video) == 96
+    assert isinstance(getattr(call.video.sender, "_RTCRtpSender__encoder", None), SingleNalPacker)
     assert call.info.video_codec == "H264" and call.info.audio_codec == "PCMU"
 
 
@@ -303,3 +309,27 @@ def test_nothing_else_touches_aiortc_internals() -> None:
     offenders = [f"{path.name}: {m.group(0)}" for path in root.glob("*.py") if path.name != "aiortc_adapter.py"
                  for m in pattern.finditer(path.read_text())]
     assert not offenders, offenders
+
+
+def test_single_nal_packer_sends_each_nal_unit_alone() -> None:
+    """packetization-mode 0: one NAL unit per RTP payload, never STAP-A (24); a NAL unit too big for one packet
+    goes in FU-A fragments (counted) that reassemble to it."""
+    import av
+
+    sps, pps = b"\x67\x42\x80\x1f\xda", b"\x68\xce\x3c\x80"
+    slice_ = b"\x65" + bytes(range(200))
+    idr = b"\x65" + bytes(range(256)) * 20  # 5 kB
+    stream = b"".join([b"\x00\x00\x00\x01", sps, b"\x00\x00\x01", pps, b"\x00\x00\x01", slice_,
+                       b"\x00\x00\x00\x01", idr])
+    assert split_annex_b(stream) == [sps, pps, slice_, idr]
+    packet = av.Packet(stream)
+    packet.pts = 3000
+    packet.time_base = fractions.Fraction(1, 90000)
+    packer = SingleNalPacker()
+    payloads, timestamp = packer.pack(packet)
+    assert timestamp == 3000 and payloads[:3] == [sps, pps, slice_]
+    fragments = payloads[3:]
+    assert len(fragments) == 4 and all(len(p) <= 1300 and p[0] & 0x1F == 28 for p in fragments)
+    assert fragments[0][1] & 0x80 and fragments[-1][1] & 0x40 and packer.oversized_nal_units == 1
+    assert bytes([(fragments[0][0] & 0xE0) | (fragments[0][1] & 0x1F)]) + b"".join(f[2:] for f in fragments) == idr
+    assert all(p[0] & 0x1F != 24 for p in payloads)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,7 @@ from tests.sipfix import (
     StageProcess,
     janus_fixture,  # noqa: F401  (pytest fixture)
     netns_fixture,  # noqa: F401  (pytest fixture)
+    sip_listen_port,
     stop_stage_and_collector,
 )
 
@@ -112,3 +115,67 @@ async def _stop_mid_call(tmp_path: Path, janus: JanusServer) -> None:
 @pytest.mark.timeout(60)
 def test_stop_mid_call_is_a_clean_hangup(janus: JanusServer, tmp_path: Path) -> None:
     asyncio.run(_stop_mid_call(tmp_path, janus))
+
+
+async def _softphone_calls_in(tmp_path: Path, janus: JanusServer) -> None:
+    """The softphone's offer (two H.264 variants, H.263, MP4V-ES) answered with one variant, the first (PT 96) with
+    its own mode-0 fmtp, and sent with PT 96 in single NAL unit packets: the echoed H.264 comes back to the stage
+    and decodes. (Janus's SIP stack renumbers any other H.264 answer to the offer's first H.264 payload type.)"""
+    feed = f"ipc://{tmp_path}/feed.sock"
+    feeder = MediaFeeder(feed, video=Codec.H264, audio=Codec.PCMU, tone_hz=TONE_HZ)
+    stage = StageProcess(tmp_path / "stage", feed, janus.ws_url,
+                         args=["--inbound", "--accept-from", "^sip:caller@"]).start()
+    collector = MediaCollector(stage.output)
+    collect = asyncio.create_task(collector.run())
+    capture: Capture | None = None
+    try:
+        await stage.wait_registered()
+        port = sip_listen_port()
+        capture = Capture(tmp_path / "sip.pcapng", [SIPP_MEDIA_PORT, SIPP_MEDIA_PORT + 2]).start()
+        feeding = asyncio.create_task(feeder.run(30.0))
+        with Sipp("uac_softphone", tmp_path / "phone", SIPP_PORT, SIPP_MEDIA_PORT,
+                  extra=["-rtp_echo", "-s", "bridge", "-d", str(SOFTPHONE_CALL_MS)],
+                  remote=f"127.0.0.1:{port}") as phone:
+            code = await asyncio.to_thread(phone.wait, 60)
+            assert code == 0, phone.output()
+            answer = phone.messages().split("SIP/2.0 200 OK", 1)[1]
+        feeder.stopped = True
+        await feeding
+    finally:
+        if capture is not None:
+            capture.stop()
+        exit_code = await stop_stage_and_collector(stage, collector, collect)
+        print(stage.log_text()[-4000:])
+        feeder.close()
+    assert exit_code == 0
+    # The answer: one H.264 payload type, the offer's 96 with the offer's own fmtp; nothing of 97, 34, 98.
+    video_line = re.search(r"m=video \d+ \S+ ([\d ]+)", answer)
+    assert video_line is not None and video_line.group(1).split() == ["96"], answer
+    assert re.search(r"a=fmtp:96 [^\r\n]*packetization-mode=0", answer), answer
+    assert not re.search(r"a=(rtpmap|fmtp|rtcp-fb):(97|34|98)\b", answer), answer
+    # On the wire: the bridge sent its video with that payload type, one NAL unit per packet (mode 0: no STAP-A;
+    # parameter sets and slices as single NAL units, only a slice too big for a packet in FU-A), audio as PCMU.
+    assert set(capture.rtp_payload_types(SIPP_MEDIA_PORT + 2)) == {96}
+    nal_types = _rtp_nal_types(capture.path, SIPP_MEDIA_PORT + 2)
+    assert 24 not in nal_types and {7, 8} <= nal_types, nal_types
+    assert set(capture.rtp_payload_types(SIPP_MEDIA_PORT)) <= {0, 101}
+    # And the phone's H.264 (here the echo of ours, under PT 97) reached the stage and decoded.
+    assert collector.video_codecs == {Codec.H264}
+    assert len(collector.counters) >= SOFTPHONE_MIN_FRAMES and collector.counters == sorted(collector.counters)
+    assert abs(collector.tone_hz() - TONE_HZ) < 10
+
+
+SOFTPHONE_CALL_MS = 6000
+SOFTPHONE_MIN_FRAMES = 10
+
+
+@pytest.mark.timeout(120)
+def test_softphone_offer_with_two_h264_variants(janus: JanusServer, tmp_path: Path) -> None:
+    asyncio.run(_softphone_calls_in(tmp_path, janus))
+
+
+def _rtp_nal_types(pcap: Path, port: int) -> set[int]:
+    """H.264 NAL unit types (first payload byte) of the RTP packets sent to ``port``."""
+    out = subprocess.run(["tshark", "-r", str(pcap), "-d", f"udp.port=={port},rtp", "-Y", f"rtp && udp.dstport=={port}",
+                          "-T", "fields", "-e", "rtp.payload"], capture_output=True, text=True, check=True).stdout
+    return {int(line.replace(":", "")[:2], 16) & 0x1F for line in out.split() if line}

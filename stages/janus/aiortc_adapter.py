@@ -26,6 +26,7 @@ AIORTC_VERSION = "1.16.0"  # the version tested; pinned in pyproject.toml
 
 _DECODER_QUEUE = "_RTCRtpReceiver__decoder_queue"
 _JITTER_BUFFER = "_RTCRtpReceiver__jitter_buffer"
+_ENCODER = "_RTCRtpSender__encoder"
 
 # (owner, attribute, where it is set): class attributes are looked up, instance attributes are found in
 # the constructor's source (an object cannot be built without a live transport).
@@ -35,6 +36,7 @@ _HOOKS: list[tuple[type, str, str]] = [
     (RTCRtpReceiver, "_handle_rtp_packet", "class"),
     (RTCRtpReceiver, "_send_rtcp_pli", "class"),
     (RTCRtpSender, "_send_keyframe", "class"),
+    (RTCRtpSender, "__encoder", "init"),
     (RTCRtpSender, "_ssrc", "init"),
     (RTCRtpTransceiver, "_codecs", "init"),
     (RTCDtlsTransport, "_rtp_router", "init"),
@@ -136,6 +138,14 @@ async def send_pli(receiver: RTCRtpReceiver, media_ssrc: int) -> None:
 def on_keyframe_request(sender: RTCRtpSender, callback: Callable[[], None]) -> None:
     """A PLI/FIR from the remote side calls ``callback`` (aiortc would force its own encoder, which we do not use)."""
     sender._send_keyframe = callback  # type: ignore[method-assign]
+
+
+def replace_packer(sender: RTCRtpSender, packer: Any) -> None:
+    """``sender`` packetises each pre-encoded frame with ``packer.pack(packet) -> (payloads, timestamp)``
+    instead of the packer aiortc picks for the negotiated codec. Must run before the sender starts."""
+    if not hasattr(sender, _ENCODER):
+        raise AiortcMismatch(f"RTCRtpSender has no encoder slot (needs aiortc=={AIORTC_VERSION})")
+    setattr(sender, _ENCODER, packer)
 
 
 def sender_ssrc(sender: RTCRtpSender) -> int:

@@ -123,6 +123,72 @@ class PacketTrack(MediaStreamTrack):
         super().stop()
 
 
+class SingleNalPacker:
+    """RTP packetisation of H.264 for a packetization-mode 0 answer (RFC 6184 single NAL unit mode).
+
+    aiortc's packer aggregates small NAL units (STAP-A), which a mode 0 receiver need not understand. Here
+    each NAL unit that fits in one packet is one RTP payload. A larger one cannot travel in single NAL unit
+    mode through Janus (its SIP side relays at most an MTU per packet), so it goes in FU-A fragments and is
+    counted (``oversized_nal_units``): receivers commonly read FU-A whatever the mode, and an encoder that
+    caps its slice size (x264 ``slice-max-size``) avoids them. Installed on a sender in place of aiortc's
+    H.264 packer (``aiortc_adapter.replace_packer``) when the answered variant is mode 0.
+    """
+
+    def __init__(self) -> None:
+        self.oversized_nal_units = 0
+
+    def pack(self, packet: av.Packet) -> tuple[list[bytes], int]:
+        payloads: list[bytes] = []
+        for unit in split_annex_b(bytes(packet)):
+            if len(unit) <= RTP_PAYLOAD_MAX:
+                payloads.append(unit)
+            else:
+                self.oversized_nal_units += 1
+                payloads.extend(fu_a_fragments(unit))
+        assert packet.pts is not None and packet.time_base is not None
+        timestamp = int(packet.pts * packet.time_base * H264_CLOCK_HZ)
+        return payloads, timestamp
+
+
+RTP_PAYLOAD_MAX = 1300  # aiortc's own limit, well inside a 1500-byte MTU with IP/UDP/RTP/SRTP overhead
+H264_NAL_FU_A = 28
+
+
+def fu_a_fragments(unit: bytes) -> list[bytes]:
+    """RFC 6184 5.8: the NAL header's F/NRI bits and type 28, then start/end flags and the NAL type."""
+    indicator = (unit[0] & 0xE0) | H264_NAL_FU_A
+    nal_type = unit[0] & 0x1F
+    body = unit[1:]
+    step = RTP_PAYLOAD_MAX - 2
+    chunks = [body[i:i + step] for i in range(0, len(body), step)]
+    out = []
+    for index, chunk in enumerate(chunks):
+        flags = (0x80 if index == 0 else 0) | (0x40 if index == len(chunks) - 1 else 0)
+        out.append(bytes([indicator, flags | nal_type]) + chunk)
+    return out
+
+
+H264_CLOCK_HZ = 90000
+
+
+def split_annex_b(data: bytes) -> list[bytes]:
+    """The NAL units of an Annex B byte stream, without their start codes (3 or 4 bytes)."""
+    units = []
+    starts = []
+    i = data.find(b"\x00\x00\x01")
+    while i >= 0:
+        starts.append(i)
+        i = data.find(b"\x00\x00\x01", i + 3)
+    for index, start in enumerate(starts):
+        end = starts[index + 1] if index + 1 < len(starts) else len(data)
+        unit = data[start + 3:end]
+        if index + 1 < len(starts) and unit.endswith(b"\x00"):
+            unit = unit[:-1]  # the leading zero of the next 4-byte start code
+        if unit:
+            units.append(unit)
+    return units
+
+
 def make_packet(data: bytes | memoryview, pts: int, time_base: fractions.Fraction, keyframe: bool) -> av.Packet:
     packet = av.Packet(bytes(data))
     packet.pts = pts

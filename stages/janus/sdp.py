@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 H264 = "H264"
 TELEPHONE_EVENT = "TELEPHONE-EVENT"
 TELEPHONE_EVENT_CLOCK_HZ = 8000
-CONSTRAINED_BASELINE_PROFILES = ("42e0", "4240", "42c0")  # profile_idc 66 with constraint_set1 (RFC 6184 8.1)
+H264_PACKETIZATION_MODES = (0, 1)  # single NAL unit and non-interleaved; we send neither interleaved mode
 # Lines of an m= section that name a payload type: they go when their payload type goes.
 _PT_ATTRIBUTES = ("a=rtpmap:", "a=fmtp:", "a=rtcp-fb:")
 DIRECTIONS = ("sendrecv", "sendonly", "recvonly", "inactive")
@@ -165,27 +165,20 @@ class SessionDescription:
 
 
 # ----- choices ---------------------------------------------------------------------------------------------
-def h264_rank(codec: Codec) -> int | None:
-    """How well we can send to this H.264 variant: lower is better, None for not at all.
-
-    Our packetiser (aiortc's) fragments large NAL units (FU-A), which only packetization-mode 1 allows;
-    we send constrained baseline, which every profile-level-id that starts 42 takes.
-    """
-    if codec.packetization_mode != 1:
-        return None
-    profile = codec.fmtp.get("profile-level-id", "42e01f").lower()
-    if profile[:4] in CONSTRAINED_BASELINE_PROFILES:
-        return 0
-    return 1 if profile.startswith("42") else 2
-
-
 def choose_codec(section: Media, name: str) -> Codec | None:
-    """The one variant of codec ``name`` in ``section`` to answer and send with, or None."""
+    """The one variant of codec ``name`` in ``section`` to answer and send with, or None.
+
+    For H.264 that is the offer's *first* variant in packetization-mode 0 or 1, whatever a later one
+    offers: Janus hands our answer to sofia-sip's offer/answer engine, which matches codecs by name and
+    clock rate only and renumbers ours to the offer's first H.264 payload type, keeping our fmtp. Answering
+    another variant gives the phone that first payload type with another variant's fmtp (and us sending
+    under the other number): the "no video" of the field notes. So we answer that first variant as it is,
+    and a mode 0 variant is sent in single NAL unit packets (see ``media.SingleNalPacker``).
+    """
     candidates = [c for c in section.codecs() if c.name == name.upper()]
-    if name.upper() != H264:
-        return candidates[0] if candidates else None
-    ranked = [(rank, i, c) for i, c in enumerate(candidates) if (rank := h264_rank(c)) is not None]
-    return min(ranked, key=lambda t: (t[0], t[1]))[2] if ranked else None
+    if name.upper() == H264:
+        candidates = [c for c in candidates if c.packetization_mode in H264_PACKETIZATION_MODES]
+    return candidates[0] if candidates else None
 
 
 def restrict_offer(offer: SessionDescription, wanted: dict[str, list[str]]) -> dict[str, Codec]:
@@ -209,6 +202,19 @@ def restrict_offer(offer: SessionDescription, wanted: dict[str, list[str]]) -> d
                 keep.append(event.payload_type)
         section.keep_payload_types(keep)
     return chosen
+
+
+def as_aiortc_offer(offer: SessionDescription, chosen: dict[str, Codec]) -> str:
+    """The reduced offer as aiortc is shown it: aiortc negotiates H.264 only in packetization-mode 1, so a
+    chosen mode 0 variant is presented as mode 1 (its packets are made by our own single NAL unit packer,
+    and aiortc's depacketiser reads both modes). The answer gets the offer's real fmtp back
+    (``answer_with_offered_fmtp``)."""
+    shown = SessionDescription.parse(str(offer))
+    for section in shown.media:
+        codec = chosen.get(section.kind)
+        if codec is not None and codec.name == H264 and codec.packetization_mode == 0:
+            section.set_fmtp(codec.payload_type, fmtp_text({**codec.fmtp, "packetization-mode": "1"}))
+    return str(shown)
 
 
 def fmtp_text(params: dict[str, str]) -> str:

@@ -29,6 +29,7 @@ from stages.janus.media import (
     TELEPHONE_EVENT_PT,
     PacketTrack,
     ReceivedFrame,
+    SingleNalPacker,
     TelephoneEventSender,
     TelephoneEventTap,
     send_pli,
@@ -188,8 +189,9 @@ class SipCall:
         A phone may offer several variants of one codec (H.264 packetization-mode 0 under one payload type,
         mode 1 under another) and codecs we do not send. aiortc would answer several of them and send with
         whichever came first, under fmtp of its own. So the offer is reduced first, through the SDP model, to
-        one codec per section: ours, in the variant we can send, with its own payload type; the answer then
-        carries that payload type with the offer's fmtp, and the sender uses it.
+        one codec per section: ours, in the variant Janus will keep (``sdp.choose_codec``), with its own payload
+        type; the answer then carries that payload type with the offer's fmtp, and the sender uses it (in
+        single NAL unit packets for a packetization-mode 0 variant).
         """
         description = sdp.SessionDescription.parse(str(offer["sdp"]))
         wanted = {"audio": [RTP_NAMES[c] for c in self.audio_codecs],
@@ -198,7 +200,8 @@ class SipCall:
         for kind, codec in self.chosen.items():
             log.info("call %s: answering %s with %s/%d (payload type %d%s)", self.info.call_id, kind, codec.name,
                      codec.clock_rate, codec.payload_type, f", {sdp.fmtp_text(codec.fmtp)}" if codec.fmtp else "")
-        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=str(description), type="offer"))
+        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp.as_aiortc_offer(description, self.chosen),
+                                                                 type="offer"))
         for transceiver in self.pc.getTransceivers():
             if transceiver.kind == "audio" and self.audio_track is not None and self.audio is None:
                 transceiver.sender.replaceTrack(self.audio_track)
@@ -212,6 +215,9 @@ class SipCall:
                 transceiver.direction = "inactive"
         await self.pc.setLocalDescription(await self.pc.createAnswer())
         self._note_codecs()
+        video = self.chosen.get("video")
+        if video is not None and video.name == sdp.H264 and video.packetization_mode == 0 and self.video is not None:
+            aiortc_adapter.replace_packer(self.video.sender, SingleNalPacker())
         answer = sdp.SessionDescription.parse(self.pc.localDescription.sdp)
         sdp.answer_with_offered_fmtp(answer, self.chosen)
         text = str(answer)
