@@ -150,8 +150,11 @@ def run_pipeline(config: Path, run_dir: Path, forever: bool, quiet: bool = False
                     if info.get("pid") and info["pid"] not in known:
                         known[info["pid"]] = _start_time(info["pid"])
             elif time.monotonic() - answered_s > SUPERVISOR_SILENT_LIMIT_S:
+                supervisor.kill()
+                stopped = _stop_orphans(known, run_dir)
                 raise SupervisorLost(f"supervisord has not answered on {run_dir}/supervisor.sock for "
-                                     f"{SUPERVISOR_SILENT_LIMIT_S:.0f} s; stopping it")
+                                     f"{SUPERVISOR_SILENT_LIMIT_S:.0f} s; killed it"
+                                     + (f" and stopped {len(stopped)} stage process(es)" if stopped else ""))
             if not quiet:
                 click.echo(progress_line(collector, states))
             if not forever and supervisor.all_finished():

@@ -47,6 +47,8 @@ from typing import Any
 from stages.base import LIVE_ENV, ipc_owner_alive, make_run_dir
 
 SUPERVISOR_START_TIMEOUT_S = 15.0
+# One XML-RPC call to supervisord: a hung supervisord must not hang its caller.
+RPC_TIMEOUT_S = 5.0
 # Stages flush and send end of stream on SIGTERM; give them time before supervisord escalates to SIGKILL.
 STAGE_STOP_WAIT_S = 15
 # The browser leaves children behind if only its leader is signalled.
@@ -345,6 +347,7 @@ class _UnixHTTPConnection(HTTPConnection):
 
     def connect(self) -> None:
         sock = socket(AF_UNIX, SOCK_STREAM)
+        sock.settimeout(RPC_TIMEOUT_S)
         sock.connect(self.unix_path)
         self.sock = sock
 
@@ -428,6 +431,14 @@ class Supervisor:
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        """End a supervisord that no longer answers (SIGKILL: a hung or stopped process takes no SIGTERM)."""
+        if self.alive():
+            assert self.proc is not None
+            self.proc.kill()
+            self.proc.wait()
+        self._close_broker()
 
     def _close_broker(self) -> None:
         if self.broker is not None:

@@ -343,7 +343,8 @@ def test_a_live_pipeline_survives_a_stage_killed_or_stopped_mid_call(tmp_path: P
     assert up.returncode == 0, output
 
 
-def test_up_exits_non_zero_when_its_supervisord_dies(tmp_path: Path) -> None:
+@pytest.mark.parametrize("fault", ["killed", "hung"])
+def test_up_exits_non_zero_when_its_supervisord_dies_or_hangs(fault: str, tmp_path: Path) -> None:
     from sipbridge.supervise import process_states
 
     up, run_dir = _start_up(tmp_path, LIVE_PIPELINE)
@@ -351,12 +352,15 @@ def test_up_exits_non_zero_when_its_supervisord_dies(tmp_path: Path) -> None:
         states = _wait(lambda: (s := process_states(run_dir)) and len(s) == 4 and all(
             i["statename"] == "RUNNING" for i in s.values()) and s, 60, "the pipeline to come up")
         stage_pids = [info["pid"] for info in states.values()]
-        os.kill(int((run_dir / "supervisord.pid").read_text()), signal.SIGKILL)
-        code = up.wait(60)
+        supervisord = int((run_dir / "supervisord.pid").read_text())
+        os.kill(supervisord, signal.SIGKILL if fault == "killed" else signal.SIGSTOP)
+        code = up.wait(90)
     finally:
         output = _stop_up(up)
     assert code != 0
-    assert "supervisord exited unexpectedly" in output, output
+    expected = "supervisord exited unexpectedly" if fault == "killed" else "supervisord has not answered"
+    assert expected in output, output
+    assert not os.path.exists(f"/proc/{supervisord}") or "zombie" in Path(f"/proc/{supervisord}/status").read_text()
     # The stages it left behind are stopped, not orphaned.
     _wait(lambda: not any(os.path.exists(f"/proc/{p}") and "zombie" not in Path(f"/proc/{p}/status").read_text()
                           for p in stage_pids), 60, "the orphaned stages to stop")
