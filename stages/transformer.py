@@ -711,7 +711,7 @@ class RoomGrid(Compose):
         if not isinstance(msg, VideoFrame):
             return (msg,)
         sid = msg.header.stream_id
-        if self.pinned and sid not in self.pinned:
+        if self.pinned and self._pin(sid) is None:
             return (msg,)  # not one of ours: pass through untouched
         if msg.width % 2 or msg.height % 2:
             # Kept, it would fail every composite it is drawn into; refused, it is one counted drop.
@@ -748,9 +748,23 @@ class RoomGrid(Compose):
         ):
             self._arrange()  # a speaker without a tile takes the least recent speaker's
 
+    def _pin(self, sid: str) -> str | None:
+        """The pinned place of a stream: its own id, or for 'alice/video2' (the browser stage's name for a second
+        track of alice's while the first has not ended, as when a page renegotiates) alice/video's."""
+        if sid in self.pinned:
+            return sid
+        base = sid.rstrip("0123456789")
+        return base if base != sid and base in self.pinned else None
+
     def _arrange(self) -> None:
         if self.pinned:
-            self.positions = [sid if sid in self.slots else None for sid in self.pinned]
+            # Each place shows the newest stream that belongs there.
+            newest: dict[str, str] = {}
+            for sid, slot in self.slots.items():
+                place = self._pin(sid)
+                if place is not None and (place not in newest or slot.joined > self.slots[newest[place]].joined):
+                    newest[place] = sid
+            self.positions = [newest.get(place) for place in self.pinned]
             return
         present = list(self.slots.items())
         ranked = sorted(present, key=lambda item: (self.spoke_at.get(participant_of(item[0]), -math.inf),

@@ -525,3 +525,35 @@ def test_speaker_and_active_grid_keep_video_going_with_a_slate() -> None:
     keepalive_run(lambda clock: Compose(1, 1, W, H, None, True, "room-video", clock, keepalive=options))
     assert parse_transform("compose:speaker:640x480", "v", options).keepalive is not None  # type: ignore[attr-defined]
     assert parse_transform("compose:speaker:640x480", "v", GridOptions()).keepalive is None  # type: ignore[attr-defined]
+
+
+def test_pinned_place_follows_a_participants_new_track() -> None:
+    """A page that renegotiates gives alice a second track before her first has ended; the browser stage names
+    it alice/video2. Her pinned place shows the newer stream (not a black cell while 'alice/video2' passes by
+    uncomposed), and still does once the old stream ends."""
+    clock = DrivenClock()
+    grid = RoomGrid(W, H, 4, ["alice/video", "bob/video"], "room-video", GridOptions(names=False), clock)
+    alice2 = PatternGenerator(CAM_W, CAM_H, 0)
+
+    def round_of(index: int, alice_sid: str) -> VideoFrame | None:
+        last = None
+        frames = ((alice_sid, video(alice_sid, alice2, 500 + index)), ("bob/video", person_frame("bob", index)))
+        for sid, frame in frames:
+            for out in videos(list(grid.process(frame))):
+                assert out.header.stream_id == "room-video", sid
+                last = out
+            clock.advance(0.03)
+        return last
+
+    for index in range(1, 4):
+        round_of(index, "alice/video")
+    for index in range(4, 8):
+        composite = round_of(index, "alice/video2")
+    assert composite is not None
+    y, _, _ = i420_planes(composite.data, W, H)
+    assert read_counter(y[120:360, :320]) == 507  # alice's new track, in her place (2x1, letterboxed)
+    grid.flush("alice/video")
+    composite = round_of(8, "alice/video2")
+    assert composite is not None
+    y, _, _ = i420_planes(composite.data, W, H)
+    assert read_counter(y[120:360, :320]) == 508 and pictures(composite, EXPECTED_PICTURES[2])[1] == "bob"
