@@ -66,7 +66,7 @@ CLOCK_EPSILON_S = 1e-6  # schedules add up periods in floating point
 GRID_DEFAULT_FPS = 15.0
 GRID_DEFAULT_MAX_TILES = 4
 FITS = ("letterbox", "stretch")
-# Labels: text at least this many pixels high, scaled with the tile; a darker box behind the text.
+# Names and slates: the luma of the text and of the darker box behind a name (chroma neutral: grey).
 LABEL_TEXT_LUMA, LABEL_BOX_LUMA = 235, 40
 SLATE_WAITING_TEXT = "waiting for participants"
 
