@@ -43,7 +43,7 @@ pytestmark = pytest.mark.timeout(240)
 TOKEN = "test-token-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-CALL_START_TIMEOUT_S = 60.0  # three calls' Python stages importing PyAV at once on a busy 2-core machine
+CALL_START_TIMEOUT_S = 90.0  # three calls' Python stages importing PyAV at once on a busy 2-core machine
 
 
 def cheap_call(frames: int = 0, fps: int = 10) -> dict[str, Any]:
@@ -372,7 +372,7 @@ async def _three_calls(run_root: Path) -> None:
         assert (gone["state"], gone["end_reason"]) == ("ended", "deleted")
         assert a_session is not None and scan_sessions({a_session})[a_session] == []
         assert not any(pid_alive(p) for p in stage_pids(before[a]).values())
-        await until(lambda: all_flowing(max(video_frames(before[i]) for i in (b, c)) + 20, [b, c]), 30,
+        await until(lambda: all_flowing(max(video_frames(before[i]) for i in (b, c)) + 20, [b, c]), 60,
                     "media to go on in the other calls")
         for i in (b, c):
             now = await get_call(client, i)
@@ -387,12 +387,12 @@ async def _three_calls(run_root: Path) -> None:
             view = await get_call(client, b)
             return view["stages"]["source"]["process"] == "RUNNING" and view["stages"]["source"]["pid"] != victim \
                 and view["stages"]["source"]["frames_out"] > 20
-        await until(b_recovered, 30, "call b's source to be restarted and sending")
+        await until(b_recovered, 60, "call b's source to be restarted and sending")
         c_frames = video_frames(await get_call(client, c))
 
         async def c_advanced() -> bool:
             return video_frames(await get_call(client, c)) >= c_frames + 10
-        await until(c_advanced, 30, "call c's media to go on")
+        await until(c_advanced, 60, "call c's media to go on")
         assert stage_pids(await get_call(client, c)) == c_pids
         assert (await get_call(client, c))["stages"]["sink"]["errors"] == {}
 
@@ -437,7 +437,10 @@ def test_three_calls_at_once_fourth_refused_delete_and_kill_leave_the_others(run
 
 async def _call_ends_by_itself(run_root: Path) -> None:
     async with node_client(settings_for(run_root, slots=1)) as (node, client):
-        resp = await client.post("/calls", json=cheap_call(frames=20), headers=AUTH)
+        lossless = cheap_call(frames=20)  # every frame counts here: no stale-frame skipping on a loaded machine
+        for stage in lossless["stage"]:
+            stage["args"] = [*stage.get("args", []), "--video-policy", "all"]
+        resp = await client.post("/calls", json=lossless, headers=AUTH)
         assert resp.status == 201, await resp.text()
         call_id = (await resp.json())["id"]
 
@@ -527,7 +530,7 @@ def test_sigterm_drains_and_exits_0(run_root: Path, tmp_path: Path) -> None:
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([*SIPBRIDGE, "node", "--port", str(port), "--token", "env:SBN_TEST_TOKEN",
                                  "--slots", "3", "--cpu-ceiling", "1.0", "--run-root", str(run_root),
-                                 "--allow-pipelines", "--drain-timeout-s", "20"],
+                                 "--allow-pipelines", "--drain-timeout-s", "40"],
                                 env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         asyncio.run(_drain(proc, port, run_root))
@@ -553,7 +556,7 @@ async def _drain(proc: subprocess.Popen[bytes], port: int, run_root: Path) -> No
             return False
         await until(healthy, 30, "the node's API")
         ids = []
-        for body in (cheap_call(frames=80), cheap_call()):  # 8 s, and endless
+        for body in (cheap_call(frames=60), cheap_call()):  # 6 s, and endless
             async with http.post(f"{base}/calls", json=body, headers=AUTH) as resp:
                 assert resp.status == 201, await resp.text()
                 ids.append((await resp.json())["id"])
@@ -578,7 +581,7 @@ async def _drain(proc: subprocess.Popen[bytes], port: int, run_root: Path) -> No
         async def draining() -> bool:
             async with http.get(f"{base}/healthz") as resp:
                 return resp.status == 503
-        await until(draining, 10, "healthz to say 503")
+        await until(draining, 20, "healthz to say 503")
         async with http.post(f"{base}/calls", json=cheap_call(), headers=AUTH) as resp:
             assert resp.status == 503 and (await resp.json())["error"] == "node is draining: no new calls"
         async with http.get(f"{base}/calls/{ids[1]}", headers=AUTH) as resp:
@@ -630,12 +633,12 @@ async def _sip_call(run_root: Path, janus_url: str, sipp: Any, sipp_dir: Path, s
         def digits_at_peer() -> list[str]:
             logs = "".join(p.read_text(errors="replace") for p in sipp_dir.glob("*_logs.log"))
             return re.findall(r"DTMF received (\S)", logs)
-        await until(lambda: len(digits_at_peer()) >= 3, 15, "three DTMF digits at the SIP peer")
+        await until(lambda: len(digits_at_peer()) >= 3, 30, "three DTMF digits at the SIP peer")
         assert digits_at_peer() == ["1", "9", "*"]
 
         async def peer_digits_back() -> bool:  # the peer answers with 7 and # (SIP INFO) before it waits for BYE
             return (await get_call(client, call_id))["stages"]["janus"]["extra"].get("dtmf_received", 0) >= 2
-        await until(peer_digits_back, 15, "the peer's two DTMF digits at the janus stage")
+        await until(peer_digits_back, 30, "the peer's two DTMF digits at the janus stage")
 
         metrics = metric_samples(await (await client.get("/metrics", headers=AUTH)).text())
         assert metrics[("sipbridge_call_sip_media_up", (("call", call_id),))] == 1
