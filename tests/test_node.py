@@ -735,6 +735,13 @@ async def _bridged(call: Any, run_root: Path) -> None:
         assert (sip["state"], sip["audio_codec"], sip["video_codec"]) == ("media_up", "PCMU", "H264"), sip
         for stage in ("browser", "room-decoder", "room-transformer", "sip-encoder", "janus", "sip-decoder"):
             assert view["stages"][stage]["process"] == "RUNNING", (stage, view["stages"][stage])
+        samples = metric_samples(await (await client.get("/metrics", headers=AUTH)).text())
+        for way, stage, stream in (("room_to_sip", "janus", "room-video"), ("sip_to_room", "browser", "sip-video")):
+            value = samples[("sipbridge_call_latency_ms", (("call", call_id), ("direction", way), ("media", "video"),
+                                                           ("quantile", "0.5")))]
+            assert value == samples[("sipbridge_call_stage_latency_ms", (("call", call_id), ("quantile", "0.5"),
+                                                                          ("stage", stage), ("stream", stream)))]
+            assert value > 0
         resp = await client.delete(f"/calls/{call_id}", headers=AUTH)
         assert resp.status == 200 and (await resp.json())["end_reason"] == "deleted"
         session = node.calls[call_id].session

@@ -15,6 +15,15 @@ from prometheus_client.registry import Collector
 
 from sipbridge.node.service import Node
 
+# Where a bridged call's latency from capture is read, per direction (as bench_calls does): room -> SIP at the
+# janus stage's input (the composed picture and the mix), SIP -> room at the browser stage's input.
+DIRECTION_STREAMS = {
+    ("janus", "room-video"): ("room_to_sip", "video"),
+    ("janus", "room-audio"): ("room_to_sip", "audio"),
+    ("browser", "sip-video"): ("sip_to_room", "video"),
+    ("browser", "sip-audio"): ("sip_to_room", "audio"),
+}
+
 
 class NodeCollector(Collector):
     def __init__(self, node: Node) -> None:
@@ -65,6 +74,9 @@ class NodeCollector(Collector):
                                     labels=["call", "stage", "stream", "quantile"])
         sip_up = GaugeMetricFamily("sipbridge_call_sip_media_up", "1 while the call's SIP media is up.",
                                    labels=["call"])
+        direction = GaugeMetricFamily("sipbridge_call_latency_ms",
+                                      "A bridged call's latency from capture, per direction, over recent frames.",
+                                      labels=["call", "direction", "media", "quantile"])
         for call in list(node.calls.values()):
             if call.state == "ended":
                 continue
@@ -83,10 +95,13 @@ class NodeCollector(Collector):
                 for code, count in sorted(fig.get("errors", {}).items()):
                     errors.add_metric([call.id, stage, code], count)
                 for stream, s in sorted(streams.items()):
+                    way = DIRECTION_STREAMS.get((stage, stream)) if call.plan.kind == "bridge" else None
                     for quantile, key in (("0.5", "latency_ms_p50"), ("0.95", "latency_ms_p95")):
                         if s.get(key) is not None:
                             latency.add_metric([call.id, stage, stream, quantile], s[key])
-        yield from (call_cpu, call_mem, call_procs, sip_up, frames_in, frames_out, drops, errors, latency)
+                            if way is not None:
+                                direction.add_metric([call.id, *way, quantile], s[key])
+        yield from (call_cpu, call_mem, call_procs, sip_up, frames_in, frames_out, drops, errors, latency, direction)
 
 
 def registry_for(node: Node) -> CollectorRegistry:
