@@ -280,6 +280,29 @@ def test_api_rejects_bad_requests_with_a_clear_4xx(run_root: Path) -> None:
     asyncio.run(_auth_and_bad_requests(run_root))
 
 
+async def _chosen_ids(run_root: Path) -> None:
+    async with node_client(settings_for(run_root, slots=3)) as (node, client):
+        resp = await client.post("/calls?id=Not_An_Id", json=cheap_call(), headers=AUTH)
+        assert resp.status == 400 and "call id must be" in (await resp.json())["error"]
+        # A folder that exists under the run root (another node's, a stale one) is refused and left as it was.
+        (run_root / "taken").mkdir(parents=True)
+        (run_root / "taken" / "keep").write_text("theirs")
+        resp = await client.post("/calls?id=taken", json=cheap_call(), headers=AUTH)
+        assert resp.status == 409 and "never wiped" in (await resp.json())["error"]
+        assert (run_root / "taken" / "keep").read_text() == "theirs"
+        call = Call("dup1", plan_call(cheap_call(), allow_pipelines=True), run_root, {})
+        call.state = "running"
+        node.calls["dup1"] = call
+        resp = await client.post("/calls?id=dup1", json=cheap_call(), headers=AUTH)
+        assert resp.status == 409 and (await resp.json())["error"] == "call dup1 exists on this node"
+        assert set(node.calls) == {"dup1"} and node.started["pipeline"] == 0
+        call.state = "ended"
+
+
+def test_a_chosen_call_id_is_checked_and_never_takes_an_existing_folder(run_root: Path) -> None:
+    asyncio.run(_chosen_ids(run_root))
+
+
 async def _admission(run_root: Path) -> None:
     cpu = [0.2]
     async with node_client(settings_for(run_root, slots=2, cpu_ceiling=0.9), cpu=lambda: cpu[0]) as (node, client):

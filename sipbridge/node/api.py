@@ -1,6 +1,7 @@
 """The node's HTTP API (aiohttp). Every answer is JSON; every error is ``{"error": "..."}`` with a 4xx/5xx code.
 
     POST   /calls              a bridge configuration (bridge.toml's schema, as JSON) -> 201 {"id": ...}
+                               (?id=NAME chooses the id: lower-case letters, digits and -, at most 32)
     GET    /calls              every call this node knows (running and recently ended)
     GET    /calls/{id}         state, SIP state/code/codecs, per-stage figures
     DELETE /calls/{id}         hang up, flush, stop -> the ended call
@@ -90,6 +91,8 @@ def make_app(node: Node, token: str | None) -> web.Application:
             raise ApiError(400, f"body is not valid JSON: {exc}") from None
 
     async def post_call(request: web.Request) -> web.Response:
+        if node.settings.cluster_redis:
+            return await queue_call(request)
         # Capacity first: a full node says so before reading a body it would not run.
         refused = node.refusal()
         if refused is not None:
@@ -113,6 +116,27 @@ def make_app(node: Node, token: str | None) -> web.Application:
             log.error("call could not start: %s", exc)
             return error(500, f"call could not start: {exc}")
         return web.json_response(call.view(), status=201, headers={"Location": f"/calls/{call.id}"})
+
+    async def queue_call(request: web.Request) -> web.Response:
+        """Cluster mode (issue 13): validate here, queue in the cluster's stream; the first node with a free slot
+        runs it. An Idempotency-Key header makes a repeated request return the first call."""
+        from redis.exceptions import RedisError
+
+        from sipbridge.cluster.noderunner import submit_to_cluster
+
+        data = await read_json(request)
+        try:
+            node.plan(data)
+        except CallRequestError as exc:
+            node.rejected["invalid"] += 1
+            return error(400, str(exc))
+        try:
+            call_id, created = await submit_to_cluster(node.settings.cluster_redis or "", data,
+                                                       request.headers.get("Idempotency-Key"))
+        except (RedisError, OSError) as exc:
+            return error(503, f"the cluster's Redis is unreachable: {exc}", {"Retry-After": str(RETRY_AFTER_S)})
+        return web.json_response({"call": call_id, "created": created, "queued": True},
+                                 status=202 if created else 200)
 
     async def list_calls(request: web.Request) -> web.Response:
         return web.json_response({"calls": [c.view() for c in list(node.calls.values())]})
