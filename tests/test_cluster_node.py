@@ -83,3 +83,54 @@ def test_stream_calls_run_on_the_real_node_and_its_front_follows_its_admission(t
                for call in calls.values()), calls
     assert sorted(calls) == result["node_calls"]  # the node ran them under the cluster's ids
     assert result["started"] == {"pipeline": CALLS}, result
+
+
+def test_sipbridge_node_in_cluster_mode_queues_post_calls_and_answers_probes(tmp_path: Path) -> None:
+    """The `sipbridge node` process with --cluster-redis/--cluster-sip: POST /calls queues in the stream (an
+    Idempotency-Key repeat returns the first call), the node runs the call, its front answers OPTIONS, and
+    SIGTERM ends it with exit 0."""
+    import json
+    import signal
+    import urllib.request
+
+    run_root = Path(f"/tmp/sbc-{os.getpid()}-p")
+    api = f"http://{cf.node_ip(1)}:8090"
+
+    def post(body: dict[str, Any], key: str) -> tuple[int, dict[str, Any]]:
+        req = urllib.request.Request(f"{api}/calls", data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json", "Idempotency-Key": key})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, json.loads(resp.read())
+
+    def healthy() -> bool:
+        try:
+            with urllib.request.urlopen(f"{api}/healthz", timeout=2) as resp:
+                return bool(resp.status == 200)
+        except OSError:
+            return False
+
+    try:
+        with cf.cluster(tmp_path) as c:
+            c.start_redis()
+            c.spawn("node", [*cf.SIPBRIDGE, "node", "--listen", cf.node_ip(1), "--no-auth", "--slots", "2",
+                             "--cpu-ceiling", "1.0", "--allow-pipelines", "--run-root", str(run_root), "--name",
+                             "real1", "--drain-timeout-s", "5", "--cluster-redis", c.redis_url, "--cluster-sip",
+                             f"{cf.node_ip(1)}:5060"])
+            cf.wait_until(lambda: c.ns.call(healthy) or c.procs["node"].poll() is not None, 60, "node API")
+            assert c.procs["node"].poll() is None, c.log("node")
+            first = c.ns.call(post, cheap_call(frames=30), "same-key")
+            again = c.ns.call(post, cheap_call(frames=30), "same-key")
+            assert first[0] == 202 and first[1]["queued"] and first[1]["created"], first
+            assert again == (200, {**first[1], "created": False}), again
+            call_id = first[1]["call"]
+            cf.wait_until(lambda: {x["id"]: x for x in c.status()["calls"]}.get(call_id, {}).get("state")
+                          == "ended", 90, "the queued call to run and end on the node")
+            call = {x["id"]: x for x in c.status()["calls"]}[call_id]
+            assert call["node"] == "real1" and call["attempts"] == "1", call
+            nodes = {n["node"]: n for n in c.status()["nodes"]}
+            assert nodes["real1"]["sip"] == f"sip:{cf.node_ip(1)}:5060" and nodes["real1"]["slots"] == "2", nodes
+            assert c.ns.call(lambda: asyncio.run(options_probe(cf.node_ip(1), 5060))) == 200
+            c.signal("node", signal.SIGTERM)
+            assert c.wait_exit("node") == 0, c.log("node")[-3000:]
+    finally:
+        shutil.rmtree(run_root, ignore_errors=True)

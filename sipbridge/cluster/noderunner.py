@@ -20,6 +20,9 @@ from sipbridge.cluster.front import SipFront
 from sipbridge.cluster.runner import ENDED, FAILED, STARTING, UP, CallRejected, CallStatus, NodeSnapshot
 from sipbridge.cluster.streams import DEFAULT_PLACE_TIMEOUT_S, DEFAULT_PREFIX, CallStore
 
+# The node's end reasons that mean the call failed (the rest: it finished, was hung up, stopped or drained).
+FAILED_REASONS = {"failed", "start_failed", "sip_failed", "supervisor_exited"}
+
 
 class NodeRunner:
     def __init__(self, node: Any, inbound: Callable[[str], Awaitable[tuple[str, int]]] | None = None) -> None:
@@ -37,6 +40,9 @@ class NodeRunner:
         from sipbridge.node.calls import CallRequestError, RunFolderInUse
         from sipbridge.node.service import Refused
 
+        existing = self.node.calls.get(call_id)
+        if existing is not None and existing.state != "ended":
+            return  # delivered twice: the call already runs here
         try:
             plan = self.node.plan(config)
         except CallRequestError as exc:
@@ -45,8 +51,11 @@ class NodeRunner:
             await self.node.start_call(plan, call_id)
         except Refused as exc:
             raise CallRejected(str(exc), retry=True) from None
-        except (RunFolderInUse, ValueError) as exc:
+        except ValueError as exc:
             raise CallRejected(str(exc), retry=False) from None
+        except (RunFolderInUse, OSError, RuntimeError) as exc:
+            # Something of this host (a folder in use, a process that would not start): another node may do.
+            raise CallRejected(f"could not start here: {exc}", retry=True) from None
 
     async def start_inbound(self, call_id: str) -> tuple[str, int]:
         refused = self.node.refusal()
@@ -60,10 +69,15 @@ class NodeRunner:
         call = self.node.calls.get(call_id)
         if call is None:
             return None
-        if call.state == "ended":
-            failed = bool(getattr(call, "error", None)) or (call.end_reason or "").endswith("failed")
-            return CallStatus(FAILED if failed else ENDED, call.end_reason or "", call.since)
-        return CallStatus(UP if call.state in ("running", "stopping") else STARTING, "", call.since)
+        if call.state == "starting":
+            return CallStatus(STARTING, "", call.since)
+        if call.state != "ended":
+            return CallStatus(UP, "", call.since)
+        reason = call.end_reason or ""
+        error = getattr(call, "error", None)
+        if error:
+            reason = f"{reason}: {error}" if reason else str(error)
+        return CallStatus(FAILED if call.end_reason in FAILED_REASONS else ENDED, reason, call.since)
 
     async def stop_call(self, call_id: str) -> None:
         call = self.node.calls.get(call_id)

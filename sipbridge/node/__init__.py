@@ -34,7 +34,7 @@ from sipbridge.node.config import (
 log = logging.getLogger("sipbridge.node")
 
 NODE_KEYS = {"listen", "port", "token", "auth", "slots", "cpu_ceiling", "run_root", "drain_timeout_s",
-             "allow_pipelines", "name"}
+             "allow_pipelines", "name", "cluster_redis", "cluster_sip"}
 
 
 def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
@@ -74,6 +74,15 @@ async def serve(settings: NodeSettings, token: str | None) -> None:
         await runner.cleanup()
         await node.close()
         raise click.ClickException(f"cannot listen on {settings.listen}:{settings.port}: {exc}") from None
+    member = None
+    if settings.cluster_redis:
+        from sipbridge.cluster.noderunner import join_cluster
+
+        host, _, sip_port = (settings.cluster_sip or "").rpartition(":")
+        member = await join_cluster(node, settings.cluster_redis, sip=(host, int(sip_port)) if host else None,
+                                    api_address=f"http://{settings.listen}:{settings.port}")
+        log.info("node %s: cluster member (redis %s, SIP front %s)", node.name, settings.cluster_redis,
+                 settings.cluster_sip or "off")
     log.info("node %s: API on http://%s:%d (%s), %d slot(s), CPU ceiling %.2f, run folders in %s", node.name,
              settings.listen, settings.port, "bearer token" if token else "NO AUTH, loopback only", settings.slots,
              settings.cpu_ceiling, settings.run_root)
@@ -107,6 +116,8 @@ async def serve(settings: NodeSettings, token: str | None) -> None:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
         await runner.cleanup()
+        if member is not None:
+            await member.close()  # after the drain: the last calls' ends are recorded in Redis
         await node.close()
     log.info("node %s: stopped (%s)", node.name, ", ".join(f"{k} {v}" for k, v in sorted(node.ended.items()))
              or "no calls")
@@ -132,9 +143,13 @@ async def serve(settings: NodeSettings, token: str | None) -> None:
 @click.option("--allow-pipelines/--no-allow-pipelines", default=False, show_default=True,
               help="Also take [[stage]] pipelines of project stages as calls (tests, load generators).")
 @click.option("--name", default="", help="Node name in logs and the state snapshot [host name].")
+@click.option("--cluster-redis", default=None,
+              help="Cluster mode: take API-started calls from this Redis (redis://HOST:PORT/DB); POST /calls queues.")
+@click.option("--cluster-sip", default=None, help="Cluster mode: IP:PORT of the SIP front Kamailio probes.")
 @click.option("--log-level", default="INFO", show_default=True)
 def command(listen: str, port: int, token: str | None, auth: bool, slots: int | None, cpu_ceiling: float,
-            run_root: Path | None, drain_timeout_s: float, allow_pipelines: bool, name: str, log_level: str) -> None:
+            run_root: Path | None, drain_timeout_s: float, allow_pipelines: bool, name: str,
+            cluster_redis: str | None, cluster_sip: str | None, log_level: str) -> None:
     """Run many calls on this host behind an HTTP API (admission, drain on SIGTERM, Prometheus metrics)."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s node %(levelname)s %(message)s")
     try:
@@ -142,7 +157,7 @@ def command(listen: str, port: int, token: str | None, auth: bool, slots: int | 
             listen=listen, port=port, token_env=token_env_name(token) if token else None, auth=auth,
             slots=slots if slots is not None else default_slots(cpu_ceiling), cpu_ceiling=cpu_ceiling,
             run_root=(run_root or default_run_root()).resolve(), drain_timeout_s=drain_timeout_s,
-            allow_pipelines=allow_pipelines, name=name,
+            allow_pipelines=allow_pipelines, name=name, cluster_redis=cluster_redis, cluster_sip=cluster_sip,
         )
         api_token = check(settings)
     except NodeConfigError as exc:

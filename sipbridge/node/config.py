@@ -42,6 +42,10 @@ class NodeSettings:
     # generators. Off by default: a bridge configuration is all a service needs.
     allow_pipelines: bool = False
     name: str = ""
+    # Cluster mode (issue 13, sipbridge/cluster): API-started calls go through this Redis stream, and the node
+    # answers Kamailio's OPTIONS probes on cluster_sip ("IP:PORT") from its admission state.
+    cluster_redis: str | None = None
+    cluster_sip: str | None = None
 
 
 def default_slots(cpu_ceiling: float, cores: int | None = None) -> int:
@@ -91,6 +95,10 @@ def check(settings: NodeSettings, environ: dict[str, str] | None = None) -> str 
     if longest > UNIX_PATH_MAX_BYTES:
         raise NodeConfigError(f"run_root {settings.run_root} is too long for the calls' unix sockets "
                               f"(at most {UNIX_PATH_MAX_BYTES - longest + len(str(settings.run_root))} characters)")
+    if settings.cluster_redis is not None and not re.fullmatch(r"rediss?://\S+", settings.cluster_redis):
+        raise NodeConfigError(f"cluster_redis must be a redis:// URL, not {settings.cluster_redis!r}")
+    if settings.cluster_sip is not None and not re.fullmatch(r"[0-9.]+:\d{1,5}", settings.cluster_sip):
+        raise NodeConfigError(f"cluster_sip must be IP:PORT, not {settings.cluster_sip!r}")
     if not settings.auth:
         if not is_loopback(settings.listen):
             raise NodeConfigError(f"auth can only be turned off on a loopback address, not on {settings.listen}")
