@@ -203,3 +203,35 @@ def test_a_call_nobody_can_place_fails_with_a_reason_the_submitter_reads(tmp_pat
         bad_call = calls_by_id(c)[bad_id]
         assert bad_call["reason"].startswith("node n2: invalid bridge configuration: "), bad_call
         assert bad_call["attempts"] == "1" and bad_call["node"] == "n2"
+
+
+def test_a_node_cut_off_longer_than_stale_loses_its_call_and_hangs_its_copy_up(tmp_path: Path) -> None:
+    """A node that cannot refresh for longer than stale_s (frozen with SIGSTOP: to the cluster, a partition)
+    has its call started on another node; when it comes back it finds the call taken over and hangs its own
+    copy up, so after the recovery exactly one copy runs."""
+    stale_s = 3.0
+    with cf.cluster(tmp_path) as c:
+        c.start_redis()
+        far_log = start_far_end(c)
+        c.start_node(1, slots=1, redis=True, stale_s=stale_s)
+
+        async def submit_one(store: Any) -> str:
+            return str((await store.submit(BRIDGE, "partition", 60.0))[0])
+
+        call_id = in_ns(c, submit_one)
+        cf.wait_until(lambda: calls_by_id(c).get(call_id, {}).get("state") == "up", 30, "the call up on n1")
+        c.start_node(2, slots=1, redis=True, stale_s=stale_s)
+        time.sleep(stale_s)  # n2's reaper starts stale_s after it connected
+        c.signal("n1", signal.SIGSTOP)
+        try:
+            cf.wait_until(lambda: (x := calls_by_id(c).get(call_id, {})).get("node") == "n2"
+                          and x.get("state") == "up", 60, "the call up again on n2")
+        finally:
+            c.signal("n1", signal.SIGCONT)
+        cf.wait_until(lambda: any(e["event"] == "call_ended" for e in c.events(1)), 30, "n1 to hang up its copy")
+        ended = next(e for e in c.events(1) if e["event"] == "call_ended")
+        assert ended["reason"].startswith("stopped by the node"), ended
+        assert "taken over by another node" in c.log("n1")
+        call = calls_by_id(c)[call_id]
+        assert call["node"] == "n2" and call["state"] == "up" and call["attempts"] == "2", call
+        assert invites_per_call(far_log)[call_id] == 2
