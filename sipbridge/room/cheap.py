@@ -364,6 +364,42 @@ def _tracks(media_video: MediaLoop, media_audio: MediaLoop, fps: int, marks: Mar
     return LoopVideoTrack(), LoopAudioTrack()
 
 
+# ----- the one adapter around aiortc's/aioice's internals ---------------------------------------------------------
+# aioice checks consent (RFC 7675) every ~5 s with a single request that must be answered within 0.5 s, and closes
+# the connection after 6 misses in a row. On a loaded machine Janus answers a subscriber connection's consent
+# requests later than that (measured here: responses arriving after the 0.5 s timeout, 6 times running, so the
+# viewer's media stopped ~32 s into a call while every answer did arrive). The adapter gives those requests
+# retransmissions (answers up to ~7.5 s late count), so consent expires only when Janus really stopped answering.
+# Touches aioice's StunProtocol.request; applied only to the aioice versions it was checked against.
+CONSENT_RETRANSMISSIONS = 3
+AIOICE_CHECKED = ("0.13.",)
+
+
+def tolerate_slow_consent() -> bool:
+    """Patch aioice (once per process); False when this aioice version is not one the patch was checked against."""
+    import aioice
+    from aioice import ice
+
+    request = ice.StunProtocol.request
+    if getattr(request, "sipbridge_patched", False):
+        return True
+    if not str(getattr(aioice, "__version__", "")).startswith(AIOICE_CHECKED):
+        log.warning("aioice %s: consent checks left as they are (the adapter knows %s)",
+                    getattr(aioice, "__version__", "?"), AIOICE_CHECKED)
+        return False
+
+    async def patched(self: Any, message: Any, addr: tuple[str, int], integrity_key: bytes | None = None,
+                      retransmissions: int | None = None) -> Any:
+        # retransmissions=0 is aioice's consent check and nothing else (aioice 0.13).
+        if retransmissions == 0:
+            retransmissions = CONSENT_RETRANSMISSIONS
+        return await request(self, message, addr, integrity_key=integrity_key, retransmissions=retransmissions)
+
+    patched.sipbridge_patched = True  # type: ignore[attr-defined]
+    ice.StunProtocol.request = patched  # type: ignore[method-assign,assignment]
+    return True
+
+
 # ----- the Janus VideoRoom side -----------------------------------------------------------------------------------
 def janus_url_of(room_url: str, janus: str | None) -> str:
     """The Janus WebSocket URL: given, or the one the room server tells its pages (``/config.json``)."""
@@ -502,6 +538,7 @@ async def run_cheap(room_url: str, room: int, publishers: list[PublisherSpec], v
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     url = janus_url_of(room_url, janus)
+    tolerate_slow_consent()
     video = None
     if publishers:
         video = await loop.run_in_executor(None, encode_video_loop, codec, width, height, fps, loop_s,
