@@ -78,6 +78,8 @@ class BridgeConfig:
     routes: list[tuple[str, dict[str, str]]] = field(default_factory=list)
     dtmf: str = "auto"  # RFC 4733 events when the peer takes telephone-event, else SIP INFO
     media_timeout_s: float = 30.0  # hang up after this long without media from the SIP peer (0 = never)
+    # [sip.redial]: when an outbound call is dialled again (the janus stage's --redial-* options).
+    redial: Redial = field(default_factory=lambda: Redial())
     to_sip: MediaLeg = field(default_factory=MediaLeg)
     to_room: MediaLeg = field(default_factory=lambda: MediaLeg(video_codec="none", audio_codec="opus"))
     layout: str = "grid"
@@ -187,6 +189,36 @@ def _check_bounds(value: Any, where: str) -> None:
             _check_bounds(item, f"{where}[{key}]" if isinstance(value, list) else f"{where}.{key}")
 
 
+@dataclass
+class Redial:
+    """[sip.redial]: a call Janus took down with it is dialled again once Janus is back (after_janus_restart);
+    interval_s > 0 also dials the sip.call target again that long after a call ends or fails; failures in a row
+    wait backoff_s, doubling up to backoff_max_s; max_tries failures in a row end it (0 = no limit)."""
+
+    after_janus_restart: bool = True
+    interval_s: float = 0.0
+    backoff_s: float = 1.0
+    backoff_max_s: float = 30.0
+    max_tries: int = 0
+
+
+def _redial(table: Any) -> Redial:
+    where = "sip.redial"
+    redial = _check_keys(table, where, {"after_janus_restart", "interval_s", "backoff_s", "backoff_max_s",
+                                        "max_tries"})
+    cfg = Redial()
+    cfg.after_janus_restart = _take(redial, where, "after_janus_restart", bool, cfg.after_janus_restart)
+    for key in ("interval_s", "backoff_s", "backoff_max_s"):
+        value = float(_take(redial, where, key, (int, float), getattr(cfg, key)))
+        if not math.isfinite(value) or value < 0:
+            raise BridgeConfigError(f"{where}.{key} must be a number of seconds, 0 or more, not {value}")
+        setattr(cfg, key, value)
+    cfg.max_tries = _take(redial, where, "max_tries", int, cfg.max_tries)
+    if cfg.max_tries < 0:
+        raise BridgeConfigError(f"{where}.max_tries must be 0 (no limit) or more, not {cfg.max_tries}")
+    return cfg
+
+
 def parse_bridge(data: dict[str, Any]) -> BridgeConfig:
     _check_keys(data, "bridge file", {"room", "janus", "sip", "media", "layout", "room_side"})
     for section, value in data.items():
@@ -201,7 +233,7 @@ def parse_bridge(data: dict[str, Any]) -> BridgeConfig:
         data.get("sip", {}),
         "sip",
         {"identity", "register", "proxy", "authuser", "secret", "call", "inbound", "accept_from", "route", "dtmf",
-         "media_timeout_s"},
+         "media_timeout_s", "redial"},
     )
     media = _check_keys(data.get("media", {}), "media", {"to_sip", "to_room"})
     layout = _check_keys(data.get("layout", {}), "layout",
@@ -250,6 +282,7 @@ def parse_bridge(data: dict[str, Any]) -> BridgeConfig:
         raise BridgeConfigError(f"sip.media_timeout_s must be 0 (never) or more, not {cfg.media_timeout_s}")
     if cfg.routes and not cfg.inbound:
         raise BridgeConfigError("sip.route is for inbound calls (sip.inbound = true)")
+    cfg.redial = _redial(sip.get("redial", {}))
     if cfg.register == "digest" and not (cfg.proxy and cfg.secret):
         raise BridgeConfigError('sip.register = "digest" needs sip.proxy and sip.secret')
     cfg.to_sip = _leg(media.get("to_sip", {}), "media.to_sip", cfg.to_sip)
@@ -343,6 +376,10 @@ def bridge_stages(cfg: BridgeConfig, run_dir: Path) -> list[StageSpec]:
         assert cfg.accept_from is not None  # parse_bridge requires it for inbound
         janus_args += ["--inbound", "--accept-from", cfg.accept_from]
     janus_args += ["--dtmf-method", cfg.dtmf, "--media-timeout-s", str(cfg.media_timeout_s)]
+    redial = cfg.redial
+    janus_args += ["--redial-after-janus-restart" if redial.after_janus_restart else "--no-redial-after-janus-restart",
+                   "--redial-s", str(redial.interval_s), "--redial-backoff-s", str(redial.backoff_s),
+                   "--redial-backoff-max-s", str(redial.backoff_max_s), "--redial-max-tries", str(redial.max_tries)]
 
     # An audio-only endpoint: drop the room's video before it is scaled and encoded for nothing.
     room_video = _grid(cfg) if sip_video != "none" else ["--video", DROP_VIDEO]

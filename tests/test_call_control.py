@@ -6,11 +6,13 @@ import asyncio
 import fractions
 import json
 import random
+import re
 
 import pytest
 
 from protocol import Codec
 from stages.janus import aiortc_adapter, sdp
+from stages.janus import callcontrol as cc
 from stages.janus.aiortc_adapter import sending_payload_type
 from stages.janus.callcontrol import (
     DTMF_DURATION_MS,
@@ -300,7 +302,6 @@ def test_aiortc_adapter_check_names_the_version(monkeypatch: pytest.MonkeyPatch)
 
 def test_nothing_else_touches_aiortc_internals() -> None:
     """Every private aiortc name is used in the adapter only (so a new aiortc is checked in one place)."""
-    import re
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent / "stages" / "janus"
@@ -333,3 +334,144 @@ def test_single_nal_packer_sends_each_nal_unit_alone() -> None:
     assert fragments[0][1] & 0x80 and fragments[-1][1] & 0x40 and packer.oversized_nal_units == 1
     assert bytes([(fragments[0][0] & 0xE0) | (fragments[0][1] & 0x1F)]) + b"".join(f[2:] for f in fragments) == idr
     assert all(p[0] & 0x1F != 24 for p in payloads)
+
+
+# ----- Janus SIP plugin messages in, actions out ------------------------------------------------------------------
+def _sip_event(result: dict[str, object], call_id: str = "abc123", jsep: dict[str, str] | None = None,
+               **data: object) -> dict[str, object]:
+    """A message as Janus 1.1.2 pushes it for a SIP plugin handle (janus_sip.c, janus_plugin_push_event)."""
+    event: dict[str, object] = {"janus": "event", "session_id": 3071502925441387, "sender": 8172336102341571,
+                                "transaction": "b1c2",
+                                "plugindata": {"plugin": "janus.plugin.sip",
+                                               "data": {"sip": "event", "call_id": call_id, "result": result,
+                                                        **data}}}
+    if jsep is not None:
+        event["jsep"] = jsep
+    return event
+
+
+OUT = cc.CallView("c1", "outbound", "calling", accepted=False)
+UP = cc.CallView("c1", "outbound", "media_up", accepted=True, sip_call_id="abc123")
+IN = cc.CallView("c2", "inbound", "incoming", accepted=False, sip_call_id="x")
+RULES = cc.InboundRules(True, re.compile("^sip:caller@"), 603)
+ANSWER = {"type": "answer", "sdp": "v=0\r\n"}
+OFFER = {"type": "offer", "sdp": SOFTPHONE_OFFER}
+
+TABLE: list[tuple[str, dict[str, object], cc.CallView | None, list[object]]] = [
+    ("ringing", _sip_event({"event": "ringing"}), OUT,
+     [cc.SetSipCallId("abc123"), cc.Publish("ringing")]),
+    ("calling again is not news", _sip_event({"event": "calling"}), OUT, [cc.SetSipCallId("abc123")]),
+    ("early media", _sip_event({"event": "progress", "username": "sip:peer@x"}, jsep=ANSWER), UP,
+     [cc.SetAnswer(ANSWER), cc.Publish("progress")]),
+    ("answered", _sip_event({"event": "accepted", "username": "sip:peer@x"}, jsep=ANSWER), UP,
+     [cc.SetAnswer(ANSWER), cc.MarkAccepted(), cc.Publish("accepted"), cc.RequestKeyframe("call accepted")]),
+    ("inbound accepted: no answer to set", _sip_event({"event": "accepted"}, call_id="x"), IN,
+     [cc.MarkAccepted(), cc.Publish("accepted"), cc.RequestKeyframe("call accepted")]),
+    ("media up", {"janus": "webrtcup", "session_id": 1, "sender": 2}, UP,
+     [cc.MarkMediaUp(), cc.Publish("media_up"), cc.RequestKeyframe("call media up")]),
+    ("busy", _sip_event({"event": "hangup", "code": 486, "reason": "Busy Here"}), OUT,
+     [cc.SetSipCallId("abc123"), cc.EndCall("failed", 486, "Busy Here")]),
+    ("BYE from the peer", _sip_event({"event": "hangup", "code": 200, "reason": "Session Terminated"}), UP,
+     [cc.EndCall("ended", 200, "Session Terminated")]),
+    ("our media timeout is the reason", _sip_event({"event": "hangup", "code": 200, "reason": "to BYE"}),
+     cc.CallView("c1", "outbound", "media_up", True, "no media from the SIP peer for 30 s", "abc123"),
+     [cc.EndCall("ended", 200, "no media from the SIP peer for 30 s")]),
+    ("447 before an answer", _sip_event({}, error_code=447, error="Wrong state (not in a call?)"), OUT,
+     [cc.ReportError("janus_sip_error", "447 Wrong state (not in a call?)"),
+      cc.EndCall("failed", 447, "Wrong state (not in a call?)")]),
+    ("an error mid-call is reported only", _sip_event({}, error_code=440, error="Missing element"), UP,
+     [cc.ReportError("janus_sip_error", "440 Missing element")]),
+    ("peer holds us", _sip_event({"event": "updatingcall"},
+                                 jsep={"type": "offer", "sdp": "v=0\r\nm=audio 1 RTP/AVP 0\r\na=sendonly\r\n"}),
+     UP, [cc.Note("the peer re-offered"), cc.PeerHold(True)]),
+    ("peer resumes", _sip_event({"event": "updatingcall"},
+                                jsep={"type": "offer", "sdp": "v=0\r\nm=audio 1 RTP/AVP 0\r\na=sendrecv\r\n"}),
+     UP, [cc.Note("the peer re-offered"), cc.PeerHold(False)]),
+    ("a bad re-offer is reported", _sip_event({"event": "updatingcall"}, jsep={"type": "offer", "sdp": "junk"}),
+     UP, [cc.Note("the peer re-offered"), cc.ReportError("bad_sdp", "re-offer: an SDP starts with v=")]),
+    ("we hold", _sip_event({"event": "holding"}), UP, [cc.Publish("on_hold")]),
+    ("DTMF by SIP INFO", _sip_event({"event": "info", "type": "application/dtmf-relay",
+                                     "content": "Signal=5\r\nDuration=160\r\n"}), UP,
+     [cc.DtmfReceived("5", 160, "info")]),
+    ("other INFO", _sip_event({"event": "info", "type": "text/plain", "content": "hello"}), UP,
+     [cc.Note("SIP INFO text/plain: 'hello'")]),
+    ("caller accepted", _sip_event({"event": "incomingcall", "username": "sip:caller@127.0.0.1:5090"},
+                                   call_id="1-2@h", jsep=OFFER), None,
+     [cc.Accept("sip:caller@127.0.0.1:5090", "1-2@h", OFFER)]),
+    ("caller refused by rule", _sip_event({"event": "incomingcall", "username": "sip:mallory@x"}, jsep=OFFER), None,
+     [cc.Decline("sip:mallory@x", "abc123", 603, "declined by rule")]),
+    ("second caller while busy", _sip_event({"event": "incomingcall", "username": "sip:caller@x"}, jsep=OFFER), UP,
+     [cc.Decline("sip:caller@x", "abc123", 603, "busy with call c1")]),
+    ("offerless INVITE", _sip_event({"event": "incomingcall", "username": "sip:caller@x"}), None,
+     [cc.Decline("sip:caller@x", "abc123", 488, "offerless INVITE not supported")]),
+    ("late hangup, no call", _sip_event({"event": "hangup", "code": 200, "reason": "to BYE"}), None,
+     [cc.Note("hangup for no active call: 200 to BYE")]),
+    ("not a plugin event", {"janus": "ack", "transaction": "x"}, UP, []),
+    ("plugin data of the wrong shape", {"janus": "event", "plugindata": ["x"]}, UP, []),
+    ("result of the wrong shape", _sip_event("accepted", call_id=5), UP,  # type: ignore[arg-type]
+     [cc.Note("SIP plugin event None: {}")]),
+]
+
+
+@pytest.mark.parametrize(("event", "call", "expected"), [row[1:] for row in TABLE], ids=[row[0] for row in TABLE])
+def test_janus_events_to_actions(event: dict[str, object], call: cc.CallView | None, expected: list[object]) -> None:
+    assert cc.on_janus_event(event, call, RULES) == expected
+
+
+def test_inbound_disabled_declines_everyone() -> None:
+    event = _sip_event({"event": "incomingcall", "username": "sip:caller@x"}, jsep=OFFER)
+    actions = cc.on_janus_event(event, None, cc.InboundRules(False, re.compile(".*"), 486))
+    assert actions == [cc.Decline("sip:caller@x", "abc123", 486, "inbound calls disabled")]
+
+
+# ----- the bridge file's [sip.redial] reaches the janus stage ------------------------------------------------------
+def _bridge_example() -> dict[str, object]:
+    import tomllib
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "bridge-local.toml"
+    return tomllib.loads(path.read_text())
+
+
+def test_bridge_file_redial_policy_reaches_the_stage(tmp_path: object) -> None:
+    from pathlib import Path
+
+    import click
+
+    from sipbridge.bridge import bridge_stages, parse_bridge
+    from stages.janus import command as janus_command
+
+    data = _bridge_example()
+    data["sip"]["redial"] = {"after_janus_restart": False, "backoff_s": 2, "backoff_max_s": 20.5,  # type: ignore[index]
+                             "max_tries": 4, "interval_s": 0.5}
+    specs = {s.name: s for s in bridge_stages(parse_bridge(data), Path(str(tmp_path)))}
+    args = specs["janus"].args
+    assert "--no-redial-after-janus-restart" in args
+    for option, value in (("--redial-s", "0.5"), ("--redial-backoff-s", "2.0"), ("--redial-backoff-max-s", "20.5"),
+                          ("--redial-max-tries", "4")):
+        assert args[args.index(option) + 1] == value
+    # The stage's own command line takes them as they are.
+    ctx = janus_command.make_context("janus", [a for a in args if not a.startswith("%(")], resilient_parsing=True)
+    assert ctx.params["redial_after_janus_restart"] is False and ctx.params["redial_max_tries"] == 4
+    assert isinstance(ctx, click.Context)
+    # By default a Janus restart is survived.
+    default = {s.name: s for s in bridge_stages(parse_bridge(_bridge_example()), Path(str(tmp_path)))}
+    assert "--redial-after-janus-restart" in default["janus"].args
+
+
+@pytest.mark.parametrize(("redial", "message"), [
+    ({"backoff_s": -1}, "sip.redial.backoff_s must be a number of seconds"),
+    ({"interval_s": float("nan")}, "sip.redial.interval_s"),
+    ({"max_tries": -1}, "sip.redial.max_tries must be 0"),
+    ({"max_tries": 1.5}, "sip.redial.max_tries must be int"),
+    ({"after_janus_restart": "yes"}, "sip.redial.after_janus_restart must be bool"),
+    ({"retry": 1}, "sip.redial"),
+    ("often", "sip.redial"),
+])
+def test_bridge_file_redial_errors_name_the_key(redial: object, message: str) -> None:
+    from sipbridge.bridge import BridgeConfigError, parse_bridge
+
+    data = _bridge_example()
+    data["sip"]["redial"] = redial  # type: ignore[index]
+    with pytest.raises(BridgeConfigError, match=re.escape(message)):
+        parse_bridge(data)

@@ -52,21 +52,42 @@ from protocol import (
     VideoFrame,
 )
 from stages.base import Stage, StageOptions, default_endpoint
-from stages.janus import aiortc_adapter, sdp
+from stages.janus import aiortc_adapter
 from stages.janus.callcontrol import (
+    ACTIVE_STATES,
     DTMF_DIGITS,
     DTMF_DURATION_MS,
     REQUEST_MAX_BYTES,
+    Accept,
+    Action,
+    CallState,
+    CallView,
     Command,
     CommandError,
+    Decline,
+    DtmfReceived,
+    EndCall,
+    InboundRules,
+    MarkAccepted,
+    MarkMediaUp,
+    Note,
+    PeerHold,
+    Publish,
     RedialPolicy,
+    Registered,
+    ReportError,
+    RequestKeyframe,
+    SetAnswer,
+    SetSipCallId,
     error_reply,
+    on_janus_event,
     parse_command,
+    plugin_data,
     request_id_of,
 )
 from stages.janus.client import JanusClient, JanusDisconnected, JanusError, JanusHandle
 from stages.janus.media import CODEC_BY_RTP_NAME, ReceivedFrame, make_packet
-from stages.janus.sip import ACTIVE_STATES, CallInfo, CallState, SipCall
+from stages.janus.sip import CallInfo, SipCall
 from stages.options import build_options, run, stage_options
 
 SIP_PLUGIN = "janus.plugin.sip"
@@ -88,8 +109,6 @@ MEDIA_WATCHDOG_INTERVAL_S = 1.0
 DTMF_GAP_S = 0.1
 # One keyframe request per this interval is plenty: an encoder takes a frame or two to react.
 KEYFRAME_REQUEST_MIN_INTERVAL_S = 0.25
-DTMF_RELAY_RE = re.compile(r"Signal\s*=\s*([0-9A-Da-d*#])", re.IGNORECASE)
-DTMF_DURATION_RE = re.compile(r"Duration\s*=\s*(\d+)", re.IGNORECASE)
 
 
 @dataclass
@@ -130,7 +149,7 @@ class JanusStage(Stage):
     def __init__(self, options: StageOptions, settings: SipSettings) -> None:
         super().__init__(options)
         self.settings = settings
-        self._accept_re = re.compile(settings.accept_from)
+        self._rules = InboundRules(settings.inbound, re.compile(settings.accept_from), settings.decline_code)
         self.client: JanusClient | None = None
         self.handle: JanusHandle | None = None
         self.call: SipCall | None = None
@@ -471,7 +490,7 @@ class JanusStage(Stage):
                 break
             if event.get("janus") == "disconnected":
                 raise JanusDisconnected("Janus connection closed while registering")
-            data = _plugin_data(event)
+            data = plugin_data(event)
             result = data.get("result", {}) if data else {}
             name = result.get("event")
             if name == "registered":
@@ -604,103 +623,67 @@ class JanusStage(Stage):
                 await asyncio.wait_for(self._state_changed.wait(), REDIAL_POLL_S)
 
     async def _on_event(self, event: dict[str, Any]) -> None:
-        kind = event.get("janus")
+        """Run the call-control machine on one Janus message and carry out what it returns."""
         call = self.call
-        if kind == "webrtcup":
-            if call is not None:
-                call.info.media_up_ns = time.time_ns()
-                self._last_media_rx_s = time.monotonic()
-                self._publish_state(call.info, CallState.MEDIA_UP)
-                self._request_keyframe("call media up")
-            return
-        if kind == "hangup":  # the PeerConnection with Janus closed
-            if call is not None:
-                self.log.info("call %s: Janus closed the PeerConnection (%s)", call.info.call_id,
-                              event.get("reason"))
-            return
-        if kind in ("media", "slowlink", "detached", "timeout"):
-            self.log.info("Janus %s event: %s", kind, {k: v for k, v in event.items() if k not in ("janus",)})
-            return
-        if kind != "event":
-            return
-        data = _plugin_data(event)
-        if not data:
-            return
-        jsep = event.get("jsep")
-        if "error_code" in data:
-            code, error = data.get("error_code"), data.get("error", "")
-            self.report_error("janus_sip_error", f"{code} {error}", call_id=call.info.call_id if call else "")
-            if call is not None and call.info.accepted_ns is None:
-                await self._end_call(CallState.FAILED, int(code or 0), str(error))
-            return
-        result = data.get("result", {})
-        name = result.get("event")
-        sip_call_id = data.get("call_id")
-        if call is not None and sip_call_id and not call.info.sip_call_id:
-            call.info.sip_call_id = sip_call_id
-        if name == "incomingcall":
-            await self._on_incoming(result, jsep, sip_call_id)
-        elif name in ("calling", "ringing", "proceeding") and call is not None:
-            if call.info.state != name:  # "calling" was published when the request went out
-                self._publish_state(call.info, name)
-        elif name == "progress" and call is not None:
-            if jsep:
-                await call.set_answer(jsep)
-            self._publish_state(call.info, CallState.PROGRESS)
-        elif name == "accepted" and call is not None:
-            if jsep and call.info.direction == "outbound" and call.pc.signalingState == "have-local-offer":
-                await call.set_answer(jsep)
+        view = None if call is None else CallView(call.info.call_id, call.info.direction, call.info.state,
+                                                  call.info.accepted_ns is not None, call.hangup_reason,
+                                                  call.info.sip_call_id)
+        for action in on_janus_event(event, view, self._rules):
+            await self._run_action(action, call)
+
+    async def _run_action(self, action: Action, call: SipCall | None) -> None:
+        call_id = call.info.call_id if call is not None else "-"
+        if isinstance(action, Accept | Decline):
+            await self._on_incoming(action)
+        elif call is None or call is not self.call:
+            # Every other action concerns the call the message was about; that one has ended meanwhile.
+            if isinstance(action, Note):
+                self.log.info("%s", action.text)
+            elif isinstance(action, Registered):
+                self.registered = True
+            elif isinstance(action, DtmfReceived):
+                self._dtmf_received(action.digit, action.duration_ms, action.method)
+            elif isinstance(action, ReportError):
+                self.report_error(action.code, action.message)
+        elif isinstance(action, Publish):
+            self._publish_state(call.info, action.state)
+        elif isinstance(action, SetAnswer):
+            if call.pc.signalingState == "have-local-offer":
+                await call.set_answer(action.jsep)
+        elif isinstance(action, MarkAccepted):
             call.info.accepted_ns = time.time_ns()
             self.counters["calls_connected"] += 1
             self.redial.connected()
-            self._publish_state(call.info, CallState.ACCEPTED)
-            self._request_keyframe("call accepted")
-        elif name in ("holding", "resuming", "updatingcall", "updated", "accepting", "hangingup", "declining",
-                      "dtmfsent", "infosent", "messagesent", "registering"):
-            self.log.info("call %s: %s", call.info.call_id if call else "-", name)
-            if name == "updatingcall" and call is not None and jsep:
-                # The peer re-offered: a peer that holds us (sendonly/inactive) may send no media at all.
-                self._peer_on_hold = sdp.peer_holds(str(jsep.get("sdp", "")))
-                self._last_media_rx_s = time.monotonic()
-            if name == "holding" and call is not None:
-                self._publish_state(call.info, CallState.ON_HOLD)
-            elif name == "resuming" and call is not None:
-                self._publish_state(call.info, CallState.RESUMED)
-        elif name == "hangup":
-            code, reason = result.get("code"), result.get("reason", "")
-            if call is None:
-                self.log.info("hangup for no active call: %s %s", code, reason)
-                return
-            failed = call.info.accepted_ns is None and call.info.direction == "outbound"
-            # When we hung up for a reason of our own (a media timeout), that is why the call ended.
-            await self._end_call(CallState.FAILED if failed else CallState.ENDED, code, call.hangup_reason or reason)
-        elif name == "missed_call":
-            self.log.info("missed call from %s (busy)", result.get("caller"))
-        elif name == "info":
-            self._on_info(result)
-        elif name == "registered":
+        elif isinstance(action, MarkMediaUp):
+            call.info.media_up_ns = time.time_ns()
+            self._last_media_rx_s = time.monotonic()
+        elif isinstance(action, RequestKeyframe):
+            self._request_keyframe(action.reason)
+        elif isinstance(action, PeerHold):
+            # A peer that holds us (sendonly/inactive) may send no media at all: not a vanished peer.
+            self._peer_on_hold = action.on
+            self._last_media_rx_s = time.monotonic()
+        elif isinstance(action, EndCall):
+            await self._end_call(action.state, action.code, action.reason)
+        elif isinstance(action, SetSipCallId):
+            call.info.sip_call_id = action.value
+        elif isinstance(action, DtmfReceived):
+            self._dtmf_received(action.digit, action.duration_ms, action.method)
+        elif isinstance(action, ReportError):
+            self.report_error(action.code, action.message, call_id=call.info.call_id)
+        elif isinstance(action, Registered):
             self.registered = True
-        else:
-            self.log.info("SIP plugin event %s: %s", name, result)
+        elif isinstance(action, Note):
+            self.log.info("call %s: %s", call_id, action.text)
 
-    async def _on_incoming(self, result: dict[str, Any], jsep: dict[str, Any] | None, sip_call_id: str | None) -> None:
+    async def _on_incoming(self, action: Accept | Decline) -> None:
         assert self.handle is not None
-        caller = str(result.get("username", ""))
-        call = self._new_call("inbound", caller, call_id=sip_call_id)
-        call.info.sip_call_id = sip_call_id or ""
-        if not self.settings.inbound or not self._accept_re.search(caller) or self.call is not None:
-            code = self.settings.decline_code
+        call = self._new_call("inbound", action.caller, call_id=action.sip_call_id or None)
+        call.info.sip_call_id = action.sip_call_id
+        if isinstance(action, Decline):
             self.counters["calls_declined"] += 1
-            await self.handle.message({"request": "decline", "code": code})
-            call.info.code = code
-            call.info.reason = "declined by rule" if self.settings.inbound else "inbound calls disabled"
-            self._publish_state(call.info, CallState.DECLINED)
-            await call.close()
-            return
-        if not jsep:
-            self.counters["calls_declined"] += 1
-            await self.handle.message({"request": "decline", "code": 488})
-            call.info.code, call.info.reason = 488, "offerless INVITE not supported"
+            await self.handle.message({"request": "decline", "code": action.code})
+            call.info.code, call.info.reason = action.code, action.reason
             self._publish_state(call.info, CallState.DECLINED)
             await call.close()
             return
@@ -708,30 +691,13 @@ class JanusStage(Stage):
         self.counters["calls_started"] += 1
         self._publish_state(call.info, CallState.INCOMING)
         try:
-            answer = await call.answer(jsep)
+            answer = await call.answer(action.jsep)
             await self.handle.message({"request": "accept", "autoaccept_reinvites": True}, jsep=answer)
         except (JanusError, ValueError) as exc:
             await self._end_call(CallState.FAILED, reason=f"cannot accept: {exc}")
 
     def _on_rfc2833(self, digit: str, duration_ms: int) -> None:
         self._dtmf_received(digit, duration_ms, "rfc2833")
-
-    def _on_info(self, result: dict[str, Any]) -> None:
-        content_type = str(result.get("type", ""))
-        content = str(result.get("content", ""))
-        digit = None
-        duration_ms = None
-        if content_type.lower() == "application/dtmf-relay":
-            match = DTMF_RELAY_RE.search(content)
-            digit = match.group(1) if match else None
-            dmatch = DTMF_DURATION_RE.search(content)
-            duration_ms = int(dmatch.group(1)) if dmatch else None
-        elif content_type.lower() == "application/dtmf" and content.strip()[:1] in DTMF_DIGITS:
-            digit = content.strip()[:1]
-        if digit is None:
-            self.log.info("SIP INFO %s: %.100r", content_type, content)
-            return
-        self._dtmf_received(digit, duration_ms, "info")
 
     def _dtmf_received(self, digit: str, duration_ms: int | None, method: str) -> None:
         self.counters["dtmf_received"] += 1
@@ -880,11 +846,6 @@ class JanusStage(Stage):
         # A client that went away is not an error: ROUTER drops a reply it cannot route.
         with contextlib.suppress(zmq.ZMQError):
             await sock.send_multipart([*envelope, json.dumps(reply, default=str).encode()])
-
-
-def _plugin_data(event: dict[str, Any]) -> dict[str, Any]:
-    data = event.get("plugindata", {}).get("data", {})
-    return data if isinstance(data, dict) else {}
 
 
 CODEC_CHOICES = {"h264": Codec.H264, "vp8": Codec.VP8, "pcmu": Codec.PCMU, "pcma": Codec.PCMA, "g722": Codec.G722,

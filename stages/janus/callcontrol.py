@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
+
+from stages.janus.sdp import SdpError, peer_holds
 
 DTMF_DIGITS = frozenset("0123456789*#ABCDabcd")
 DTMF_DURATION_MS = 160
@@ -184,3 +187,269 @@ class RedialPolicy:
         if self.failures > 1:
             delay = max(delay, min(self.backoff_max_s, self.backoff_s * 2 ** (self.failures - 2)))
         return delay
+
+
+# ----- call states ---------------------------------------------------------------------------------------------
+class CallState:
+    """Values of the ``state`` attribute of CALL_STATE events."""
+
+    IDLE = "idle"
+    REGISTERING = "registering"
+    REGISTERED = "registered"
+    REGISTRATION_FAILED = "registration_failed"
+    CALLING = "calling"
+    INCOMING = "incoming"
+    RINGING = "ringing"
+    PROCEEDING = "proceeding"
+    PROGRESS = "progress"
+    ACCEPTED = "accepted"
+    MEDIA_UP = "media_up"
+    HOLDING = "holding"
+    ON_HOLD = "on_hold"
+    RESUMED = "resumed"
+    HANGINGUP = "hangingup"
+    ENDED = "ended"
+    FAILED = "failed"
+    DECLINED = "declined"
+    DISCONNECTED = "janus_disconnected"
+
+
+ACTIVE_STATES = {CallState.CALLING, CallState.INCOMING, CallState.RINGING, CallState.PROCEEDING,
+                 CallState.PROGRESS, CallState.ACCEPTED, CallState.MEDIA_UP, CallState.HOLDING,
+                 CallState.ON_HOLD, CallState.RESUMED}
+
+
+# ----- Janus SIP plugin events in, actions out -------------------------------------------------------------------
+@dataclass(frozen=True)
+class CallView:
+    """What the machine reads of the current call."""
+
+    call_id: str
+    direction: str  # "outbound" or "inbound"
+    state: str
+    accepted: bool
+    hangup_reason: str | None = None  # we hung up for a reason of our own (media timeout): why it ended
+    sip_call_id: str = ""
+
+
+@dataclass(frozen=True)
+class InboundRules:
+    enabled: bool = False
+    accept_from: re.Pattern[str] = field(default_factory=lambda: re.compile("(?!)"))  # matches nothing
+    decline_code: int = 486
+
+
+@dataclass(frozen=True)
+class Publish:
+    """Set the call's state and announce it (CALL_STATE event, log line)."""
+
+    state: str
+
+
+@dataclass(frozen=True)
+class SetAnswer:
+    """Hand Janus's answer (an outbound call's) to the WebRTC peer."""
+
+    jsep: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Accept:
+    """Answer an incoming call's offer and accept it."""
+
+    caller: str
+    sip_call_id: str
+    jsep: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Decline:
+    caller: str
+    sip_call_id: str
+    code: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class EndCall:
+    state: str
+    code: int | None
+    reason: str
+
+
+@dataclass(frozen=True)
+class MarkAccepted:
+    """The call is answered: note the time, count it, reset the re-dial back-off."""
+
+
+@dataclass(frozen=True)
+class MarkMediaUp:
+    """ICE and DTLS with Janus are up: note the time, restart the media watchdog."""
+
+
+@dataclass(frozen=True)
+class RequestKeyframe:
+    reason: str
+
+
+@dataclass(frozen=True)
+class PeerHold:
+    """The peer re-offered: it holds us (sendonly/inactive, may send nothing) or not."""
+
+    on: bool
+
+
+@dataclass(frozen=True)
+class DtmfReceived:
+    digit: str
+    duration_ms: int | None
+    method: str
+
+
+@dataclass(frozen=True)
+class SetSipCallId:
+    value: str
+
+
+@dataclass(frozen=True)
+class Registered:
+    pass
+
+
+@dataclass(frozen=True)
+class ReportError:
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Note:
+    """Worth a log line, nothing more."""
+
+    text: str
+
+
+Action = (Publish | SetAnswer | Accept | Decline | EndCall | MarkAccepted | MarkMediaUp | RequestKeyframe | PeerHold
+          | DtmfReceived | SetSipCallId | Registered | ReportError | Note)
+
+DTMF_RELAY_RE = re.compile(r"Signal\s*=\s*([0-9A-Da-d*#])", re.IGNORECASE)
+DTMF_DURATION_RE = re.compile(r"Duration\s*=\s*(\d+)", re.IGNORECASE)
+_LOGGED_ONLY = ("updated", "accepting", "hangingup", "declining", "dtmfsent", "infosent", "messagesent",
+                "registering")
+
+
+def plugin_data(event: dict[str, Any]) -> dict[str, Any]:
+    plugindata = event.get("plugindata")
+    data = plugindata.get("data") if isinstance(plugindata, dict) else None
+    return data if isinstance(data, dict) else {}
+
+
+def dtmf_from_info(content_type: str, content: str) -> tuple[str, int | None] | None:
+    """The digit (and duration) of a SIP INFO carrying DTMF, or None for any other INFO."""
+    if content_type.lower() == "application/dtmf-relay":
+        match = DTMF_RELAY_RE.search(content)
+        if match is None:
+            return None
+        duration = DTMF_DURATION_RE.search(content)
+        return match.group(1).upper(), int(duration.group(1)) if duration else None
+    if content_type.lower() == "application/dtmf" and content.strip()[:1] in DTMF_DIGITS:
+        return content.strip()[:1].upper(), None
+    return None
+
+
+def on_janus_event(event: dict[str, Any], call: CallView | None, rules: InboundRules) -> list[Action]:
+    """What one message Janus pushed for our SIP handle means for the call, as actions for the stage to run."""
+    kind = event.get("janus")
+    if kind == "webrtcup":
+        return [MarkMediaUp(), Publish(CallState.MEDIA_UP), RequestKeyframe("call media up")] if call else []
+    if kind == "hangup":  # the PeerConnection with Janus closed; the SIP side says why in its own event
+        return [Note(f"Janus closed the PeerConnection ({event.get('reason')})")] if call else []
+    if kind in ("media", "slowlink", "detached", "timeout"):
+        return [Note(f"Janus {kind} event: { {k: v for k, v in event.items() if k != 'janus'} }")]
+    if kind != "event":
+        return []
+    data = plugin_data(event)
+    if not data:
+        return []
+    jsep = event.get("jsep") if isinstance(event.get("jsep"), dict) else None
+    if "error_code" in data:
+        code, error = data.get("error_code"), str(data.get("error", ""))
+        actions: list[Action] = [ReportError("janus_sip_error", f"{code} {error}")]
+        if call is not None and not call.accepted:
+            actions.append(EndCall(CallState.FAILED, int(code) if isinstance(code, int) else 0, error))
+        return actions
+    raw_result = data.get("result")
+    result: dict[str, Any] = raw_result if isinstance(raw_result, dict) else {}
+    name = result.get("event")
+    raw_call_id = data.get("call_id")
+    sip_call_id = raw_call_id if isinstance(raw_call_id, str) else ""
+    out: list[Action] = []
+    if call is not None and sip_call_id and not call.sip_call_id and name != "incomingcall":
+        out.append(SetSipCallId(sip_call_id))
+    if name == "incomingcall":
+        caller = str(result.get("username", ""))
+        if not rules.enabled:
+            return [Decline(caller, sip_call_id, rules.decline_code, "inbound calls disabled")]
+        if not rules.accept_from.search(caller):
+            return [Decline(caller, sip_call_id, rules.decline_code, "declined by rule")]
+        if call is not None:
+            return [Decline(caller, sip_call_id, rules.decline_code, f"busy with call {call.call_id}")]
+        if jsep is None:
+            return [Decline(caller, sip_call_id, 488, "offerless INVITE not supported")]
+        return [Accept(caller, sip_call_id, jsep)]
+    if call is None:
+        if name == "hangup":
+            return [Note(f"hangup for no active call: {result.get('code')} {result.get('reason', '')}")]
+        if name == "missed_call":
+            return [Note(f"missed call from {result.get('caller')} (busy)")]
+        if name == "registered":
+            return [Registered()]
+        if name == "info":
+            return _info(result)
+        return [Note(f"SIP plugin event {name} with no call: {result}")] if name not in _LOGGED_ONLY else []
+    if name in (CallState.CALLING, CallState.RINGING, CallState.PROCEEDING):
+        if call.state != name:  # "calling" was published when the request went out
+            out.append(Publish(name))
+    elif name == "progress":
+        if jsep is not None and call.direction == "outbound":
+            out.append(SetAnswer(jsep))
+        out.append(Publish(CallState.PROGRESS))
+    elif name == "accepted":
+        if jsep is not None and call.direction == "outbound":
+            out.append(SetAnswer(jsep))
+        out += [MarkAccepted(), Publish(CallState.ACCEPTED), RequestKeyframe("call accepted")]
+    elif name == "updatingcall":
+        out.append(Note("the peer re-offered"))
+        if jsep is not None:
+            try:
+                out.append(PeerHold(peer_holds(str(jsep.get("sdp", "")))))
+            except SdpError as exc:
+                out.append(ReportError("bad_sdp", f"re-offer: {exc}"))
+    elif name == "holding":
+        out.append(Publish(CallState.ON_HOLD))
+    elif name == "resuming":
+        out.append(Publish(CallState.RESUMED))
+    elif name in _LOGGED_ONLY:
+        out.append(Note(str(name)))
+    elif name == "hangup":
+        code = result.get("code")
+        failed = not call.accepted and call.direction == "outbound"
+        out.append(EndCall(CallState.FAILED if failed else CallState.ENDED, code if isinstance(code, int) else None,
+                           call.hangup_reason or str(result.get("reason", ""))))
+    elif name == "missed_call":
+        out.append(Note(f"missed call from {result.get('caller')} (busy)"))
+    elif name == "info":
+        out += _info(result)
+    elif name == "registered":
+        out.append(Registered())
+    else:
+        out.append(Note(f"SIP plugin event {name}: {result}"))
+    return out
+
+
+def _info(result: dict[str, Any]) -> list[Action]:
+    content_type, content = str(result.get("type", "")), str(result.get("content", ""))
+    dtmf = dtmf_from_info(content_type, content)
+    if dtmf is None:
+        return [Note(f"SIP INFO {content_type}: {content[:100]!r}")]
+    return [DtmfReceived(dtmf[0], dtmf[1], "info")]

@@ -23,6 +23,7 @@ from aiortc.rtcrtpparameters import RTCRtpCodecCapability
 
 from protocol import Codec
 from stages.janus import aiortc_adapter, sdp
+from stages.janus.callcontrol import CallState
 from stages.janus.media import (
     RTP_NAMES,
     TELEPHONE_EVENT_CLOCK_HZ,
@@ -40,35 +41,6 @@ from stages.janus.media import (
 log = logging.getLogger("sipbridge.janus.sip")
 
 H264_PROFILE_LEVEL_ID = "42e01f"
-
-
-class CallState:
-    """Values of the ``state`` attribute of CALL_STATE events."""
-
-    IDLE = "idle"
-    REGISTERING = "registering"
-    REGISTERED = "registered"
-    REGISTRATION_FAILED = "registration_failed"
-    CALLING = "calling"
-    INCOMING = "incoming"
-    RINGING = "ringing"
-    PROCEEDING = "proceeding"
-    PROGRESS = "progress"
-    ACCEPTED = "accepted"
-    MEDIA_UP = "media_up"
-    HOLDING = "holding"
-    ON_HOLD = "on_hold"
-    RESUMED = "resumed"
-    HANGINGUP = "hangingup"
-    ENDED = "ended"
-    FAILED = "failed"
-    DECLINED = "declined"
-    DISCONNECTED = "janus_disconnected"
-
-
-ACTIVE_STATES = {CallState.CALLING, CallState.INCOMING, CallState.RINGING, CallState.PROCEEDING,
-                 CallState.PROGRESS, CallState.ACCEPTED, CallState.MEDIA_UP, CallState.HOLDING,
-                 CallState.ON_HOLD, CallState.RESUMED}
 
 
 def codec_capabilities(kind: str, codecs: list[Codec]) -> list[RTCRtpCodecCapability]:
