@@ -40,6 +40,9 @@ SIPP_DIR = Path(str(resources.files("sipbridge.testing") / "sipp"))
 CHECKOUT_SIPP_DIR = Path(__file__).resolve().parents[2] / "tests" / "sipp"
 START_TIMEOUT_S = 20.0
 STOP_TIMEOUT_S = 10.0
+# Participants' Chromium start and join: ~3 s on a quiet machine, over 40 s at a load average of 30+ on 2 cores
+# (measured); a deadline costs nothing when they are quick.
+JOIN_TIMEOUT_S = 120.0
 MEDIA_START_TIMEOUT_S = 60.0
 BOT_NAME = "bot"
 VIEWER_NAME = "viewer"
@@ -308,7 +311,7 @@ class LocalCall:
             return set(names) <= done or proc.poll() is not None
 
         allowance = LOOP_ENCODE_ALLOWANCE_S if opts.generators == "aiortc" else 0.0
-        wait_until(joined, START_TIMEOUT_S * 2 + allowance, f"{', '.join(names)} joining")
+        wait_until(joined, JOIN_TIMEOUT_S + allowance, f"{', '.join(names)} joining")
         if proc.poll() is not None:
             raise RuntimeError(f"{name} exited; see {self.run_dir}/logs/{name}.log")
 
