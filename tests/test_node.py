@@ -634,7 +634,7 @@ def sip_call(janus_url: str, port: int = SIPP_PORT) -> dict[str, Any]:
     ]}
 
 
-async def _sip_call(run_root: Path, janus_url: str, sipp: Any, sipp_dir: Path, second: Any) -> None:
+async def _sip_call(run_root: Path, janus_url: str, sipp: Any, sipp_dir: Path, second: Any, busy: Any) -> None:
     async with node_client(settings_for(run_root, slots=2)) as (node, client):
         resp = await client.post("/calls", json=sip_call(janus_url), headers=AUTH)
         assert resp.status == 201, await resp.text()
@@ -675,6 +675,18 @@ async def _sip_call(run_root: Path, janus_url: str, sipp: Any, sipp_dir: Path, s
         assert await asyncio.to_thread(sipp.wait, 15) == 0, sipp.output()
         assert "BYE sip:" in sipp.messages()
 
+        # A peer that answers 486: the call ends by itself, failed, with the SIP code for the submitter to read.
+        resp = await client.post("/calls", json=sip_call(janus_url, busy.port), headers=AUTH)
+        assert resp.status == 201, await resp.text()
+        busy_id = (await resp.json())["id"]
+
+        async def refused() -> Any:
+            view = await get_call(client, busy_id)
+            return view if view["state"] == "ended" else None
+        view = await until(refused, CALL_START_TIMEOUT_S, "the call refused with 486 to end")
+        assert view["end_reason"] == "sip_failed" and view["error"] == "SIP failed 486 Busy Here", view
+        assert view["sip"]["code"] == 486
+
         # A drain that reaches its limit hangs the running call up the same way: BYE, the peer's scenario done.
         resp = await client.post("/calls", json=sip_call(janus_url, second.port), headers=AUTH)
         assert resp.status == 201, await resp.text()
@@ -700,11 +712,13 @@ def test_sip_calls_through_the_node_dtmf_delete_and_drain_send_bye(netns: Any, j
     sipp_dir = tmp_path / "sipp"
     sipp = Sipp("uas_dtmf", sipp_dir, SIPP_PORT, SIPP_MEDIA_PORT, extra=["-rtp_echo", "-trace_logs"]).start()
     second = Sipp("uas_echo", tmp_path / "sipp2", SIPP_PORT + 2, SIPP_MEDIA_PORT + 10, extra=["-rtp_echo"]).start()
+    busy = Sipp("uas_486", tmp_path / "sipp3", SIPP_PORT + 4, SIPP_MEDIA_PORT + 20).start()
     try:
-        asyncio.run(_sip_call(run_root, janus.ws_url, sipp, sipp_dir, second))
+        asyncio.run(_sip_call(run_root, janus.ws_url, sipp, sipp_dir, second, busy))
     finally:
         sipp.stop()
         second.stop()
+        busy.stop()
 
 
 def test_the_systemd_unit_verifies(tmp_path: Path) -> None:

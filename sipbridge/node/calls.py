@@ -333,6 +333,10 @@ class Call:
                 return
             sip = self.sip()
             if sip and not self.plan.inbound and sip.get("state") in SIP_FINAL_STATES:
+                if sip.get("state") != "ended":
+                    # What the submitter reads: the SIP code and reason (486 Busy Here, 404 Not Found, ...).
+                    self.error = " ".join(str(p) for p in ("SIP", sip.get("state"), sip.get("code"), sip.get("reason"))
+                                          if p)
                 self._spawn_stop("sip_failed" if sip.get("state") != "ended" else "sip_ended")
                 return
             await asyncio.sleep(STATS_DISCOVER_INTERVAL_S)
