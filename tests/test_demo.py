@@ -57,7 +57,7 @@ def good_figures() -> dict[str, Any]:
             },
             "video_frames_decoded": 210,
             "tile_counters": [list(range(10, 220)), list(range(40, 250))],
-            "audio": {"seconds": 14.2, "tone_hz": 440.8},
+            "audio": {"seconds": 14.2, "tone_hz": 440.8, "rms": 0.19},
         },
         "room": {
             "track1": {"frames": 190, "counters": "12..201", "counter_list": list(range(12, 202))},
@@ -113,6 +113,7 @@ def _without(path: str, value: Any = None) -> dict[str, Any]:
         ("sip.audio", {"seconds": 0.0, "tone_hz": None}, "room -> SIP audio", "0.0 s"),
         ("sip.audio", None, "room -> SIP audio", "0.0 s"),
         ("sip.audio", {"seconds": 12.0, "tone_hz": 1000.0}, "room -> SIP audio", "1000.0 Hz"),
+        ("sip.audio", {"seconds": 13.4, "tone_hz": 0.1, "rms": 0.0}, "room -> SIP audio", "silent (RMS 0.0)"),
         ("room.track2", None, "SIP -> room video", "190 and 0 frames"),
         ("room.track1", {"frames": 3}, "SIP -> room video", "3 and 185"),
         ("room.track2.counter_list", [0] * 185, "SIP -> room video", "190 and 0 distinct"),

@@ -96,6 +96,7 @@ MIN_ROOM_FRAMES = 20  # frames the observer's page reads on each of the bot's ca
 MIN_ECHOED_COUNTERS = 10  # of those, counters the SIP peer received in the camera's tile (the echo is the same)
 MIN_SIP_AUDIO_S = 1.0  # decoded audio at the SIP peer
 TONE_TOLERANCE_HZ = 25.0
+SILENCE_RMS = 0.003  # full scale 1.0; the participants' tones are sent at 0.2 each (RMS ~0.2 mixed)
 MIN_SYNC_MARKS = 3
 # ITU-R BT.1359 acceptability: audio at most 90 ms ahead of the picture or 185 ms behind it.
 LIPSYNC_AUDIO_EARLY_MS = 90.0
@@ -174,6 +175,8 @@ def _check_audio_to_sip(summary: dict[str, Any]) -> Check:
     seconds, tone = audio.get("seconds", 0.0), audio.get("tone_hz")
     if seconds < MIN_SIP_AUDIO_S:
         return Check(name, False, f"{seconds:.1f} s of audio decoded at the SIP peer (need {MIN_SIP_AUDIO_S:.0f})")
+    if audio.get("rms", 1.0) < SILENCE_RMS:
+        return Check(name, False, f"{seconds:.1f} s decoded, but the last 10 s are silent (RMS {audio['rms']})")
     tones = summary["expected"]["tones"]
     if not _near(tone, tones):
         return Check(name, False, f"{seconds:.1f} s decoded, but its tone is {tone} Hz, not the participants' {tones}")
@@ -435,6 +438,8 @@ def _janus_call(collector: Any) -> dict[str, Any]:
 
 def _run_demo(run_dir: Path, seconds: float, sip_scenario: str = "uas_echo") -> dict[str, Any]:
     """Run the call and collect what was seen from outside the bridge (the figures ``verdict`` judges)."""
+    import numpy as np
+
     from sipbridge.status import StatusCollector
     from stages.pattern import dominant_frequency
 
@@ -532,7 +537,8 @@ def _run_demo(run_dir: Path, seconds: float, sip_scenario: str = "uas_echo") -> 
     if opts.sip_audio in AUDIO_DECODERS:
         samples, rate = audio_from_capture(call.pcap, SIP_PEER_MEDIA_PORT, opts.sip_audio)
         tail = samples[-rate * 10 :]  # the last 10 s: the tone, whatever the start of the call held
-        sip["audio"] = {"seconds": round(samples.size / rate, 2),
+        level = float(np.sqrt(np.mean(np.square(tail / 32768.0)))) if tail.size else 0.0
+        sip["audio"] = {"seconds": round(samples.size / rate, 2), "rms": round(level, 4),
                         "tone_hz": round(dominant_frequency(tail, rate), 1) if tail.size else None}  # fmt: skip
     else:
         sip["audio"] = {"error": f"{opts.sip_audio} is not decoded from the capture here"}
