@@ -504,8 +504,19 @@ class CheapPublisher:
         answered = await wait_event(self.handle, lambda e: "jsep" in e, JOIN_TIMEOUT_S)
         await self.pc.setRemoteDescription(RTCSessionDescription(answered["jsep"]["sdp"], answered["jsep"]["type"]))
         await wait_connected(self.pc, CONNECT_TIMEOUT_S)
+        pc, name = self.pc, self.spec.name
+
+        @pc.on("connectionstatechange")
+        def on_state() -> None:
+            # A publisher that lost its connection sends nothing more: say so where the harness reads.
+            if pc.connectionState in ("failed", "closed") and not self.stopping:
+                emit_line({"participant": name, "event": "status", "state": "error",
+                           "text": f"publisher connection {pc.connectionState}"})
+
+    stopping = False
 
     async def stop(self) -> None:
+        self.stopping = True
         if self.handle is not None:
             with contextlib.suppress(Exception):
                 await self.handle.message({"request": "leave"}, timeout_s=2.0)

@@ -53,6 +53,7 @@ MARK_ENVELOPE_MS = 4.0
 MARK_DETECT_LEVEL = 0.06  # envelope (full scale 1.0) that says "a burst": the burst is sent at 0.2
 MARK_REFRACTORY_MS = 1000.0
 CHUNK_TIMES_KEPT = 64
+RESUBSCRIBE_DELAY_S = 1.0
 
 
 def mark_band_bright(y: np.ndarray) -> bool:
@@ -253,6 +254,20 @@ class CheapViewer:
             log.warning("%s: cannot subscribe to %s (feed %d): %s", self.name, display, feed, exc)
             emit_line({"participant": self.name, "event": "subscribe_failed", "from": display, "error": str(exc)})
             await self.unsubscribe(feed)
+            return
+
+        @pc.on("connectionstatechange")
+        def on_state() -> None:
+            # Lost while the feed is still published (not unsubscribed, not stopping): subscribe again.
+            if pc.connectionState == "failed" and self.feeds.get(feed, (None, None))[1] is pc and not self.stopping:
+                emit_line({"participant": self.name, "event": "status", "state": "resubscribing", "from": display})
+                self._task(self._resubscribe(feed, display))
+
+    async def _resubscribe(self, feed: int, display: str) -> None:
+        await self.unsubscribe(feed)
+        await asyncio.sleep(RESUBSCRIBE_DELAY_S)
+        if not self.stopping:
+            await self.subscribe(feed, display)
 
     async def unsubscribe(self, feed: int) -> None:
         handle, pc = self.feeds.pop(feed, (None, None))
@@ -316,7 +331,10 @@ class CheapViewer:
                     record["marks_audio"], entry.marks_audio = entry.marks_audio, []
                 emit_line(record)
 
+    stopping = False
+
     async def stop(self) -> None:
+        self.stopping = True
         for task in list(self.tasks):
             task.cancel()
         for feed in list(self.feeds):
