@@ -240,7 +240,10 @@ class CallStore:
             for c in claimed:
                 pipe.hmget(self.call_key(c.call_id), "node", "entry")
             owners = await pipe.execute()
-        return [c.call_id for c, (n, e) in zip(claimed, owners, strict=True) if _s(n) != node or _s(e) != c.entry]
+        # A call whose hash is gone (a Redis that restarted without its data) is not taken over by anyone:
+        # it keeps running here, unrecorded, rather than being hung up.
+        return [c.call_id for c, (n, e) in zip(claimed, owners, strict=True)
+                if n is not None and (_s(n) != node or _s(e) != c.entry)]
 
     async def reap(self, node: str, stale_s: float) -> list[str]:
         """Requeue calls whose entries nobody refreshed for ``stale_s``; returns their ids."""
