@@ -261,7 +261,8 @@ def test_sdp_errors_are_named(text: str) -> None:
         sdp.SessionDescription.parse(text)
 
 
-def test_aiortc_answers_and_sends_the_chosen_variant() -> None:
+@pytest.mark.parametrize("recorded", [False, True], ids=["written", "recorded-from-janus"])
+def test_aiortc_answers_and_sends_the_chosen_variant(recorded: bool) -> None:
     """The real answer path (aiortc, no Janus): the softphone's offer gets one H.264 payload type, its first (96),
     with the offer's own mode-0 fmtp and feedback for 96 only; the sender sends 96, in single NAL unit packets;
     audio is what our encoder makes."""
@@ -270,7 +271,9 @@ def test_aiortc_answers_and_sends_the_chosen_variant() -> None:
         call = SipCall(info, [Codec.PCMU], Codec.H264, lambda kind, frame: None, lambda: None,
                        lambda digit, ms: None)
         try:
-            answer = await call.answer({"type": "offer", "sdp": SOFTPHONE_OFFER})
+            offer = (str(_recorded()["inbound_softphone_two_h264_variants"][0]["jsep"]["sdp"])  # type: ignore[index]
+                     if recorded else SOFTPHONE_OFFER)
+            answer = await call.answer({"type": "offer", "sdp": offer})
             return answer["sdp"], call
         finally:
             await call.close()
@@ -281,7 +284,9 @@ def test_aiortc_answers_and_sends_the_chosen_variant() -> None:
     assert video is not None and audio is not None
     assert video.formats == ["96"], video.formats
     assert video.attribute("fmtp") == "96 profile-level-id=42801f;packetization-mode=0"
-    assert {line.split()[0] for line in video.lines if line.startswith("a=rtcp-fb:")} == {"a=rtcp-fb:96"}
+    # Feedback, where the offer had any, only for that payload type (the recorded offer has none).
+    assert {line.split()[0] for line in video.lines if line.startswith("a=rtcp-fb:")} == (
+        set() if recorded else {"a=rtcp-fb:96"})
     assert audio.formats == ["0", "101"]  # PCMU and the offer's telephone-event payload type
     assert call.video is not None and sending_payload_type(call.video) == 96
     assert isinstance(getattr(call.video.sender, "_RTCRtpSender__encoder", None), SingleNalPacker)
@@ -475,3 +480,61 @@ def test_bridge_file_redial_errors_name_the_key(redial: object, message: str) ->
     data["sip"]["redial"] = redial  # type: ignore[index]
     with pytest.raises(BridgeConfigError, match=re.escape(message)):
         parse_bridge(data)
+
+
+# ----- recorded Janus messages, replayed ----------------------------------------------------------------------
+def _recorded() -> dict[str, list[dict[str, object]]]:
+    from pathlib import Path
+
+    data = json.loads((Path(__file__).resolve().parent / "janus_sip_events.json").read_text())
+    return {k: v for k, v in data.items() if isinstance(v, list)}
+
+
+def _replay(events: list[dict[str, object]], call: cc.CallView | None) -> tuple[list[str], list[object]]:
+    """Feed messages through the machine, applying its state actions to the call view as the stage does."""
+    from dataclasses import replace
+
+    states: list[str] = []
+    kinds: list[object] = []
+    for event in events:
+        for action in cc.on_janus_event(event, call, RULES):
+            kinds.append(type(action).__name__)
+            if isinstance(action, cc.Publish) and call is not None:
+                call = replace(call, state=action.state)
+                states.append(action.state)
+            elif isinstance(action, cc.MarkAccepted) and call is not None:
+                call = replace(call, accepted=True)
+            elif isinstance(action, cc.SetSipCallId) and call is not None:
+                call = replace(call, sip_call_id=action.value)
+            elif isinstance(action, cc.Accept):
+                call = cc.CallView(action.sip_call_id, "inbound", "incoming", False, sip_call_id=action.sip_call_id)
+                states.append("incoming")
+            elif isinstance(action, cc.EndCall):
+                states.append(f"{action.state} {action.code} {action.reason}")
+                call = None
+    return states, kinds
+
+
+def test_recorded_busy_call() -> None:
+    states, _ = _replay(_recorded()["outbound_busy_486"], cc.CallView("c1", "outbound", "calling", False))
+    assert states == ["failed 486 Busy Here"]
+
+
+def test_recorded_answered_call() -> None:
+    states, kinds = _replay(_recorded()["outbound_answered_then_hung_up_by_us"],
+                            cc.CallView("c1", "outbound", "calling", False))
+    assert states == ["ringing", "proceeding", "accepted", "media_up", "ended 200 to BYE"], states
+    assert kinds.count("SetAnswer") == 1 and kinds.count("RequestKeyframe") == 2
+
+
+def test_recorded_inbound_softphone_call() -> None:
+    events = _recorded()["inbound_softphone_two_h264_variants"]
+    states, kinds = _replay(events, None)
+    assert states == ["incoming", "accepted", "media_up", "ended 200 Session Terminated"], states
+    assert kinds[0] == "Accept" and "SetAnswer" not in kinds  # inbound: we answer, Janus's answer never comes
+    # The offer Janus passed on (rtx added for each video payload type) reduces to PCMU + telephone-event and
+    # the first H.264 variant alone.
+    offer = sdp.SessionDescription.parse(str(events[0]["jsep"]["sdp"]))  # type: ignore[index]
+    chosen = sdp.restrict_offer(offer, {"audio": ["PCMU"], "video": ["H264"]})
+    assert {k: c.payload_type for k, c in chosen.items()} == {"audio": 0, "video": 96}
+    assert [m.formats for m in offer.media] == [["0", "101"], ["96"]]

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import re
 import time
 from collections.abc import Iterable
@@ -442,6 +443,8 @@ class JanusStage(Stage):
             self._spawn(self._place_call(self.settings.call_uri))
         while True:
             event = await self.handle.events.get()
+            if self.log.isEnabledFor(logging.DEBUG):  # how tests/janus_sip_events.json was recorded
+                self.log.debug("Janus message: %s", json.dumps(event))
             if event.get("janus") == "disconnected":
                 raise JanusDisconnected("Janus connection closed")
             if event is HANDLE_SWITCHED or event.get("janus") == HANDLE_SWITCHED["janus"]:
