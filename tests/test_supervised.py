@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -248,6 +249,7 @@ def test_sigterm_to_up_stops_every_stage_and_supervisord(tmp_path: Path) -> None
     finally:
         if up.poll() is None:
             up.kill()
+            _kill_leftovers(run_dir)
     for pid in (*pids, supervisord):
         assert not os.path.exists(f"/proc/{pid}") or "zombie" in Path(f"/proc/{pid}/status").read_text(), pid
 
@@ -291,13 +293,29 @@ def _start_up(tmp_path: Path, text: str, env: dict[str, str] | None = None) -> t
     return up, run_dir
 
 
-def _stop_up(up: subprocess.Popen[bytes]) -> str:
+def _kill_leftovers(run_dir: Path) -> None:
+    """A test that failed half-way must not leave its pipeline running on a shared machine."""
+    from sipbridge.commands import _pipeline_processes
+
+    pids = set(_pipeline_processes(run_dir))
+    with contextlib.suppress(OSError, ValueError):
+        supervisord = int((run_dir / "supervisord.pid").read_text())
+        if str(run_dir).encode() in Path(f"/proc/{supervisord}/cmdline").read_bytes():  # not a reused pid
+            pids.add(supervisord)
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _stop_up(up: subprocess.Popen[bytes], run_dir: Path) -> str:
     if up.poll() is None:
         up.send_signal(signal.SIGTERM)
         try:
             up.wait(60)
         except subprocess.TimeoutExpired:
             up.kill()
+            up.wait()
+    _kill_leftovers(run_dir)
     return up.stdout.read().decode(errors="replace") if up.stdout else ""
 
 
@@ -339,7 +357,7 @@ def test_a_live_pipeline_survives_a_stage_killed_or_stopped_mid_call(tmp_path: P
     finally:
         if watcher is not None:
             watcher.close()
-        output = _stop_up(up)
+        output = _stop_up(up, run_dir)
     assert up.returncode == 0, output
 
 
@@ -356,7 +374,7 @@ def test_up_exits_non_zero_when_its_supervisord_dies_or_hangs(fault: str, tmp_pa
         os.kill(supervisord, signal.SIGKILL if fault == "killed" else signal.SIGSTOP)
         code = up.wait(90)
     finally:
-        output = _stop_up(up)
+        output = _stop_up(up, run_dir)
     assert code != 0
     expected = "supervisord exited unexpectedly" if fault == "killed" else "supervisord has not answered"
     assert expected in output, output
@@ -452,7 +470,7 @@ SIPBRIDGE_STAGE_JANUS_API_SECRET = "env:SB_TEST_API"
         assert sorted(seen_in) == [f"{janus_pid}/environ"]
         assert all(n in Path(f"/proc/{janus_pid}/environ").read_bytes() for n in needles)
     finally:
-        output = _stop_up(up)
+        output = _stop_up(up, run_dir)
     assert up.returncode == 0, output
     assert sip_secret not in output and api_secret not in output
     for path in run_dir.rglob("*"):
