@@ -131,10 +131,32 @@ def test_suggestions() -> None:
     recipe, failure = recipe_and_failure(0, "net::ERR_CONNECTION_REFUSED at http://127.0.0.1:9/")
     fix = suggest(recipe, failure, [], None)
     assert fix and "nothing answers at http://127.0.0.1:9/" in fix
+    recipe, failure = recipe_and_failure(0, "net::ERR_FILE_NOT_FOUND at file:///root/app.html")
+    fix = suggest(recipe, failure, [], None)
+    assert fix and "readable by that user" in fix
     line = Diagnosis("join failed at step 3/3 (x): Timeout", ["Input is not alphanumeric"], "a fix",
                      {"screenshot": "/r/a.png"}).line()
     assert line == ("join failed at step 3/3 (x): Timeout; page shows: 'Input is not alphanumeric'; "
                     "likely fix: a fix; saved: screenshot /r/a.png")
+
+
+def test_failure_captures_are_bounded(tmp_path: Path) -> None:
+    """A stage that fails to join over and over keeps only the newest captures, not one set per attempt."""
+    import os
+
+    from stages.browser.diagnose import MAX_CAPTURES_KEPT, _prune
+
+    for n in range(MAX_CAPTURES_KEPT + 5):
+        for suffix in (".png", ".console.log", ".page.txt"):
+            path = tmp_path / f"browser-failure-20261203-0000{n:02d}-{n}{suffix}"
+            path.write_text("x")
+            os.utime(path, (n, n))
+    (tmp_path / "other-20261203-000000-1.page.txt").write_text("not ours")
+    _prune(tmp_path, "browser-failure")
+    kept = sorted(p.name for p in tmp_path.glob("browser-failure-*.page.txt"))
+    assert len(kept) == MAX_CAPTURES_KEPT and kept[0].startswith("browser-failure-20261203-000005-5")
+    assert len(list(tmp_path.glob("browser-failure-*"))) == 3 * MAX_CAPTURES_KEPT
+    assert (tmp_path / "other-20261203-000000-1.page.txt").exists()
 
 
 # ----- real Chromium ------------------------------------------------------------------------------------------------
@@ -174,7 +196,7 @@ def test_check_wrong_selector(strict_page: str, tmp_path: Path) -> None:
 
 
 @pytest.mark.media
-@pytest.mark.timeout(CHECK_TIMEOUT_S)
+@pytest.mark.timeout(3 * CHECK_TIMEOUT_S)
 def test_check_passes_on_local_room(room: Room, tmp_path: Path) -> None:
     room.participants(ROOM_ID, [("alice", 440.0)], probe=True)
     code, text, result = run_check("local-room", "--var", f"room_url={room.url}", "--var", f"room={ROOM_ID}",
@@ -191,3 +213,16 @@ def test_check_passes_on_local_room(room: Room, tmp_path: Path) -> None:
     assert result["get_user_media_calls"] >= 1
     assert result["camera_sent"], result["camera"]
     assert "camera sent: yes" in text and "of 'alice' (by participant_attribute" in text
+    # The same room through a participant_script (a page that shows names elsewhere would need one): the check says
+    # the script named the tracks.
+    scripted = tmp_path / "scripted.toml"
+    builtin = (Path(__file__).resolve().parent.parent / "stages/browser/recipes/local_room.toml").read_text()
+    scripted.write_text(builtin.replace(
+        'participant_attribute = "data-participant"',
+        "participant_script = \"return 'by-script-' + element.closest('[data-participant]').dataset.participant\""))
+    code, text, result = run_check(str(scripted), "--var", f"room_url={room.url}", "--var", f"room={ROOM_ID}",
+                                   "--display-name", "checker2", "--watch-s", "3", save_dir=tmp_path / "saved")
+    print(text)
+    assert code == 0
+    named = {(t["participant"], t["identified_by"]) for t in result["tracks"]}
+    assert ("by-script-alice", "script") in named and all(how == "script" for _, how in named)

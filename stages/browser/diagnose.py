@@ -34,6 +34,7 @@ NAME_VARIABLES = ("display_name", "name", "username", "user")
 NAME_REFUSAL = re.compile(r"alphanumeric|letters|digits|characters?|name|invalid|not allowed|too (long|short)|"
                           r"required|special", re.IGNORECASE)
 STEP_SELECTOR_KINDS = ("fill", "click", "press", "wait_for")
+_captures = 0  # captures made by this process
 
 # Runs in every frame: visible error text, most specific first. Returns [{kind, text, where}].
 VISIBLE_ERRORS_JS = """
@@ -168,6 +169,11 @@ def suggest(recipe: Recipe, failure: RecipeStepError | None, error_texts: list[s
         if re.search(r"ERR_CONNECTION_REFUSED|ERR_NAME_NOT_RESOLVED|ERR_ADDRESS_UNREACHABLE|ERR_CONNECTION", cause):
             return (f"nothing answers at {recipe.start_url()}: is the app running, and reachable from where the "
                     "bridge runs (a local room or Janus needs the bridge in the same network namespace)?")
+        if "ERR_UNSAFE_PORT" in cause:
+            return f"Chromium never opens {recipe.start_url()}: its port is on the browser's unsafe-port list"
+        if "ERR_FILE_NOT_FOUND" in cause or "ERR_ACCESS_DENIED" in cause:
+            return ("Chromium cannot read that file: it runs as an unprivileged user (sipbridge-browser), so the "
+                    "file and its folders must be readable by that user")
         return None
     name_fix = _refused_name(recipe, failure, error_texts)
     if name_fix:
@@ -265,7 +271,10 @@ def _short_cause(cause: BaseException) -> str:
 async def _capture(page: Page, recipe: Recipe, failure: RecipeStepError | None, error: BaseException, folder: Path,
                    prefix: str, watch: PageWatch | None, diagnosis: Diagnosis) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    base = f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
+    global _captures
+    _captures += 1
+    # Files of one process sort in order and never collide; _prune keeps the newest of every ``prefix``.
+    base = f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}-{_captures}"
     texts = [f"dialog {d}" for d in (watch.dialogs if watch else [])] + await visible_error_texts(page)
     diagnosis.error_texts = texts
     probe = None
