@@ -179,3 +179,58 @@ def _rtp_nal_types(pcap: Path, port: int) -> set[int]:
     out = subprocess.run(["tshark", "-r", str(pcap), "-d", f"udp.port=={port},rtp", "-Y", f"rtp && udp.dstport=={port}",
                           "-T", "fields", "-e", "rtp.payload"], capture_output=True, text=True, check=True).stdout
     return {int(line.replace(":", "")[:2], 16) & 0x1F for line in out.split() if line}
+
+
+@pytest.mark.media
+@pytest.mark.timeout(240)
+def test_softphone_video_reaches_the_room(tmp_path: Path) -> None:
+    """The softphone's offer end to end: the bridge answers it, the caller echoes, and the room's participant sees
+    her own picture come back through the SIP leg (H.264 from the caller decoded by the bridge and shown as the
+    bot's camera in the room)."""
+    import time
+
+    from sipbridge.status import StatusCollector
+    from sipbridge.testing.localcall import BOT_NAME, SIP_PEER_MEDIA_PORT, SIP_PEER_PORT, sipp_scenario
+    from tests.test_bridge_e2e import counters, need_media_tools
+    from tests.test_bridge_inbound import (
+        CALL_DURATION_MS,
+        MEDIA_TIMEOUT_S,
+        MIN_FRAMES,
+        ROUTED_ROOM,
+        InboundCall,
+        InboundOptions,
+        janus_sip_port,
+        wait_figures,
+    )
+
+    need_media_tools()
+    options = InboundOptions(participants=[("alice", 440.0)], room=ROUTED_ROOM, room_codec="h264", layout="single",
+                             max_tiles=1, split=None)
+    with InboundCall(tmp_path / "run", options) as call:
+        collector = StatusCollector(call.run_dir)
+        try:
+            wait_figures(collector, "janus", lambda f: f["registration"].get("state") == "registered",
+                         "the bridge registering")
+            sipp_dir = call.run_dir / "sipp"
+            sipp_dir.mkdir()
+            caller = subprocess.Popen(
+                ["sipp", "-sf", str(sipp_scenario("uac_softphone")), "-i", "127.0.0.1", "-p", str(SIP_PEER_PORT),
+                 "-mi", "127.0.0.1", "-mp", str(SIP_PEER_MEDIA_PORT), "-m", "1", "-nostdin", "-rtp_echo",
+                 "-s", "bridge", "-d", str(CALL_DURATION_MS), "-trace_msg", f"127.0.0.1:{janus_sip_port()}"],
+                cwd=sipp_dir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+            try:
+                wait_figures(collector, "browser", lambda f: f["state"] == "joined", "the bot joining")
+                deadline = time.monotonic() + MEDIA_TIMEOUT_S
+                while time.monotonic() < deadline and len(set(counters(call, "alice", BOT_NAME))) < MIN_FRAMES:
+                    time.sleep(0.5)
+                seen = counters(call, "alice", BOT_NAME)
+                assert len(set(seen)) >= MIN_FRAMES, f"alice never saw the softphone's video: {seen[-10:]}"
+                assert caller.wait(CALL_DURATION_MS / 1000 + 30) == 0, "the caller's call failed"
+            finally:
+                if caller.poll() is None:
+                    caller.kill()
+            messages = "".join(p.read_text(errors="replace") for p in sipp_dir.glob("*_messages.log"))
+            answer = messages.split("SIP/2.0 200 OK", 1)[1]
+            assert re.search(r"m=video \d+ \S+ 96\r?\n", answer) and "packetization-mode=0" in answer, answer
+        finally:
+            collector.close()
