@@ -576,3 +576,37 @@ class StageClient:
 @pytest.mark.timeout(90)
 def test_waiting_call_does_not_block_status_or_hangup(janus: JanusServer, tmp_path: Path) -> None:
     asyncio.run(_ringing_call_does_not_block(tmp_path, janus))
+
+
+async def _inbound_registration_renewed(tmp_path: Path, janus: JanusServer) -> None:
+    """An inbound bridge registered at a registrar: after a Janus crash and restart it registers again by itself
+    (with the new Janus's contact), so callers reach it again through the registrar."""
+    args = ["--register", "digest", "--identity", "sip:bridge@127.0.0.1", "--proxy",
+            f"sip:127.0.0.1:{REGISTRAR_PORT}", "--authuser", "bridge", "--secret", "s3cret",
+            "--inbound", "--accept-from", "^sip:caller@"]
+    rig = Rig(tmp_path, janus, args=args)
+    try:
+        with Sipp("registrar_digest", tmp_path / "registrar", REGISTRAR_PORT, SIPP_MEDIA_PORT, calls=2) as registrar:
+            await rig.wait_state("registered")
+            mark = rig.n_states()
+            janus.kill()
+            await rig.wait_state("janus_disconnected", after=mark)
+            await asyncio.to_thread(janus.start)
+            again = await rig.wait_state("registered", after=mark, timeout_s=30)
+            assert again["register_sent"] is True
+            assert registrar.wait(15) == 0, registrar.output()  # both registrations challenged and accepted
+            messages = registrar.messages()
+        registers = re.findall(r"^REGISTER sip:", messages, re.MULTILINE)
+        contacts = set(re.findall(r"^Contact: <sip:bridge@127\.0\.0\.1:(\d+)", messages, re.MULTILINE))
+        assert len(registers) == 4, messages  # challenge + answer, twice
+        assert len(contacts) == 2, contacts  # the restarted Janus listens on a port of its own
+        status = await rig.stage.command({"cmd": "status"})
+        assert status["registration"]["state"] == "registered" and status["counters"]["janus_reconnects"] == 1
+    finally:
+        await rig.close()
+    assert rig.exit_code == 0
+
+
+@pytest.mark.timeout(90)
+def test_janus_restart_renews_the_inbound_registration(janus: JanusServer, tmp_path: Path) -> None:
+    asyncio.run(_inbound_registration_renewed(tmp_path, janus))
