@@ -21,6 +21,9 @@ Measured:
   (NetEQ adapts to load), so a loaded machine spreads the room figures widely: read p10..p90 with the median.
 * CPU (cores) and PSS (MB) of the whole call: every bridge stage (supervisord's process tree, Chromium included)
   and Janus, over the measurement window; and how many such calls a 2-core machine would hold by CPU.
+* apart from the call, what simulating the room cost over the same window: the participant and the viewer
+  (``--generators aiortc``, the default: browserless, a pre-encoded loop and an aiortc viewer, so the 2 cores go
+  to the bridge; ``--generators chromium``: a Chromium page each, as before).
 
 Run as root: ``python bench/bench_bridge.py [--seconds 18]``; prints a table and writes bench/results/bridge.json.
 """
@@ -43,7 +46,7 @@ import click
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sipbridge.testing.lipsync import lipsync_report
-from sipbridge.testing.localcall import CallOptions, LocalCall
+from sipbridge.testing.localcall import GENERATORS, CallOptions, LocalCall
 from stages.browser.procs import cpu_seconds, pss_kb, tree_usage
 from stages.pattern import PatternGenerator
 
@@ -126,7 +129,17 @@ def per_program(call: LocalCall) -> dict[str, tuple[float, int]]:
     return out
 
 
-def run(seconds: float) -> dict[str, Any]:
+def generator_usage(call: LocalCall) -> tuple[float, int]:
+    """(CPU seconds, PSS kB) of the simulated room's participants and viewer: not part of the bridge."""
+    cpu, pss = 0.0, 0
+    for name, proc in call.procs.items():
+        if name.startswith("participants") and proc.poll() is None:
+            c, p, _ = tree_usage(proc.pid)
+            cpu, pss = cpu + c, pss + p
+    return cpu, pss
+
+
+def run(seconds: float, generators: str = "aiortc") -> dict[str, Any]:
     from sipbridge.status import StatusCollector
 
     options = CallOptions(
@@ -141,6 +154,7 @@ def run(seconds: float) -> dict[str, Any]:
         layout_ids=["alice/video"],
         viewer=True,  # receives alice directly (the lip-sync baseline) and the bot
         sync_marks=True,
+        generators=generators,
     )
     floor = codec_floor_ms()
     run_dir = Path(tempfile.mkdtemp(prefix="sb-bench-bridge-"))
@@ -153,6 +167,7 @@ def run(seconds: float) -> dict[str, Any]:
             raise click.ClickException(f"no media through the bridge; see {call.run_dir}/logs")
         cpu0, _, _ = usage(call)
         programs0 = per_program(call)
+        generators0, _ = generator_usage(call)
         window_start_ms = time.time() * 1000
         t0 = time.monotonic()
         pss_samples = []
@@ -162,6 +177,7 @@ def run(seconds: float) -> dict[str, Any]:
         cpu1, _, processes = usage(call)
         elapsed = time.monotonic() - t0
         programs1 = per_program(call)
+        generators1, generators_pss = generator_usage(call)
         collector.poll(1.2)
         figures = collector.figures
         echoed = len(call.room_received(1))
@@ -209,6 +225,8 @@ def run(seconds: float) -> dict[str, Any]:
             for name, (cpu, pss) in sorted(programs1.items())
         },
         "room_frames_echoed": echoed,
+        "generators": {"engine": generators, "cores": round((generators1 - generators0) / elapsed, 3),
+                       "pss_mb": round(generators_pss / 1024, 1)},
         "targets": {"p50_ms": TARGET_P50_MS, "p95_ms": TARGET_P95_MS, "cores": TARGET_CORES, "pss_mb": TARGET_PSS_MB},
         "machine": {
             "cpus": os.cpu_count(),
@@ -257,6 +275,13 @@ def print_table(r: dict[str, Any]) -> None:
                                            for n, v in r["per_program"].items()))  # fmt: skip
     click.echo(f"audio/video offset added by the bridge stages (their p50 audio - p50 video): {r['av_offset_ms']}")
     print_lipsync(r["lipsync"])
+    g = r["generators"]
+    click.echo(f"room simulation, not counted in the call: {g['engine']} participant and viewer {g['cores']:.2f} "
+               f"cores, {g['pss_mb']:.0f} MB PSS")
+    if g["engine"] == "aiortc":
+        click.echo("  (the aiortc viewer times marks after aiortc's jitter buffers, ~3 audio packets and ~1 video "
+                   "frame, with no A/V sync: its room offsets compare with each other (the loop), not with the "
+                   "capture's; --generators chromium for a browser's view)")
     u = r["usage"]
     click.echo(
         f"whole call: {u['cores']:.2f} cores, {u['pss_mb']:.0f} MB PSS over {u['processes']} processes "
@@ -302,11 +327,13 @@ def print_lipsync(ls: dict[str, Any]) -> None:
 
 @click.command()
 @click.option("--seconds", type=float, default=18.0, show_default=True, help="Measurement window.")
-def main(seconds: float) -> None:
+@click.option("--generators", type=click.Choice(GENERATORS), default="aiortc", show_default=True,
+              help="Who simulates the room: browserless aiortc participants or a Chromium page each.")
+def main(seconds: float, generators: str) -> None:
     """Bridge-added latency both ways and the whole call's CPU and PSS at 640x480@30."""
     if os.geteuid() != 0:
         raise click.ClickException("needs root (network namespace)")
-    result = run(seconds)
+    result = run(seconds, generators)
     print_table(result)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
