@@ -69,6 +69,7 @@ PASS_ENV_PREFIXES = ("LC_", "SIPBRIDGE_", "PLAYWRIGHT_", "XDG_", "FONTCONFIG_")
 SECRET_NAME_PATTERN = re.compile(r"SECRET|PASSW|TOKEN|API_?KEY|CREDENTIAL", re.IGNORECASE)
 ENV_REFERENCE = re.compile(r"env:([A-Za-z_][A-Za-z0-9_]*)")
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+INLINE_COMMENT = re.compile(r"\s[;#]")
 
 
 class PipelineError(ValueError):
@@ -152,6 +153,20 @@ def check_env_entry(where: str, key: str, value: str) -> None:
         raise PipelineError(f"{where}: {key!r} is not an environment variable name")
     if "\n" in value or "\r" in value or ('"' in value and "'" in value):
         raise PipelineError(f"{where}: a value with a newline, or with both kinds of quote, cannot pass supervisord")
+    if INLINE_COMMENT.search(value):
+        raise PipelineError(f"{where}: a value with a space before ; or # cannot pass supervisord (it reads a comment)")
+
+
+def _config_quote(arg: str) -> str:
+    """shlex-quote ``arg`` for a supervisord command= line, where a ; or # after a space starts a comment.
+
+    Inside a quoted argument each ; and # is put in double quotes of its own ('a '"#"'1' is "a #1" to the
+    shlex.split supervisord runs), so no whitespace ever stands right before one.
+    """
+    quoted = shlex.quote(arg)
+    if quoted.startswith("'"):
+        quoted = quoted.replace("#", "'\"#\"'").replace(";", "'\";\"'")
+    return quoted
 
 
 def _env_entry(key: str, value: str) -> str:
@@ -171,7 +186,7 @@ def _program(spec: StageSpec, priority: int, run_dir: Path) -> str:
         args = [a.replace("{run_dir}", str(run_dir)) for a in spec.args]
         wrapper = _secret_wrapper(spec.name, run_dir) if spec.secrets else []
         # supervisord expands %(name)s in command lines: a literal % (a URL escape, a regex) must be doubled.
-        command = shlex.join([*wrapper, *argv, *args]).replace("%", "%%")
+        command = " ".join(_config_quote(a) for a in [*wrapper, *argv, *args]).replace("%", "%%")
     group_stop = "true" if spec.kind in GROUP_STOP_KINDS else "false"
     variables = {"SIPBRIDGE_RUN_DIR": str(run_dir), **({LIVE_ENV: "1"} if spec.live else {}), **spec.env}
     env = ",".join(_env_entry(k, v) for k, v in variables.items())

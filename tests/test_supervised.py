@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -499,3 +500,28 @@ def test_the_secret_broker_answers_only_the_program_supervisord_started(tmp_path
     finally:
         broker.close()
     assert not (run_dir / "secrets.sock").exists()
+
+
+def test_environment_values_reach_the_program_exactly_or_are_refused(tmp_path: Path, monkeypatch) -> None:
+    """supervisord's environment= line has no escapes: a value with one kind of quote and % signs is quoted with
+    the other kind and passes unchanged; one it cannot carry is refused, naming the key. Arguments pass exactly,
+    even with a ; or # after a space (which supervisord's file format reads as the start of a comment)."""
+    from supervisor.options import ServerOptions
+
+    value = 'say "hi" at 100%;now'
+    args = ["--display-name", "Team #1 ; it's 100%", "--x", "a#b;c"]
+    specs = parse_pipeline({"stage": [{"name": "a", "kind": "source", "env": {"GREETING": value, "PLAIN": "x y"},
+                                       "args": args}]})
+    (tmp_path / "logs").mkdir()
+    conf = tmp_path / "supervisord.conf"
+    conf.write_text(render_config(specs, tmp_path))
+    monkeypatch.setenv("SIPBRIDGE_PYTHON", sys.executable)
+    options = ServerOptions()
+    options.configfile = str(conf)
+    options.process_config(do_usage=False)
+    [program] = [p for g in options.process_group_configs for p in g.process_configs]
+    assert program.environment["GREETING"] == value and program.environment["PLAIN"] == "x y"
+    assert shlex.split(program.command)[-len(args):] == args
+    for bad, why in (("line\nbreak", "a newline"), ("both ' and \"", "both kinds"), ("a #b", "a space before")):
+        with pytest.raises(PipelineError, match=rf"stage 'a'\.env\.X: a value with .*{why}"):
+            parse_pipeline({"stage": [{"name": "a", "kind": "source", "env": {"X": bad}}]})
