@@ -538,3 +538,23 @@ def test_an_endpoint_with_a_live_owner_is_refused(harness: Harness) -> None:
     assert "is in use by a live process" in intruder.log()
     assert owner.proc.poll() is None
     wait_stats(stats, lambda f: f["pid"] == owner.proc.pid)  # the owner still has its sockets
+
+
+def test_stream_table_is_bounded_and_idle_streams_expire(monkeypatch: pytest.MonkeyPatch) -> None:
+    from stages import base
+
+    clock = [1000.0]
+    monkeypatch.setattr(base.time, "monotonic", lambda: clock[0])
+    table = base.StreamTable(limit=3, idle_s=10.0)
+    for sid in ("a", "b", "c"):
+        table[sid].frames_in += 1
+    assert not table.admits("d")
+    table["d"].frames_in += 1  # counted on figures that are not kept
+    assert "d" not in table and table.refused == 1 and len(table) == 3
+    clock[0] += 6
+    table["a"].frames_in += 1  # a is live, b and c go idle
+    clock[0] += 5
+    assert table.admits("d")  # room made by expiring the idle ones
+    assert sorted(sid for sid, _ in table.items()) == ["a"] and table.expired == 2
+    table["d"].frames_in += 1
+    assert table.get("a") is not None and table["a"].frames_in == 2 and "d" in table
