@@ -5,8 +5,10 @@ its own Janus, room with one participant at 640x480@30 H.264 + Opus, bot, bridge
 and measures, over the same window for every call:
 * the bridge-added latency each way (the stages' own per-hop figures, as in bench_bridge.py): room -> SIP at
   the janus stage's input, SIP -> room at the browser stage's input, p50 and p95;
-* the echoed picture coming back into the room: frames per second the participant's probe reads;
-* the machine's CPU (all processes, from /proc/stat) in cores.
+* the echoed picture coming back into the room: frames per second the room's viewer reads;
+* the machine's CPU (all processes, from /proc/stat) in cores, and apart from it what simulating the rooms cost
+  (each call's participant and viewer: browserless aiortc ones by default, ``--generators chromium`` for a
+  Chromium page each), so the machine's CPU less the generators' is what the bridged calls used.
 The baseline is the single call of the same run: the ratios say what sharing the machine costs each call.
 
 Run as root: ``python bench/bench_calls.py [--calls 2] [--seconds 15]``; prints a table and writes
@@ -30,7 +32,8 @@ import click
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sipbridge.status import StatusCollector
-from sipbridge.testing.localcall import CallOptions, LocalCall
+from sipbridge.testing.localcall import GENERATORS, CallOptions, LocalCall
+from stages.browser.procs import tree_usage
 
 RESULTS = Path(__file__).resolve().parent / "results" / "calls.json"
 WIDTH, HEIGHT, FPS = 640, 480, 30
@@ -50,9 +53,11 @@ def machine_busy_jiffies() -> tuple[int, int]:
 class CallRunner(threading.Thread):
     """One bridged call on its own thread: a network namespace is entered per thread."""
 
-    def __init__(self, index: int, ready: threading.Event, measure: threading.Event, done: threading.Event) -> None:
+    def __init__(self, index: int, ready: threading.Event, measure: threading.Event, done: threading.Event,
+                 generators: str = "aiortc") -> None:
         super().__init__(name=f"call-{index}", daemon=True)
         self.index = index
+        self.generators = generators
         self.ready, self.measure, self.done = ready, measure, done
         self.window_s = 0.0
         self.result: dict[str, Any] = {}
@@ -62,6 +67,7 @@ class CallRunner(threading.Thread):
         options = CallOptions(
             participants=[("alice", 440.0)], room_codec="h264", participant_size=f"{WIDTH}x{HEIGHT}",
             participant_fps=FPS, fps=FPS, layout="single", max_tiles=1, split=None, layout_ids=["alice/video"],
+            generators=self.generators,
         )
         try:
             run_dir = Path(tempfile.mkdtemp(prefix=f"sb-bench-call{self.index}-"))
@@ -76,17 +82,25 @@ class CallRunner(threading.Thread):
                     self.ready.set()
                     self.measure.wait()
                     echoed0, t0 = len(call.room_received(1)), time.monotonic()
+                    generators0 = generator_cpu_s(call)
                     while not self.done.is_set():
                         collector.poll(0.5)
+                    generators1 = generator_cpu_s(call)
                     collector.poll(1.2)
                     elapsed = time.monotonic() - t0
                     echoed = len(call.room_received(1)) - echoed0
                     self.result = summarise(collector.figures, echoed / elapsed)
+                    self.result["generators_cores"] = round((generators1 - generators0) / elapsed, 3)
                 finally:
                     collector.close()
         except BaseException as exc:  # reported by the main thread
             self.error = exc
             self.ready.set()
+
+
+def generator_cpu_s(call: LocalCall) -> float:
+    """CPU seconds of the call's simulated room (its participant and viewer processes): not the bridge's."""
+    return sum(tree_usage(p.pid)[0] for n, p in call.procs.items() if n.startswith("participants") and p.poll() is None)
 
 
 def summarise(figures: dict[str, Any], echoed_fps: float) -> dict[str, Any]:
@@ -107,14 +121,14 @@ def summarise(figures: dict[str, Any], echoed_fps: float) -> dict[str, Any]:
     }
 
 
-def run_calls(count: int, seconds: float) -> dict[str, Any]:
+def run_calls(count: int, seconds: float, generators: str = "aiortc") -> dict[str, Any]:
     measure, done = threading.Event(), threading.Event()
     runners = []
     # One after the other: each set-up takes the machine for a few seconds, and LocalCall sets process-wide
     # environment variables while it starts its bridge.
     for index in range(count):
         ready = threading.Event()
-        runner = CallRunner(index + 1, ready, measure, done)
+        runner = CallRunner(index + 1, ready, measure, done, generators)
         runner.start()
         ready.wait(MEDIA_TIMEOUT_S + 60)
         runners.append(runner)
@@ -133,7 +147,9 @@ def run_calls(count: int, seconds: float) -> dict[str, Any]:
     if errors:
         raise click.ClickException(str(errors[0]))
     cores = (os.cpu_count() or 1) * (busy1 - busy0) / max(1, total1 - total0)
-    return {"calls": count, "machine_cores_busy": round(cores, 2), "per_call": [r.result for r in runners]}
+    generator_cores = sum(r.result.get("generators_cores", 0.0) for r in runners)
+    return {"calls": count, "machine_cores_busy": round(cores, 2), "generators": generators,
+            "generators_cores": round(generator_cores, 3), "per_call": [r.result for r in runners]}
 
 
 def worst(runs: dict[str, Any], key: str, which: int) -> float:
@@ -144,11 +160,13 @@ def worst(runs: dict[str, Any], key: str, which: int) -> float:
 @click.command()
 @click.option("--calls", type=click.IntRange(2, 8), default=2, show_default=True, help="Simultaneous calls.")
 @click.option("--seconds", type=float, default=15.0, show_default=True, help="Measurement window.")
-def main(calls: int, seconds: float) -> None:
+@click.option("--generators", type=click.Choice(GENERATORS), default="aiortc", show_default=True,
+              help="Who simulates each room: browserless aiortc participants or a Chromium page each.")
+def main(calls: int, seconds: float, generators: str) -> None:
     if os.geteuid() != 0:
         raise click.ClickException("run as root (each call gets its own network namespace)")
-    single = run_calls(1, seconds)
-    several = run_calls(calls, seconds)
+    single = run_calls(1, seconds, generators)
+    several = run_calls(calls, seconds, generators)
     load = os.getloadavg()[0]
     print(f"\n{calls} simultaneous bridged calls vs 1, each 640x480@30 H.264+Opus <-> H.264+PCMU sipp echo, "
           f"{seconds:.0f} s windows (load avg {load:.1f}, {os.cpu_count()} cores)")
@@ -165,7 +183,8 @@ def main(calls: int, seconds: float) -> None:
     print(f"echoed picture back in the room: 1 call {single['per_call'][0]['echoed_fps']} fps; "
           f"{calls} calls {echoed} fps ({'every call keeps up' if keeping_up else 'NOT keeping up'})")
     print(f"machine CPU: 1 call {single['machine_cores_busy']} cores, {calls} calls "
-          f"{several['machine_cores_busy']} cores of {os.cpu_count()}")
+          f"{several['machine_cores_busy']} cores of {os.cpu_count()}; of which the simulated rooms ({generators} "
+          f"participant and viewer per call) {single['generators_cores']} / {several['generators_cores']} cores")
     result = {"single": single, "several": several, "keeping_up": keeping_up,
               "targets": {"p50_ms": TARGET_P50_MS, "p95_ms": TARGET_P95_MS, "echoed_share": KEEPING_UP_SHARE},
               "machine": {"cores": os.cpu_count(), "load_avg": round(load, 2), "python": platform.python_version()}}
