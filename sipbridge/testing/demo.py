@@ -166,7 +166,7 @@ def _check_video_to_sip(summary: dict[str, Any]) -> Check:
                          "a participant is frozen or missing")  # fmt: skip
     if len(tiles) < expected["tiles"]:
         return Check(name, False, f"{pictures} pictures, {len(tiles)} tiles read of {expected['tiles']}")
-    spans = ", ".join(_live_span(c) for c in tiles[: expected["tiles"]])
+    spans = "; ".join(_live_span(c) for c in tiles[: expected["tiles"]])
     return Check(name, True, f"{pictures} pictures decoded at the SIP peer; every tile's counter advances ({spans})")
 
 
