@@ -7,8 +7,9 @@ room.js), and reads from what aiortc decodes
 * the frame counter (stages.pattern.read_counter: the 16 columns of the top eighth of the luma plane),
 * the lip-sync marks (sync_marks): a video mark's onset is the arrival of the first frame whose bottom eighth is
   bright; an audio mark's onset is the start of the MARK_HZ burst, found by the same detector as probe.js's and
-  sipbridge.demo's (the signal shifted down by MARK_HZ, two moving averages of MARK_ENVELOPE_MS, the onset where the
-  envelope reaches half its plateau less the averages' delay), at its chunk's arrival plus its place in the chunk;
+  sipbridge.testing.lipsync's (the signal shifted down by MARK_HZ, two moving averages of MARK_ENVELOPE_MS, the
+  onset where the envelope reaches half its plateau less the averages' delay), at its chunk's arrival plus its
+  place in the chunk;
 * the tone (dominant frequency of the last second of audio).
 
 Every REPORT_INTERVAL_S it prints one JSON line per source, the probe's ``received`` record: ``{"participant",

@@ -6,7 +6,7 @@
 // wall-clock time (performance.timeOrigin + now, epoch ms) at which the page received it: a video frame when the
 // track processor hands it over, an audio sample at its chunk's hand-over plus its position in the chunk (remote
 // audio reaches the processor as the playout pulls it, so this is when it would be heard). Reported in the periodic
-// "received" lines as marks_video / marks_audio; the runner pairs them (sipbridge.demo).
+// "received" lines as marks_video / marks_audio; the runner pairs them (sipbridge.testing.lipsync).
 "use strict";
 
 (function () {
@@ -16,7 +16,7 @@
   const REPORT_INTERVAL_MS = 500;
   const TONE_WINDOW_SAMPLES = 9600; // 0.2 s at 48 kHz
   const SYNC = params.get("sync") === "1";
-  // Must match synthetic.js and sipbridge/demo.py (MARK_* there).
+  // Must match synthetic.js and sipbridge/testing/lipsync.py (MARK_* there).
   const MARK_HZ = 2500;
   const MARK_BAND_FRACTION = 8; // the bottom 1/8 of the picture
   const MARK_ENVELOPE_MS = 4; // each of the two moving averages of the burst detector
