@@ -18,6 +18,7 @@ from tests.sipfix import (
     Sipp,
     janus_fixture,  # noqa: F401  (pytest fixture)
     netns_fixture,  # noqa: F401  (pytest fixture)
+    sip_listen_port,
 )
 from tests.test_sip_control import PEER, SIPP_MEDIA_PORT, SIPP_PORT, Rig
 
@@ -141,3 +142,45 @@ async def _vanished_peer(tmp_path: Path, janus: JanusServer) -> None:
 @pytest.mark.timeout(120)
 def test_vanished_peer_is_hung_up_after_the_media_timeout(janus: JanusServer, tmp_path: Path) -> None:
     asyncio.run(_vanished_peer(tmp_path, janus))
+
+
+async def _vanished_caller(tmp_path: Path, janus: JanusServer) -> None:
+    """An inbound caller vanishes mid-call: the media timeout hangs up, Janus's handle keeps retrying that BYE for
+    32 s, and the next caller is still answered at once (by a helper handle) and carries media."""
+    rig = Rig(tmp_path, janus, args=["--inbound", "--accept-from", "^sip:caller@", "--media-timeout-s",
+                                     str(MEDIA_TIMEOUT_S)])
+    try:
+        await rig.stage.wait_registered()
+        port = sip_listen_port()
+        rig.feed(60.0)
+        first = Sipp("uac_call", tmp_path / "caller1", SIPP_PORT, SIPP_MEDIA_PORT,
+                     extra=["-rtp_echo", "-s", "bridge", "-d", "60000"], remote=f"127.0.0.1:{port}").start()
+        try:
+            await rig.wait_state("media_up")
+            while len(rig.collector.counters) < 10:
+                await asyncio.sleep(0.1)
+            assert first.proc is not None
+            os.killpg(first.proc.pid, signal.SIGSTOP)  # gone without a BYE
+            ended = await rig.wait_state("ended", timeout_s=MEDIA_TIMEOUT_S + 10)
+            assert "no media from the SIP peer" in ended["reason"], ended
+            mark = rig.n_states()
+            frames = len(rig.collector.counters)
+            with Sipp("uac_call", tmp_path / "caller2", NEXT_PEER_PORT, NEXT_PEER_MEDIA_PORT,
+                      extra=["-rtp_echo", "-s", "bridge", "-d", "4000"], remote=f"127.0.0.1:{port}") as second:
+                accepted = await rig.wait_state("accepted", after=mark)
+                assert accepted["peer"].startswith("sip:caller@127.0.0.1:5092"), accepted
+                assert await asyncio.to_thread(second.wait, 30) == 0, second.output()
+            assert "486" not in second.messages()
+            assert len(rig.collector.counters) > frames + 10  # the second call's echo
+        finally:
+            if first.proc is not None:
+                os.killpg(first.proc.pid, signal.SIGKILL)
+            first.stop()
+    finally:
+        await rig.close()
+    assert rig.exit_code == 0
+
+
+@pytest.mark.timeout(120)
+def test_next_caller_answered_while_a_vanished_callers_bye_is_retried(janus: JanusServer, tmp_path: Path) -> None:
+    asyncio.run(_vanished_caller(tmp_path, janus))

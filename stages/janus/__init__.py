@@ -174,6 +174,8 @@ class JanusStage(Stage):
         self._video_keyframe_sent = False
         self._dialled_at_start = False
         self._handle_used = False  # the current SIP handle had a call (see _fresh_handle)
+        self._helpers: list[JanusHandle] = []  # inbound: helper handles of self.handle (see _add_helper)
+        self._master_id: int | None = None
         self.redial = RedialPolicy(settings.redial_after_janus_restart, settings.redial_s, settings.redial_backoff_s,
                                    settings.redial_backoff_max_s, settings.redial_max_tries)
         self._redial_task: asyncio.Task[None] | None = None
@@ -330,11 +332,16 @@ class JanusStage(Stage):
                               f"SIP {info.code} {info.reason}".strip() if info.code else info.reason or state,
                               call_id=info.call_id)
         await call.close()
-        if self.handle is not None and state != CallState.DISCONNECTED:
+        handle = self._handle_of(call)
+        if handle is not None and state != CallState.DISCONNECTED:
             # Janus keeps the handle's ICE/DTLS state after a failed or ended call; reset it so that
             # the same handle (and its registration) takes the next call.
             with contextlib.suppress(JanusDisconnected):
-                await self.handle.hangup_webrtc()
+                await handle.hangup_webrtc()
+            if handle in self._helpers:
+                # A helper that had a call may stay busy ending it (a BYE to a vanished peer: 32 s): the next
+                # caller gets a new helper, and this one goes.
+                self._spawn(self._replace_helper(handle))
         self._schedule_redial(call, state)
         for stream_id in sorted(self._media_streams_seen):
             self._outbox.put_nowait(EndOfStream(stream_id))
@@ -374,10 +381,11 @@ class JanusStage(Stage):
             self.report_error("media_timeout", reason, call_id=call.info.call_id)
             self.counters["media_timeouts"] += 1
             call.hangup_reason = reason
-            if self.handle is not None:
+            handle = self._handle_of(call)
+            if handle is not None:
                 # A vanished peer will not answer the BYE: end the call here rather than after the SIP timeout.
                 with contextlib.suppress(JanusError, JanusDisconnected, asyncio.TimeoutError):
-                    await asyncio.wait_for(self.handle.message({"request": "hangup"}), STOP_HANGUP_TIMEOUT_S)
+                    await asyncio.wait_for(handle.message({"request": "hangup"}), STOP_HANGUP_TIMEOUT_S)
             if self.call is call:
                 await self._end_call(CallState.ENDED, reason=reason)
 
@@ -389,9 +397,10 @@ class JanusStage(Stage):
         """The stage is stopping: end the call with a BYE rather than leaving the peer hanging."""
         if self.call is None:
             return
-        if self.handle is not None and self.client is not None and not self.client.closed.is_set():
+        handle = self._handle_of(self.call)
+        if handle is not None and self.client is not None and not self.client.closed.is_set():
             with contextlib.suppress(JanusError, JanusDisconnected, asyncio.TimeoutError):
-                await asyncio.wait_for(self.handle.message({"request": "hangup"}), STOP_HANGUP_TIMEOUT_S)
+                await asyncio.wait_for(handle.message({"request": "hangup"}), STOP_HANGUP_TIMEOUT_S)
         await self._end_call(CallState.ENDED, reason="hung up: the bridge is stopping")
 
     async def _janus_loop(self) -> None:
@@ -420,6 +429,7 @@ class JanusStage(Stage):
                     await self._hangup_for_stop()
                 self.registered = False
                 self.handle = None
+                self._helpers = []
                 if self.call is not None:
                     await self._end_call(CallState.DISCONNECTED, reason="Janus connection lost")
                 if self.registration.get("state") != CallState.REGISTRATION_FAILED:
@@ -438,6 +448,8 @@ class JanusStage(Stage):
         self._handle_used = False
         self.counters["sip_handles"] += 1
         await self._register(self.handle)
+        if self.settings.inbound:
+            await self._add_helper()
         if self.settings.call_uri and not self._dialled_at_start:
             self._dialled_at_start = True  # later dials are the re-dial policy's (see _schedule_redial)
             self._spawn(self._place_call(self.settings.call_uri))
@@ -450,7 +462,7 @@ class JanusStage(Stage):
             if event is HANDLE_SWITCHED or event.get("janus") == HANDLE_SWITCHED["janus"]:
                 continue
             sender = event.get("sender")
-            if isinstance(sender, int) and sender != self.handle.id:
+            if isinstance(sender, int) and sender != self.handle.id and sender not in {h.id for h in self._helpers}:
                 # A retired handle (see _fresh_handle) still ending its old call: not this call's business.
                 self.log.info("ignoring %s from retired SIP handle %d", event.get("janus"), sender)
                 continue
@@ -461,10 +473,45 @@ class JanusStage(Stage):
             except Exception as exc:  # one bad call (an SDP aiortc refuses, a timeout) must not stop the stage
                 call_id = self.call.info.call_id if self.call is not None else ""
                 self.report_error("call_setup_failed", f"{type(exc).__name__}: {exc}", call_id=call_id)
-                if self.call is not None:
+                handle = self._handle_of(self.call) if self.call is not None else None
+                if self.call is not None and handle is not None:
                     with contextlib.suppress(JanusError, JanusDisconnected, asyncio.TimeoutError):
-                        await self.handle.message({"request": "hangup"})
+                        await handle.message({"request": "hangup"})
+                if self.call is not None:
                     await self._end_call(CallState.FAILED, reason=f"{type(exc).__name__}: {exc}")
+
+    def _handle_of(self, call: SipCall) -> JanusHandle | None:
+        """The SIP handle a call runs on (an inbound call may be on a helper), else the main one."""
+        handle = call.handle
+        if isinstance(handle, JanusHandle) and (handle is self.handle or handle in self._helpers):
+            return handle
+        return self.handle
+
+    async def _add_helper(self) -> None:
+        """Attach a helper handle of the registered one (Janus's way to take a call while a handle is busy).
+
+        An inbound handle cannot be replaced like an outbound one (its SIP port is where callers reach it),
+        and after a call it can stay busy for a while: ending the media, or 32 s of BYE retransmissions to a
+        peer that vanished. An INVITE that finds it busy goes to a free helper on the same SIP stack instead of
+        getting 486. Its events come on the same queue as the main handle's (told apart by sender).
+        """
+        assert self.client is not None and self.handle is not None
+        if self._master_id is None:
+            self.log.warning("Janus gave no master_id for the SIP handle: no helper handle for a second caller")
+            return
+        helper = await self.client.attach(SIP_PLUGIN)
+        helper.events = self.handle.events
+        await helper.message({"request": "register", "type": "helper", "username": self.settings.identity,
+                              "master_id": self._master_id})
+        self._helpers.append(helper)
+        self.counters["sip_handles"] += 1
+
+    async def _replace_helper(self, helper: JanusHandle) -> None:
+        if helper in self._helpers:
+            self._helpers.remove(helper)
+        await helper.detach()
+        if self.client is not None and self.handle is not None and not self._stopping.is_set():
+            await self._add_helper()
 
     def _register_request(self) -> dict[str, Any]:
         s = self.settings
@@ -498,6 +545,8 @@ class JanusStage(Stage):
             name = result.get("event")
             if name == "registered":
                 self.registered = True
+                master_id = result.get("master_id")  # what a helper of this handle names (see _add_helper)
+                self._master_id = master_id if isinstance(master_id, int) else None
                 self.registration = {"state": CallState.REGISTERED, "mode": self.settings.register,
                                      "username": result.get("username"), "register_sent": result.get("register_sent")}
                 if not announce:
@@ -543,6 +592,7 @@ class JanusStage(Stage):
             if self._handle_used and not self.settings.inbound:
                 await self._fresh_handle()
             self._handle_used = True
+            call.handle = self.handle
             offer = await call.create_offer()
             # Our own Call-ID: logs of sipbridge, Janus and the SIP peer then share one id.
             await self.handle.message({"request": "call", "uri": uri, "call_id": call.info.call_id,
@@ -628,16 +678,25 @@ class JanusStage(Stage):
     async def _on_event(self, event: dict[str, Any]) -> None:
         """Run the call-control machine on one Janus message and carry out what it returns."""
         call = self.call
+        sender = event.get("sender")
+        if call is not None:
+            handle = self._handle_of(call)
+            if isinstance(sender, int) and handle is not None and sender != handle.id:
+                # Another handle's message (a helper taking a caller, a handle ending an old call): this call
+                # only matters to decide whether a new caller finds us busy.
+                result = plugin_data(event).get("result")
+                if not (isinstance(result, dict) and result.get("event") == "incomingcall"):
+                    call = None
         view = None if call is None else CallView(call.info.call_id, call.info.direction, call.info.state,
                                                   call.info.accepted_ns is not None, call.hangup_reason,
                                                   call.info.sip_call_id)
         for action in on_janus_event(event, view, self._rules):
-            await self._run_action(action, call)
+            await self._run_action(action, call, sender if isinstance(sender, int) else None)
 
-    async def _run_action(self, action: Action, call: SipCall | None) -> None:
+    async def _run_action(self, action: Action, call: SipCall | None, sender: int | None) -> None:
         call_id = call.info.call_id if call is not None else "-"
         if isinstance(action, Accept | Decline):
-            await self._on_incoming(action)
+            await self._on_incoming(action, sender)
         elif call is None or call is not self.call:
             # Every other action concerns the call the message was about; that one has ended meanwhile.
             if isinstance(action, Note):
@@ -679,13 +738,18 @@ class JanusStage(Stage):
         elif isinstance(action, Note):
             self.log.info("call %s: %s", call_id, action.text)
 
-    async def _on_incoming(self, action: Accept | Decline) -> None:
-        assert self.handle is not None
+    async def _on_incoming(self, action: Accept | Decline, sender: int | None) -> None:
+        handle = next((h for h in [self.handle, *self._helpers] if h is not None and h.id == sender), self.handle)
+        assert handle is not None
         call = self._new_call("inbound", action.caller, call_id=action.sip_call_id or None)
         call.info.sip_call_id = action.sip_call_id
+        call.handle = handle
+        if isinstance(action, Accept) and self.call is not None:
+            action = Decline(action.caller, action.sip_call_id, self.settings.decline_code,
+                             f"busy with call {self.call.info.call_id}")
         if isinstance(action, Decline):
             self.counters["calls_declined"] += 1
-            await self.handle.message({"request": "decline", "code": action.code})
+            await handle.message({"request": "decline", "code": action.code})
             call.info.code, call.info.reason = action.code, action.reason
             self._publish_state(call.info, CallState.DECLINED)
             await call.close()
@@ -695,7 +759,7 @@ class JanusStage(Stage):
         self._publish_state(call.info, CallState.INCOMING)
         try:
             answer = await call.answer(action.jsep)
-            await self.handle.message({"request": "accept", "autoaccept_reinvites": True}, jsep=answer)
+            await handle.message({"request": "accept", "autoaccept_reinvites": True}, jsep=answer)
         except (JanusError, ValueError) as exc:
             await self._end_call(CallState.FAILED, reason=f"cannot accept: {exc}")
 
@@ -716,38 +780,47 @@ class JanusStage(Stage):
         self._cancel_redial()
         self.call.hung_up_by_user = True
         self._publish_state(self.call.info, CallState.HANGINGUP)
-        await self.handle.message({"request": "hangup"})
+        handle = self._handle_of(self.call)
+        assert handle is not None
+        await handle.message({"request": "hangup"})
 
     async def send_dtmf(self, digits: str, duration_ms: int = DTMF_DURATION_MS) -> None:
-        if self.handle is None or self.call is None:
+        call = self.call
+        if self.handle is None or call is None:
             raise RuntimeError("no active call")
         bad = set(digits) - DTMF_DIGITS
         if bad:
             raise ValueError(f"not DTMF digits: {''.join(sorted(bad))}")
-        events = self.call.telephone_event_sender
+        events = call.telephone_event_sender
         method = self.settings.dtmf_method
         if method == "rfc2833" and events is None:
             raise RuntimeError("the SIP peer did not take telephone-event (RFC 4733) with an 8 kHz audio codec")
         use_events = events is not None and method != "info"
         for digit in digits:
+            if self.call is not call:
+                raise RuntimeError(f"call {call.info.call_id} ended while its DTMF was being sent")
             if use_events:
                 assert events is not None
                 await events.send(digit, duration_ms)
             else:
-                await self.handle.message({"request": "dtmf_info", "digit": digit, "duration": duration_ms})
+                handle = self._handle_of(call)
+                assert handle is not None
+                await handle.message({"request": "dtmf_info", "digit": digit, "duration": duration_ms})
             self.counters["dtmf_sent"] += 1
-            self.log.info("call %s: DTMF %s sent (%s)", self.call.info.call_id, digit,
+            self.log.info("call %s: DTMF %s sent (%s)", call.info.call_id, digit,
                           "RFC 4733" if use_events else "SIP INFO")
             await asyncio.sleep(DTMF_GAP_S)
 
     async def hold(self, on: bool) -> None:
         if self.handle is None or self.call is None:
             raise RuntimeError("no active call")
+        handle = self._handle_of(self.call)
+        assert handle is not None
         if on:
             self._publish_state(self.call.info, CallState.HOLDING)
-            await self.handle.message({"request": "hold", "direction": "sendonly"})
+            await handle.message({"request": "hold", "direction": "sendonly"})
         else:
-            await self.handle.message({"request": "unhold"})
+            await handle.message({"request": "unhold"})
 
     async def _wait_call_settled(self, info: CallInfo, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s

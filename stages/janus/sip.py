@@ -99,6 +99,7 @@ class SipCall:
         self.telephone_event_sender: TelephoneEventSender | None = None
         self.hangup_reason: str | None = None  # set when we end the call for a reason of our own
         self.hung_up_by_user = False  # a hangup request: the call is not dialled again
+        self.handle: Any = None  # the Janus SIP handle the call runs on (set by the stage)
         self.audio: RTCRtpTransceiver | None = None
         self.video: RTCRtpTransceiver | None = None
         self.closed = False
