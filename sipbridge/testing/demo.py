@@ -585,16 +585,20 @@ def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
         )
         click.echo(f"    {key}: {flow['packets']} RTP packets, {flow['frames']} frames; {pts}")
     if "video_frames_decoded" in sip:
-        tiles = [f"{t[0]}..{t[-1]} ({len(t)} fr)" if t else "empty" for t in sip["tile_counters"]]
+        tiles = [f"{_live_span(t)} over {len(t)} pictures" if t else "empty" for t in sip["tile_counters"]]
         click.echo(
             f"    the SIP peer's received video decodes: {sip['video_frames_decoded']} pictures; "
             f"counters per tile: {'; '.join(tiles)}"
         )
     room = summary.get("room", {})
     who = summary.get("observer", "a participant")
+    cameras = [
+        f"camera {t} {track.get('frames', 0)} frames, counters {_live_span(track.get('counter_list', []))}"
+        for t, track in ((t, room.get(f"track{t}", {})) for t in range(1, summary["expected"]["cameras"] + 1))
+    ]
     click.echo(
-        f"  room ({who}'s page, counters read from pixels): bot camera 1 {room.get('track1')}, "
-        f"camera 2 {room.get('track2')}, tone {room.get('tone_hz')} Hz"
+        f"  room ({who}'s page, counters read from pixels): the bot's {'; '.join(cameras)}; "
+        f"tone {room.get('tone_hz')} Hz (median of {room.get('tone_estimates', 0)} estimates)"
     )
     call = summary.get("call") or {}
     if call:
