@@ -711,6 +711,8 @@ class BrowserStage(Stage):
             done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
             if failed in done:
                 join.cancel()
+                # The join may have failed too (its page went away): that error is this one, already reported.
+                join.add_done_callback(lambda f: f.cancelled() or f.exception())
                 return failed.result()
             try:
                 join.result()
