@@ -130,6 +130,12 @@ def _without(path: str, value: Any = None) -> dict[str, Any]:
         ("lipsync.sip", {"marks": 6, "offset_ms_p50": LIPSYNC_AUDIO_LATE_MS + 1}, "lip sync", "+186 ms"),
         ("lipsync.sip", {"marks": 6, "offset_ms_p50": -120.0}, "lip sync", "-120 ms"),
         ("lipsync", {"error": "ValueError: bad capture"}, "lip sync", "not measured: ValueError"),
+        (
+            "lipsync.sip",
+            {"marks": 15, "offset_ms_p50": 20.0, "offset_ms_p50_last5": -95.0},
+            "lip sync",
+            "-95 ms against video (median of the last 5 of 15 marks; all of them +20 ms",
+        ),
     ],
 )
 def test_each_missing_or_wrong_figure_fails_its_own_check_only(
@@ -167,6 +173,16 @@ def test_a_tile_black_at_the_start_and_end_of_the_call_still_passes() -> None:
     figures["sip"]["tile_counters"] = [[0] * 30 + list(range(10, 220)) + [0] * 12, list(range(40, 250)) + [0] * 12]
     check = check_named(figures, "room -> SIP video")
     assert check.ok and "10..219, 210 values" in check.line(), check.line()
+
+
+def test_lip_sync_is_judged_once_the_call_has_settled() -> None:
+    figures = good_figures()
+    figures["lipsync"]["sip"] = {"marks": 15, "offset_ms_p50": -97.8, "offset_ms_p50_last5": 6.0}
+    check = check_named(figures, "lip sync")
+    assert check.ok and "+6 ms" in check.line() and "all of them -98 ms" in check.line(), check.line()
+    figures["lipsync"]["sip"] = {"marks": 4, "offset_ms_p50": 30.0, "offset_ms_p50_last5": 500.0}
+    check = check_named(figures, "lip sync")  # too few marks for a settled figure: all of them count
+    assert check.ok and "median of 4 marks" in check.line(), check.line()
 
 
 def test_a_rejected_call_fails_first_with_the_sip_code_and_reason() -> None:
