@@ -25,7 +25,7 @@ from tests.test_bridge_e2e import need_media_tools
 AUDIO, VIDEO = str(SIP_PEER_MEDIA_PORT), str(SIP_PEER_MEDIA_PORT + 2)
 DEMO_SECONDS = 15
 # Set-up (Janus, room, 2 participants' Chromium, the bot) and the media window, on a loaded 2-core machine.
-DEMO_TIMEOUT_S = 360.0
+DEMO_TIMEOUT_S = 480.0
 REJECT_TIMEOUT_S = 300.0
 
 CHECKS = [
