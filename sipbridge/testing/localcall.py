@@ -43,7 +43,9 @@ STOP_TIMEOUT_S = 10.0
 # Participants' Chromium start and join: ~3 s on a quiet machine, over 40 s at a load average of 30+ on 2 cores
 # (measured); a deadline costs nothing when they are quick.
 JOIN_TIMEOUT_S = 120.0
-MEDIA_START_TIMEOUT_S = 60.0
+# From the bridge's start to the first echoed frame in the room: ~10 s on a quiet machine, 40-90 s measured at a
+# load average of 30-50 on 2 cores (the bot's Chromium starts and joins late).
+MEDIA_START_TIMEOUT_S = 150.0
 BOT_NAME = "bot"
 VIEWER_NAME = "viewer"
 GENERATORS = ("chromium", "aiortc")
