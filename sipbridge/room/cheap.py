@@ -84,6 +84,7 @@ ERROR_ROOM_EXISTS = 427
 JOIN_TIMEOUT_S = 20.0
 CONNECT_TIMEOUT_S = 20.0
 USAGE_INTERVAL_S = 5.0
+CHILD_STOP_TIMEOUT_S = 5.0
 # One H.264 variant (field notes: offering two makes some peers answer one and send the other).
 H264_PROFILE = "42e01f"
 
@@ -558,7 +559,8 @@ async def run_cheap(room_url: str, room: int, publishers: list[PublisherSpec], v
     ru = resource.getrusage(resource.RUSAGE_SELF)
     started_cpu, started_wall = ru.ru_utime + ru.ru_stime, time.monotonic()
     running: list[Any] = []
-    counts = {"publishers": len(publishers), "viewers": len(viewers)}
+    children: list[asyncio.subprocess.Process] = []
+    counts = {"publishers": len(publishers), "viewers": len(viewers) if not publishers else 0}
 
     async def report_usage() -> None:
         while True:
@@ -574,15 +576,33 @@ async def run_cheap(room_url: str, room: int, publishers: list[PublisherSpec], v
             running.append(publisher)
             await publisher.start()
             emit_line({"participant": spec.name, "event": "joined", "engine": "aiortc", "time_ns": time.time_ns()})
-        for name in viewers:
-            viewer = CheapViewer(url, room, name, codec=codec, sync_marks=sync_marks)
-            running.append(viewer)
-            await viewer.start()
-            emit_line({"participant": name, "event": "joined", "engine": "aiortc", "time_ns": time.time_ns()})
+        if publishers and viewers:
+            # Viewers beside publishers run as child processes (same stdout, same process group): in one process
+            # the viewer's aiortc handed over frames whose pictures went back in time (counters 319, 316, 317,
+            # 316), measured on a loaded machine; in a process of its own it read them in order.
+            for name in viewers:
+                argv = [sys.executable, "-m", "sipbridge", "room", "viewer", "--engine", "aiortc", "--room-url",
+                        room_url, "--room", str(room), "--name", name, "--janus", url, "--codec", codec]
+                argv += (["--sync-marks"] if sync_marks else []) + (["--duration", str(duration_s)] if duration_s
+                                                                     else [])
+                children.append(await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL))
+        else:
+            for name in viewers:
+                viewer = CheapViewer(url, room, name, codec=codec, sync_marks=sync_marks)
+                running.append(viewer)
+                await viewer.start()
+                emit_line({"participant": name, "event": "joined", "engine": "aiortc", "time_ns": time.time_ns()})
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), duration_s)
     finally:
         reporter.cancel()
+        for child in children:
+            if child.returncode is None:
+                child.terminate()
+                try:
+                    await asyncio.wait_for(child.wait(), CHILD_STOP_TIMEOUT_S)
+                except TimeoutError:
+                    child.kill()
         emit_line(usage_record(started_wall, started_cpu, **counts))
         for member in reversed(running):
             with contextlib.suppress(Exception):

@@ -13,11 +13,11 @@ room.js), and reads from what aiortc decodes
 * the tone (dominant frequency of the last second of audio).
 
 Every REPORT_INTERVAL_S it prints one JSON line per source, the probe's ``received`` record: ``{"participant",
-"event": "received", "from", "frames", "counters", "unreadable", "tone_hz", "width", "height"[, "marks_video",
-"marks_audio"]}``, a participant's n-th camera (n > 1) as ``"from": "name#n"``. Times are epoch ms at the moment
-aiortc hands the frame over (after its jitter buffer and decoder: aiortc holds ~4 audio packets before releasing
-audio, so absolute audio latencies are ~60-80 ms above a browser's; offsets against the same viewer's direct
-baseline cancel it).
+"event": "received", "from", "frames", "counters", "unreadable", "late", "tone_hz", "width", "height"[,
+"marks_video", "marks_audio"]}``, a participant's n-th camera (n > 1) as ``"from": "name#n"``. Times are epoch ms
+at the moment aiortc hands the frame over, after its jitter buffers and decoders (it holds ~3 audio packets and
+~1 video frame, and does no A/V sync): offsets compare with the same viewer's (e.g. a participant received
+directly), not with a browser's or a capture's.
 """
 
 from __future__ import annotations
@@ -158,6 +158,7 @@ class Source:
 
     counters: list[int] = field(default_factory=list)
     unreadable: int = 0
+    late: int = 0  # frames older than one already read (not shown by a player, not read here)
     frames: int = 0
     width: int = 0
     height: int = 0
@@ -228,7 +229,13 @@ class CheapViewer:
 
         if feed in self.feeds:
             return
+        # Claimed before the first await: the room repeats a publisher in later events (measured: a second
+        # subscription to the same feed, whose frames then interleave with the first's under one name).
+        self.feeds[feed] = (None, None)
         handle = await self.client.attach("janus.plugin.videoroom")
+        if feed not in self.feeds:  # unpublished meanwhile
+            await handle.detach()
+            return
         pc = RTCPeerConnection()
         self.feeds[feed] = (handle, pc)
         videos = 0
@@ -283,10 +290,19 @@ class CheapViewer:
         entry = self.source(display)
         was_marked = True  # a stream that starts inside a mark has no onset to time
         last_onset = -math.inf
+        last_pts: int | None = None
         with contextlib.suppress(MediaStreamError):
             while True:
                 frame = await track.recv()
                 arrived = time.time() * 1000
+                # After packet loss aiortc can hand over a frame that a retransmission completed late, after newer
+                # ones, or the same frame twice (measured on a loaded machine: 139, 139, 137, 136, 144). A player
+                # shows no picture older than the one on screen: neither is read, both are counted.
+                if frame.pts is not None:
+                    if last_pts is not None and frame.pts <= last_pts:
+                        entry.late += 1
+                        continue
+                    last_pts = frame.pts
                 plane = frame.planes[0]
                 y = np.frombuffer(plane, np.uint8).reshape(plane.height, plane.line_size)[:, : plane.width]
                 counter = read_counter(y)
@@ -323,7 +339,8 @@ class CheapViewer:
             for display, entry in list(self.sources.items()):
                 record: dict[str, Any] = {
                     "participant": self.name, "event": "received", "from": display, "frames": entry.frames,
-                    "counters": entry.counters, "unreadable": entry.unreadable, "tone_hz": entry.tone_hz(),
+                    "counters": entry.counters, "unreadable": entry.unreadable, "late": entry.late,
+                    "tone_hz": entry.tone_hz(),
                     "width": entry.width, "height": entry.height,
                 }
                 entry.counters = []
