@@ -232,6 +232,8 @@ BENCHMARKS = {
     "browser": "bench_browser.py",
     "bridge": "bench_bridge.py",
     "calls": "bench_calls.py",
+    "generators": "bench_generators.py",
+    "cluster": "bench_cluster.py",
 }
 
 
