@@ -77,9 +77,13 @@ RTP_TIMESTAMP_MODULO = 1 << 32
 CONTROL_SEND_TIMEOUT_S = 0.5
 
 HEADER_LENGTH = struct.Struct("<I")
-# glibc keeps the heap pages that page messages and injected frames (tens to hundreds of kB each, allocated on the
-# codec thread and the event loop) free between calls; giving them back now and then keeps the process flat
-# (issue 15: without it the stage's PSS crept up ~0.25 MB/min while its live heap stayed flat).
+# Page messages and injected frames are tens to hundreds of kB each, one per frame, allocated on the codec thread
+# and the event loop. Carved out of glibc's heap they fragment it: the stage's live heap stays flat while its free
+# part, and the PSS, creep up for ever (issue 15: ~0.3 MB/min). Buffers from this size up are mapped and unmapped
+# instead (glibc would otherwise raise its threshold to the frame size after the first free), and the heap's free
+# pages are given back now and then.
+MMAP_THRESHOLD_BYTES = 64 * 1024
+M_MMAP_THRESHOLD = -3  # mallopt parameter, glibc's malloc.h
 HEAP_TRIM_INTERVAL_S = 30.0
 
 CODEC_BY_MIME = {
@@ -183,6 +187,17 @@ _STREAM_ID_UNSAFE = re.compile(r"[^A-Za-z0-9_.@+-]+")
 def _capture_ms(msg: VideoFrame | AudioFrame) -> float | None:
     """The frame's capture time in ms since the epoch (the page's clock for injected timestamps), if known."""
     return msg.header.capture_time_ns / 1e6 if msg.header.capture_time_ns else None
+
+
+def map_large_buffers() -> bool:
+    """glibc: serve allocations of MMAP_THRESHOLD_BYTES and more from their own mappings (see above)."""
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
 
 
 def heap_trimmer() -> Any:
@@ -632,6 +647,7 @@ class BrowserStage(Stage):
 
     async def produce(self) -> None:
         self._loop = asyncio.get_running_loop()
+        map_large_buffers()
         await self._start_server()
         trimmer = asyncio.create_task(self._trim_heap())
         try:
