@@ -62,7 +62,8 @@ def test_stage_exits_non_zero_when_it_cannot_join(netns: object, tmp_path: Path)
     try:
         proc = subprocess.Popen([sys.executable, "-m", "sipbridge", "--config", str(config), "stage", "browser",
                                  "--recipe", "config", "--out", out, "--stats", f"ipc://{tmp_path}/bot.stats",
-                                 "--max-restarts", "1"], start_new_session=True)
+                                 "--max-restarts", "1"], start_new_session=True,
+                                env={**os.environ, "SIPBRIDGE_RUN_DIR": str(tmp_path)})  # failure captures go there
         assert proc.wait(150) == 1
         wait_until(lambda: any(e.attributes.get("state") == "failed"
                                for e in collector.events_of(EventType.STAGE_STATE)), 5, "failed state event")
@@ -70,6 +71,7 @@ def test_stage_exits_non_zero_when_it_cannot_join(netns: object, tmp_path: Path)
         rejoins = [s for s in states if s["state"] == "rejoining"]
         assert rejoins and rejoins[0]["reason"].startswith("join failed at step 0/1 (open http://127.0.0.1:9/)")
         assert "unsafe-port list" in rejoins[0]["diagnosis"]["suggestion"]  # Chromium never opens port 9
+        assert Path(rejoins[0]["diagnosis"]["page"]).parent == tmp_path
         assert isinstance(collector.events[-1][1], protocol.Event)
     finally:
         collector.close()
