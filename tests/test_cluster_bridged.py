@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import socket
 import subprocess
 import time
 import tomllib
@@ -17,6 +18,13 @@ from typing import Any
 import pytest
 
 REDIS_PORT = 6391
+REDIS_START_TIMEOUT_S = 30.0
+
+
+def _listening(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        return probe.connect_ex(("127.0.0.1", port)) == 0
 MEDIA_TIMEOUT_S = 150.0
 
 
@@ -71,7 +79,7 @@ async def _through_cluster(call: Any, run_root: Path, redis_url: str) -> dict[st
 @pytest.mark.media
 @pytest.mark.timeout(300)
 def test_a_bridged_call_from_the_stream_runs_on_a_node_with_media_both_ways(tmp_path: Path) -> None:
-    from sipbridge.testing.localcall import CallOptions, LocalCall
+    from sipbridge.testing.localcall import CallOptions, LocalCall, wait_until
 
     for tool in ("janus", "sipp", "tshark", "chromium", "redis-server"):
         if shutil.which(tool) is None:
@@ -94,6 +102,10 @@ def test_a_bridged_call_from_the_stream_runs_on_a_node_with_media_both_ways(tmp_
                                       str(tmp_path / "redis"), "--appendonly", "yes", "--save", ""],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             try:
+                # Redis takes a moment to listen, longer on a loaded machine: connect only once it does.
+                wait_until(lambda: _listening(REDIS_PORT) or redis.poll() is not None, REDIS_START_TIMEOUT_S,
+                           "redis to listen")
+                assert redis.poll() is None, f"redis-server exited {redis.returncode}"
                 result = asyncio.run(_through_cluster(call, run_root, f"redis://127.0.0.1:{REDIS_PORT}/0"))
                 # The hang-up reached the SIP peer: BYE answered, its scenario done.
                 assert call.procs["sipp"].wait(15) == 0
