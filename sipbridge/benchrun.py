@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from stages.browser.procs import pss_kb
+
 CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 # Sampling period of the process accountant: short enough to see a stage that lives a second, long enough
 # that reading /proc costs well under 1 % of a core.
@@ -106,7 +108,7 @@ class ProcessAccountant:
                 seen = _Seen(label_of(comm, argv), cpu_s if initial else 0.0, cpu_s)
                 self._seen[key] = seen
             seen.last_cpu_s = cpu_s
-            seen.max_pss_kb = max(seen.max_pss_kb, _pss_kb(pid))
+            seen.max_pss_kb = max(seen.max_pss_kb, pss_kb(pid))
 
 
 def _processes() -> Iterator[tuple[int, int, str, float, list[str]]]:
@@ -124,16 +126,6 @@ def _processes() -> Iterator[tuple[int, int, str, float, list[str]]]:
             continue  # kernel threads have no command line
         cpu_s = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS_PER_S
         yield int(entry.name), int(fields[19]), comm, cpu_s, [a.decode(errors="replace") for a in argv if a]
-
-
-def _pss_kb(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                return int(line.split()[1])
-    except (OSError, ValueError):
-        pass
-    return 0
 
 
 def provenance(project_dir: Path) -> dict[str, Any]:

@@ -11,7 +11,6 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 from sipbridge.cluster import kamailio
 from sipbridge.cluster.holdnode import events_of
 from sipbridge.netns import NetNs
+from sipbridge.testing.localcall import wait_until
 from tests.stagehelp import SIPBRIDGE
 
 PROXY_IP = "127.0.0.10"
@@ -31,17 +31,6 @@ FAR_END_PORT = 5070
 SIPP_DIR = Path(__file__).parent / "sipp"
 START_TIMEOUT_S = 20.0
 STOP_TIMEOUT_S = 40.0
-
-
-def wait_until(predicate: Any, timeout_s: float, what: str, poll_s: float = 0.1) -> Any:
-    """Poll ``predicate`` until it returns something truthy (returned); TimeoutError naming ``what``."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll_s)
-    raise TimeoutError(f"{what}: not within {timeout_s:.0f} s")
 
 
 def node_ip(n: int) -> str:
