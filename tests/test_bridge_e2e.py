@@ -31,6 +31,7 @@ from sipbridge.testing.capture import (
     h264_frames_from_capture,
     rtp_flows,
     sdp_codecs,
+    sounding_tail,
     tile_counters,
 )
 from sipbridge.testing.localcall import BOT_NAME, SIP_PEER_MEDIA_PORT, CallOptions, LocalCall
@@ -109,7 +110,7 @@ def control_forwarded(call: LocalCall) -> tuple[dict[str, int], dict[str, dict[s
 
 def tone_level(samples: np.ndarray, rate: int, hz: float) -> float:
     """Spectral magnitude around ``hz`` relative to the spectrum's median (how clearly a tone is present)."""
-    x = samples[-rate * 2 :].astype(np.float64)
+    x = sounding_tail(samples, rate, 2.0).astype(np.float64)
     spectrum = np.abs(np.fft.rfft((x - x.mean()) * np.hanning(x.size)))
     bin_hz = rate / x.size
     k = round(hz / bin_hz)
@@ -160,7 +161,10 @@ def test_room_vp8_vp9_opus_to_h264_pcmu_sip_peer_and_back(room_codec: str, tmp_p
     assert not {"VP8/90000", "VP9/90000", "opus/48000/2"} & set(sdp["offer"]), sdp
     # What the bot took from the room really was the room's codec (the room decoder's decoders by stream).
     assert figures["room-decoder"]["decoders"] == {
-        "alice/video": room_codec.upper(), "bob/video": room_codec.upper(), "alice/audio": "OPUS", "bob/audio": "OPUS"
+        "alice/video": room_codec.upper(),
+        "bob/video": room_codec.upper(),
+        "alice/audio": "OPUS",
+        "bob/audio": "OPUS",
     }, figures["room-decoder"]["decoders"]
     flows = rtp_flows(call.pcap, [AUDIO_PORT, VIDEO_PORT])
     assert set(flows[f"to_sip:{AUDIO_PORT}"].payload_types) == {0}, flows  # PCMU
@@ -212,7 +216,9 @@ def test_audio_only_legacy_sip_peer(codec: str, payload_type: int, tmp_path: Pat
     assert set(flows[f"to_sip:{AUDIO_PORT}"].payload_types) == {payload_type}, flows
     samples, rate = audio_from_capture(call.pcap, AUDIO_PORT, codec)
     assert samples.size > rate * 2
-    assert abs(dominant_frequency(samples[-rate * 2 :], rate) - 1000.0) < TONE_TOLERANCE_HZ
+    tail = sounding_tail(samples, rate, 2.0)
+    assert tail.size == rate * 2, tail.size  # two whole seconds of tone, not just the hang-up's silence
+    assert abs(dominant_frequency(tail, rate) - 1000.0) < TONE_TOLERANCE_HZ
     assert len(tones) >= 4, f"bob heard no tone from the bot: {tones}\n{call.stage_log('browser', 20)}"
     assert abs(statistics.median(tones[-4:]) - 1000.0) < TONE_TOLERANCE_HZ, tones
 

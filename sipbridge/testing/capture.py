@@ -225,6 +225,26 @@ def audio_from_capture(pcap: Path, dst_port: int, codec: str) -> tuple[Any, int]
     return samples, rate
 
 
+def sounding_tail(samples: Any, rate: int, seconds: float) -> Any:
+    """The last ``seconds`` of ``samples`` before trailing silence.
+
+    A hang-up ends the room's streams first, and the mix then sends silence to the SIP peer until the encoder and
+    the Janus stage stop; on a loaded machine that takes seconds, so a fixed "last N seconds" window can hold only
+    that silence. A block counts as sounding when its RMS is above a tenth of the loudest block's."""
+    import numpy as np
+
+    block = max(1, rate // 50)  # 20 ms, the packet size of every telephony codec here
+    usable = samples.size - samples.size % block
+    if usable == 0:
+        return samples[:0]
+    rms = np.sqrt(np.mean(np.square(samples[:usable].astype(np.float64).reshape(-1, block)), axis=1))
+    sounding = np.flatnonzero(rms > rms.max() / 10) if rms.max() > 0 else np.zeros(0, dtype=np.int64)
+    if sounding.size == 0:
+        return samples[:0]
+    end = (int(sounding[-1]) + 1) * block
+    return samples[max(0, end - int(rate * seconds)) : end]
+
+
 def write_png(frame: Any, path: Path) -> None:
     """One decoded picture as a PNG file (PyAV's own encoder: no imaging library needed)."""
     import av

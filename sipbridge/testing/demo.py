@@ -29,6 +29,7 @@ from sipbridge.testing.capture import (
     invite_responses,
     sdp_payload_map,
     sip_leg_report,
+    sounding_tail,
 )
 from sipbridge.testing.lipsync import lipsync_line, lipsync_report
 from sipbridge.testing.localcall import (
@@ -139,8 +140,12 @@ def _check_call(summary: dict[str, Any]) -> Check:
     if call.get("state") in ENDED_CALL_STATES:
         code = f"SIP {call['code']} " if call.get("code") else ""
         return Check(name, False, f"call {call['state']}: {code}{call.get('reason', '')}".strip())
-    return Check(name, False, "no final answer to an INVITE in the capture of the SIP leg"
-                 + (f" (janus stage: call {call['state']})" if call.get("state") else " (no call reported)"))
+    return Check(
+        name,
+        False,
+        "no final answer to an INVITE in the capture of the SIP leg"
+        + (f" (janus stage: call {call['state']})" if call.get("state") else " (no call reported)"),
+    )
 
 
 def _check_video_to_sip(summary: dict[str, Any]) -> Check:
@@ -553,7 +558,7 @@ def _run_demo(run_dir: Path, seconds: float, sip_scenario: str = "uas_echo") -> 
     sip["invite_responses"] = invite_responses(call.pcap)
     if opts.sip_audio in AUDIO_DECODERS:
         samples, rate = audio_from_capture(call.pcap, SIP_PEER_MEDIA_PORT, opts.sip_audio)
-        tail = samples[-rate * 10 :]  # the last 10 s: the tone, whatever the start of the call held
+        tail = sounding_tail(samples, rate, 10.0)  # the last 10 s of tone, whatever the start and the hang-up held
         level = float(np.sqrt(np.mean(np.square(tail / 32768.0)))) if tail.size else 0.0
         sip["audio"] = {"seconds": round(samples.size / rate, 2), "rms": round(level, 4),
                         "tone_hz": round(dominant_frequency(tail, rate), 1) if tail.size else None}  # fmt: skip
