@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -44,14 +45,16 @@ def test_processes_are_labelled_by_program(comm: str, argv: list[str], label: st
     assert benchrun.label_of(comm, argv) == label
 
 
-def test_accountant_attributes_a_child_s_cpu_time_to_its_program() -> None:
+def test_accountant_attributes_a_child_s_cpu_time_to_its_program(tmp_path: Path) -> None:
+    # Burns a fixed amount of its own CPU time, however loaded the machine is. The script's name is unique: the
+    # accountant sees the whole machine, where other programs (a loaded run's busy loops) may be `python -c`.
+    script = tmp_path / f"accountant_probe_{os.getpid()}.py"
+    script.write_text(f"import time\nwhile time.process_time() < {BUSY_CPU_S}: pass\n")
     accountant = benchrun.ProcessAccountant()
     accountant.start()
-    # Burns a fixed amount of its own CPU time, however loaded the machine is.
-    code = f"import time\nwhile time.process_time() < {BUSY_CPU_S}: pass"
-    subprocess.run([sys.executable, "-c", code], check=True)
+    subprocess.run([sys.executable, str(script)], check=True)
     figures = accountant.stop()
-    busy = figures.get("python -c")
+    busy = figures.get(f"python {script.name}")
     assert busy is not None, figures
     # At most one sample period of a process that ended between samples is lost, never invented.
     assert BUSY_CPU_S - benchrun.SAMPLE_INTERVAL_S <= busy["cpu_s"] <= BUSY_CPU_S + 0.3, busy
