@@ -44,6 +44,7 @@ from typing import Any
 import click
 
 from sipbridge import netns as netns_mod
+from sipbridge.lifetime import die_with_parent
 
 log = logging.getLogger("sipbridge.janus")
 
@@ -177,7 +178,7 @@ class JanusServer:
         if self.netns:
             argv = netns_mod.NetNs(self.netns).argv(argv)
         # Own session: a Ctrl-C in the terminal goes to us, and we stop Janus in order.
-        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        self.proc = subprocess.Popen(die_with_parent(argv), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + timeout_s
         last_error: Exception | None = None

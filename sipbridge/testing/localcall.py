@@ -30,6 +30,8 @@ from typing import Any
 
 import click
 
+from sipbridge.lifetime import die_with_parent
+
 # Children run from this interpreter: `make demo` uses .venv/bin/sipbridge, whose directory may not be on PATH.
 SIPBRIDGE = [sys.executable, "-m", "sipbridge"]
 ROOM_HTTP_PORT = 8480
@@ -245,7 +247,7 @@ class LocalCall:
     ) -> subprocess.Popen[bytes]:
         log = open(self.run_dir / "logs" / f"{name}.log", "wb")  # noqa: SIM115  (closed with the process)
         proc = subprocess.Popen(
-            argv,
+            die_with_parent(argv),  # a test killed by its timeout leaves no room, peer or capture running
             stdout=subprocess.PIPE if pipe else log,
             stderr=log,
             stdin=subprocess.DEVNULL,

@@ -1,0 +1,45 @@
+"""Children started through ``die_with_parent`` end when their starter dies, even by SIGKILL."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from sipbridge.testing.localcall import wait_until
+
+CHILD_GONE_TIMEOUT_S = 10.0
+
+STARTER = """
+import subprocess, sys
+from sipbridge.lifetime import die_with_parent
+child = subprocess.Popen(die_with_parent([sys.executable, "-c", "import time; time.sleep(600)"]))
+print(child.pid, flush=True)
+child.wait()
+"""
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(") ")[-1][0] != "Z"  # a zombie has ended; only its parent's wait is missing
+    except FileNotFoundError:
+        return False
+
+
+def test_a_child_ends_when_its_starter_is_killed() -> None:
+    starter = subprocess.Popen([sys.executable, "-c", STARTER], stdout=subprocess.PIPE, text=True)
+    assert starter.stdout is not None
+    child = int(starter.stdout.readline())
+    try:
+        # Through setpriv's exec first: then the child's argv is the sleeper's.
+        wait_until(lambda: b"time.sleep" in Path(f"/proc/{child}/cmdline").read_bytes(), 30.0, "the child to start")
+        assert alive(child)
+        starter.kill()
+        starter.wait()
+        wait_until(lambda: not alive(child), CHILD_GONE_TIMEOUT_S, "the orphan to get SIGTERM")
+    finally:
+        if alive(child):
+            os.kill(child, signal.SIGKILL)
