@@ -37,6 +37,8 @@ ENCODED_EDGE_HWM_MSGS = 64
 # one fail every exec with E2BIG. A URL or a regular expression fits well within these.
 MAX_STRING_CHARS = 2048
 MAX_ITEMS = 64  # entries of any list or table (routes, vars, participants)
+WAIT_FOR_ROOM_S = 60.0  # [sip] wait_for_room_s by default
+WAIT_FOR_ROOM_MAX_S = 3600.0
 
 
 class BridgeConfigError(ValueError):
@@ -78,6 +80,9 @@ class BridgeConfig:
     routes: list[tuple[str, dict[str, str]]] = field(default_factory=list)
     dtmf: str = "auto"  # RFC 4733 events when the peer takes telephone-event, else SIP INFO
     media_timeout_s: float = 30.0  # hang up after this long without media from the SIP peer (0 = never)
+    # An outbound call is placed only once the bot is in the room, waiting at most this long (not placed past it).
+    # The bot's Chromium start and join take seconds on a quiet machine, tens of seconds on a loaded one.
+    wait_for_room_s: float = WAIT_FOR_ROOM_S
     # [sip.redial]: when an outbound call is dialled again (the janus stage's --redial-* options).
     redial: Redial = field(default_factory=lambda: Redial())
     to_sip: MediaLeg = field(default_factory=MediaLeg)
@@ -95,7 +100,8 @@ def _take(table: dict[str, Any], where: str, key: str, kind: type | tuple[type, 
     if key not in table:
         return default
     value = table[key]
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+    # bool is an int in Python, but `wait_for_room_s = true` is a mistake, not one second.
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
         names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
         raise BridgeConfigError(f"{where}.{key} must be {names}, not {value!r}")
     return value
@@ -233,7 +239,7 @@ def parse_bridge(data: dict[str, Any]) -> BridgeConfig:
         data.get("sip", {}),
         "sip",
         {"identity", "register", "proxy", "authuser", "secret", "call", "inbound", "accept_from", "route", "dtmf",
-         "media_timeout_s", "redial"},
+         "media_timeout_s", "redial", "wait_for_room_s"},
     )
     media = _check_keys(data.get("media", {}), "media", {"to_sip", "to_room"})
     layout = _check_keys(data.get("layout", {}), "layout",
@@ -280,6 +286,13 @@ def parse_bridge(data: dict[str, Any]) -> BridgeConfig:
     cfg.media_timeout_s = float(_take(sip, "sip", "media_timeout_s", (int, float), cfg.media_timeout_s))
     if cfg.media_timeout_s < 0:
         raise BridgeConfigError(f"sip.media_timeout_s must be 0 (never) or more, not {cfg.media_timeout_s}")
+    cfg.wait_for_room_s = float(_take(sip, "sip", "wait_for_room_s", (int, float), cfg.wait_for_room_s))
+    if not 0 < cfg.wait_for_room_s <= WAIT_FOR_ROOM_MAX_S:
+        raise BridgeConfigError(f"sip.wait_for_room_s must be more than 0 and at most {WAIT_FOR_ROOM_MAX_S:g} s "
+                                "(how long an outbound call waits for the bot to be in the room), not "
+                                f"{cfg.wait_for_room_s}")
+    if "wait_for_room_s" in sip and cfg.inbound:
+        raise BridgeConfigError("sip.wait_for_room_s is for outbound calls (sip.call)")
     if cfg.routes and not cfg.inbound:
         raise BridgeConfigError("sip.route is for inbound calls (sip.inbound = true)")
     cfg.redial = _redial(sip.get("redial", {}))
@@ -371,7 +384,7 @@ def bridge_stages(cfg: BridgeConfig, run_dir: Path) -> list[StageSpec]:
     if cfg.janus_api_secret:
         janus_secrets["SIPBRIDGE_STAGE_JANUS_API_SECRET"] = cfg.janus_api_secret
     if cfg.call:
-        janus_args += ["--call", cfg.call]
+        janus_args += ["--call", cfg.call, "--wait-for-room-s", str(cfg.wait_for_room_s)]
     else:
         assert cfg.accept_from is not None  # parse_bridge requires it for inbound
         janus_args += ["--inbound", "--accept-from", cfg.accept_from]

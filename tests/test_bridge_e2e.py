@@ -108,6 +108,14 @@ def control_forwarded(call: LocalCall) -> tuple[dict[str, int], dict[str, dict[s
         collector.close()
 
 
+def assert_dialled_once_the_bot_was_in(call: LocalCall) -> None:
+    """The INVITE went out only after the bot reported itself in the room (issues 12, 14): in the janus stage's own
+    log, the bot's arrival comes before the call's "calling" line."""
+    log = call.stage_log("janus", 100_000)
+    joined, calling = log.find("the room's bot is in the room"), log.find(": calling")
+    assert 0 <= joined < calling, log[:3000]
+
+
 def tone_level(samples: np.ndarray, rate: int, hz: float) -> float:
     """Spectral magnitude around ``hz`` relative to the spectrum's median (how clearly a tone is present)."""
     x = sounding_tail(samples, rate, 2.0).astype(np.float64)
@@ -153,6 +161,7 @@ def test_room_vp8_vp9_opus_to_h264_pcmu_sip_peer_and_back(room_codec: str, tmp_p
         call.stop_bridge()  # hang up, so the capture holds the whole call
         # Stopping the bridge hung up: the SIP peer got a BYE, answered it and finished its scenario.
         assert call.procs["sipp"].wait(SIPP_EXIT_TIMEOUT_S) == 0, call.stage_log("janus", 10)
+        assert_dialled_once_the_bot_was_in(call)
         room = {t: counters(call, "bob", track_source(t)) for t in (1, 2)}
         tones = [r["tone_hz"] for r in received(call, "bob", BOT_NAME) if r.get("tone_hz")]
     # The SIP wire, from the capture: only what the legacy endpoint takes was offered and sent.

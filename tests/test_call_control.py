@@ -538,3 +538,92 @@ def test_recorded_inbound_softphone_call() -> None:
     chosen = sdp.restrict_offer(offer, {"audio": ["PCMU"], "video": ["H264"]})
     assert {k: c.payload_type for k, c in chosen.items()} == {"audio": 0, "video": 96}
     assert [m.formats for m in offer.media] == [["0", "101"], ["96"]]
+
+
+# ----- an outbound call waits for the bot to be in the room -----------------------------------------------------
+JOINED = {"stage": "browser", "state": "joined", "session": 1}
+REFUSED_NAME = {"stage": "browser", "state": "rejoining", "session": 1,
+                "reason": "join failed at step 3/3 (wait_for '#videos' to be visible): Timeout 20000ms exceeded.",
+                "diagnosis": {"page_errors": ["Input is not alphanumeric"], "screenshot": "/run/x/browser-failure.png",
+                              "suggestion": "give a display_name the page accepts, e.g. --var display_name=SIPbridge"}}
+
+
+@pytest.mark.parametrize(("wait_s", "events", "waited_s", "expected"), [
+    # No waiting configured (a pipeline without a bot): dial at once whatever the bot says or does not say.
+    (0.0, [], 0.0, cc.DialNow()),
+    (0.0, [REFUSED_NAME], 100.0, cc.DialNow()),
+    # Waiting, nothing heard yet: keep waiting for what is left of the bound ...
+    (60.0, [], 0.0, cc.KeepWaiting(60.0)),
+    (60.0, [{"state": "launching"}, {"state": "joining", "url": "http://room/"}], 45.0, cc.KeepWaiting(15.0)),
+    # ... dial as soon as the bot is in, also when it got in after a failed attempt or announced it only again later.
+    (60.0, [JOINED], 0.0, cc.DialNow()),
+    (60.0, [REFUSED_NAME, {"state": "joining"}, JOINED], 30.0, cc.DialNow()),
+    (60.0, [{**JOINED, "repeat": True}], 59.0, cc.DialNow()),
+    # Past the bound without the bot: not placed, saying what the bot said.
+    (60.0, [], 60.0, cc.NotPlaced("not placed: the bot was not in the room after 60 s (the bot has not reported "
+                                  "any state)")),
+    (5.0, [{"state": "joining"}], 7.5, cc.NotPlaced("not placed: the bot was not in the room after 5 s (bot joining)")),
+    # The bot left again (dropped, rejoining): a call placed now would meet an empty room.
+    (60.0, [JOINED, {"state": "rejoining", "reason": "dropped from the room"}], 1.0, cc.KeepWaiting(59.0)),
+    # Other stages' states, or nonsense, are not the bot's and change nothing.
+    (60.0, [JOINED, {"state": "pondering"}, {"state": 7}, {}], 1.0, cc.DialNow()),
+])
+def test_room_gate(wait_s: float, events: list[dict[str, object]], waited_s: float, expected: object) -> None:
+    gate = cc.RoomGate(wait_s)
+    for attributes in events:
+        gate.observe(attributes)
+    assert gate.decide(waited_s) == expected
+
+
+def test_room_gate_says_why_the_bot_is_not_in() -> None:
+    gate = cc.RoomGate(60.0)
+    assert gate.observe(REFUSED_NAME) is True
+    assert gate.observe({**REFUSED_NAME, "repeat": True}) is False  # the bot said it again: nothing new to look at
+    decision = gate.decide(60.0)
+    assert isinstance(decision, cc.NotPlaced)
+    assert decision.reason.startswith("not placed: the bot was not in the room after 60 s (bot rejoining: join failed "
+                                      "at step 3/3 (wait_for '#videos' to be visible)")
+    for part in ("page shows: 'Input is not alphanumeric'", "likely fix: give a display_name the page accepts",
+                 "screenshot: /run/x/browser-failure.png"):
+        assert part in decision.reason
+    # A page's endless error text stays a line in the call's state and logs.
+    gate.observe({"state": "failed", "reason": "x" * 5000, "diagnosis": {"page_errors": ["y" * 5000] * 50}})
+    reason = gate.decide(61.0)
+    assert isinstance(reason, cc.NotPlaced) and len(reason.reason) < 1000 and "bot failed: xxx" in reason.reason
+    assert gate.observe(JOINED) is True and gate.in_room and gate.describe() == "bot joined"
+
+
+@pytest.mark.parametrize("wait_s", [-1.0, float("nan"), float("inf"), 1e9])
+def test_room_gate_refuses_nonsense(wait_s: float) -> None:
+    with pytest.raises(ValueError, match="wait for the room"):
+        cc.RoomGate(wait_s)
+
+
+def test_bridge_file_wait_for_room_reaches_the_stage(tmp_path: object) -> None:
+    from pathlib import Path
+
+    from sipbridge.bridge import WAIT_FOR_ROOM_S, BridgeConfigError, bridge_stages, parse_bridge
+    from stages.janus import command as janus_command
+
+    def janus_args(data: dict[str, object]) -> list[str]:
+        return {s.name: s for s in bridge_stages(parse_bridge(data), Path(str(tmp_path)))}["janus"].args
+
+    args = janus_args(_bridge_example())  # an outbound call waits for the bot by default
+    assert args[args.index("--wait-for-room-s") + 1] == str(WAIT_FOR_ROOM_S) and WAIT_FOR_ROOM_S > 0
+    data = _bridge_example()
+    data["sip"]["wait_for_room_s"] = 12  # type: ignore[index]
+    args = janus_args(data)
+    assert args[args.index("--wait-for-room-s") + 1] == "12.0"
+    ctx = janus_command.make_context("janus", [a for a in args if not a.startswith("%(")], resilient_parsing=True)
+    assert ctx.params["wait_for_room_s"] == 12.0
+    for value, message in ((0, "must be more than 0"), (-5, "must be more than 0"), (1e6, "must be more than 0 and "
+                           "at most 3600 s"), ("60", "must be int or float"), (True, "must be int or float")):
+        data["sip"]["wait_for_room_s"] = value  # type: ignore[index]
+        with pytest.raises(BridgeConfigError, match=re.escape(f"sip.wait_for_room_s {message}")):
+            parse_bridge(data)
+    inbound = _bridge_example()
+    inbound["sip"] = {"inbound": True, "accept_from": ".*", "wait_for_room_s": 10}
+    with pytest.raises(BridgeConfigError, match=re.escape("sip.wait_for_room_s is for outbound calls")):
+        parse_bridge(inbound)
+    del inbound["sip"]["wait_for_room_s"]  # type: ignore[attr-defined]
+    assert "--wait-for-room-s" not in janus_args(inbound)

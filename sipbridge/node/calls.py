@@ -333,6 +333,11 @@ class Call:
                 return
             sip = self.sip()
             if sip and not self.plan.inbound and sip.get("state") in SIP_FINAL_STATES:
+                if sip.get("not_placed"):
+                    # No INVITE went out: the bot was not in the room within sip.wait_for_room_s (the reason says why).
+                    self.error = str(sip.get("reason", "not placed"))
+                    self._spawn_stop("not_placed")
+                    return
                 if sip.get("state") != "ended":
                     # What the submitter reads: the SIP code and reason (486 Busy Here, 404 Not Found, ...).
                     self.error = " ".join(str(p) for p in ("SIP", sip.get("state"), sip.get("code"), sip.get("reason"))
@@ -456,7 +461,7 @@ class Call:
             "summary": self.plan.summary,
             "sip": None if sip is None else {k: sip.get(k) for k in (
                 "state", "code", "reason", "direction", "peer", "audio_codec", "video_codec", "call_id",
-                "media_up_ns", "ended_ns")},
+                "media_up_ns", "ended_ns", "not_placed")},
             "cpu_cores": round(self.cpu_cores, 3),
             "memory_bytes": self.memory_bytes,
             "stages": self.stage_view(detail),

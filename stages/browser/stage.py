@@ -75,6 +75,9 @@ US_PER_S = 1_000_000
 RTP_TIMESTAMP_MODULO = 1 << 32
 # Control messages wait for a consumer at most this long: a pipeline without one must not stall the bot.
 CONTROL_SEND_TIMEOUT_S = 0.5
+# The bot's state is said again this often (a "repeat" STAGE_STATE, not logged): a stage that restarted, or joined
+# the chain late, learns it; the janus stage places an outbound call only once the bot is in the room.
+STATE_REPEAT_INTERVAL_S = 2.0
 
 HEADER_LENGTH = struct.Struct("<I")
 # Page messages and injected frames are tens to hundreds of kB each, one per frame, allocated on the codec thread
@@ -269,6 +272,7 @@ class BrowserStage(Stage):
         self._session = 0
         self._session_failed: asyncio.Future[str] | None = None
         self._state = "starting"
+        self._state_attributes: dict[str, Any] = {}  # the last STAGE_STATE event's, said again (_repeat_state)
         self._restarts: collections.deque[float] = collections.deque()
         self._joined_at_ns = 0
         self._pc_states: dict[Any, str] = {}
@@ -598,9 +602,15 @@ class BrowserStage(Stage):
 
     async def _set_state(self, state: str, **attributes: Any) -> None:
         self._state = state
+        self._state_attributes = {"stage": self.name, "state": state, "session": self._session, **attributes}
         self.log.info("state %s %s", state, attributes or "")
-        await self._emit_control(Event(EventType.STAGE_STATE, "", {"stage": self.name, "state": state,
-                                                          "session": self._session, **attributes}))
+        await self._emit_control(Event(EventType.STAGE_STATE, "", self._state_attributes))
+
+    async def _repeat_state(self) -> None:
+        while True:
+            await asyncio.sleep(STATE_REPEAT_INTERVAL_S)
+            if self._state_attributes:
+                await self._emit_control(Event(EventType.STAGE_STATE, "", {**self._state_attributes, "repeat": True}))
 
     # ----- joining for SIP calls (--join-on-call) ----------------------------------------------------------------
     async def on_control(self, msg: Message) -> None:
@@ -650,6 +660,7 @@ class BrowserStage(Stage):
         map_large_buffers()
         await self._start_server()
         trimmer = asyncio.create_task(self._trim_heap())
+        repeater = asyncio.create_task(self._repeat_state())
         try:
             async with async_playwright() as pw:
                 if self.config.join_on_call:
@@ -679,6 +690,7 @@ class BrowserStage(Stage):
                     await asyncio.sleep(RESTART_BACKOFF_S)
         finally:
             trimmer.cancel()
+            repeater.cancel()
             await self._drop_browser()
             if self._runner is not None:
                 await self._runner.cleanup()

@@ -59,6 +59,7 @@ from stages.janus.callcontrol import (
     DTMF_DIGITS,
     DTMF_DURATION_MS,
     REQUEST_MAX_BYTES,
+    ROOM_WAIT_MAX_S,
     Accept,
     Action,
     CallState,
@@ -69,15 +70,18 @@ from stages.janus.callcontrol import (
     DtmfReceived,
     EndCall,
     InboundRules,
+    KeepWaiting,
     MarkAccepted,
     MarkMediaUp,
     Note,
+    NotPlaced,
     PeerHold,
     Publish,
     RedialPolicy,
     Registered,
     ReportError,
     RequestKeyframe,
+    RoomGate,
     SetAnswer,
     SetSipCallId,
     error_reply,
@@ -141,6 +145,8 @@ class SipSettings:
     # auto: RFC 4733 events in the audio when the peer took telephone-event, else SIP INFO.
     dtmf_method: str = "auto"
     media_timeout_s: float = DEFAULT_MEDIA_TIMEOUT_S
+    # > 0: an outbound call is placed only once the room's bot reports it joined, waiting at most this long.
+    wait_for_room_s: float = 0.0
 
 
 class JanusStage(Stage):
@@ -179,6 +185,8 @@ class JanusStage(Stage):
         self.redial = RedialPolicy(settings.redial_after_janus_restart, settings.redial_s, settings.redial_backoff_s,
                                    settings.redial_backoff_max_s, settings.redial_max_tries)
         self._redial_task: asyncio.Task[None] | None = None
+        self.room = RoomGate(settings.wait_for_room_s)
+        self._room_changed = asyncio.Event()
         self._background: set[asyncio.Task[Any]] = set()
 
     def _spawn(self, coro: Any) -> None:
@@ -197,6 +205,8 @@ class JanusStage(Stage):
     def extra_figures(self) -> dict[str, Any]:
         call = self.call.info if self.call is not None else self.last_call
         figures: dict[str, Any] = {"registration": dict(self.registration), **self.counters}
+        if self.room.wait_s > 0:
+            figures["bot"] = self.room.state or "unknown"
         if call is not None:
             figures["call"] = {k: v for k, v in asdict(call).items() if v is not None}
         if self.call is not None:
@@ -273,6 +283,18 @@ class JanusStage(Stage):
         self._last_kf_request = now
         self._spawn(self.request_keyframe_upstream(self._upstream_video, reason))
 
+    # ----- the room's bot ------------------------------------------------------------------------
+    async def on_control(self, msg: Message) -> None:
+        """The bot's STAGE_STATE events come in-band through the room-to-SIP stages: a waiting call looks again."""
+        if not (isinstance(msg, Event) and msg.type is EventType.STAGE_STATE):
+            return
+        was_in = self.room.in_room
+        if self.room.observe(msg.attributes):
+            if self.room.in_room != was_in and self.room.wait_s > 0:
+                self.log.info("the room's bot is %s", "in the room" if self.room.in_room else
+                              f"out of the room ({self.room.describe()})")
+            self._room_changed.set()
+
     # ----- output: what the SIP peer sends --------------------------------------------------------
     def _on_received(self, kind: str, frame: ReceivedFrame) -> None:
         self._last_media_rx_s = time.monotonic()
@@ -332,7 +354,8 @@ class JanusStage(Stage):
                               f"SIP {info.code} {info.reason}".strip() if info.code else info.reason or state,
                               call_id=info.call_id)
         await call.close()
-        handle = self._handle_of(call)
+        # A call that was never placed (it waited for the room) has no handle to reset.
+        handle = None if call.waiting_for_room else self._handle_of(call)
         if handle is not None and state != CallState.DISCONNECTED:
             # Janus keeps the handle's ICE/DTLS state after a failed or ended call; reset it so that
             # the same handle (and its registration) takes the next call.
@@ -396,6 +419,11 @@ class JanusStage(Stage):
     async def _hangup_for_stop(self) -> None:
         """The stage is stopping: end the call with a BYE rather than leaving the peer hanging."""
         if self.call is None:
+            return
+        if self.call.waiting_for_room:  # no INVITE went out, no BYE is owed
+            self.call.info.not_placed = True
+            await self._end_call(CallState.ENDED, reason="not placed: the bridge stopped while the bot was not in "
+                                 f"the room ({self.room.describe()})")
             return
         handle = self._handle_of(self.call)
         if handle is not None and self.client is not None and not self.client.closed.is_set():
@@ -587,19 +615,58 @@ class JanusStage(Stage):
         call = self._new_call("outbound", uri)
         self.call = call
         self.counters["calls_started"] += 1
+        if isinstance(self.room.decide(0.0), KeepWaiting):
+            # No INVITE while the bot is not in the room: the peer would answer into silence (issues 12, 14).
+            call.waiting_for_room = True
+            call.info.reason = (f"waiting up to {self.room.wait_s:g} s for the bot to be in the room "
+                                f"({self.room.describe()})")
+            self._publish_state(call.info, CallState.WAITING_FOR_ROOM)
+            self._spawn(self._dial_when_in_room(call, uri))
+            return call.info
+        await self._dial(call, uri)
+        return call.info
+
+    async def _dial_when_in_room(self, call: SipCall, uri: str) -> None:
+        """Place a waiting call once the bot is in the room; end it unplaced, with the bot's reason, past the bound."""
+        started = time.monotonic()
+        while self.call is call:  # a hangup, a stop or a lost Janus ends the waiting call meanwhile
+            decision = self.room.decide(time.monotonic() - started)
+            if isinstance(decision, NotPlaced):
+                call.info.not_placed = True
+                self.log.warning("call %s: %s", call.info.call_id, decision.reason)
+                await self._end_call(CallState.FAILED, reason=decision.reason)
+                return
+            if not isinstance(decision, KeepWaiting):
+                if self.handle is None or not self.registered:
+                    return  # Janus went away meanwhile: the call ended with it (see _janus_loop)
+                self.log.info("call %s: the bot is in the room after %.1f s: dialling %s", call.info.call_id,
+                              time.monotonic() - started, uri)
+                await self._dial(call, uri)
+                return
+            self._room_changed.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._room_changed.wait(), decision.remaining_s)
+
+    async def _dial(self, call: SipCall, uri: str) -> None:
+        """Send the INVITE of an outbound call (through Janus, on a fresh handle when the last one had a call)."""
+        call.waiting_for_room = False
+        call.info.reason = ""
         self._publish_state(call.info, CallState.CALLING)
         try:
             if self._handle_used and not self.settings.inbound:
                 await self._fresh_handle()
             self._handle_used = True
-            call.handle = self.handle
+            handle = self.handle
+            if handle is None:  # Janus went away while the call waited for the room
+                await self._end_call(CallState.DISCONNECTED, reason="Janus connection lost")
+                return
+            call.handle = handle
             offer = await call.create_offer()
             # Our own Call-ID: logs of sipbridge, Janus and the SIP peer then share one id.
-            await self.handle.message({"request": "call", "uri": uri, "call_id": call.info.call_id,
+            await handle.message({"request": "call", "uri": uri, "call_id": call.info.call_id,
                                        "autoaccept_reinvites": True}, jsep=offer)
         except (JanusError, ValueError, TimeoutError) as exc:
             await self._end_call(CallState.FAILED, reason=str(exc))
-        return call.info
 
     async def _fresh_handle(self) -> None:
         """Give the next outbound call a new SIP plugin handle, registered like the first.
@@ -779,6 +846,10 @@ class JanusStage(Stage):
             raise RuntimeError("no active call")
         self._cancel_redial()
         self.call.hung_up_by_user = True
+        if self.call.waiting_for_room:  # nothing went to Janus, nothing to hang up there
+            self.call.info.not_placed = True
+            await self._end_call(CallState.ENDED, reason="hung up before it was placed (the bot was not in the room)")
+            return
         self._publish_state(self.call.info, CallState.HANGINGUP)
         handle = self._handle_of(self.call)
         assert handle is not None
@@ -957,6 +1028,9 @@ CODEC_CHOICES = {"h264": Codec.H264, "vp8": Codec.VP8, "pcmu": Codec.PCMU, "pcma
 @click.option("--decline-code", type=int, default=486, help="SIP code for declined calls.")
 @click.option("--media-timeout-s", type=click.FloatRange(0), default=DEFAULT_MEDIA_TIMEOUT_S, show_default=True,
               help="Hang up after this long without media from the SIP peer (a peer gone without BYE); 0 = never.")
+@click.option("--wait-for-room-s", type=click.FloatRange(0, ROOM_WAIT_MAX_S), default=0.0, show_default=True,
+              help="Place an outbound call only once the room's bot reports it joined, waiting at most this long "
+                   "(past it the call is not placed); 0 = do not wait (no bot in the pipeline).")
 @click.option("--dtmf-method", type=click.Choice(["auto", "rfc2833", "info"]), default="auto", show_default=True,
               help="How DTMF is sent: RFC 4733 events in the audio (auto: when the peer takes them) or SIP INFO.")
 @click.option("--audio-codec", "audio_codecs", multiple=True, type=click.Choice(sorted(c for c in CODEC_CHOICES
@@ -984,6 +1058,7 @@ def command(**params: Any) -> None:
         video_stream=params["video_stream"], audio_stream=params["audio_stream"], control=params["control"],
         low_latency_jitter_buffer=params["jitter_buffer"] == "low-latency",
         dtmf_method=params["dtmf_method"], media_timeout_s=params["media_timeout_s"],
+        wait_for_room_s=params["wait_for_room_s"],
         redial_after_janus_restart=params["redial_after_janus_restart"], redial_backoff_s=params["redial_backoff_s"],
         redial_backoff_max_s=params["redial_backoff_max_s"], redial_max_tries=params["redial_max_tries"])
     run(JanusStage(options, settings))

@@ -189,6 +189,106 @@ class RedialPolicy:
         return delay
 
 
+# ----- the bot in the room before an outbound call is placed ------------------------------------------------
+# The browser stage's STAGE_STATE values (stages/browser/stage.py); "joined" is the only one where the bot is in.
+BOT_STATES = frozenset({"starting", "launching", "joining", "joined", "rejoining", "failed", "waiting_for_call"})
+BOT_JOINED = "joined"
+ROOM_WAIT_MAX_S = 3600.0
+# The bot's reason travels in the call's state, statistics and logs: a line, not a page.
+BOT_REASON_MAX_CHARS = 240
+BOT_DETAIL_MAX_CHARS = 800
+
+
+@dataclass(frozen=True)
+class DialNow:
+    """Place the call: the bot is in the room (or this stage does not wait for it)."""
+
+
+@dataclass(frozen=True)
+class KeepWaiting:
+    """Not yet: wait for the bot's next state or until ``remaining_s`` have passed."""
+
+    remaining_s: float
+
+
+@dataclass(frozen=True)
+class NotPlaced:
+    """The bound passed without the bot in the room: the call ends without an INVITE, for this reason."""
+
+    reason: str
+
+
+@dataclass
+class RoomGate:
+    """Whether an outbound call may be placed: only once the room's bot is in the room.
+
+    A SIP peer that answers while the bot cannot get in hears silence and sees a slate for nothing (issues 12, 14),
+    so an outbound call waits up to ``wait_s`` for the browser stage to report ``joined`` (its STAGE_STATE events
+    reach this stage in-band through the room-to-SIP stages) and is not placed past that bound. ``wait_s`` = 0:
+    no waiting (a pipeline without a bot). The bot re-announces its state every few seconds, so a gate that
+    started late (a restarted janus stage) learns it without a join.
+    """
+
+    wait_s: float = 0.0
+    state: str = ""  # the bot's last state, "" before it said anything
+    detail: str = ""  # why it is not in, as it said (the failed step, what the page shows, the likely fix)
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.wait_s) or not 0 <= self.wait_s <= ROOM_WAIT_MAX_S:
+            raise ValueError(f"the wait for the room must be 0..{ROOM_WAIT_MAX_S:g} s, not {self.wait_s!r}")
+
+    @property
+    def in_room(self) -> bool:
+        return self.state == BOT_JOINED
+
+    def observe(self, attributes: dict[str, Any]) -> bool:
+        """Take one STAGE_STATE event's attributes; True when the bot's state changed (a waiting call looks again).
+
+        Events of other stages, or with states the bot never sends, are not the bot's and change nothing."""
+        state = attributes.get("state")
+        if not isinstance(state, str) or state not in BOT_STATES:
+            return False
+        detail = "" if state == BOT_JOINED else _bot_detail(attributes)
+        changed = state != self.state or detail != self.detail
+        self.state, self.detail = state, detail
+        return changed
+
+    def decide(self, waited_s: float) -> DialNow | KeepWaiting | NotPlaced:
+        """What a call that has waited ``waited_s`` for the bot does now."""
+        if self.wait_s <= 0 or self.in_room:
+            return DialNow()
+        if waited_s < self.wait_s:
+            return KeepWaiting(self.wait_s - waited_s)
+        return NotPlaced(f"not placed: the bot was not in the room after {self.wait_s:g} s ({self.describe()})")
+
+    def describe(self) -> str:
+        """The bot's state in words, for a waiting call's state and a call that was not placed."""
+        if not self.state:
+            return "the bot has not reported any state"
+        text = f"bot {self.state}" + (f": {self.detail}" if self.detail else "")
+        return text if len(text) <= BOT_DETAIL_MAX_CHARS else text[:BOT_DETAIL_MAX_CHARS - 3] + "..."
+
+
+def _bot_detail(attributes: dict[str, Any]) -> str:
+    """The reason a bot state event gives (rejoining, failed), with the likely fix when it found one."""
+    parts = []
+    reason = attributes.get("reason")
+    if isinstance(reason, str) and reason:
+        parts.append(reason if len(reason) <= BOT_REASON_MAX_CHARS else reason[:BOT_REASON_MAX_CHARS - 3] + "...")
+    diagnosis = attributes.get("diagnosis")
+    if isinstance(diagnosis, dict):
+        errors = diagnosis.get("page_errors")
+        if isinstance(errors, list) and errors:
+            parts.append("page shows: " + " | ".join(repr(str(e)[:100]) for e in errors[:2]))
+        suggestion = diagnosis.get("suggestion")
+        if isinstance(suggestion, str) and suggestion:
+            parts.append("likely fix: " + suggestion)
+        screenshot = diagnosis.get("screenshot")
+        if isinstance(screenshot, str) and screenshot:
+            parts.append("screenshot: " + screenshot)
+    return "; ".join(parts)
+
+
 # ----- call states ---------------------------------------------------------------------------------------------
 class CallState:
     """Values of the ``state`` attribute of CALL_STATE events."""
@@ -207,6 +307,7 @@ class CallState:
     HOLDING = "holding"
     ON_HOLD = "on_hold"
     RESUMED = "resumed"
+    WAITING_FOR_ROOM = "waiting_for_room"  # an outbound call not placed yet: the room's bot is not in the room
     HANGINGUP = "hangingup"
     ENDED = "ended"
     FAILED = "failed"
@@ -214,8 +315,8 @@ class CallState:
     DISCONNECTED = "janus_disconnected"
 
 
-ACTIVE_STATES = {CallState.CALLING, CallState.INCOMING, CallState.RINGING, CallState.PROCEEDING,
-                 CallState.PROGRESS, CallState.ACCEPTED, CallState.MEDIA_UP, CallState.HOLDING,
+ACTIVE_STATES = {CallState.WAITING_FOR_ROOM, CallState.CALLING, CallState.INCOMING, CallState.RINGING,
+                 CallState.PROCEEDING, CallState.PROGRESS, CallState.ACCEPTED, CallState.MEDIA_UP, CallState.HOLDING,
                  CallState.ON_HOLD, CallState.RESUMED}
 
 

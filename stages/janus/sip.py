@@ -77,6 +77,8 @@ class CallInfo:
     audio_codec: str | None = None
     video_codec: str | None = None
     sip_call_id: str = ""
+    # An outbound call that ended without an INVITE: the room's bot was not in the room within the bound.
+    not_placed: bool = False
 
 
 class SipCall:
@@ -99,6 +101,7 @@ class SipCall:
         self.telephone_event_sender: TelephoneEventSender | None = None
         self.hangup_reason: str | None = None  # set when we end the call for a reason of our own
         self.hung_up_by_user = False  # a hangup request: the call is not dialled again
+        self.waiting_for_room = False  # an outbound call not placed yet: no INVITE, no handle (RoomGate)
         self.handle: Any = None  # the Janus SIP handle the call runs on (set by the stage)
         self.audio: RTCRtpTransceiver | None = None
         self.video: RTCRtpTransceiver | None = None
