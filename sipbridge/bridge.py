@@ -29,6 +29,9 @@ CAPTURE_MODES = ("raw", "encoded")
 CODEC_AUDIO_RATE_HZ = {"pcmu": 8000, "pcma": 8000, "g722": 16000, "opus": 48000}
 ROOM_AUDIO_RATE_HZ = 48000
 SECRET_ENV_PREFIX = "SIPBRIDGE_SECRET_"
+# janus.start without janus.api_secret: `sipbridge up` generates the Janus API secret for the run under this name
+# (in its own memory; the broker hands it to the janus-server and janus programs only).
+RUN_JANUS_SECRET_ENV = "SIPBRIDGE_RUN_JANUS_API_SECRET"
 # The browser -> room-decoder edge carries every participant's encoded frames (a few kB each). Dropping one
 # stalls that participant until a keyframe, which the room's sender may be slow to give, so this edge rides
 # out short CPU stalls with a deeper queue (about a second of two participants' audio and video).
@@ -325,6 +328,17 @@ def missing_secrets(cfg: BridgeConfig, environ: dict[str, str] | None = None) ->
     return [name for name in (cfg.janus_api_secret, cfg.secret) if name and name not in env]
 
 
+def run_secrets(specs: list[StageSpec], environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment the stages' secrets are read from: ``environ`` (os.environ) plus, when a stage needs it, the
+    Janus API secret generated for this run."""
+    from sipbridge.janus_server import generate_api_secret
+
+    env = dict(os.environ if environ is None else environ)
+    if RUN_JANUS_SECRET_ENV not in env and any(RUN_JANUS_SECRET_ENV in s.secrets.values() for s in specs):
+        env[RUN_JANUS_SECRET_ENV] = generate_api_secret()
+    return env
+
+
 def _grid(cfg: BridgeConfig) -> list[str]:
     """The room-side transformer's video arguments for the layout."""
     size = f"{cfg.to_sip.width}x{cfg.to_sip.height}"
@@ -381,8 +395,10 @@ def bridge_stages(cfg: BridgeConfig, run_dir: Path) -> list[StageSpec]:
         janus_args += ["--authuser", cfg.authuser]
     if cfg.secret:
         janus_secrets["SIPBRIDGE_STAGE_JANUS_SECRET"] = cfg.secret
-    if cfg.janus_api_secret:
-        janus_secrets["SIPBRIDGE_STAGE_JANUS_API_SECRET"] = cfg.janus_api_secret
+    # Our own Janus always has a secret: the one the file names, else one generated for this run.
+    api_secret = cfg.janus_api_secret or (RUN_JANUS_SECRET_ENV if cfg.start_janus else None)
+    if api_secret:
+        janus_secrets["SIPBRIDGE_STAGE_JANUS_API_SECRET"] = api_secret
     if cfg.call:
         janus_args += ["--call", cfg.call, "--wait-for-room-s", str(cfg.wait_for_room_s)]
     else:
@@ -480,6 +496,7 @@ def bridge_stages(cfg: BridgeConfig, run_dir: Path) -> list[StageSpec]:
                 "janus-server",
                 priority=10,
                 command=(f"%(ENV_SIPBRIDGE_PYTHON)s -m sipbridge janus-server --work-dir {run_dir}/janus"),
+                secrets={"SIPBRIDGE_JANUS_API_SECRET": api_secret} if api_secret else {},
             ),
         )
     for spec in specs:

@@ -104,13 +104,13 @@ def run_pipeline(config: Path, run_dir: Path, forever: bool, quiet: bool = False
     except (PipelineError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
     if config.suffix == ".toml":
-        from sipbridge.bridge import BridgeConfigError, bridge_stages, parse_bridge
+        from sipbridge.bridge import BridgeConfigError, bridge_stages, parse_bridge, run_secrets
 
         try:
             with open(config, "rb") as fh:
                 data = tomllib.load(fh)
             specs = parse_pipeline(data) if "stage" in data else bridge_stages(parse_bridge(data), run_dir)
-            secrets = stage_secrets(specs)
+            secrets = stage_secrets(specs, run_secrets(specs))
             secret_names = {source for spec in specs for source in spec.secrets.values()}
         except (tomllib.TOMLDecodeError, PipelineError, BridgeConfigError) as exc:
             raise click.ClickException(f"{config}: {exc}") from None

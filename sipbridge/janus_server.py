@@ -12,6 +12,13 @@ Python API::
         janus.ws_url      # ws://127.0.0.1:8188  (reachable inside that namespace)
         janus.http_url    # http://127.0.0.1:8088/janus
 
+API secret: ``sipbridge janus-server`` always sets one (Janus then refuses every request without it): the one
+in ``SIPBRIDGE_JANUS_API_SECRET`` when given (``sipbridge up`` hands it over through its secret broker, never a
+command line), else the one in ``WORK_DIR/api_secret`` from an earlier start (a node's Janus keeps its secret
+across restarts), else a new one. It is written to ``WORK_DIR/api_secret`` (0600, for the local clients: the
+room server, tools) and into the rendered configuration (0600 files in a 0700 folder); never logged. The
+Python ``JanusServer`` sets one when ``JanusConfig.api_secret`` is given (``generate_api_secret()``).
+
 ``netns`` makes Janus run under ``ip netns exec``; readiness is probed from a thread
 inside that namespace, so the caller itself need not be in it. When the caller
 already is in the namespace (``sipbridge.netns.entered``), leave ``netns`` unset:
@@ -29,6 +36,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -36,7 +44,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -62,6 +70,9 @@ READY_TIMEOUT_S = 10.0
 READY_POLL_S = 0.05
 PROBE_TIMEOUT_S = 1.0
 STOP_TIMEOUT_S = 10.0
+API_SECRET_ENV = "SIPBRIDGE_JANUS_API_SECRET"
+API_SECRET_FILE_NAME = "api_secret"
+API_SECRET_BYTES = 32  # secrets.token_urlsafe: 43 characters
 
 
 class JanusError(RuntimeError):
@@ -79,6 +90,8 @@ class JanusConfig:
     ice_enforce_list: str = DEFAULT_ICE_ENFORCE_LIST
     debug_level: int = 4
     log_file: str = ""  # empty: log to stdout only
+    # Every request must carry it; None: no secret (see generate_api_secret). Never in a repr or a log.
+    api_secret: str | None = field(default=None, repr=False)
 
     def values(self, configs_folder: Path) -> dict[str, str]:
         return {
@@ -92,6 +105,7 @@ class JanusConfig:
             "RTP_PORT_RANGE": self.rtp_port_range,
             "SIP_RTP_PORT_RANGE": self.sip_rtp_port_range,
             "ICE_ENFORCE_LIST": self.ice_enforce_list,
+            "API_SECRET": self.api_secret or "",
         }
 
 
@@ -100,10 +114,45 @@ _PLACEHOLDER_RE = re.compile(r"\$\{([A-Z_]+)\}")
 _EMPTY_SETTING_RE = re.compile(r'^(\s*)(\w+ = "")', re.MULTILINE)
 
 
+def generate_api_secret() -> str:
+    return secrets.token_urlsafe(API_SECRET_BYTES)
+
+
+def check_api_secret(value: str) -> str:
+    """A secret goes into a Janus configuration string: printable ASCII without quotes or backslashes."""
+    if not 16 <= len(value) <= 256 or not re.fullmatch(r"[A-Za-z0-9._~+/=-]+", value):
+        raise JanusError("the Janus API secret must be 16..256 characters of letters, digits and ._~+/=-")
+    return value
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` readable by its owner only, from the first byte on."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # an existing file keeps its mode through O_CREAT: set it
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+
+
+def load_or_create_api_secret(path: Path, environ: dict[str, str] | None = None) -> str:
+    """The secret this Janus runs with (see the module docstring), written to ``path`` (0600)."""
+    env = os.environ if environ is None else environ
+    secret = env.get(API_SECRET_ENV)
+    if not secret and path.is_file():
+        secret = path.read_text().strip()
+    secret = check_api_secret(secret or generate_api_secret())
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    write_private(path, secret + "\n")
+    return secret
+
+
 def render_config(config: JanusConfig, out_dir: str | os.PathLike[str], template_dir: Path = TEMPLATE_DIR) -> Path:
-    """Write filled-in copies of every ``*.jcfg`` template to ``out_dir``; return it."""
+    """Write filled-in copies of every ``*.jcfg`` template to ``out_dir`` (0700; files 0600: they may hold the
+    API secret); return it."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(mode=0o700, parents=True, exist_ok=True)
+    out.chmod(0o700)
     templates = sorted(template_dir.glob("*.jcfg"))
     if not templates:
         raise JanusError(f"no .jcfg templates in {template_dir}")
@@ -112,7 +161,7 @@ def render_config(config: JanusConfig, out_dir: str | os.PathLike[str], template
         # Only ${UPPER_CASE} is ours: the comments in Debian's files mention $HOME and the like.
         text = _PLACEHOLDER_RE.sub(lambda m: values[m.group(1)], template.read_text())
         text = _EMPTY_SETTING_RE.sub(r"\1#\2", text)
-        (out / template.name).write_text(text)
+        write_private(out / template.name, text)
     return out
 
 
@@ -165,6 +214,15 @@ class JanusServer:
     def log_file(self) -> Path:
         return Path(self.config.log_file)
 
+    @property
+    def api_secret(self) -> str | None:
+        return self.config.api_secret
+
+    @property
+    def api_secret_file(self) -> Path:
+        """Where the secret is kept for this Janus's local clients (0600), when it has one."""
+        return self.work_dir / API_SECRET_FILE_NAME
+
     def _probe(self) -> dict[str, Any]:
         if self.netns:
             return netns_mod.call_in(self.netns, fetch_info, self.http_url)
@@ -173,6 +231,10 @@ class JanusServer:
     def start(self, timeout_s: float = READY_TIMEOUT_S) -> JanusServer:
         if self.proc is not None and self.proc.poll() is None:
             return self
+        if self.config.api_secret:
+            check_api_secret(self.config.api_secret)
+            self.work_dir.mkdir(parents=True, exist_ok=True)
+            write_private(self.api_secret_file, self.config.api_secret + "\n")
         render_config(self.config, self.conf_dir, self.template_dir)
         argv = janus_argv(self.conf_dir, stdout_log=False)
         if self.netns:
@@ -258,16 +320,29 @@ class JanusServer:
 @click.option("--log-file", default="", help="Also log to this file.")
 @click.option("--netns", default=None, help="Run Janus inside this network namespace.")
 @click.option("--render-only", is_flag=True, help="Write the configuration, print its folder and exit.")
+@click.option("--api-secret-file", type=click.Path(dir_okay=False), default=None,
+              help=f"Where the API secret is kept (0600) [WORK_DIR/{API_SECRET_FILE_NAME}]; the secret itself comes "
+                   f"from ${API_SECRET_ENV}, else this file, else is generated.")
 def command(template_dir: str, work_dir: str | None, http_port: int, ws_port: int, bind_ip: str, sip_ip: str,
             rtp_port_range: str, sip_rtp_port_range: str, ice_enforce_list: str, debug_level: int, log_file: str,
-            netns: str | None, render_only: bool) -> None:
+            netns: str | None, render_only: bool, api_secret_file: str | None) -> None:
     """Run Janus in the foreground with the project's configuration (for supervisord)."""
     from stages.base import run_dir
 
+    work = Path(work_dir or os.path.join(run_dir(), "janus"))
+    secret_file = Path(api_secret_file) if api_secret_file else work / API_SECRET_FILE_NAME
+    try:
+        secret = load_or_create_api_secret(secret_file)
+    except (JanusError, OSError) as exc:
+        raise click.ClickException(f"Janus API secret: {exc}") from None
+    # Janus reads it from its configuration: it need not stay in any process's environment.
+    os.environ.pop(API_SECRET_ENV, None)
     config = JanusConfig(http_port=http_port, ws_port=ws_port, bind_ip=bind_ip, sip_ip=sip_ip,
                          rtp_port_range=rtp_port_range, sip_rtp_port_range=sip_rtp_port_range,
-                         ice_enforce_list=ice_enforce_list, debug_level=debug_level, log_file=log_file)
-    conf_dir = render_config(config, Path(work_dir or os.path.join(run_dir(), "janus")) / "conf", Path(template_dir))
+                         ice_enforce_list=ice_enforce_list, debug_level=debug_level, log_file=log_file,
+                         api_secret=secret)
+    conf_dir = render_config(config, work / "conf", Path(template_dir))
+    click.echo(f"Janus API secret in {secret_file} (0600); every client passes it", err=True)
     if render_only:
         click.echo(str(conf_dir))
         return

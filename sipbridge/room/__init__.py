@@ -26,12 +26,17 @@ def command() -> None:
 @click.option("--port", type=int, default=8480, show_default=True)
 @click.option("--janus", "janus_url", default=DEFAULT_JANUS_WS, show_default=True,
               help="Janus WebSocket URL the page connects to.")
-def serve(host: str, port: int, janus_url: str) -> None:
+@click.option("--janus-secret-file", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="The Janus API secret (`sipbridge janus-server` writes WORK_DIR/api_secret), handed to the pages.")
+def serve(host: str, port: int, janus_url: str, janus_secret_file: str | None) -> None:
     """Serve the room page (Janus must run separately, see `sipbridge janus-server`)."""
+    from pathlib import Path
+
     from sipbridge.room.server import serve as run_server
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s [room] %(message)s")
-    run_server(host, port, janus_url)
+    secret = Path(janus_secret_file).read_text().strip() if janus_secret_file else None
+    run_server(host, port, janus_url, secret or None)
 
 
 @command.command()

@@ -410,6 +410,13 @@ def janus_url_of(room_url: str, janus: str | None) -> str:
         return str(json.loads(response.read())["janus"])
 
 
+def janus_secret_of(room_url: str) -> str | None:
+    """The Janus API secret the room server hands its pages (``/config.json``), when that Janus has one."""
+    with urllib.request.urlopen(room_url.rstrip("/") + "/config.json", timeout=5) as response:
+        secret = json.loads(response.read()).get("apisecret")
+    return secret if isinstance(secret, str) and secret else None
+
+
 def plugin_data(event: dict[str, Any]) -> dict[str, Any]:
     data = event.get("plugindata", {}).get("data", {})
     return data if isinstance(data, dict) else {}
@@ -479,8 +486,9 @@ class CheapPublisher:
     """One publisher: a Janus session with a VideoRoom handle and an aiortc PeerConnection sending the loops."""
 
     def __init__(self, janus_url: str, room: int, spec: PublisherSpec, codec: str, fps: int, video: MediaLoop,
-                 audio: MediaLoop, sync_marks: bool) -> None:
+                 audio: MediaLoop, sync_marks: bool, api_secret: str | None = None) -> None:
         self.janus_url, self.room, self.spec, self.codec, self.fps = janus_url, room, spec, codec, fps
+        self.api_secret = api_secret
         self.video, self.audio, self.sync_marks = video, audio, sync_marks
         self.client: Any = None
         self.handle: Any = None
@@ -491,7 +499,7 @@ class CheapPublisher:
 
         from stages.janus.client import JanusClient
 
-        self.client = await JanusClient(self.janus_url).connect()
+        self.client = await JanusClient(self.janus_url, self.api_secret).connect()
         self.handle, _ = await join_room(self.client, self.room, self.spec.name, self.codec)
         self.pc = RTCPeerConnection()
         marks = MarkReporter(self.spec.name) if self.sync_marks else None
@@ -550,6 +558,7 @@ async def run_cheap(room_url: str, room: int, publishers: list[PublisherSpec], v
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     url = janus_url_of(room_url, janus)
+    secret = janus_secret_of(room_url)
     tolerate_slow_consent()
     video = None
     if publishers:
@@ -572,7 +581,7 @@ async def run_cheap(room_url: str, room: int, publishers: list[PublisherSpec], v
         for spec in publishers:
             assert video is not None
             audio = await loop.run_in_executor(None, encode_audio_loop, spec.tone_hz, loop_s, sync_marks, use_cache)
-            publisher = CheapPublisher(url, room, spec, codec, fps, video, audio, sync_marks)
+            publisher = CheapPublisher(url, room, spec, codec, fps, video, audio, sync_marks, secret)
             running.append(publisher)
             await publisher.start()
             emit_line({"participant": spec.name, "event": "joined", "engine": "aiortc", "time_ns": time.time_ns()})
@@ -588,7 +597,7 @@ async def run_cheap(room_url: str, room: int, publishers: list[PublisherSpec], v
                 children.append(await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL))
         else:
             for name in viewers:
-                viewer = CheapViewer(url, room, name, codec=codec, sync_marks=sync_marks)
+                viewer = CheapViewer(url, room, name, codec=codec, sync_marks=sync_marks, api_secret=secret)
                 running.append(viewer)
                 await viewer.start()
                 emit_line({"participant": name, "event": "joined", "engine": "aiortc", "time_ns": time.time_ns()})

@@ -184,8 +184,10 @@ class Source:
 class CheapViewer:
     """Joins ``room`` as ``name`` without publishing and reads every feed it subscribes to."""
 
-    def __init__(self, janus_url: str, room: int, name: str, *, codec: str = "h264", sync_marks: bool = False) -> None:
+    def __init__(self, janus_url: str, room: int, name: str, *, codec: str = "h264", sync_marks: bool = False,
+                 api_secret: str | None = None) -> None:
         self.janus_url, self.room, self.name, self.codec, self.sync_marks = janus_url, room, name, codec, sync_marks
+        self.api_secret = api_secret
         self.client: Any = None
         self.handle: Any = None
         self.sources: dict[str, Source] = {}
@@ -203,7 +205,7 @@ class CheapViewer:
     async def start(self) -> None:
         from stages.janus.client import JanusClient
 
-        self.client = await JanusClient(self.janus_url).connect()
+        self.client = await JanusClient(self.janus_url, self.api_secret).connect()
         self.handle, joined = await join_room(self.client, self.room, self.name, self.codec)
         for publisher in joined.get("publishers", []):
             await self.subscribe(int(publisher["id"]), str(publisher.get("display") or publisher["id"]))

@@ -15,14 +15,16 @@ DEFAULT_JANUS_WS = "ws://127.0.0.1:8188"
 log = logging.getLogger("sipbridge.room")
 
 
-def make_app(janus_url: str = DEFAULT_JANUS_WS) -> web.Application:
+def make_app(janus_url: str = DEFAULT_JANUS_WS, api_secret: str | None = None) -> web.Application:
+    """The room's pages get the Janus URL, and the API secret when that Janus has one, from /config.json: this room
+    stands in for an app whose backend hands its own clients what they need to reach its Janus."""
     app = web.Application()
 
     async def index(_: web.Request) -> web.FileResponse:
         return web.FileResponse(STATIC_DIR / "index.html")
 
     async def config(_: web.Request) -> web.Response:
-        return web.json_response({"janus": janus_url})
+        return web.json_response({"janus": janus_url, **({"apisecret": api_secret} if api_secret else {})})
 
     async def healthz(_: web.Request) -> web.Response:
         return web.Response(text="ok")
@@ -46,6 +48,7 @@ def make_app(janus_url: str = DEFAULT_JANUS_WS) -> web.Application:
     return app
 
 
-def serve(host: str, port: int, janus_url: str) -> None:
-    log.info("local room on http://%s:%d/ (Janus %s)", host, port, janus_url)
-    web.run_app(make_app(janus_url), host=host, port=port, print=None, access_log=None)
+def serve(host: str, port: int, janus_url: str, api_secret: str | None = None) -> None:
+    log.info("local room on http://%s:%d/ (Janus %s%s)", host, port, janus_url,
+             ", with its API secret" if api_secret else "")
+    web.run_app(make_app(janus_url, api_secret), host=host, port=port, print=None, access_log=None)

@@ -54,6 +54,10 @@ GENERATORS = ("chromium", "aiortc")
 # The first aiortc participants on a machine encode their loop before joining (cached afterwards).
 LOOP_ENCODE_ALLOWANCE_S = 90.0
 PROBE_PREFIX = "SBPROBE "
+# The local Janus has an API secret like any project Janus; the bridge file names it as env:THIS, which the harness
+# sets in its own environment while the call runs (supervisord never sees it: its name says secret; the secret
+# broker hands it to the janus stage alone). The room server reads it from Janus's 0600 file for its pages.
+JANUS_SECRET_ENV = "SIPBRIDGE_LOCAL_JANUS_API_SECRET"
 
 
 def sipp_scenario(name: str) -> Path:
@@ -124,6 +128,7 @@ vars = {{ room = "{self.room}", codec = "h264" }}
 
 [janus]
 url = "ws://127.0.0.1:8188"
+api_secret = "env:{JANUS_SECRET_ENV}"
 
 [sip]
 identity = "sip:bridge@127.0.0.1"
@@ -261,7 +266,7 @@ class LocalCall:
 
     def start(self) -> None:
         from sipbridge import netns as netns_mod
-        from sipbridge.janus_server import JanusConfig, JanusServer
+        from sipbridge.janus_server import JanusConfig, JanusServer, generate_api_secret
 
         # A fresh run directory: stale sockets or statistics endpoints of an earlier run would mislead.
         shutil.rmtree(self.run_dir, ignore_errors=True)
@@ -274,10 +279,14 @@ class LocalCall:
             self.stack.callback(self.ns.delete)
             # This thread (and every child and thread it starts from now on) lives in the namespace.
             self.stack.enter_context(self.ns.entered())
-        self.janus = JanusServer(JanusConfig(), work_dir=self.run_dir / "janus").start()
+        secret = generate_api_secret()
+        self.janus = JanusServer(JanusConfig(api_secret=secret), work_dir=self.run_dir / "janus").start()
         self.stack.callback(self.janus.stop)
+        os.environ[JANUS_SECRET_ENV] = secret
+        self.stack.callback(lambda: os.environ.pop(JANUS_SECRET_ENV, None))
         self._spawn(
-            "room-server", [*SIPBRIDGE, "room", "serve", "--port", str(ROOM_HTTP_PORT), "--janus", self.janus.ws_url]
+            "room-server", [*SIPBRIDGE, "room", "serve", "--port", str(ROOM_HTTP_PORT), "--janus", self.janus.ws_url,
+                            "--janus-secret-file", str(self.janus.api_secret_file)]
         )
         wait_until(self._room_healthy, START_TIMEOUT_S, "room server")
         self._start_sip_peer()
@@ -366,7 +375,7 @@ class LocalCall:
 
     def _start_bridge(self) -> None:
         from sipbridge.bridge import bridge_stages, parse_bridge
-        from sipbridge.supervise import Supervisor, render_config
+        from sipbridge.supervise import Supervisor, render_config, stage_secrets
 
         text = self.options.bridge_toml()
         (self.run_dir / "bridge.toml").write_text(text)
@@ -377,7 +386,9 @@ class LocalCall:
         conf.write_text(render_config(specs, self.run_dir))
         os.environ["SIPBRIDGE_RUN_DIR"] = str(self.run_dir)
         os.environ["SIPBRIDGE_PYTHON"] = sys.executable
-        self.supervisor = Supervisor(conf, self.run_dir)
+        # The janus stage's Janus API secret reaches it through the secret broker, as with `sipbridge up`.
+        self.supervisor = Supervisor(conf, self.run_dir, secrets=stage_secrets(specs),
+                                     secret_names={source for spec in specs for source in spec.secrets.values()})
         self.supervisor.start()
         self.stack.callback(self.stop_bridge)
 

@@ -38,10 +38,10 @@
     window.dispatchEvent(new CustomEvent("room-status", { detail: { state, text } }));
   }
 
-  async function janusUrl() {
-    if (params.get("janus")) return params.get("janus");
-    const response = await fetch("/config.json");
-    return (await response.json()).janus;
+  // The Janus URL (a ?janus= override wins) and its API secret, when it has one, from the room server.
+  async function janusSettings() {
+    const config = await (await fetch("/config.json")).json();
+    return { server: params.get("janus") || config.janus, apisecret: config.apisecret || null };
   }
 
   async function captureLocal() {
@@ -184,10 +184,11 @@
     try {
       localStream = await captureLocal();
       document.getElementById("local-video").srcObject = localStream;
-      const server = await janusUrl();
+      const { server, apisecret } = await janusSettings();
       await new Promise((resolve) => Janus.init({ debug: false, callback: resolve }));
       janus = new Janus({
         server,
+        apisecret,
         success() {
           janus.attach({
             plugin: "janus.plugin.videoroom",
