@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 from supervisor.options import ServerOptions
 
-from sipbridge.bridge import BridgeConfigError, bridge_stages, missing_secrets, parse_bridge
+from sipbridge.bridge import RUN_JANUS_SECRET_ENV, BridgeConfigError, bridge_stages, missing_secrets, parse_bridge
 from sipbridge.cli import cli
 from sipbridge.supervise import render_config
 
@@ -104,12 +104,15 @@ def test_secrets_come_from_the_environment_and_never_reach_the_config_file(tmp_p
     specs = bridge_stages(cfg, tmp_path)
     conf = render_config(specs, tmp_path)
     assert "hunter2" not in conf and "SB_TEST_SECRET" not in conf and "--secret" not in conf
-    # Only the janus stage asks for it, by name, from the broker; supervisord never sees it.
-    assert {s.name: s.secrets for s in specs if s.secrets} == {"janus": {"SIPBRIDGE_STAGE_JANUS_SECRET":
-                                                                         "SB_TEST_SECRET"}}
+    # Only the janus stage asks for it, by name, from the broker; supervisord never sees it. (With janus.start, the
+    # Janus API secret generated for the run goes to Janus and the janus stage the same way.)
+    assert {s.name: s.secrets for s in specs if s.secrets} == {
+        "janus": {"SIPBRIDGE_STAGE_JANUS_SECRET": "SB_TEST_SECRET",
+                  "SIPBRIDGE_STAGE_JANUS_API_SECRET": RUN_JANUS_SECRET_ENV},
+        "janus-server": {"SIPBRIDGE_JANUS_API_SECRET": RUN_JANUS_SECRET_ENV}}
     janus_command = next(line for line in conf.splitlines() if line.startswith("command=") and "stage janus" in line)
     assert "-m sipbridge.secretenv" in janus_command and "--program janus" in janus_command
-    assert sum("sipbridge.secretenv" in line for line in conf.splitlines()) == 1
+    assert sum("sipbridge.secretenv" in line for line in conf.splitlines()) == 2
 
 
 def test_a_bridge_is_live_every_program_restarted_whatever_its_exit_code(tmp_path: Path) -> None:

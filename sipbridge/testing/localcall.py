@@ -48,6 +48,9 @@ JOIN_TIMEOUT_S = 120.0
 # From the bridge's start to the first echoed frame in the room: ~10 s on a quiet machine, 40-90 s measured at a
 # load average of 30-50 on 2 cores (the bot's Chromium starts and joins late).
 MEDIA_START_TIMEOUT_S = 150.0
+# The call waits for the bot to be in the room as long as the harness waits for media (the bot's start and join
+# took 70 s at a load average of 45 here).
+WAIT_FOR_ROOM_S = MEDIA_START_TIMEOUT_S
 BOT_NAME = "bot"
 VIEWER_NAME = "viewer"
 GENERATORS = ("chromium", "aiortc")
@@ -134,6 +137,7 @@ api_secret = "env:{JANUS_SECRET_ENV}"
 identity = "sip:bridge@127.0.0.1"
 register = "guest"
 call = "sip:echo@127.0.0.1:{SIP_PEER_PORT}"
+wait_for_room_s = {WAIT_FOR_ROOM_S}
 
 [media.to_sip]
 video_codec = "{self.sip_video}"
