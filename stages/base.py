@@ -50,6 +50,8 @@ from protocol import (
     EncodedPacket,
     EndOfStream,
     ErrorReport,
+    Event,
+    EventType,
     Heartbeat,
     KeyframeRequest,
     Message,
@@ -259,6 +261,18 @@ def payload_size(msg: Message) -> int:
     return 0
 
 
+MEDIA_KINDS = ("audio", "video")
+
+
+def refused_kinds_of(event: Event) -> frozenset[str] | None:
+    """The media kinds a call's SIP peer refused, from a CALL_STATE event with ``media`` ({"audio": bool,
+    "video": bool}, sent upstream by the janus stage), or None when the event says nothing about that."""
+    media = event.attributes.get("media") if event.type is EventType.CALL_STATE else None
+    if not isinstance(media, dict):
+        return None
+    return frozenset(kind for kind in MEDIA_KINDS if media.get(kind) is False)
+
+
 class Stage:
     """Base class of every stage process. See the module docstring for the hooks."""
 
@@ -299,6 +313,10 @@ class Stage:
         self.keyframe_requests_out = 0
         self.control_forwarded = 0  # downstream control messages passed on (events, errors)
         self.control_ended = 0  # downstream control messages this stage ends (forwards_control False)
+        self.control_upstream = 0  # events that came upstream from a consumer (see _on_upstream_event)
+        # Media kinds the SIP peer refused (an upstream CALL_STATE with "media"): a stage makes none of them
+        # (compose, encode, decode) while it holds. Replaced whole, so the codec thread reads it safely.
+        self.refused_kinds: frozenset[str] = frozenset()
         self._process_ms: collections.deque[float] = collections.deque(maxlen=LATENCY_WINDOW_SAMPLES)
         self._last_error_log = 0.0
         self._started_ns = time.time_ns()
@@ -446,6 +464,30 @@ class Stage:
             with contextlib.suppress(zmq.Again):
                 await sock.send_multipart(parts, flags=zmq.NOBLOCK)
                 self.keyframe_requests_out += 1
+
+    async def send_upstream(self, msg: Message) -> None:
+        """Send a control message to every producer of this stage's inputs, on their control sockets: it never
+        waits behind media (a full socket drops it rather than block)."""
+        parts = protocol.encode(msg)
+        for sock in self._in_controls:
+            with contextlib.suppress(zmq.Again):
+                await sock.send_multipart(parts, flags=zmq.NOBLOCK)
+
+    async def _on_upstream_event(self, event: Event) -> None:
+        """An event a consumer sent upstream (the janus stage: the media kinds the SIP peer took): noted, then passed
+        on hop by hop, except by the ends of a leg (the browser's inputs are the other direction of the ring)."""
+        self.control_upstream += 1
+        refused = refused_kinds_of(event)
+        if refused is not None and refused != self.refused_kinds:
+            self.refused_kinds = refused
+            call_id = event.attributes.get("call_id", "-")
+            if refused:
+                self.log.info("call %s: the SIP peer refused %s: none is made here until a call takes it", call_id,
+                              " and ".join(sorted(refused)))
+            else:
+                self.log.info("call %s: the SIP peer takes every media kind again", call_id)
+        if self.forwards_control:
+            await self.send_upstream(event)
 
     async def wait_for_consumers(self, timeout_s: float) -> bool:
         """Wait until at least one consumer is connected to the output; False on timeout."""
@@ -783,6 +825,11 @@ class Stage:
                     continue
                 if not handled:
                     await self.request_keyframe_upstream(msg.stream_id, msg.reason)
+            elif isinstance(msg, Event):
+                try:
+                    await self._on_upstream_event(msg)
+                except Exception as exc:  # the control loop must outlive one bad event
+                    self.report_error("upstream_event_failed", f"{type(exc).__name__}: {exc}")
 
     async def _stats_loop(self) -> None:
         next_log = time.monotonic() + LOG_STATS_INTERVAL_S
@@ -838,6 +885,8 @@ class Stage:
             "streams_expired": self.streams.expired,
             "control_forwarded": self.control_forwarded,
             "control_ended": self.control_ended,
+            "control_upstream": self.control_upstream,
+            "refused_kinds": sorted(self.refused_kinds),
             **self.extra_figures(),
         }
 

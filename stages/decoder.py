@@ -77,6 +77,11 @@ class Decoder(Stage):
     def process(self, msg: Message) -> Iterable[Message]:
         if not isinstance(msg, EncodedPacket):
             return (msg,)  # raw frames and anything else pass through
+        if ("video" if msg.codec.is_video else "audio") in self.refused_kinds:
+            # The SIP peer refused this kind: nothing downstream would use the pictures. When a later call takes it,
+            # the sequence gap makes this decoder ask for a keyframe before it decodes again.
+            self.drops["refused_by_peer"] += 1
+            return ()
         return self._decode(msg)
 
     def _decode(self, packet: EncodedPacket) -> list[Message]:

@@ -135,8 +135,14 @@ class Encoder(Stage):
     # ----- codec thread ---------------------------------------------------------------------
     def process(self, msg: Message) -> Iterable[Message]:
         if isinstance(msg, VideoFrame):
+            if "video" in self.refused_kinds:  # the SIP peer refused video: encoding it would be for nothing
+                self.drops["refused_by_peer"] += 1
+                return ()
             return self._encode_video(msg)
         if isinstance(msg, AudioFrame):
+            if "audio" in self.refused_kinds:
+                self.drops["refused_by_peer"] += 1
+                return ()
             return self._encode_audio(msg)
         return (msg,)  # encoded packets and the rest pass through
 

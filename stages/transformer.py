@@ -1078,11 +1078,18 @@ def parse_transform(spec: str, output_id: str, grid: GridOptions | None = None) 
 
 
 class TransformerStage(Stage):
-    def __init__(self, options: StageOptions, transforms: list[Transform]) -> None:
+    def __init__(self, options: StageOptions, transforms: list[Transform], video_transforms: int = 0) -> None:
+        """``video_transforms``: how many of the first ``transforms`` came from --video (their ticks make video)."""
         super().__init__(options)
         self.transforms = transforms
+        self.video_transforms = video_transforms
 
     def process(self, msg: Message) -> Iterable[Message]:
+        kind = "video" if isinstance(msg, VideoFrame) else "audio" if isinstance(msg, AudioFrame) else None
+        if kind is not None and kind in self.refused_kinds:
+            # The SIP peer refused this kind (an upstream CALL_STATE from the janus stage): compose nothing for it.
+            self.drops["refused_by_peer"] += 1
+            return ()
         batch: list[Message] = [msg]
         for transform in self.transforms:
             batch = [out for item in batch for out in transform.process(item)]
@@ -1108,10 +1115,11 @@ class TransformerStage(Stage):
 
     def _tick_all(self) -> list[Message]:
         out: list[Message] = []
+        refused = self.refused_kinds
         for index, transform in enumerate(self.transforms):
             tick = getattr(transform, "tick", None)
-            if tick is None:
-                continue
+            if tick is None or ("video" if index < self.video_transforms else "audio") in refused:
+                continue  # no slate or repeated grid for a peer that refused video (no silence if it refused audio)
             produced = list(tick())
             for later in self.transforms[index + 1 :]:
                 produced = [o for item in produced for o in later.process(item)]
@@ -1162,6 +1170,7 @@ def command(
     """Crop, resize, split, compose, mix, resample or a plugged-in transform."""
     grid = GridOptions(names=tile_names, fit=fit, title=slate_title, fps=grid_fps, slate=slate)
     transforms = [parse_transform(s, compose_id, grid) for s in video if s != "identity"]
+    video_transforms = len(transforms)
     transforms += [parse_transform(s, mix_id) for s in audio if s != "identity"]
     options = build_options(params)
-    run(TransformerStage(options, transforms))
+    run(TransformerStage(options, transforms, video_transforms))

@@ -218,3 +218,81 @@ def test_up_generates_the_janus_secret_for_its_own_janus(tmp_path: Path) -> None
     assert {s.name: s.secrets for s in specs if s.secrets}["janus-server"] == {
         "SIPBRIDGE_JANUS_API_SECRET": "MY_JANUS_SECRET"}
     assert RUN_JANUS_SECRET_ENV not in run_secrets(specs, {"MY_JANUS_SECRET": "x" * 20})
+
+
+# ----- no composing or encoding for a media line the peer refused ---------------------------------------------
+REFUSAL_TIMEOUT_S = 240.0  # the harness's room, bot and call coming up on a loaded 2-core machine
+AUDIO_FRAMES_WATCHED = 150  # 3 s of the 20 ms audio the encoder sends while the video figures must stand still
+STATS_SETTLE_S = 2.5  # the figures of frames already on their way when the refusal arrived
+
+
+def _figure(figures: dict[str, dict[str, Any]], stage: str, stream: str, key: str) -> int:
+    return int(figures.get(stage, {}).get("streams", {}).get(stream, {}).get(key, 0))
+
+
+@pytest.mark.media
+@pytest.mark.timeout(420)
+def test_no_composing_or_encoding_for_video_the_peer_refused(tmp_path: Path) -> None:
+    """An audio-only phone answers an offer that had video with the video line at port 0: the janus stage tells the
+    stages upstream on their control sockets, and the room's video is no longer decoded, composed (no picture, no
+    slate) or encoded, while the audio flows. Figures asserted, between two snapshots while 3 s of audio went to
+    the peer: room-decoder streams["alice/video"].frames_out, room-transformer streams["room-video"].frames_out,
+    sip-encoder streams["room-video"].frames_in/frames_out and the janus stage's drops["video_not_negotiated"]
+    do not grow; sip-encoder streams["room-audio"].frames_out and the janus stage's audio_packets_sent do."""
+    from sipbridge.status import StatusCollector
+    from sipbridge.testing.localcall import CallOptions, LocalCall, wait_until
+
+    options = CallOptions(participants=[("alice", 440.0)], room_codec="vp8", sip_scenario="uas_novideo",
+                          sip_video="h264", sip_audio="pcmu", layout="single", max_tiles=1, split=None,
+                          layout_ids=["alice/video"], width=320, height=240, fps=15, generators="aiortc")
+    with LocalCall(tmp_path / "run", options) as call:
+        collector = StatusCollector(call.run_dir)
+        try:
+            def refused_everywhere() -> bool:
+                collector.poll(0.5)
+                f = collector.figures
+                call_fig = f.get("janus", {}).get("call", {})
+                return (call_fig.get("state") == "media_up" and call_fig.get("audio_codec") == "PCMU"
+                        and all(f.get(s, {}).get("refused_kinds") == ["video"]
+                                for s in ("sip-encoder", "room-transformer", "room-decoder"))
+                        and _figure(f, "room-decoder", "alice/video", "frames_in") > 0)
+            try:
+                wait_until(refused_everywhere, REFUSAL_TIMEOUT_S, "the refused video reaching the stages upstream")
+            except TimeoutError as exc:
+                raise AssertionError(f"{exc}: {json.dumps(collector.figures, default=str)[:4000]}\n"
+                                     f"{call.stage_log('janus', 30)}") from None
+            collector.poll(STATS_SETTLE_S)
+            before = json.loads(json.dumps(collector.figures))
+            assert "video_codec" not in before["janus"]["call"]  # the peer really refused it (port 0)
+            # Video was made before the call was answered (the picture, the slate): the figures are not all zero.
+            assert _figure(before, "room-transformer", "room-video", "frames_out") > 0
+
+            def audio_went() -> bool:
+                collector.poll(0.5)
+                return (_figure(collector.figures, "sip-encoder", "room-audio", "frames_out")
+                        >= _figure(before, "sip-encoder", "room-audio", "frames_out") + AUDIO_FRAMES_WATCHED)
+            wait_until(audio_went, REFUSAL_TIMEOUT_S, "audio to the SIP peer")
+            after = collector.figures
+        finally:
+            collector.close()
+        call.stop_bridge()
+
+    def grew(stage: str, stream: str, key: str) -> int:
+        return _figure(after, stage, stream, key) - _figure(before, stage, stream, key)
+
+    decoded = (grew("room-decoder", "alice/video", "frames_in"), grew("room-decoder", "alice/video", "frames_out"))
+    print(f"\nwhile 3 s of audio went out: room-decoder alice/video in/out +{decoded[0]}/+{decoded[1]},"
+          " room-transformer room-video out "
+          f"+{grew('room-transformer', 'room-video', 'frames_out')}, sip-encoder room-video in/out "
+          f"+{grew('sip-encoder', 'room-video', 'frames_in')}/+{grew('sip-encoder', 'room-video', 'frames_out')}, "
+          f"sip-encoder room-audio out +{grew('sip-encoder', 'room-audio', 'frames_out')}")
+    assert grew("room-decoder", "alice/video", "frames_in") > 0  # the room kept sending alice's video ...
+    assert grew("room-decoder", "alice/video", "frames_out") == 0  # ... which was not decoded,
+    assert grew("room-transformer", "room-video", "frames_out") == 0  # composed (nor a slate or a repeat),
+    assert grew("sip-encoder", "room-video", "frames_in") == grew("sip-encoder", "room-video", "frames_out") == 0
+    assert after["room-decoder"]["drops"]["refused_by_peer"] > before["room-decoder"]["drops"].get("refused_by_peer", 0)
+    janus_drops = (after["janus"]["drops"].get("video_not_negotiated", 0),
+                   before["janus"]["drops"].get("video_not_negotiated", 0))
+    assert janus_drops[0] == janus_drops[1], janus_drops  # nothing reached the janus stage to be dropped there
+    assert grew("sip-encoder", "room-audio", "frames_out") >= AUDIO_FRAMES_WATCHED  # while the audio flowed
+    assert after["janus"]["audio_packets_sent"] > before["janus"]["audio_packets_sent"]

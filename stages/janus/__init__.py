@@ -114,6 +114,9 @@ MEDIA_WATCHDOG_INTERVAL_S = 1.0
 DTMF_GAP_S = 0.1
 # One keyframe request per this interval is plenty: an encoder takes a frame or two to react.
 KEYFRAME_REQUEST_MIN_INTERVAL_S = 0.25
+# While a call is up, what the peer took is said upstream again this often: a restarted encoder or transformer
+# learns it (they stop composing and encoding a kind the peer refused).
+MEDIA_ANNOUNCE_INTERVAL_S = 5.0
 
 
 @dataclass
@@ -336,6 +339,27 @@ class JanusStage(Stage):
                       "".join(f" {k}={v}" for k, v in shown.items()))
         self._outbox.put_nowait(Event(EventType.CALL_STATE, "", attributes))
         self._state_changed.set()
+        if info is not None and state == CallState.ACCEPTED:
+            self._spawn(self._announce_media(info))
+
+    async def _announce_media(self, info: CallInfo | None) -> None:
+        """Tell the stages upstream (encoder, transformer, decoder) which media kinds the SIP peer took, on their
+        control sockets (never behind media): a kind it refused (a video line answered with port 0) is then not
+        composed, encoded or decoded for nothing. ``None``: no call, every kind is made again."""
+        media = {"audio": True, "video": True}
+        call_id = ""
+        if info is not None:
+            media = {"audio": info.audio_codec is not None, "video": info.video_codec is not None}
+            call_id = info.call_id
+        await self.send_upstream(Event(EventType.CALL_STATE, "", {"state": info.state if info else CallState.IDLE,
+                                                                  "call_id": call_id, "media": media}))
+
+    async def _media_announcer(self) -> None:
+        while True:
+            await asyncio.sleep(MEDIA_ANNOUNCE_INTERVAL_S)
+            call = self.call
+            if call is not None and call.info.accepted_ns is not None:
+                await self._announce_media(call.info)
 
     async def _end_call(self, state: str, code: int | None = None, reason: str = "") -> None:
         call, self.call = self.call, None
@@ -366,6 +390,8 @@ class JanusStage(Stage):
                 # caller gets a new helper, and this one goes.
                 self._spawn(self._replace_helper(handle))
         self._schedule_redial(call, state)
+        if info.accepted_ns is not None:
+            await self._announce_media(None)  # between calls every kind is made again, ready for the next
         for stream_id in sorted(self._media_streams_seen):
             self._outbox.put_nowait(EndOfStream(stream_id))
         self._media_streams_seen.clear()
@@ -376,6 +402,7 @@ class JanusStage(Stage):
         tasks = [asyncio.create_task(self._drain_outbox(), name="outbox")]
         control = self.settings.control or default_endpoint(self.name, "control")
         tasks.append(asyncio.create_task(self._command_loop(control), name="control"))
+        tasks.append(asyncio.create_task(self._media_announcer(), name="media-announcer"))
         if self.settings.media_timeout_s > 0:
             tasks.append(asyncio.create_task(self._media_watchdog(), name="media-watchdog"))
         try:
