@@ -86,6 +86,7 @@ class BridgeConfig:
     dtmf: str = "auto"  # RFC 4733 events when the peer takes telephone-event, else SIP INFO
     media_timeout_s: float = 30.0  # hang up after this long without media from the SIP peer (0 = never)
     # An outbound call is placed only once the bot is in the room, waiting at most this long (not placed past it).
+    # Inbound calls do not wait: the caller is answered, and with routes the bot joins for the call.
     # The bot's Chromium start and join take seconds on a quiet machine, tens of seconds on a loaded one.
     wait_for_room_s: float = WAIT_FOR_ROOM_S
     # [sip.redial]: when an outbound call is dialled again (the janus stage's --redial-* options).
@@ -296,8 +297,6 @@ def parse_bridge(data: dict[str, Any]) -> BridgeConfig:
         raise BridgeConfigError(f"sip.wait_for_room_s must be more than 0 and at most {WAIT_FOR_ROOM_MAX_S:g} s "
                                 "(how long an outbound call waits for the bot to be in the room), not "
                                 f"{cfg.wait_for_room_s}")
-    if "wait_for_room_s" in sip and cfg.inbound:
-        raise BridgeConfigError("sip.wait_for_room_s is for outbound calls (sip.call)")
     if cfg.routes and not cfg.inbound:
         raise BridgeConfigError("sip.route is for inbound calls (sip.inbound = true)")
     cfg.redial = _redial(sip.get("redial", {}))

@@ -657,6 +657,7 @@ class JanusStage(Stage):
         """Place a waiting call once the bot is in the room; end it unplaced, with the bot's reason, past the bound."""
         started = time.monotonic()
         while self.call is call:  # a hangup, a stop or a lost Janus ends the waiting call meanwhile
+            self._room_changed.clear()  # before deciding: a change from now on wakes the wait below
             decision = self.room.decide(time.monotonic() - started)
             if isinstance(decision, NotPlaced):
                 call.info.not_placed = True
@@ -670,7 +671,6 @@ class JanusStage(Stage):
                               time.monotonic() - started, uri)
                 await self._dial(call, uri)
                 return
-            self._room_changed.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._room_changed.wait(), decision.remaining_s)
 
@@ -691,7 +691,7 @@ class JanusStage(Stage):
             offer = await call.create_offer()
             # Our own Call-ID: logs of sipbridge, Janus and the SIP peer then share one id.
             await handle.message({"request": "call", "uri": uri, "call_id": call.info.call_id,
-                                       "autoaccept_reinvites": True}, jsep=offer)
+                                  "autoaccept_reinvites": True}, jsep=offer)
         except (JanusError, ValueError, TimeoutError) as exc:
             await self._end_call(CallState.FAILED, reason=str(exc))
 
