@@ -264,8 +264,8 @@ def test_no_composing_or_encoding_for_video_the_peer_refused(tmp_path: Path) -> 
             collector.poll(STATS_SETTLE_S)
             before = json.loads(json.dumps(collector.figures))
             assert "video_codec" not in before["janus"]["call"]  # the peer really refused it (port 0)
-            # Video was made before the call was answered (the picture, the slate): the figures are not all zero.
-            assert _figure(before, "room-transformer", "room-video", "frames_out") > 0
+            # (Video made before the call was answered, the slate or the picture, may or may not show in these figures:
+            # the call is placed once the bot is in, and an audio-only peer answers at once. They stay where they are.)
 
             def audio_went() -> bool:
                 collector.poll(0.5)
