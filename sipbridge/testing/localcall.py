@@ -136,8 +136,8 @@ api_secret = "env:{JANUS_SECRET_ENV}"
 [sip]
 identity = "sip:bridge@127.0.0.1"
 register = "guest"
-call = "sip:echo@127.0.0.1:{SIP_PEER_PORT}"
 wait_for_room_s = {WAIT_FOR_ROOM_S}
+call = "sip:echo@127.0.0.1:{SIP_PEER_PORT}"
 
 [media.to_sip]
 video_codec = "{self.sip_video}"
