@@ -139,7 +139,8 @@ def make_app(node: Node, token: str | None) -> web.Application:
                                  status=202 if created else 200)
 
     async def list_calls(request: web.Request) -> web.Response:
-        return web.json_response({"calls": [c.view() for c in list(node.calls.values())]})
+        dial = node.inbound.dial_uri() if node.inbound is not None else None
+        return web.json_response({"calls": [c.view() for c in list(node.calls.values())], "dial": dial})
 
     async def get_call(request: web.Request) -> web.Response:
         return web.json_response(find(request).view(detail=True))
