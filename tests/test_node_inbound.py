@@ -361,3 +361,33 @@ def test_two_invites_at_once_get_their_own_pipelines_a_third_503_a_stranger_403(
     assert set(result["ended"].values()) == {("ended", "drained")}, result["ended"]
     assert result["caller_exits"] == [0, 0], result
     assert result["front"]["invites_accepted"] == 2, result["front"]
+    print("INVITE to handle ready (s):", [v["summary"].get("handle_ready_s") for v in views],
+          "load average:", os.getloadavg())
+
+
+def test_the_node_takes_sip_and_inbound_from_its_config_file(monkeypatch: pytest.MonkeyPatch,
+                                                             tmp_path: Path) -> None:
+    """inbound is read relative to the config file; a bad inbound file stops the node with one line naming it."""
+    from click.testing import CliRunner
+
+    import sipbridge.node as node_cli
+    from sipbridge.cli import cli
+
+    seen: list[NodeSettings] = []
+
+    async def fake_serve(settings: NodeSettings, token: str | None) -> None:
+        seen.append(settings)
+
+    monkeypatch.setattr(node_cli, "serve", fake_serve)
+    (tmp_path / "conf").mkdir()
+    config = tmp_path / "conf" / "node.toml"
+    config.write_text('[node]\nauth = false\nsip = "127.0.0.1:5062"\ninbound = "calls.toml"\n')
+    result = CliRunner().invoke(cli, ["node", "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    assert (seen[-1].sip, seen[-1].inbound) == ("127.0.0.1:5062", str(tmp_path / "conf" / "calls.toml"))
+    result = CliRunner().invoke(cli, ["node", "--no-auth", "--inbound", "calls.toml"])
+    assert result.exit_code != 0 and "inbound needs sip" in result.output
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[room]\nurl = "http://x/"\n[sip]\ninbound = true\n')
+    with pytest.raises(node_cli.click.ClickException, match="accept_from is required"):
+        node_cli.load_inbound(_PlanOnly(), str(bad))

@@ -128,8 +128,10 @@ class InboundCalls:
             await self.node.stop_call(call, "start_failed")
             raise
         host, port = _host_port(contact)
+        ready_s = time.monotonic() - started
+        plan.summary["handle_ready_s"] = round(ready_s, 2)  # INVITE in to its handle listening (GET /calls)
         log.info("call %s: INVITE %s from %s goes to its Janus handle at %s:%d (ready in %.1f s)", call.id,
-                 sip_call_id, caller, host, port, time.monotonic() - started)
+                 sip_call_id, caller, host, port, ready_s)
         watcher = asyncio.create_task(self._await_invite(call), name=f"invite-{call.id}")
         self._watchers.add(watcher)
         watcher.add_done_callback(self._watchers.discard)
