@@ -35,9 +35,11 @@ from sipbridge.node.calls import CONTROL_TIMEOUT_S, CallRequestError, control_re
 log = logging.getLogger("sipbridge.node")
 
 # From the call's start to its janus stage reporting the handle's SIP address: supervisord, the stage's imports
-# (aiortc, PyAV: ~2 s on a quiet machine, over 10 s at a load average of 20 on 2 cores), Janus attach and
-# register, the probe. The caller has had its 100 Trying meanwhile, so it waits.
-INBOUND_READY_TIMEOUT_S = 45.0
+# (aiortc, PyAV), Janus attach and register, the probe, while the call's other stages and Chromium start too:
+# 25 s measured at a load average of 50 on 2 cores, over 45 s at 60. The caller has had its 100 Trying and
+# waits; the bound stays under Kamailio's fr_inv_timer (60 s in deploy/kamailio), so the caller gets our 500
+# (and Kamailio tries the next node) rather than Kamailio's 408.
+INBOUND_READY_TIMEOUT_S = 55.0
 READY_POLL_S = 0.1
 # A call whose INVITE never reached its handle (a CANCEL while it started) is stopped after this long.
 INVITE_ARRIVAL_TIMEOUT_S = 30.0
@@ -120,22 +122,28 @@ class InboundCalls:
         plan.summary["sip"] = f"inbound from {caller}"
         started = time.monotonic()
         call = await self.node.start_call(plan)
+        for old in [sid for sid, cid in self.sip_calls.items() if cid not in self.node.calls]:
+            del self.sip_calls[old]  # the node forgot those calls (it keeps the last ENDED_CALLS_KEPT)
         self.sip_calls[sip_call_id] = call.id
         try:
             contact = await self._wait_contact(call)
         except BaseException as exc:
             call.error = f"its SIP handle never listened: {exc}" if isinstance(exc, RuntimeError) else call.error
-            await self.node.stop_call(call, "start_failed")
+            # Stopped in the background: the caller gets its answer now, not after the stages have flushed.
+            self._background(self.node.stop_call(call, "start_failed"), f"stop-{call.id}")
             raise
         host, port = _host_port(contact)
         ready_s = time.monotonic() - started
         plan.summary["handle_ready_s"] = round(ready_s, 2)  # INVITE in to its handle listening (GET /calls)
         log.info("call %s: INVITE %s from %s goes to its Janus handle at %s:%d (ready in %.1f s)", call.id,
                  sip_call_id, caller, host, port, ready_s)
-        watcher = asyncio.create_task(self._await_invite(call), name=f"invite-{call.id}")
-        self._watchers.add(watcher)
-        watcher.add_done_callback(self._watchers.discard)
+        self._background(self._await_invite(call), f"invite-{call.id}")
         return host, port
+
+    def _background(self, coro: Any, name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._watchers.add(task)
+        task.add_done_callback(self._watchers.discard)
 
     async def _wait_contact(self, call: Any) -> str:
         endpoint = call.control_endpoint()
