@@ -391,3 +391,95 @@ def test_the_node_takes_sip_and_inbound_from_its_config_file(monkeypatch: pytest
     bad.write_text('[room]\nurl = "http://x/"\n[sip]\ninbound = true\n')
     with pytest.raises(node_cli.click.ClickException, match="accept_from is required"):
         node_cli.load_inbound(_PlanOnly(), str(bad))
+
+
+def test_the_front_forwards_a_direct_callers_in_dialog_requests_and_answers_to_the_user_agent() -> None:
+    """A caller that dialled the front and keeps sending there (sipp does): its ACK and BYE reach the call's user
+    agent, answers come back by the Via; the user agent's own BYE answered to the front reaches the user agent."""
+    from sipbridge.cluster.front import SipFront
+    from sipbridge.cluster.runner import CallStatus, NodeSnapshot
+
+    async def scenario() -> tuple[list[str], list[str]]:
+        loop = asyncio.get_running_loop()
+        ua_got: list[str] = []
+        caller_got: list[str] = []
+        ua_port: list[int] = []
+
+        class UserAgent(asyncio.DatagramProtocol):
+            """Answers INVITE 200 (with a To tag and its Contact) and BYE 200; records what reaches it."""
+
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                self.transport: Any = transport
+
+            def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+                msg = sipmsg.parse(data)
+                ua_got.append(msg.method or f"{msg.status} {msg.cseq[1]}")
+                if msg.method in ("INVITE", "BYE"):
+                    extra = [("contact", f"<sip:bridge@127.0.0.1:{ua_port[0]}>")]
+                    ok = sipmsg.response(msg, 200, to_tag="ua1", extra=extra)
+                    self.transport.sendto(ok.to_bytes(), sipmsg.via_sent_by(msg.top_via()))
+
+        class Runner:
+            def snapshot(self) -> NodeSnapshot:
+                return NodeSnapshot("t", 1, 0, False)
+
+            def screen(self, caller: str) -> None:
+                return None
+
+            async def start_inbound(self, call_id: str, caller: str = "") -> tuple[str, int]:
+                return ("127.0.0.1", ua_port[0])
+
+            def call_state(self, call_id: str) -> CallStatus | None:
+                return CallStatus("up")
+
+        ua_transport, ua = await loop.create_datagram_endpoint(UserAgent, local_addr=("127.0.0.1", 0))
+        ua_port.append(ua_transport.get_extra_info("sockname")[1])
+        front = SipFront(Runner(), "127.0.0.1", 0)  # type: ignore[arg-type]
+        await front.start()
+
+        class Caller(asyncio.DatagramProtocol):
+            def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+                msg = sipmsg.parse(data)
+                caller_got.append(msg.method or f"{msg.status} {msg.cseq[1]}")
+                if msg.method == "BYE":  # answered to where it sends everything: the front
+                    caller.sendto(sipmsg.response(msg, 200).to_bytes(), (front.host, front.port))
+
+        caller, _ = await loop.create_datagram_endpoint(Caller, local_addr=("127.0.0.1", 0))
+        me = caller.get_extra_info("sockname")[1]
+        try:
+            def request(method: str, cseq: int, to_tag: str | None) -> bytes:
+                to = "<sip:bridge@127.0.0.1>" + (f";tag={to_tag}" if to_tag else "")
+                return sipmsg.SipMessage(method=method, uri="sip:bridge@127.0.0.1", headers=[
+                    ("via", f"SIP/2.0/UDP 127.0.0.1:{me};branch={sipmsg.new_branch()}"), ("max-forwards", "70"),
+                    ("from", f"<sip:caller@127.0.0.1:{me}>;tag=c1"), ("to", to), ("call-id", "dialog-1"),
+                    ("cseq", f"{cseq} {method}")]).to_bytes()
+
+            async def until(what: list[str], item: str) -> None:
+                for _ in range(100):
+                    if item in what:
+                        return
+                    await asyncio.sleep(0.02)
+                raise AssertionError(f"{item} never came: {what}")
+            caller.sendto(request("INVITE", 1, None), (front.host, front.port))
+            await until(caller_got, "200 INVITE")
+            caller.sendto(request("ACK", 1, "ua1"), (front.host, front.port))
+            await until(ua_got, "ACK")
+            # The user agent hangs up straight to the caller, who answers to the front.
+            bye = sipmsg.SipMessage(method="BYE", uri=f"sip:caller@127.0.0.1:{me}", headers=[
+                ("via", f"SIP/2.0/UDP 127.0.0.1:{ua_port[0]};branch={sipmsg.new_branch()};rport"),
+                ("max-forwards", "70"), ("from", "<sip:bridge@127.0.0.1>;tag=ua1"),
+                ("to", f"<sip:caller@127.0.0.1:{me}>;tag=c1"), ("call-id", "dialog-1"), ("cseq", "1 BYE")])
+            ua.transport.sendto(bye.to_bytes(), ("127.0.0.1", me))
+            await until(ua_got, "200 BYE")
+            # ... or the caller hangs up through the front.
+            caller.sendto(request("BYE", 2, "ua1"), (front.host, front.port))
+            await until(ua_got, "BYE")
+            await until(caller_got, "200 BYE")
+        finally:
+            caller.close()
+            ua_transport.close()
+            front.close()
+        return ua_got, caller_got
+    ua_got, caller_got = asyncio.run(scenario())
+    assert ua_got == ["INVITE", "ACK", "200 BYE", "BYE"], ua_got
+    assert caller_got == ["100 INVITE", "200 INVITE", "BYE", "200 BYE"], caller_got
