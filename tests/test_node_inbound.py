@@ -483,3 +483,76 @@ def test_the_front_forwards_a_direct_callers_in_dialog_requests_and_answers_to_t
     ua_got, caller_got = asyncio.run(scenario())
     assert ua_got == ["INVITE", "ACK", "200 BYE", "BYE"], ua_got
     assert caller_got == ["100 INVITE", "200 INVITE", "BYE", "200 BYE"], caller_got
+
+
+def test_a_cancel_while_the_call_starts_is_answered_487_and_the_call_let_go() -> None:
+    """Kamailio (its INVITE timer run out) or the caller CANCELs while the node still starts the call: the front
+    answers 200 and 487 at once, and stops the call once it has started instead of forwarding the INVITE."""
+    from sipbridge.cluster.front import SipFront
+    from sipbridge.cluster.runner import NodeSnapshot
+
+    async def scenario() -> tuple[list[tuple[int, str]], list[str], list[str]]:
+        loop = asyncio.get_running_loop()
+        release = asyncio.Event()
+        stopped: list[str] = []
+        ua_got: list[str] = []
+
+        class UserAgent(asyncio.DatagramProtocol):
+            def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+                ua_got.append(sipmsg.parse(data).method or "response")
+
+        ua_transport, _ = await loop.create_datagram_endpoint(UserAgent, local_addr=("127.0.0.1", 0))
+
+        class SlowRunner:
+            def snapshot(self) -> NodeSnapshot:
+                return NodeSnapshot("t", 1, 0, False)
+
+            def screen(self, caller: str) -> None:
+                return None
+
+            async def start_inbound(self, call_id: str, caller: str = "") -> tuple[str, int]:
+                await release.wait()
+                return ua_transport.get_extra_info("sockname")[:2]  # type: ignore[no-any-return]
+
+            async def stop_call(self, call_id: str) -> None:
+                stopped.append(call_id)
+
+        front = SipFront(SlowRunner(), "127.0.0.1", 0)  # type: ignore[arg-type]
+        await front.start()
+        answers: list[tuple[int, str]] = []
+
+        class Caller(asyncio.DatagramProtocol):
+            def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+                msg = sipmsg.parse(data)
+                answers.append((msg.status or 0, msg.cseq[1]))
+
+        caller, _ = await loop.create_datagram_endpoint(Caller, local_addr=("127.0.0.1", 0))
+        me = caller.get_extra_info("sockname")[1]
+        try:
+            headers = [("via", f"SIP/2.0/UDP 127.0.0.1:{me};branch=z9hG4bK-c1"), ("max-forwards", "70"),
+                       ("from", f"<sip:caller@127.0.0.1:{me}>;tag=c1"), ("to", "<sip:bridge@127.0.0.1>"),
+                       ("call-id", "cancelled-1"), ("cseq", "1 INVITE")]
+            invite = sipmsg.SipMessage(method="INVITE", uri="sip:bridge@127.0.0.1", headers=headers)
+            caller.sendto(invite.to_bytes(), (front.host, front.port))
+            await asyncio.sleep(0.2)
+            cancel = sipmsg.SipMessage(method="CANCEL", uri="sip:bridge@127.0.0.1",
+                                       headers=[*headers[:-1], ("cseq", "1 CANCEL")])
+            caller.sendto(cancel.to_bytes(), (front.host, front.port))
+            for _ in range(100):
+                if len(answers) >= 3:
+                    break
+                await asyncio.sleep(0.02)
+            release.set()
+            for _ in range(100):
+                if stopped:
+                    break
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(0.2)
+        finally:
+            caller.close()
+            ua_transport.close()
+            front.close()
+        return answers, stopped, ua_got
+    answers, stopped, ua_got = asyncio.run(scenario())
+    assert sorted(answers) == [(100, "INVITE"), (200, "CANCEL"), (487, "INVITE")], answers
+    assert stopped == ["cancelled-1"] and ua_got == [], (stopped, ua_got)

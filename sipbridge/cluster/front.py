@@ -52,7 +52,9 @@ class _Inbound:
     final_s: float | None = None
     answered: bool = False  # a 2xx to the INVITE passed: a dialog to remember
     bye_s: float | None = None  # when a BYE passed
-    pending: list[bytes] = field(default_factory=list)  # CANCEL/INVITE arriving before the target is known
+    pending: list[bytes] = field(default_factory=list)  # the INVITE (and ACKs) until the target is known
+    invite: tuple[sipmsg.SipMessage, tuple[str, int]] | None = None  # the INVITE and where it came from
+    cancelled: bool = False  # CANCELled while the call was starting: answered here, the call let go
     branches: set[str] = field(default_factory=set)  # ours, of every request forwarded for this call
 
 
@@ -142,6 +144,19 @@ class SipFront(asyncio.DatagramProtocol):
                 if method == "CANCEL":
                     self._reply(req, addr, 481)
                 return  # an ACK for something we do not know: nothing to answer (RFC 3261 17.2.3)
+            if method == "CANCEL" and entry.target is None and entry.final_s is None and entry.invite is not None:
+                # The caller (or Kamailio, its INVITE timer run out) gives up while the call is still starting:
+                # answer here (200 to the CANCEL, 487 to the INVITE) and let the call go once it has started.
+                entry.cancelled = True
+                entry.final_s = time.monotonic()
+                entry.pending.clear()
+                self._reply(req, addr, 200)
+                invite, source = entry.invite
+                self._reply(invite, source, 487, "Request Terminated")
+                log.info("call %s: CANCEL while the call was starting: 487", entry.call_id)
+                return
+            if entry.cancelled:
+                return  # the ACK of our 487: hop by hop, ours
             self._forward_request(req, entry)
             return
         if to_tag is not None:
@@ -187,6 +202,7 @@ class SipFront(asyncio.DatagramProtocol):
         self._reply(req, addr, 100)
         entry = _Inbound(call_id, sipmsg.branch_for(sipmsg.param(req.top_via(), "branch") or call_id, self.salt))
         entry.branches.add(entry.branch)
+        entry.invite = (req, addr)
         entry.pending.append(self._forwarded(req, entry))
         self.calls[call_id] = entry
         task = asyncio.create_task(self._place(req, addr, entry, caller))
@@ -198,6 +214,8 @@ class SipFront(asyncio.DatagramProtocol):
             target = await self.runner.start_inbound(entry.call_id, caller)
         except CallRejected as exc:
             self.counters["invites_refused"] += 1
+            if entry.cancelled:
+                return  # the caller has had its 487
             log.info("call %s: INVITE refused with %d: %s", entry.call_id, exc.status, exc.reason)
             self.on_event("invite_refused", call=entry.call_id, reason=exc.reason, source=f"{addr[0]}:{addr[1]}")
             self._reply(req, addr, exc.status, exc.sip_reason,
@@ -208,6 +226,10 @@ class SipFront(asyncio.DatagramProtocol):
             log.exception("call %s: the runner failed to take the INVITE", entry.call_id)
             self._reply(req, addr, 500)
             entry.final_s = time.monotonic()
+            return
+        if entry.cancelled:
+            log.info("call %s: started after its CANCEL; stopping it", entry.call_id)
+            await self.runner.stop_call(entry.call_id)
             return
         self.counters["invites_accepted"] += 1
         self.on_event("invite_accepted", call=entry.call_id, source=f"{addr[0]}:{addr[1]}")

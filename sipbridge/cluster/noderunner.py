@@ -98,8 +98,12 @@ class NodeRunner:
 
     async def stop_call(self, call_id: str) -> None:
         call = self.node.calls.get(call_id)
+        reason = "cluster: the call was taken over by another node"
+        if call is None and self.node.inbound is not None:
+            call = self.node.inbound.node_call(call_id)  # the front lets go of a CANCELled INVITE's call
+            reason = "cancelled"
         if call is not None and call.state != "ended":
-            await self.node.stop_call(call, "cluster: the call was taken over by another node")
+            await self.node.stop_call(call, reason)
 
 
 class ClusterMember:
