@@ -15,6 +15,7 @@ import secrets
 import shutil
 import subprocess
 import tomllib
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -195,6 +196,7 @@ def test_the_front_answers_a_stranger_403_and_a_node_without_room_503() -> None:
             self.calls: dict[str, Any] = {}
             self.started = 0
             self.draining = False
+            self.rejected: Counter[str] = Counter()
 
         def refusal(self) -> Refused | None:
             return Refused(503, "draining", "node is draining") if self.draining else None
@@ -208,7 +210,7 @@ def test_the_front_answers_a_stranger_403_and_a_node_without_room_503() -> None:
             self.started += 1
             raise Refused(429, "full", "no free slot")
 
-    async def scenario() -> tuple[list[tuple[int, str]], int]:
+    async def scenario() -> tuple[list[tuple[int, str]], int, Counter[str]]:
         node = Node()
         front = await start_front(node, "127.0.0.1", 0)
         try:
@@ -218,11 +220,12 @@ def test_the_front_answers_a_stranger_403_and_a_node_without_room_503() -> None:
             node.draining = True
             codes.append(await invite_status(address, "caller"))
             codes.append(await invite_status(address, "stranger"))
-            return codes, node.started
+            return codes, node.started, node.rejected
         finally:
             front.close()
-    codes, started = asyncio.run(scenario())
+    codes, started, rejected = asyncio.run(scenario())
     assert [c for c, _ in codes] == [403, 503, 503, 403], codes
+    assert rejected == {"sip_forbidden": 2, "sip_refused": 1, "sip_draining": 1}, rejected  # in /metrics
     assert "not accepted" in codes[0][1] and "draining" in codes[2][1]
     assert started == 1  # only the admitted caller reached the node
 

@@ -123,7 +123,13 @@ class ClusterMember:
 async def start_front(node: Any, host: str, port: int) -> SipFront:
     """The node's SIP front on host:port: OPTIONS answered from its admission state, INVITEs to its inbound
     calls (``node.inbound``; without one, 503)."""
-    front = SipFront(NodeRunner(node), host, port)
+    def counted(event: str, **fields: Any) -> None:
+        if event == "invite_refused":  # in /metrics: sipbridge_calls_rejected_total{reason="sip_..."}
+            reason = str(fields.get("reason", ""))
+            kind = reason if reason in ("full", "draining") else "forbidden" if "accept_from" in reason else "refused"
+            node.rejected[f"sip_{kind}"] += 1
+
+    front = SipFront(NodeRunner(node), host, port, on_event=counted)
     await front.start()
     return front
 
