@@ -34,7 +34,7 @@ from sipbridge.node.config import (
 log = logging.getLogger("sipbridge.node")
 
 NODE_KEYS = {"listen", "port", "token", "auth", "slots", "cpu_ceiling", "run_root", "drain_timeout_s",
-             "allow_pipelines", "name", "sip", "inbound", "cluster_redis"}
+             "allow_pipelines", "name", "sip", "inbound", "inbound_ready_timeout_s", "cluster_redis"}
 
 
 def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
@@ -68,7 +68,7 @@ async def serve(settings: NodeSettings, token: str | None) -> None:
 
     node = Node(settings)
     if settings.inbound:
-        node.inbound = load_inbound(node, settings.inbound)
+        node.inbound = load_inbound(node, settings.inbound, settings.inbound_ready_timeout_s)
     await node.start()
     runner = web.AppRunner(make_app(node, token), access_log=None)
     await runner.setup()
@@ -149,7 +149,7 @@ async def serve(settings: NodeSettings, token: str | None) -> None:
              or "no calls")
 
 
-def load_inbound(node: Any, path: str) -> Any:
+def load_inbound(node: Any, path: str, ready_timeout_s: float = 55.0) -> Any:
     """The node's inbound bridge file, checked as each INVITE's call will be (ClickException naming the key)."""
     from sipbridge.node.inbound import InboundCalls, InboundConfigError
 
@@ -161,7 +161,7 @@ def load_inbound(node: Any, path: str) -> Any:
     except tomllib.TOMLDecodeError as exc:
         raise click.ClickException(f"inbound: {path} is not valid TOML: {exc}") from None
     try:
-        return InboundCalls(node, data, source=path)
+        return InboundCalls(node, data, source=path, ready_timeout_s=ready_timeout_s)
     except InboundConfigError as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -190,12 +190,15 @@ def load_inbound(node: Any, path: str) -> Any:
               help="IP:PORT of the node's SIP front (UDP): callers' and Kamailio's INVITEs, Kamailio's probes.")
 @click.option("--inbound", default=None, type=click.Path(dir_okay=False),
               help="Bridge file (sip.inbound = true, accept_from, routes) each inbound call runs; needs --sip.")
+@click.option("--inbound-ready-timeout-s", type=float, default=55.0, show_default=True,
+              help="How long an INVITE waits for its call to listen before 500 (under a proxy's INVITE timer).")
 @click.option("--cluster-redis", default=None,
               help="Cluster mode: take API-started calls from this Redis (redis://HOST:PORT/DB); POST /calls queues.")
 @click.option("--log-level", default="INFO", show_default=True)
 def command(listen: str, port: int, token: str | None, auth: bool, slots: int | None, cpu_ceiling: float,
             run_root: Path | None, drain_timeout_s: float, allow_pipelines: bool, name: str,
-            sip: str | None, inbound: str | None, cluster_redis: str | None, log_level: str) -> None:
+            sip: str | None, inbound: str | None, inbound_ready_timeout_s: float, cluster_redis: str | None,
+            log_level: str) -> None:
     """Run many calls on this host behind an HTTP API (admission, drain on SIGTERM, Prometheus metrics)."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s node %(levelname)s %(message)s")
     try:
@@ -203,7 +206,8 @@ def command(listen: str, port: int, token: str | None, auth: bool, slots: int | 
             listen=listen, port=port, token_env=token_env_name(token) if token else None, auth=auth,
             slots=slots if slots is not None else default_slots(cpu_ceiling), cpu_ceiling=cpu_ceiling,
             run_root=(run_root or default_run_root()).resolve(), drain_timeout_s=drain_timeout_s,
-            allow_pipelines=allow_pipelines, name=name, sip=sip, inbound=inbound, cluster_redis=cluster_redis,
+            allow_pipelines=allow_pipelines, name=name, sip=sip, inbound=inbound,
+            inbound_ready_timeout_s=inbound_ready_timeout_s, cluster_redis=cluster_redis,
         )
         api_token = check(settings)
     except NodeConfigError as exc:

@@ -47,6 +47,9 @@ class NodeSettings:
     sip: str | None = None
     # Inbound calls: a bridge file (sip.inbound = true, accept_from, routes) each INVITE's call is made from.
     inbound: str | None = None
+    # How long an INVITE waits for its call's Janus handle to listen before the node answers 500; keep it under
+    # the INVITE timer of a proxy in front (Kamailio's fr_inv_timer: 60 s as shipped).
+    inbound_ready_timeout_s: float = 55.0
     # Cluster mode (issue 13, sipbridge/cluster): API-started calls go through this Redis stream.
     cluster_redis: str | None = None
 
@@ -109,6 +112,8 @@ def check(settings: NodeSettings, environ: dict[str, str] | None = None) -> str 
         if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
             raise NodeConfigError(f"sip must be IP:PORT (the SIP front's IPv4 address and UDP port), not "
                                   f"{settings.sip!r}")
+    if not 1.0 <= settings.inbound_ready_timeout_s <= 600.0:
+        raise NodeConfigError(f"inbound_ready_timeout_s must be 1..600 seconds, not {settings.inbound_ready_timeout_s}")
     if settings.inbound is not None and settings.sip is None:
         raise NodeConfigError("inbound needs sip = \"IP:PORT\": the address callers send their INVITEs to")
     if not settings.auth:

@@ -39,7 +39,7 @@ log = logging.getLogger("sipbridge.node")
 # 25 s measured at a load average of 50 on 2 cores, over 45 s at 60. The caller has had its 100 Trying and
 # waits; the bound stays under Kamailio's fr_inv_timer (60 s in deploy/kamailio), so the caller gets our 500
 # (and Kamailio tries the next node) rather than Kamailio's 408.
-INBOUND_READY_TIMEOUT_S = 55.0
+INBOUND_READY_TIMEOUT_S = 55.0  # the default of the node's inbound_ready_timeout_s
 READY_POLL_S = 0.1
 # A call whose INVITE never reached its handle (a CANCEL while it started) is stopped after this long.
 INVITE_ARRIVAL_TIMEOUT_S = 30.0
@@ -57,9 +57,11 @@ class CallerRefused(Exception):
 
 
 class InboundCalls:
-    def __init__(self, node: Any, config: dict[str, Any], source: str = "inbound") -> None:
+    def __init__(self, node: Any, config: dict[str, Any], source: str = "inbound",
+                 ready_timeout_s: float = INBOUND_READY_TIMEOUT_S) -> None:
         self.node = node  # sipbridge.node.service.Node
         self.source = source
+        self.ready_timeout_s = ready_timeout_s
         try:
             cfg = parse_bridge(config)
         except BridgeConfigError as exc:
@@ -149,7 +151,7 @@ class InboundCalls:
         endpoint = call.control_endpoint()
         if endpoint is None:
             raise RuntimeError("the call has no janus stage")
-        deadline = time.monotonic() + INBOUND_READY_TIMEOUT_S
+        deadline = time.monotonic() + self.ready_timeout_s
         last = ""
         while time.monotonic() < deadline:
             if call.state not in ("starting", "running"):
@@ -165,7 +167,7 @@ class InboundCalls:
                     return contact
                 last = f"registration {registration.get('state', '?')}"
             await asyncio.sleep(READY_POLL_S)
-        raise RuntimeError(f"no SIP address from the janus stage within {INBOUND_READY_TIMEOUT_S:.0f} s ({last})")
+        raise RuntimeError(f"no SIP address from the janus stage within {self.ready_timeout_s:.0f} s ({last})")
 
     async def _await_invite(self, call: Any) -> None:
         """Stop a call whose INVITE never reached its handle (the caller cancelled while it started)."""
