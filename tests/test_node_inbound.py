@@ -559,3 +559,72 @@ def test_a_cancel_while_the_call_starts_is_answered_487_and_the_call_let_go() ->
     answers, stopped, ua_got = asyncio.run(scenario())
     assert sorted(answers) == [(100, "INVITE"), (200, "CANCEL"), (487, "INVITE")], answers
     assert stopped == ["cancelled-1"] and ua_got == [], (stopped, ua_got)
+
+
+def test_an_invite_whose_call_starts_slower_than_the_transaction_linger_still_gets_its_answer(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Seen behind Kamailio on a starved machine: a call that took 40 s to start lost its 200 OK because the front
+    had forgotten the INVITE after 32 s. An INVITE still being placed is kept (here with the linger and sweep
+    shrunk to 0.1 s and a start of 0.6 s)."""
+    from sipbridge.cluster import front as front_mod
+    from sipbridge.cluster.runner import NodeSnapshot
+
+    monkeypatch.setattr(front_mod, "TRANSACTION_LINGER_S", 0.1)
+    monkeypatch.setattr(front_mod, "SWEEP_INTERVAL_S", 0.1)
+
+    async def scenario() -> list[tuple[int, str]]:
+        loop = asyncio.get_running_loop()
+
+        class UserAgent(asyncio.DatagramProtocol):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                self.transport: Any = transport
+
+            def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+                msg = sipmsg.parse(data)
+                if msg.method == "INVITE":
+                    ok = sipmsg.response(msg, 200, to_tag="ua1")
+                    self.transport.sendto(ok.to_bytes(), sipmsg.via_sent_by(msg.top_via()))
+
+        ua_transport, _ = await loop.create_datagram_endpoint(UserAgent, local_addr=("127.0.0.1", 0))
+
+        class SlowRunner:
+            def snapshot(self) -> NodeSnapshot:
+                return NodeSnapshot("t", 1, 0, False)
+
+            def screen(self, caller: str) -> None:
+                return None
+
+            async def start_inbound(self, call_id: str, caller: str = "") -> tuple[str, int]:
+                await asyncio.sleep(0.6)
+                return ua_transport.get_extra_info("sockname")[:2]  # type: ignore[no-any-return]
+
+            def call_state(self, call_id: str) -> None:
+                return None
+
+        front = front_mod.SipFront(SlowRunner(), "127.0.0.1", 0)  # type: ignore[arg-type]
+        await front.start()
+        answers: list[tuple[int, str]] = []
+
+        class Caller(asyncio.DatagramProtocol):
+            def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+                msg = sipmsg.parse(data)
+                answers.append((msg.status or 0, msg.cseq[1]))
+
+        caller, _ = await loop.create_datagram_endpoint(Caller, local_addr=("127.0.0.1", 0))
+        me = caller.get_extra_info("sockname")[1]
+        try:
+            invite = sipmsg.SipMessage(method="INVITE", uri="sip:bridge@127.0.0.1", headers=[
+                ("via", f"SIP/2.0/UDP 127.0.0.1:{me};branch=z9hG4bK-s1"), ("max-forwards", "70"),
+                ("from", f"<sip:caller@127.0.0.1:{me}>;tag=c1"), ("to", "<sip:bridge@127.0.0.1>"),
+                ("call-id", "slow-1"), ("cseq", "1 INVITE")])
+            caller.sendto(invite.to_bytes(), (front.host, front.port))
+            for _ in range(150):
+                if (200, "INVITE") in answers:
+                    break
+                await asyncio.sleep(0.02)
+        finally:
+            caller.close()
+            ua_transport.close()
+            front.close()
+        return answers
+    assert asyncio.run(scenario()) == [(100, "INVITE"), (200, "INVITE")]

@@ -39,6 +39,10 @@ TRANSACTION_LINGER_S = 32.0
 # An answered call is remembered (for a direct caller's in-dialog requests) until the runner says it ended,
 # a BYE passed, or this long: a bound for a runner that forgets calls.
 DIALOG_MAX_S = 4 * 3600.0
+# A forwarded INVITE without a final answer is remembered this long (RFC 3261 Timer C, 16.6); one whose call is
+# still starting, until the runner is done (it has its own bound) or this much longer.
+INVITE_MAX_S = 180.0
+PLACING_MAX_S = 600.0
 SWEEP_INTERVAL_S = 5.0
 ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO"
 
@@ -49,6 +53,7 @@ class _Inbound:
     branch: str  # our branch for the forwarded INVITE
     target: tuple[str, int] | None = None  # the user agent answering it, once known
     created_s: float = field(default_factory=time.monotonic)
+    forwarded_s: float | None = None  # when the INVITE went to the user agent
     final_s: float | None = None
     answered: bool = False  # a 2xx to the INVITE passed: a dialog to remember
     bye_s: float | None = None  # when a BYE passed
@@ -234,6 +239,7 @@ class SipFront(asyncio.DatagramProtocol):
         self.counters["invites_accepted"] += 1
         self.on_event("invite_accepted", call=entry.call_id, source=f"{addr[0]}:{addr[1]}")
         entry.target = target
+        entry.forwarded_s = time.monotonic()
         log.info("call %s: INVITE accepted, forwarded to the call's user agent at %s:%d", entry.call_id, *target)
         for data in entry.pending:
             self._send(data, target)
@@ -307,7 +313,14 @@ class SipFront(asyncio.DatagramProtocol):
                             now - started < DIALOG_MAX_S:
                         continue
                     del self.calls[call_id]
-                elif now - started > TRANSACTION_LINGER_S:
+                elif entry.final_s is not None:
+                    if now - entry.final_s > TRANSACTION_LINGER_S:
+                        del self.calls[call_id]
+                elif entry.forwarded_s is not None:
+                    if now - entry.forwarded_s > INVITE_MAX_S:
+                        del self.calls[call_id]
+                elif now - entry.created_s > PLACING_MAX_S:
+                    # Still starting the call: its answer must find this entry (a start can outlast 32 s).
                     del self.calls[call_id]
 
 
