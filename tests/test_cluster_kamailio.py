@@ -51,7 +51,10 @@ class _Slots:
     def snapshot(self) -> NodeSnapshot:
         return NodeSnapshot("t", self.slots, self.active, self.draining)
 
-    async def start_inbound(self, call_id: str) -> tuple[str, int]:
+    def screen(self, caller: str) -> CallRejected | None:
+        return None
+
+    async def start_inbound(self, call_id: str, caller: str = "") -> tuple[str, int]:
         raise CallRejected("test runner takes no calls")
 
 

@@ -86,7 +86,7 @@ def test_stream_calls_run_on_the_real_node_and_its_front_follows_its_admission(t
 
 
 def test_sipbridge_node_in_cluster_mode_queues_post_calls_and_answers_probes(tmp_path: Path) -> None:
-    """The `sipbridge node` process with --cluster-redis/--cluster-sip: POST /calls queues in the stream (an
+    """The `sipbridge node` process with --cluster-redis/--sip: POST /calls queues in the stream (an
     Idempotency-Key repeat returns the first call), the node runs the call, its front answers OPTIONS, and
     SIGTERM ends it with exit 0."""
     import json
@@ -114,7 +114,7 @@ def test_sipbridge_node_in_cluster_mode_queues_post_calls_and_answers_probes(tmp
             c.start_redis()
             c.spawn("node", [*cf.SIPBRIDGE, "node", "--listen", cf.node_ip(1), "--no-auth", "--slots", "2",
                              "--cpu-ceiling", "1.0", "--allow-pipelines", "--run-root", str(run_root), "--name",
-                             "real1", "--drain-timeout-s", "5", "--cluster-redis", c.redis_url, "--cluster-sip",
+                             "real1", "--drain-timeout-s", "5", "--cluster-redis", c.redis_url, "--sip",
                              f"{cf.node_ip(1)}:5060"])
             cf.wait_until(lambda: c.ns.call(healthy) or c.procs["node"].poll() is not None, 60, "node API")
             assert c.procs["node"].poll() is None, c.log("node")

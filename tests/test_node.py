@@ -178,6 +178,13 @@ def test_the_node_example_files_are_valid() -> None:
     data = tomllib.loads((EXAMPLES / "node.toml").read_text())
     assert set(data["node"]) <= {"listen", "port", "token", "auth", "slots", "cpu_ceiling", "run_root",
                                  "drain_timeout_s", "allow_pipelines", "name"}
+    from sipbridge.node.inbound import InboundCalls
+
+    class Planner:
+        def plan(self, body: Any) -> Any:
+            return plan_call(body, False, {})
+    inbound = InboundCalls(Planner(), tomllib.loads((EXAMPLES / "node-inbound.toml").read_text()))
+    assert inbound.config_for("sip:sales-ann@pbx.example")["room"]["vars"]["room"] == "2001"
     plan = plan_call(json.loads((EXAMPLES / "node-call.json").read_text()), allow_pipelines=False, environ={})
     assert plan.kind == "bridge" and plan.janus_stage == "janus" and not plan.inbound
     stages = [s.name for s in plan.stages(Path("/run/sipbridge/abc"))]

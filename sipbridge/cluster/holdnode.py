@@ -114,7 +114,10 @@ class HoldRunner:
         finally:
             call.ua.close()
 
-    async def start_inbound(self, call_id: str) -> tuple[str, int]:
+    def screen(self, caller: str) -> CallRejected | None:
+        return None  # a hold node takes any caller
+
+    async def start_inbound(self, call_id: str, caller: str = "") -> tuple[str, int]:
         self._admit(call_id)
         ua = HoldUA(self.host, name=self.node_id)
         address = await ua.bind()

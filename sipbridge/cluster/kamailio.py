@@ -14,6 +14,8 @@ TEMPLATE = Path(__file__).resolve().parents[2] / "deploy" / "kamailio" / "kamail
 DISPATCHER_SET = 1
 DEFAULT_PING_INTERVAL_S = 5
 DEFAULT_FR_TIMER_MS = 2000
+# How long an INVITE may wait for its final answer once a node said 100 Trying (a bridged call starts meanwhile).
+DEFAULT_FR_INV_TIMER_MS = 60_000
 _FIELD_RE = re.compile(r"@@([A-Z_]+)@@")
 
 
@@ -58,7 +60,8 @@ def dispatcher_list(nodes: list[Node]) -> str:
 
 
 def render(nodes: list[Node], *, listen: str, out_dir: Path, ping_interval_s: int = DEFAULT_PING_INTERVAL_S,
-           fr_timer_ms: int = DEFAULT_FR_TIMER_MS, children: int = 2, template: Path = TEMPLATE) -> Path:
+           fr_timer_ms: int = DEFAULT_FR_TIMER_MS, fr_inv_timer_ms: int = DEFAULT_FR_INV_TIMER_MS, children: int = 2,
+           template: Path = TEMPLATE) -> Path:
     """Write kamailio.cfg and dispatcher.list into ``out_dir``; return the cfg's path."""
     if not re.fullmatch(r"[0-9.]+:\d{1,5}", listen):
         raise KamailioConfigError(f"--listen must be IP:PORT, not {listen!r}")
@@ -71,7 +74,8 @@ def render(nodes: list[Node], *, listen: str, out_dir: Path, ping_interval_s: in
     list_file.write_text(dispatcher_list(nodes))
     fields = {
         "LISTEN": listen, "LISTEN_HOST": listen.rsplit(":", 1)[0], "LIST_FILE": str(list_file.resolve()),
-        "PING_INTERVAL_S": str(ping_interval_s), "FR_TIMER_MS": str(fr_timer_ms), "CHILDREN": str(children),
+        "PING_INTERVAL_S": str(ping_interval_s), "FR_TIMER_MS": str(fr_timer_ms),
+        "FR_INV_TIMER_MS": str(fr_inv_timer_ms), "CHILDREN": str(children),
         "CTL_SOCKET": str((out_dir / "kamailio_ctl").resolve()),
     }
 

@@ -5,14 +5,13 @@ and validation as ``POST /calls``); the node's admission (slots, CPU ceiling, dr
 ``snapshot()`` answers the SIP front's OPTIONS probes.
 
 Inbound calls through the front need a SIP user agent per call whose address the front can forward the
-INVITE to. A bridged call's user agent is its Janus SIP handle, and the janus stage does not report the
-port its handle listens on yet, so ``start_inbound`` is refused (503: Kamailio tries the next node) unless
-the node is given ``inbound`` (an async function: call id -> (host, port) of a ready handle).
+INVITE to: a bridged call's Janus SIP handle, started per INVITE by the node's ``InboundCalls``
+(sipbridge/node/inbound.py), which waits for the janus stage to report the handle's SIP address. A node
+without an inbound configuration refuses INVITEs with 503 (Kamailio tries the next node).
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from sipbridge.cluster.agent import AgentOptions, NodeAgent
@@ -25,9 +24,8 @@ FAILED_REASONS = {"failed", "start_failed", "sip_failed", "supervisor_exited"}
 
 
 class NodeRunner:
-    def __init__(self, node: Any, inbound: Callable[[str], Awaitable[tuple[str, int]]] | None = None) -> None:
+    def __init__(self, node: Any) -> None:
         self.node = node  # sipbridge.node.service.Node (not imported: the node imports the cluster, not back)
-        self.inbound = inbound
 
     def snapshot(self) -> NodeSnapshot:
         snap = self.node.snapshot()
@@ -57,16 +55,35 @@ class NodeRunner:
             # Something of this host (a folder in use, a process that would not start): another node may do.
             raise CallRejected(f"could not start here: {exc}", retry=True) from None
 
-    async def start_inbound(self, call_id: str) -> tuple[str, int]:
-        refused = self.node.refusal()
-        if refused is not None:
-            raise CallRejected(str(refused))
-        if self.inbound is None:
-            raise CallRejected("this node takes no inbound calls through the cluster front (no inbound handle)")
-        return await self.inbound(call_id)
+    def screen(self, caller: str) -> CallRejected | None:
+        inbound = self.node.inbound
+        reason = inbound.screen(caller) if inbound is not None else None
+        return CallRejected(reason, retry=False, status=403, sip_reason="Forbidden (caller not accepted)") \
+            if reason else None
+
+    async def start_inbound(self, call_id: str, caller: str = "") -> tuple[str, int]:
+        """``call_id`` is the INVITE's SIP Call-ID; the node's call gets an id of its own."""
+        from sipbridge.node.inbound import CallerRefused
+        from sipbridge.node.service import Refused
+
+        inbound = self.node.inbound
+        if inbound is None:
+            raise CallRejected("this node takes no inbound calls (no inbound bridge configured)")
+        try:
+            return await inbound.start(call_id, caller)  # type: ignore[no-any-return]
+        except CallerRefused as exc:
+            raise CallRejected(str(exc), retry=False, status=403, sip_reason="Forbidden (caller not accepted)") \
+                from None
+        except Refused as exc:
+            raise CallRejected(str(exc)) from None
+        except (RuntimeError, OSError, ValueError) as exc:
+            raise CallRejected(f"the call could not start here: {exc}", status=500,
+                               sip_reason="Server Internal Error (call could not start)") from None
 
     def call_state(self, call_id: str) -> CallStatus | None:
         call = self.node.calls.get(call_id)
+        if call is None and self.node.inbound is not None:
+            call = self.node.inbound.node_call(call_id)  # the front asks by SIP Call-ID
         if call is None:
             return None
         if call.state == "starting":
@@ -81,8 +98,12 @@ class NodeRunner:
 
     async def stop_call(self, call_id: str) -> None:
         call = self.node.calls.get(call_id)
+        reason = "cluster: the call was taken over by another node"
+        if call is None and self.node.inbound is not None:
+            call = self.node.inbound.node_call(call_id)  # the front lets go of a CANCELled INVITE's call
+            reason = "cancelled"
         if call is not None and call.state != "ended":
-            await self.node.stop_call(call, "cluster: the call was taken over by another node")
+            await self.node.stop_call(call, reason)
 
 
 class ClusterMember:
@@ -99,22 +120,34 @@ class ClusterMember:
             self.front.close()
 
 
+async def start_front(node: Any, host: str, port: int) -> SipFront:
+    """The node's SIP front on host:port: OPTIONS answered from its admission state, INVITEs to its inbound
+    calls (``node.inbound``; without one, 503)."""
+    def counted(event: str, **fields: Any) -> None:
+        if event == "invite_refused":  # in /metrics: sipbridge_calls_rejected_total{reason="sip_..."}
+            reason = str(fields.get("reason", ""))
+            kind = reason if reason in ("full", "draining") else "forbidden" if "accept_from" in reason else "refused"
+            node.rejected[f"sip_{kind}"] += 1
+
+    front = SipFront(NodeRunner(node), host, port, on_event=counted)
+    await front.start()
+    return front
+
+
 async def join_cluster(node: Any, redis_url: str, *, node_id: str | None = None, sip: tuple[str, int] | None = None,
                        prefix: str = DEFAULT_PREFIX, stale_s: float = 6.0, refresh_s: float = 1.0,
-                       inbound: Callable[[str], Awaitable[tuple[str, int]]] | None = None,
-                       api_address: str = "") -> ClusterMember:
+                       api_address: str = "", front: SipFront | None = None) -> ClusterMember:
     """Make ``node`` a cluster member: it takes API-started calls from the stream while it has room, and
-    (with ``sip``) answers Kamailio's OPTIONS probes from its admission state."""
-    runner = NodeRunner(node, inbound)
-    front = None
-    if sip is not None:
-        front = SipFront(runner, sip[0], sip[1])
-        await front.start()
+    (with ``sip``, or its running ``front``) answers Kamailio's OPTIONS probes and INVITEs."""
+    runner = NodeRunner(node)
+    own_front = front is None and sip is not None
+    if front is None and sip is not None:
+        front = await start_front(node, sip[0], sip[1])
     agent = NodeAgent(runner, AgentOptions(
         redis_url=redis_url, node_id=node_id or node.name, prefix=prefix, refresh_s=refresh_s, stale_s=stale_s,
-        sip_address=f"sip:{sip[0]}:{front.port}" if sip and front else "", api_address=api_address))
+        sip_address=f"sip:{front.host}:{front.port}" if front else "", api_address=api_address))
     agent.start()
-    return ClusterMember(agent, front)
+    return ClusterMember(agent, front if own_front else None)
 
 
 async def submit_to_cluster(redis_url: str, config: dict[str, Any], key: str | None = None,

@@ -34,7 +34,7 @@ from sipbridge.node.config import (
 log = logging.getLogger("sipbridge.node")
 
 NODE_KEYS = {"listen", "port", "token", "auth", "slots", "cpu_ceiling", "run_root", "drain_timeout_s",
-             "allow_pipelines", "name", "cluster_redis", "cluster_sip"}
+             "allow_pipelines", "name", "sip", "inbound", "inbound_ready_timeout_s", "cluster_redis"}
 
 
 def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
@@ -54,6 +54,9 @@ def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) 
     unknown = set(table) - NODE_KEYS
     if unknown:
         raise click.BadParameter(f"{value}: unknown key node.{sorted(unknown)[0]}")
+    if isinstance(table.get("inbound"), str):
+        # A relative inbound bridge file is next to the node's config file, wherever the node is started from.
+        table["inbound"] = str(Path(value).resolve().parent / table["inbound"])
     ctx.default_map = {**(ctx.default_map or {}), **table}
 
 
@@ -64,6 +67,8 @@ async def serve(settings: NodeSettings, token: str | None) -> None:
     from sipbridge.node.service import Node
 
     node = Node(settings)
+    if settings.inbound:
+        node.inbound = load_inbound(node, settings.inbound, settings.inbound_ready_timeout_s)
     await node.start()
     runner = web.AppRunner(make_app(node, token), access_log=None)
     await runner.setup()
@@ -74,15 +79,32 @@ async def serve(settings: NodeSettings, token: str | None) -> None:
         await runner.cleanup()
         await node.close()
         raise click.ClickException(f"cannot listen on {settings.listen}:{settings.port}: {exc}") from None
+    front = None
+    if settings.sip:
+        from sipbridge.cluster.noderunner import start_front
+
+        host, _, sip_port = settings.sip.rpartition(":")
+        try:
+            front = await start_front(node, host, int(sip_port))
+        except OSError as exc:
+            await runner.cleanup()
+            await node.close()
+            raise click.ClickException(f"cannot listen for SIP on udp {settings.sip}: {exc}") from None
+        if node.inbound is not None:
+            node.inbound.front = (front.host, front.port)
+            log.info("node %s: inbound calls: dial %s (callers matching %s; each call its own pipeline)", node.name,
+                     node.inbound.dial_uri(), node.inbound.accept_from.pattern)
+        else:
+            log.info("node %s: SIP front on udp %s:%d (no inbound bridge: INVITEs are answered 503)", node.name,
+                     front.host, front.port)
     member = None
     if settings.cluster_redis:
         from sipbridge.cluster.noderunner import join_cluster
 
-        host, _, sip_port = (settings.cluster_sip or "").rpartition(":")
-        member = await join_cluster(node, settings.cluster_redis, sip=(host, int(sip_port)) if host else None,
+        member = await join_cluster(node, settings.cluster_redis, front=front,
                                     api_address=f"http://{settings.listen}:{settings.port}")
         log.info("node %s: cluster member (redis %s, SIP front %s)", node.name, settings.cluster_redis,
-                 settings.cluster_sip or "off")
+                 settings.sip or "off")
     log.info("node %s: API on http://%s:%d (%s), %d slot(s), CPU ceiling %.2f, run folders in %s", node.name,
              settings.listen, settings.port, "bearer token" if token else "NO AUTH, loopback only", settings.slots,
              settings.cpu_ceiling, settings.run_root)
@@ -118,9 +140,30 @@ async def serve(settings: NodeSettings, token: str | None) -> None:
         await runner.cleanup()
         if member is not None:
             await member.close()  # after the drain: the last calls' ends are recorded in Redis
+        if front is not None:
+            front.close()  # after the drain: it answered 503 meanwhile
+        if node.inbound is not None:
+            await node.inbound.close()
         await node.close()
     log.info("node %s: stopped (%s)", node.name, ", ".join(f"{k} {v}" for k, v in sorted(node.ended.items()))
              or "no calls")
+
+
+def load_inbound(node: Any, path: str, ready_timeout_s: float = 55.0) -> Any:
+    """The node's inbound bridge file, checked as each INVITE's call will be (ClickException naming the key)."""
+    from sipbridge.node.inbound import InboundCalls, InboundConfigError
+
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as exc:
+        raise click.ClickException(f"inbound: cannot read {path}: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise click.ClickException(f"inbound: {path} is not valid TOML: {exc}") from None
+    try:
+        return InboundCalls(node, data, source=path, ready_timeout_s=ready_timeout_s)
+    except InboundConfigError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 @click.command("node")
@@ -143,13 +186,19 @@ async def serve(settings: NodeSettings, token: str | None) -> None:
 @click.option("--allow-pipelines/--no-allow-pipelines", default=False, show_default=True,
               help="Also take [[stage]] pipelines of project stages as calls (tests, load generators).")
 @click.option("--name", default="", help="Node name in logs and the state snapshot [host name].")
+@click.option("--sip", default=None,
+              help="IP:PORT of the node's SIP front (UDP): callers' and Kamailio's INVITEs, Kamailio's probes.")
+@click.option("--inbound", default=None, type=click.Path(dir_okay=False),
+              help="Bridge file (sip.inbound = true, accept_from, routes) each inbound call runs; needs --sip.")
+@click.option("--inbound-ready-timeout-s", type=float, default=55.0, show_default=True,
+              help="How long an INVITE waits for its call to listen before 500 (under a proxy's INVITE timer).")
 @click.option("--cluster-redis", default=None,
               help="Cluster mode: take API-started calls from this Redis (redis://HOST:PORT/DB); POST /calls queues.")
-@click.option("--cluster-sip", default=None, help="Cluster mode: IP:PORT of the SIP front Kamailio probes.")
 @click.option("--log-level", default="INFO", show_default=True)
 def command(listen: str, port: int, token: str | None, auth: bool, slots: int | None, cpu_ceiling: float,
             run_root: Path | None, drain_timeout_s: float, allow_pipelines: bool, name: str,
-            cluster_redis: str | None, cluster_sip: str | None, log_level: str) -> None:
+            sip: str | None, inbound: str | None, inbound_ready_timeout_s: float, cluster_redis: str | None,
+            log_level: str) -> None:
     """Run many calls on this host behind an HTTP API (admission, drain on SIGTERM, Prometheus metrics)."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s node %(levelname)s %(message)s")
     try:
@@ -157,7 +206,8 @@ def command(listen: str, port: int, token: str | None, auth: bool, slots: int | 
             listen=listen, port=port, token_env=token_env_name(token) if token else None, auth=auth,
             slots=slots if slots is not None else default_slots(cpu_ceiling), cpu_ceiling=cpu_ceiling,
             run_root=(run_root or default_run_root()).resolve(), drain_timeout_s=drain_timeout_s,
-            allow_pipelines=allow_pipelines, name=name, cluster_redis=cluster_redis, cluster_sip=cluster_sip,
+            allow_pipelines=allow_pipelines, name=name, sip=sip, inbound=inbound,
+            inbound_ready_timeout_s=inbound_ready_timeout_s, cluster_redis=cluster_redis,
         )
         api_token = check(settings)
     except NodeConfigError as exc:

@@ -2,7 +2,8 @@
 
     POST   /calls              a bridge configuration (bridge.toml's schema, as JSON) -> 201 {"id": ...}
                                (?id=NAME chooses the id: lower-case letters, digits and -, at most 32)
-    GET    /calls              every call this node knows (running and recently ended)
+    GET    /calls              every call this node knows (running and recently ended), and "dial": the SIP
+                               URI callers dial (inbound), else null
     GET    /calls/{id}         state, SIP state/code/codecs, per-stage figures
     DELETE /calls/{id}         hang up, flush, stop -> the ended call
     POST   /calls/{id}/dtmf    {"digits": "123#", "duration_ms": 160}
@@ -139,7 +140,8 @@ def make_app(node: Node, token: str | None) -> web.Application:
                                  status=202 if created else 200)
 
     async def list_calls(request: web.Request) -> web.Response:
-        return web.json_response({"calls": [c.view() for c in list(node.calls.values())]})
+        dial = node.inbound.dial_uri() if node.inbound is not None else None
+        return web.json_response({"calls": [c.view() for c in list(node.calls.values())], "dial": dial})
 
     async def get_call(request: web.Request) -> web.Response:
         return web.json_response(find(request).view(detail=True))

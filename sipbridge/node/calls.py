@@ -79,6 +79,8 @@ class CallPlan:
     janus_control: str | None  # its --control endpoint when given, else RUN_DIR/NAME.control
     inbound: bool
     summary: dict[str, Any] = field(default_factory=dict)
+    # One inbound call per pipeline (the node's SIP front started it for one INVITE): it ends with that call.
+    one_call: bool = False
 
 
 def plan_call(data: Any, allow_pipelines: bool, environ: dict[str, str] | None = None) -> CallPlan:
@@ -332,7 +334,7 @@ class Call:
                 self._spawn_stop("failed" if failed else "completed")
                 return
             sip = self.sip()
-            if sip and not self.plan.inbound and sip.get("state") in SIP_FINAL_STATES:
+            if sip and (self.plan.one_call or not self.plan.inbound) and sip.get("state") in SIP_FINAL_STATES:
                 if sip.get("not_placed"):
                     # No INVITE went out: the bot was not in the room within sip.wait_for_room_s (the reason says why).
                     self.error = str(sip.get("reason", "not placed"))

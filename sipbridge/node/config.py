@@ -42,10 +42,16 @@ class NodeSettings:
     # generators. Off by default: a bridge configuration is all a service needs.
     allow_pipelines: bool = False
     name: str = ""
-    # Cluster mode (issue 13, sipbridge/cluster): API-started calls go through this Redis stream, and the node
-    # answers Kamailio's OPTIONS probes on cluster_sip ("IP:PORT") from its admission state.
+    # The node's SIP front ("IP:PORT", sipbridge/cluster/front.py): where callers (or Kamailio) send INVITEs, and
+    # what Kamailio probes with OPTIONS (200 with a free slot, 503 full or draining).
+    sip: str | None = None
+    # Inbound calls: a bridge file (sip.inbound = true, accept_from, routes) each INVITE's call is made from.
+    inbound: str | None = None
+    # How long an INVITE waits for its call's Janus handle to listen before the node answers 500; keep it under
+    # the INVITE timer of a proxy in front (Kamailio's fr_inv_timer: 60 s as shipped).
+    inbound_ready_timeout_s: float = 55.0
+    # Cluster mode (issue 13, sipbridge/cluster): API-started calls go through this Redis stream.
     cluster_redis: str | None = None
-    cluster_sip: str | None = None
 
 
 def default_slots(cpu_ceiling: float, cores: int | None = None) -> int:
@@ -97,8 +103,19 @@ def check(settings: NodeSettings, environ: dict[str, str] | None = None) -> str 
                               f"(at most {UNIX_PATH_MAX_BYTES - longest + len(str(settings.run_root))} characters)")
     if settings.cluster_redis is not None and not re.fullmatch(r"rediss?://\S+", settings.cluster_redis):
         raise NodeConfigError(f"cluster_redis must be a redis:// URL, not {settings.cluster_redis!r}")
-    if settings.cluster_sip is not None and not re.fullmatch(r"[0-9.]+:\d{1,5}", settings.cluster_sip):
-        raise NodeConfigError(f"cluster_sip must be IP:PORT, not {settings.cluster_sip!r}")
+    if settings.sip is not None:
+        host, _, port = settings.sip.rpartition(":")
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            host = ""
+        if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise NodeConfigError(f"sip must be IP:PORT (the SIP front's IPv4 address and UDP port), not "
+                                  f"{settings.sip!r}")
+    if not 1.0 <= settings.inbound_ready_timeout_s <= 600.0:
+        raise NodeConfigError(f"inbound_ready_timeout_s must be 1..600 seconds, not {settings.inbound_ready_timeout_s}")
+    if settings.inbound is not None and settings.sip is None:
+        raise NodeConfigError("inbound needs sip = \"IP:PORT\": the address callers send their INVITEs to")
     if not settings.auth:
         if not is_loopback(settings.listen):
             raise NodeConfigError(f"auth can only be turned off on a loopback address, not on {settings.listen}")

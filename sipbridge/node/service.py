@@ -70,6 +70,7 @@ class NodeSnapshot:
     admitting: bool
     time: float
     calls: list[CallSnapshot] = field(default_factory=list)
+    sip_uri: str | None = None  # inbound: the SIP URI callers dial (the node's identity at its SIP front)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -97,6 +98,7 @@ class Node:
         self._task: asyncio.Task[None] | None = None
         self._last_cpu_ticks: dict[str, tuple[int, float]] = {}
         self._followers: set[asyncio.Task[None]] = set()
+        self.inbound: Any = None  # sipbridge.node.inbound.InboundCalls, with an inbound bridge configured
 
     # ----- background sampling -------------------------------------------------------------------
     async def start(self) -> None:
@@ -255,4 +257,5 @@ class Node:
                                       call.end_reason))
         refused = self.refusal()
         return NodeSnapshot(self.name, self.settings.slots, self.free_slots(), self.draining, round(self.cpu_busy, 3),
-                            self.settings.cpu_ceiling, refused is None, time.time(), calls)
+                            self.settings.cpu_ceiling, refused is None, time.time(), calls,
+                            self.inbound.dial_uri() if self.inbound is not None else None)

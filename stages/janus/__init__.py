@@ -36,6 +36,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from typing import Any
+from urllib.parse import urlsplit
 
 import click
 import zmq
@@ -93,6 +94,7 @@ from stages.janus.callcontrol import (
 from stages.janus.client import JanusClient, JanusDisconnected, JanusError, JanusHandle
 from stages.janus.media import CODEC_BY_RTP_NAME, ReceivedFrame, make_packet
 from stages.janus.sip import CallInfo, SipCall
+from stages.janus.sipprobe import ProbeError, learn_sip_address
 from stages.options import build_options, run, stage_options
 
 SIP_PLUGIN = "janus.plugin.sip"
@@ -150,6 +152,9 @@ class SipSettings:
     media_timeout_s: float = DEFAULT_MEDIA_TIMEOUT_S
     # > 0: an outbound call is placed only once the room's bot reports it joined, waiting at most this long.
     wait_for_room_s: float = 0.0
+    # Inbound: where the stage listens for the probe MESSAGE that tells it its handle's SIP port (sipprobe.py);
+    # None: the Janus URL's host (Janus on this host), "" never probes.
+    sip_probe_host: str | None = None
 
 
 class JanusStage(Stage):
@@ -606,8 +611,10 @@ class JanusStage(Stage):
                                      "username": result.get("username"), "register_sent": result.get("register_sent")}
                 if not announce:
                     return
+                contact = await self._learn_contact(handle) if self.settings.inbound else None
                 self._publish_state(None, CallState.REGISTERED, identity=self.settings.identity,
-                                    register_sent=bool(result.get("register_sent")))
+                                    register_sent=bool(result.get("register_sent")),
+                                    **({"contact": contact} if contact else {}))
                 return
             if name == "registration_failed" or (data and "error_code" in data):
                 code = result.get("code", data.get("error_code"))
@@ -624,6 +631,33 @@ class JanusStage(Stage):
         self._publish_state(None, CallState.REGISTRATION_FAILED, reason="no answer to REGISTER")
         self.report_error("registration_failed", "no answer to REGISTER")
         raise TimeoutError("registration timed out")
+
+    async def _learn_contact(self, handle: JanusHandle) -> str | None:
+        """Inbound: the SIP URI callers reach this handle at (its own random port; see sipprobe.py), also put in
+        the registration figures (``contact``) for `sipbridge status` and the node. None when it cannot be told."""
+        host = self.settings.sip_probe_host
+        if host is None:
+            host = urlsplit(self.settings.janus_url).hostname or ""
+            host = "127.0.0.1" if host == "localhost" else host
+        if not host:
+            return None
+
+        async def send_message(uri: str, token: str) -> object:
+            return await handle.message({"request": "message", "uri": uri, "content": token,
+                                         "content_type": "text/plain"})
+        try:
+            sip_host, sip_port = await learn_sip_address(send_message, host)
+        except (ProbeError, JanusError) as exc:
+            self.log.warning("inbound: cannot tell which SIP port the Janus handle listens on: %s", exc)
+            self.report_error("sip_probe_failed", str(exc))
+            return None
+        user = re.sub(r"^sips?:", "", self.settings.identity).split("@", 1)[0] if "@" in self.settings.identity \
+            else ""
+        shown_host = f"[{sip_host}]" if ":" in sip_host else sip_host
+        contact = f"sip:{user + '@' if user else ''}{shown_host}:{sip_port}"
+        self.registration["contact"] = contact
+        self.log.info("inbound: callers reach this bridge at %s (its Janus SIP handle's own port)", contact)
+        return contact
 
     # ----- calls -------------------------------------------------------------------------------
     def _new_call(self, direction: str, peer: str, call_id: str | None = None) -> SipCall:
@@ -1053,6 +1087,8 @@ CODEC_CHOICES = {"h264": Codec.H264, "vp8": Codec.VP8, "pcmu": Codec.PCMU, "pcma
 @click.option("--inbound/--no-inbound", default=False, help="Accept incoming calls.")
 @click.option("--accept-from", default=".*", help="Regex on the caller URI for calls to accept.")
 @click.option("--decline-code", type=int, default=486, help="SIP code for declined calls.")
+@click.option("--sip-probe-host", default=None,
+              help="Inbound: address to learn the Janus handle's SIP port on [the --janus-url host; '' = never].")
 @click.option("--media-timeout-s", type=click.FloatRange(0), default=DEFAULT_MEDIA_TIMEOUT_S, show_default=True,
               help="Hang up after this long without media from the SIP peer (a peer gone without BYE); 0 = never.")
 @click.option("--wait-for-room-s", type=click.FloatRange(0, ROOM_WAIT_MAX_S), default=0.0, show_default=True,
@@ -1086,6 +1122,7 @@ def command(**params: Any) -> None:
         low_latency_jitter_buffer=params["jitter_buffer"] == "low-latency",
         dtmf_method=params["dtmf_method"], media_timeout_s=params["media_timeout_s"],
         wait_for_room_s=params["wait_for_room_s"],
+        sip_probe_host=params["sip_probe_host"],
         redial_after_janus_restart=params["redial_after_janus_restart"], redial_backoff_s=params["redial_backoff_s"],
         redial_backoff_max_s=params["redial_backoff_max_s"], redial_max_tries=params["redial_max_tries"])
     run(JanusStage(options, settings))

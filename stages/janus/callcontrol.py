@@ -436,7 +436,7 @@ Action = (Publish | SetAnswer | Accept | Decline | EndCall | MarkAccepted | Mark
 DTMF_RELAY_RE = re.compile(r"Signal\s*=\s*([0-9A-Da-d*#])", re.IGNORECASE)
 DTMF_DURATION_RE = re.compile(r"Duration\s*=\s*(\d+)", re.IGNORECASE)
 _LOGGED_ONLY = ("updated", "accepting", "hangingup", "declining", "dtmfsent", "infosent", "messagesent",
-                "registering")
+                "messagedelivery", "registering")
 
 
 def plugin_data(event: dict[str, Any]) -> dict[str, Any]:
