@@ -33,6 +33,8 @@ def test_kamailio_config_renders_and_kamailio_accepts_it(tmp_path: Path) -> None
     assert "@@" not in text.replace("dispatcher@127", "")
     assert 'modparam("dispatcher", "ds_probing_mode", 1)' in text
     assert 'modparam("dispatcher", "ds_ping_interval", 1)' in text
+    # Kamailio's RPC FIFO and socket are this instance's own: another Kamailio on the host must not delete them.
+    assert f'"{tmp_path.resolve()}/kamailio_rpc.sock"' in text and f'"{tmp_path.resolve()}/kamailio_rpc.fifo"' in text
     if kamailio.shutil.which("kamailio") or Path("/usr/sbin/kamailio").exists():
         kamailio.check(cfg)  # raises with Kamailio's own complaint
     for bad in ("127.0.0.11:5060", "sip:127.0.0.11:5060,slots=0", "sip:host:5060,color=red"):

@@ -77,6 +77,8 @@ def render(nodes: list[Node], *, listen: str, out_dir: Path, ping_interval_s: in
         "PING_INTERVAL_S": str(ping_interval_s), "FR_TIMER_MS": str(fr_timer_ms),
         "FR_INV_TIMER_MS": str(fr_inv_timer_ms), "CHILDREN": str(children),
         "CTL_SOCKET": str((out_dir / "kamailio_ctl").resolve()),
+        "RPC_FIFO": str((out_dir / "kamailio_rpc.fifo").resolve()),
+        "RPC_SOCKET": str((out_dir / "kamailio_rpc.sock").resolve()),
     }
 
     def fill(m: re.Match[str]) -> str:
