@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := janus libjs-janus-gateway libjs-webrtc-adapter chromium sip-tester ffmpeg tshark iproute2 kamailio redis-server systemd
+APT_PACKAGES := janus janus-demos libjs-janus-gateway libjs-webrtc-adapter chromium sip-tester ffmpeg tshark iproute2 kamailio redis-server systemd
 
 .PHONY: setup system-deps browser-user venv test lint demo bench clean
 

@@ -29,7 +29,8 @@ def command() -> None:
 @click.option("--janus-secret-file", type=click.Path(dir_okay=False, exists=True), default=None,
               help="The Janus API secret (`sipbridge janus-server` writes WORK_DIR/api_secret), handed to the pages.")
 def serve(host: str, port: int, janus_url: str, janus_secret_file: str | None) -> None:
-    """Serve the room page (Janus must run separately, see `sipbridge janus-server`)."""
+    """Serve the room page and, under /janus-demos/, Janus's own demo pages (Debian janus-demos) against the same
+    Janus (which must run separately, see `sipbridge janus-server`)."""
     from pathlib import Path
 
     from sipbridge.room.server import serve as run_server

@@ -1,4 +1,5 @@
-"""The local room's web server: the conference page, janus.js and adapter.js from Debian, and its config."""
+"""The local room's web server: the conference page, janus.js and adapter.js from Debian, and its config; Janus's
+own demo pages under /janus-demos/ (sipbridge/room/janusdemos.py)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import logging
 from pathlib import Path
 
 from aiohttp import web
+
+from sipbridge.room import janusdemos
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 JANUS_JS = Path("/usr/share/javascript/janus-gateway/janus.js")
@@ -44,11 +47,12 @@ def make_app(janus_url: str = DEFAULT_JANUS_WS, api_secret: str | None = None) -
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/favicon.ico", favicon)
     app.router.add_get("/lib/{name}", lib)
+    janusdemos.add_routes(app, janus_url, api_secret)
     app.router.add_static("/", STATIC_DIR)
     return app
 
 
 def serve(host: str, port: int, janus_url: str, api_secret: str | None = None) -> None:
-    log.info("local room on http://%s:%d/ (Janus %s%s)", host, port, janus_url,
-             ", with its API secret" if api_secret else "")
+    log.info("local room on http://%s:%d/ (Janus %s%s); Janus's VideoRoom demo on http://%s:%d%svideoroomtest.html",
+             host, port, janus_url, ", with its API secret" if api_secret else "", host, port, janusdemos.PREFIX)
     web.run_app(make_app(janus_url, api_secret), host=host, port=port, print=None, access_log=None)

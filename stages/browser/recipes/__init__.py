@@ -23,7 +23,8 @@ page shows which participant a media element belongs to. Two ways to write one:
   ``make_recipe(variables) -> Recipe``; subclass ``Recipe`` and override ``join``/``is_joined``/``leave`` when
   the app needs real logic (logging in, dismissing dialogs, handling a lobby).
 
-Built-in recipes by name: ``local-room`` (this project's Janus VideoRoom page, ``local_room.toml``).
+Built-in recipes by name: ``local-room`` (this project's Janus VideoRoom page, ``local_room.toml``) and ``janus-demo``
+(Janus's own VideoRoom demo page, ``janus_demo.toml``).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from typing import Any
 from playwright.async_api import Page
 
 RECIPE_DIR = Path(__file__).resolve().parent
-BUILTIN = {"local-room": RECIPE_DIR / "local_room.toml"}
+BUILTIN = {"local-room": RECIPE_DIR / "local_room.toml", "janus-demo": RECIPE_DIR / "janus_demo.toml"}
 DEFAULT_STEP_TIMEOUT_S = 20.0
 STEP_KINDS = ("goto", "fill", "click", "press", "wait_for", "wait_s", "evaluate")
 
