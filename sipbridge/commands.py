@@ -92,6 +92,7 @@ def run_pipeline(config: Path, run_dir: Path, forever: bool, quiet: bool = False
         ensure_run_dir_free,
         parse_pipeline,
         render_config,
+        stage_endings,
         stage_secrets,
     )
 
@@ -167,8 +168,9 @@ def run_pipeline(config: Path, run_dir: Path, forever: bool, quiet: bool = False
         supervisor.stop()
         collector.close()
         signal.signal(signal.SIGTERM, previous)
-    for name, info in sorted(final.items()):
-        click.echo(f"  {name}: {info['statename']} (exit {info.get('exitstatus')})")
+    click.echo("how each stage ended:")
+    for name, how in stage_endings(run_dir, final).items():
+        click.echo(f"  {name}: {how}")
     return final
 
 
@@ -213,12 +215,13 @@ def status(run_dir: Path, once: bool, as_json: bool, interval: float) -> None:
             if as_json:
                 click.echo(json.dumps(snapshot(collector, states), indent=2, sort_keys=True))
             else:
-                Console().print(render(collector, states))
+                console = Console()
+                console.print(render(collector, states, console.width))
             return
         with Live(render(collector, {}), refresh_per_second=4) as live:
             while True:
                 collector.poll(interval)
-                live.update(render(collector, process_states(run_dir)))
+                live.update(render(collector, process_states(run_dir), live.console.width))
     except KeyboardInterrupt:
         pass
     finally:

@@ -104,54 +104,67 @@ def call_summary(figures: dict[str, dict[str, Any]], now_ns: int | None = None) 
     return None
 
 
-def render(collector: StatusCollector, states: dict[str, dict[str, Any]]) -> Table:
+# Below this many terminal columns the table drops the stream count and codec-thread time, abbreviates counts
+# (12.3k) and loses its vertical rules, so an 80-column terminal shows every stage name whole.
+NARROW_WIDTH = 110
+
+
+def _count(value: int, narrow: bool) -> str:
+    if not narrow or value < 10_000:
+        return str(value)
+    for unit, size in (("M", 1_000_000), ("k", 1_000)):
+        if value >= size:
+            scaled = value / size
+            return f"{scaled:.1f}{unit}" if scaled < 100 else f"{scaled:.0f}{unit}"
+    return str(value)
+
+
+def render(collector: StatusCollector, states: dict[str, dict[str, Any]], width: int | None = None) -> Table:
+    """The status table; ``width`` is the terminal's (narrow terminals get the compact form, names never cut)."""
+    from rich import box
+
+    narrow = width is not None and width < NARROW_WIDTH
     call = call_summary(collector.figures)
+    stages = sorted(set(collector.figures) | set(states))
     table = Table(title=f"sipbridge pipeline in {collector.run_dir}", expand=False,
-                  caption=call or "no SIP stage reporting")
-    for column in (
-        "stage",
-        "state",
-        "streams",
-        "in",
-        "out",
-        "fps",
-        "lat p50 ms",
-        "proc p50 ms",
-        "drops",
-        "errors",
-        "heartbeat",
-    ):
-        table.add_column(column)
+                  caption=call or "no SIP stage reporting", box=box.SIMPLE_HEAD if narrow else box.HEAVY_HEAD,
+                  pad_edge=not narrow)
+    # Two stages may differ only at the end of their names (room-decoder, room-transformer): never cut one.
+    table.add_column("stage", no_wrap=True, min_width=max((len(s) for s in stages), default=5))
+    table.add_column("state", overflow="fold")
+    columns = (["in", "out", "fps", "lat ms", "drops", "err", "beat"] if narrow else
+               ["streams", "in", "out", "fps", "lat p50 ms", "proc p50 ms", "drops", "errors", "heartbeat"])
+    for column in columns:
+        table.add_column(column, no_wrap=True, justify="right" if narrow else "left")
     now = time.time()
-    for stage in sorted(set(collector.figures) | set(states)):
+    for stage in stages:
         figures = collector.figures.get(stage, {})
         streams = figures.get("streams", {})
         frames_in = sum(s.get("frames_in", 0) for s in streams.values())
         frames_out = sum(s.get("frames_out", 0) for s in streams.values())
         fps = sum(s.get("fps_in", 0.0) for s in streams.values())
         latencies = [s["latency_ms_p50"] for s in streams.values() if s.get("latency_ms_p50") is not None]
+        latency = _fmt(max(latencies) if latencies else None, 0 if narrow else 1)
         drops = sum(figures.get("drops", {}).values())
         errors = sum(figures.get("errors", {}).values())
         beat = collector.heartbeats.get(stage)
-        age = f"{now - beat:.1f}s ago" if beat else "-"
+        age = (f"{now - beat:.1f}s" if narrow else f"{now - beat:.1f}s ago") if beat else "-"
         if beat and now - beat > HEARTBEAT_STALE_S:
             age = f"[red]{age}[/red]"
         state = states.get(stage, {}).get("statename", "?")
         if isinstance(figures.get("state"), str):
-            state = f"{state} · {figures['state']}"  # the stage's own, e.g. the bot: joined, waiting_for_call
-        table.add_row(
-            stage,
-            state,
-            str(len(streams)),
-            str(frames_in),
-            str(frames_out),
-            _fmt(fps),
-            _fmt(max(latencies) if latencies else None),
-            _fmt(figures.get("process_ms_p50"), 2),
-            str(drops),
-            str(errors),
-            age,
-        )
+            # The stage's own, e.g. the bot: joined, waiting_for_call.
+            # Narrow: words, so the column wraps between them.
+            own = str(figures["state"])
+            state = f"{state.lower()} {own.replace('_', ' ')}" if narrow else f"{state} · {own}"
+        elif narrow:
+            state = state.lower()
+        if narrow:
+            table.add_row(stage, state, _count(frames_in, True), _count(frames_out, True), _fmt(fps, 0), latency,
+                          _count(drops, True), _count(errors, True), age)
+        else:
+            table.add_row(stage, state, str(len(streams)), str(frames_in), str(frames_out), _fmt(fps), latency,
+                          _fmt(figures.get("process_ms_p50"), 2), str(drops), str(errors), age)
     return table
 
 

@@ -272,11 +272,88 @@ def supervisor_environment(environ: Mapping[str, str], secret_names: set[str] | 
 
 
 def ensure_run_dir_free(run_dir: Path) -> None:
-    """Create the run folder (0700) unless a live pipeline uses it; never delete anything in it."""
+    """Create the run folder (0700) unless a live pipeline uses it, and give this run fresh logs: the previous runs'
+    are kept as ``logs.1`` (newest) .. ``logs.3`` (see ``rotate_logs``). Nothing else in it is ever deleted."""
     make_run_dir(run_dir)
-    (run_dir / "logs").mkdir(mode=0o700, exist_ok=True)
     if ipc_owner_alive(str(run_dir / "supervisor.sock")):
         raise PipelineError(f"a pipeline already runs in {run_dir}; stop it or choose another --run-dir")
+    rotate_logs(run_dir)
+    (run_dir / "logs").mkdir(mode=0o700, exist_ok=True)
+
+
+# Earlier runs' log folders kept beside the current one (stage logs were appended across runs before, issue 14).
+KEPT_LOG_RUNS = 3
+# What a log folder of ours holds: supervisord's and the stages' logs with their size-rotated backups.
+OUR_LOG_NAME = re.compile(r"[\w.-]+\.(log(\.\d+)?|stderr)")
+
+
+def _only_our_logs(folder: Path) -> bool:
+    try:
+        return all(entry.is_file() and not entry.is_symlink() and OUR_LOG_NAME.fullmatch(entry.name)
+                   for entry in folder.iterdir())
+    except OSError:
+        return False
+
+
+def rotate_logs(run_dir: Path) -> None:
+    """``logs`` -> ``logs.1`` -> ... -> ``logs.KEPT_LOG_RUNS``; an empty ``logs`` stays (nothing ran). The oldest is
+    dropped only when it holds nothing but our log files; otherwise the runs are kept under a time-stamped name."""
+    logs = run_dir / "logs"
+    if not logs.is_dir() or not any(logs.iterdir()):
+        return
+    oldest = run_dir / f"logs.{KEPT_LOG_RUNS}"
+    if oldest.exists():
+        if oldest.is_dir() and _only_our_logs(oldest):
+            shutil.rmtree(oldest)
+        else:
+            logs.rename(run_dir / f"logs.{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+            return
+    for index in range(KEPT_LOG_RUNS - 1, 0, -1):
+        older = run_dir / f"logs.{index}"
+        if older.exists():
+            older.rename(run_dir / f"logs.{index + 1}")
+    logs.rename(run_dir / "logs.1")
+
+
+# supervisord's own log lines on how a program ended (supervisor/process.py): "stopped: NAME (exit status 0)",
+# "exited: NAME (exit status 1; not expected)", "gave up: NAME entered FATAL state, too many start retries ...".
+ENDING_LINE = re.compile(r"\b(stopped|exited|gave up): (\S+) (.*)$")
+
+
+def stage_endings(run_dir: Path, states: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """How each program of the run ended, in words, from supervisord's log (``states``: its last process states,
+    for a program the log says nothing about)."""
+    events: dict[str, list[tuple[str, str]]] = {}
+    try:
+        text = (run_dir / "logs" / "supervisord.log").read_text(errors="replace")
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        match = ENDING_LINE.search(line)
+        if match:
+            events.setdefault(match[2], []).append((match[1], match[3].strip().strip("()")))
+    endings = {}
+    for name in sorted(set(states) | set(events)):
+        seen = events.get(name, [])
+        info = states.get(name, {})
+        if not seen:
+            state = info.get("statename", "unknown")
+            endings[name] = f"{state} when supervisord went away (no record of its end)"
+            continue
+        kind, detail = seen[-1]
+        if kind == "stopped":
+            how = f"stopped on request ({detail})" if "SIGKILL" not in detail else (
+                f"killed: it did not stop within {STAGE_STOP_WAIT_S} s of SIGTERM ({detail})")
+        elif kind == "gave up":
+            last_exit = next((d for k, d in reversed(seen) if k == "exited"), None)
+            how = "FATAL: gave up restarting it" + (f" (last: {last_exit})" if last_exit else "")
+        else:
+            how = f"ended by itself ({detail})"
+        earlier = sum(1 for k, _ in seen[:-1] if k == "exited")
+        if earlier:
+            how += f"; it had exited {earlier} time(s) before and was restarted"
+        endings[name] = how
+    return endings
 
 
 def _peer_pid(conn: socketlib.socket) -> tuple[int, int]:

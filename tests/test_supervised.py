@@ -111,11 +111,17 @@ def test_cli_up_runs_a_toml_pipeline_and_status_reports(tmp_path: Path) -> None:
         '[[stage]]\nname = "source"\nkind = "source"\nargs = ["--frames", "30", "--width", "160", "--height", "120"]\n'
         f'[[stage]]\nname = "sink"\nkind = "sink"\ninputs = ["source"]\nargs = ["--report", "{run_dir}/r.json"]\n'
     )
-    result = CliRunner().invoke(cli, ["up", str(pipeline), "--run-dir", str(run_dir)])
-    assert result.exit_code == 0, result.output
-    assert "sink: EXITED (exit 0)" in result.output
-    report = json.loads((run_dir / "r.json").read_text())
-    assert report["video"]["video0"]["last_counter"] == 29
+    for run in (1, 2):
+        result = CliRunner().invoke(cli, ["up", str(pipeline), "--run-dir", str(run_dir)])
+        assert result.exit_code == 0, result.output
+        assert "how each stage ended:" in result.output
+        assert "sink: ended by itself (exit status 0; expected)" in result.output, result.output
+        report = json.loads((run_dir / "r.json").read_text())
+        assert report["video"]["video0"]["last_counter"] == 29
+        # Each run starts fresh logs; the previous run's are kept beside them.
+        assert (run_dir / "logs" / "supervisord.log").read_text().count("supervisord started with pid") == 1
+        assert (run_dir / "logs.1").is_dir() == (run == 2)
+    assert (run_dir / "logs.1" / "sink.log").is_file()
 
 
 def test_cli_options_come_from_env_and_config_file(tmp_path: Path) -> None:
@@ -221,7 +227,60 @@ def test_status_table_tells_the_call_and_each_stage_state(tmp_path: Path) -> Non
     console.print(render(collector, {"browser": {"statename": "RUNNING"}, "janus": {"statename": "RUNNING"}}))
     text = console.export_text()
     assert "RUNNING · joined" in text and "call c1: media_up" in text
+    # On an 80-column terminal every stage name stays whole (room-decoder vs room-transformer), nothing is wider.
+    names = ["browser", "room-decoder", "room-transformer", "sip-encoder", "janus", "sip-decoder", "sip-transformer"]
+    busy = {"streams": {"v": {"frames_in": 1234567, "frames_out": 1234560, "fps_in": 29.97, "latency_ms_p50": 88.1}},
+            "drops": {"send_full": 12345}, "errors": {}, "process_ms_p50": 1.5}
+    collector.figures = {name: dict(busy) for name in names}
+    collector.figures["browser"]["state"] = "waiting_for_call"
+    console = Console(width=80, record=True)
+    console.print(render(collector, {name: {"statename": "RUNNING"} for name in names}, 80))
+    lines = console.export_text().splitlines()
+    assert max(len(line) for line in lines) <= 80
+    for name in names:
+        assert [line for line in lines if line.split() and line.split()[0] == name], (name, lines)
+    assert any("1.2M" in line for line in lines) and any("waiting" in line for line in lines)
     collector.close()
+
+
+def test_logs_rotate_per_run_and_endings_are_told(tmp_path: Path) -> None:
+    from sipbridge.supervise import KEPT_LOG_RUNS, rotate_logs, stage_endings
+
+    logs = tmp_path / "logs"
+    for run in range(KEPT_LOG_RUNS + 2):
+        logs.mkdir(exist_ok=True)
+        (logs / "janus.log").write_text(f"run {run}\n")
+        rotate_logs(tmp_path)
+        assert not logs.exists()
+    kept = sorted(p.name for p in tmp_path.iterdir())
+    assert kept == [f"logs.{i}" for i in range(1, KEPT_LOG_RUNS + 1)]
+    assert (tmp_path / "logs.1" / "janus.log").read_text() == f"run {KEPT_LOG_RUNS + 1}\n"
+    # The oldest holds something that is not ours: it is never deleted, this run's logs get a time-stamped name.
+    (tmp_path / f"logs.{KEPT_LOG_RUNS}" / "notes.txt").write_text("mine")
+    logs.mkdir()
+    (logs / "janus.log").write_text("latest\n")
+    rotate_logs(tmp_path)
+    assert (tmp_path / f"logs.{KEPT_LOG_RUNS}" / "notes.txt").exists()
+    assert [p for p in tmp_path.glob("logs.2*-*") if (p / "janus.log").read_text() == "latest\n"]
+    # An empty logs folder (nothing ran) stays where it is.
+    logs.mkdir()
+    rotate_logs(tmp_path)
+    assert logs.is_dir()
+
+    (logs / "supervisord.log").write_text(
+        "2026-12-03 07:00:00,001 INFO spawned: 'janus' with pid 10\n"
+        "2026-12-03 07:00:05,001 WARN exited: browser (exit status 1; not expected)\n"
+        "2026-12-03 07:00:09,001 WARN exited: browser (exit status 1; not expected)\n"
+        "2026-12-03 07:00:09,002 INFO gave up: browser entered FATAL state, too many start retries too quickly\n"
+        "2026-12-03 07:00:20,001 INFO stopped: janus (exit status 0)\n"
+        "2026-12-03 07:00:21,001 WARN stopped: sip-encoder (terminated by SIGKILL)\n"
+        "2026-12-03 07:00:22,001 INFO exited: sink (exit status 0; expected)\n")
+    endings = stage_endings(tmp_path, {"janus": {"statename": "RUNNING"}, "relay": {"statename": "RUNNING"}})
+    assert endings["janus"] == "stopped on request (exit status 0)"
+    assert endings["browser"].startswith("FATAL: gave up restarting it (last: exit status 1; not expected)")
+    assert endings["sip-encoder"].startswith("killed: it did not stop within")
+    assert endings["sink"] == "ended by itself (exit status 0; expected)"
+    assert endings["relay"] == "RUNNING when supervisord went away (no record of its end)"
 
 
 def test_sigterm_to_up_stops_every_stage_and_supervisord(tmp_path: Path) -> None:
@@ -247,6 +306,11 @@ def test_sigterm_to_up_stops_every_stage_and_supervisord(tmp_path: Path) -> None
         supervisord = int((run_dir / "supervisord.pid").read_text())
         up.send_signal(signal.SIGTERM)
         assert up.wait(30) == 0, up.stdout.read().decode() if up.stdout else ""
+        # The summary says how each stage ended, not the state it was in before the stop (RUNNING).
+        output = up.stdout.read().decode() if up.stdout else ""
+        summary = output[output.index("how each stage ended:"):]
+        assert "RUNNING" not in summary, summary
+        assert re.search(r"sink: (stopped on request|ended by itself) \(exit status 0", summary), summary
     finally:
         if up.poll() is None:
             up.kill()
