@@ -43,8 +43,9 @@ def serve(host: str, port: int, janus_url: str, janus_secret_file: str | None) -
 @command.command()
 @click.option("--room-url", default="http://127.0.0.1:8480/", show_default=True)
 @click.option("--room", type=int, default=1234, show_default=True)
-@click.option("--name", "names", multiple=True, default=["alice"], show_default=True,
-              help="Display name of a participant (repeat for several in one browser).")
+@click.option("--name", "names", multiple=True,
+              help="Display name of a participant (repeat for several in one browser); default: alice, unless only "
+                   "viewers are asked for.")
 @click.option("--tone", "tones", type=float, multiple=True, default=[440.0], show_default=True,
               help="Tone of each participant in Hz (same order as --name; the last repeats).")
 @click.option("--viewer", "viewers", multiple=True, help="A receive-only participant (repeatable).")
@@ -71,6 +72,7 @@ def participant(room_url: str, room: int, names: tuple[str, ...], tones: tuple[f
                 sync_marks: bool, engine: str, loop_s: int, keyframe_interval_s: float, cache: bool) -> None:
     """Join synthetic participants that publish a frame-counter pattern and a tone."""
     width, _, height = size.partition("x")
+    names = publisher_names(names, viewers)
     if engine == "aiortc":
         from sipbridge.room.cheap import CHEAP_CODECS, PublisherSpec, run_cheap
 
@@ -118,6 +120,14 @@ def viewer(room_url: str, room: int, name: str, janus: str | None, codec: str, e
     raise SystemExit(asyncio.run(run_participants(room_url, room, [ParticipantSpec(name, 0.0, publish=False)],
                                                   janus=janus, codec=codec, width=640, height=480, fps=30,
                                                   probe=True, duration_s=duration, sync_marks=sync_marks)))
+
+
+def publisher_names(names: tuple[str, ...], viewers: tuple[str, ...]) -> tuple[str, ...]:
+    """The publishers to start: those named, else one "alice", but none when only viewers were asked for (a
+    ``--viewer`` alone must not put a publishing participant into the room)."""
+    if names or viewers:
+        return names
+    return ("alice",)
 
 
 def _log_to_stderr() -> None:
