@@ -182,3 +182,16 @@ def test_speaker_layout_shows_the_active_speaker(tmp_path: Path) -> None:
     data["layout"] = {"mode": "speaker"}
     specs = {s.name: s for s in bridge_stages(parse_bridge(data), tmp_path)}
     assert "compose:speaker:640x480" in specs["room-transformer"].args
+
+
+def test_readme_intro_names_every_sip_codec() -> None:
+    """The README's first paragraph lists every codec a bridge file may choose for SIP (it once left VP8 and Opus
+    out)."""
+    from sipbridge.bridge import AUDIO_CODECS, VIDEO_CODECS
+
+    readme = (EXAMPLE.parents[1] / "README.md").read_text()
+    intro = readme.split("\n\n")[1]
+    shown = {"h264": "H.264", "vp8": "VP8", "pcmu": "PCMU", "pcma": "PCMA", "g722": "G.722", "opus": "Opus"}
+    for codec in (*VIDEO_CODECS, *AUDIO_CODECS):
+        if codec != "none":
+            assert shown[codec] in intro.split("on SIP")[0].split("room;")[-1], codec
