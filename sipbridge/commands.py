@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -83,6 +84,28 @@ def _stop_orphans(known: dict[int, str | None], run_dir: Path) -> list[int]:
     return stopped
 
 
+NETNS_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")
+
+
+def _check_local_janus(config: Path) -> None:
+    """janus.start runs the project's Janus, which gathers ICE candidates only on the veth end of a namespace made
+    by `sipbridge netns` (it skips loopback interfaces): outside one, no call could carry media. Say what to run."""
+    from sipbridge import netns as netns_mod
+
+    if netns_mod.ice_ready():
+        return
+    raise click.ClickException(
+        f"{config}: janus.start = true runs the project's Janus, which gathers ICE candidates only on the veth "
+        f"'{netns_mod.VETH_INSIDE}' of a network namespace made for it (Janus skips loopback interfaces), and this "
+        "process is not in one. Let `up` make one, run the bridge in it and delete it at the end (root):\n"
+        f"    sipbridge up {config} --netns sb-bridge\n"
+        "or make it yourself and run the bridge inside:\n"
+        "    sipbridge netns create sb-bridge\n"
+        f"    sipbridge netns exec sb-bridge -- sipbridge up {config}\n"
+        "A namespace reaches nothing outside itself: run what the bridge talks to in it too, e.g. the local room "
+        "(`sipbridge netns exec sb-bridge -- sipbridge room serve`) and the SIP peer.")
+
+
 def run_pipeline(config: Path, run_dir: Path, forever: bool, quiet: bool = False) -> dict[str, Any]:
     """Start a pipeline under supervisord, print progress, stop it when done; return the final states."""
     from sipbridge.status import StatusCollector, progress_line
@@ -115,6 +138,8 @@ def run_pipeline(config: Path, run_dir: Path, forever: bool, quiet: bool = False
             secret_names = {source for spec in specs for source in spec.secrets.values()}
         except (tomllib.TOMLDecodeError, PipelineError, BridgeConfigError) as exc:
             raise click.ClickException(f"{config}: {exc}") from None
+        if "stage" not in data and parse_bridge(data).start_janus:
+            _check_local_janus(config)
         conf_path = run_dir / "supervisord.conf"
         conf_path.write_text(render_config(specs, run_dir))
     else:
@@ -174,11 +199,35 @@ def run_pipeline(config: Path, run_dir: Path, forever: bool, quiet: bool = False
     return final
 
 
+def _run_in_netns(name: str, config: Path, run_dir: Path, forever: bool) -> dict[str, Any]:
+    """``run_pipeline`` from inside namespace ``name`` (supervisord and every stage inherit it from this thread)."""
+    from sipbridge import netns as netns_mod
+
+    if not NETNS_NAME.fullmatch(name):
+        raise click.BadParameter("letters, digits, _ . - (up to 32)", param_hint="--netns")
+    namespace = netns_mod.NetNs(name)
+    made = not netns_mod.exists(name)
+    try:
+        if made:
+            namespace.create()
+        with namespace.entered():
+            click.echo(f"network namespace {name}" + (" (made for this run; deleted at its end)" if made else ""))
+            return run_pipeline(config, run_dir, forever)
+    except netns_mod.NetNsError as exc:
+        raise click.ClickException(f"--netns {name}: {exc}") from None
+    finally:
+        if made:
+            namespace.delete()
+
+
 @cli.command()
 @click.argument("config", required=False, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @run_dir_option
 @click.option("--forever/--until-done", default=False, help="Keep running after every stage has ended.")
-def up(config: Path | None, run_dir: Path, forever: bool) -> None:
+@click.option("--netns", default=None, metavar="NAME",
+              help="Run the pipeline inside network namespace NAME (root): made, with the loopback ICE set-up a local "
+                   "Janus (janus.start) needs, unless it exists, and then deleted at the end.")
+def up(config: Path | None, run_dir: Path, forever: bool, netns: str | None) -> None:
     """Start a pipeline under supervisord: a supervisord .conf, a pipeline .toml or a bridge .toml.
 
     Without CONFIG it runs ./supervisord.conf when present, else the packaged synthetic pipeline.
@@ -186,7 +235,8 @@ def up(config: Path | None, run_dir: Path, forever: bool) -> None:
     if config is None:
         local = Path("supervisord.conf")
         config = local if local.exists() else DEFAULT_PIPELINE
-    final = run_pipeline(config, run_dir, forever)
+    final = run_pipeline(config, run_dir, forever) if netns is None else _run_in_netns(netns, config, run_dir,
+                                                                                        forever)
     failed = [n for n, info in final.items() if info["statename"] == "FATAL" or info.get("exitstatus")]
     if failed:
         raise click.ClickException(f"stage(s) failed: {', '.join(sorted(failed))}")

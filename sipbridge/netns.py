@@ -199,6 +199,17 @@ def call_in(name: str, fn: Callable[..., T], *args: Any) -> T:
     return result[0]  # type: ignore[no-any-return]
 
 
+def ice_ready() -> bool:
+    """Whether the calling thread's namespace has the ICE set-up (the veth end Janus is told to use)."""
+    import socket
+
+    try:
+        socket.if_nametoindex(VETH_INSIDE)
+    except OSError:
+        return False
+    return True
+
+
 def list_names() -> list[str]:
     try:
         return sorted(os.listdir(NETNS_DIR))

@@ -589,3 +589,41 @@ def test_environment_values_reach_the_program_exactly_or_are_refused(tmp_path: P
     for bad, why in (("line\nbreak", "a newline"), ("both ' and \"", "both kinds"), ("a #b", "a space before")):
         with pytest.raises(PipelineError, match=rf"stage 'a'\.env\.X: a value with .*{why}"):
             parse_pipeline({"stage": [{"name": "a", "kind": "source", "env": {"X": bad}}]})
+
+
+def test_up_with_a_local_janus_outside_a_namespace_says_what_to_run(tmp_path: Path) -> None:
+    """janus.start = true outside a namespace with the ICE set-up cannot carry media: `up` refuses with the exact
+    commands (before starting anything)."""
+    example = Path(__file__).resolve().parents[1] / "examples" / "bridge-local.toml"
+    run_dir = _run_dir(tmp_path)
+    result = CliRunner().invoke(cli, ["up", str(example), "--run-dir", str(run_dir)])
+    assert result.exit_code == 1, result.output
+    assert f"sipbridge up {example} --netns sb-bridge" in result.output
+    assert "sipbridge netns create sb-bridge" in result.output
+    assert f"sipbridge netns exec sb-bridge -- sipbridge up {example}" in result.output
+    assert not (run_dir / "supervisord.conf").exists()
+
+
+@pytest.mark.media
+def test_up_netns_makes_the_namespace_runs_the_pipeline_in_it_and_removes_it(tmp_path: Path) -> None:
+    from sipbridge import netns as netns_mod
+
+    if os.geteuid() != 0:
+        pytest.skip("network namespaces need root")
+    run_dir = _run_dir(tmp_path)
+    name = netns_mod.unique_name()
+    pipeline = tmp_path / "p.toml"
+    # A stage that says which namespace it runs in and whether the veth a local Janus uses is there.
+    probe = "sh -c 'readlink /proc/self/ns/net; ip -o link show sbv0; sleep 1.5'"
+    pipeline.write_text(f'[[stage]]\nname = "probe"\ncommand = "{probe}"\n')
+    result = CliRunner().invoke(cli, ["up", str(pipeline), "--run-dir", str(run_dir), "--netns", name])
+    assert result.exit_code == 0, result.output
+    assert f"network namespace {name} (made for this run; deleted at its end)" in result.output
+    log = (run_dir / "logs" / "probe.log").read_text()
+    assert os.readlink("/proc/self/ns/net") not in log and "net:[" in log and "sbv0" in log, log
+    assert not netns_mod.exists(name)
+    # Inside such a namespace the local-Janus check passes.
+    with netns_mod.NetNs(name) as namespace, namespace.entered():
+        from sipbridge.commands import _check_local_janus
+
+        _check_local_janus(pipeline)
