@@ -108,7 +108,7 @@ def _check_local_janus(config: Path) -> None:
 
 def run_pipeline(config: Path, run_dir: Path, forever: bool, quiet: bool = False) -> dict[str, Any]:
     """Start a pipeline under supervisord, print progress, stop it when done; return the final states."""
-    from sipbridge.status import StatusCollector, progress_line
+    from sipbridge.status import StatusCollector, inbound_uri, progress_line
     from sipbridge.supervise import (
         PipelineError,
         Supervisor,
@@ -154,6 +154,7 @@ def run_pipeline(config: Path, run_dir: Path, forever: bool, quiet: bool = False
     collector = StatusCollector(run_dir)
     click.echo(f"pipeline up: {conf_path} (logs in {run_dir}/logs; `sipbridge status --run-dir {run_dir}`)")
     final: dict[str, Any] = {}
+    announced: str | None = None  # the inbound SIP URI last printed
     # Every stage process seen, with its start time: what to stop if supervisord dies under us.
     known: dict[int, str | None] = {}
     answered_s = time.monotonic()
@@ -181,6 +182,11 @@ def run_pipeline(config: Path, run_dir: Path, forever: bool, quiet: bool = False
                 raise SupervisorLost(f"supervisord has not answered on {run_dir}/supervisor.sock for "
                                      f"{SUPERVISOR_SILENT_LIMIT_S:.0f} s; killed it"
                                      + (f" and stopped {len(stopped)} stage process(es)" if stopped else ""))
+            contact = inbound_uri(collector.figures)
+            if contact and contact != announced:
+                # Printed whatever `quiet` says: it is what a caller needs (a new Janus handle gets a new port).
+                click.echo(f"inbound: callers dial {contact}")
+                announced = contact
             if not quiet:
                 click.echo(progress_line(collector, states))
             if not forever and supervisor.all_finished():

@@ -77,6 +77,16 @@ def _fmt(value: Any, digits: int = 1) -> str:
     return str(value)
 
 
+def inbound_uri(figures: dict[str, dict[str, Any]]) -> str | None:
+    """The SIP URI callers dial, as an inbound janus stage reports it (``registration.contact``: its Janus SIP
+    handle's own address, learnt after registering), or None."""
+    for _, fig in sorted(figures.items()):
+        registration = fig.get("registration")
+        if isinstance(registration, dict) and isinstance(registration.get("contact"), str):
+            return str(registration["contact"])
+    return None
+
+
 def call_summary(figures: dict[str, dict[str, Any]], now_ns: int | None = None) -> str | None:
     """One line on the SIP call from the janus stage's figures (any stage reporting a ``call``), or None."""
     now_ns = now_ns or time.time_ns()
@@ -85,7 +95,9 @@ def call_summary(figures: dict[str, dict[str, Any]], now_ns: int | None = None) 
         registration = fig.get("registration")
         if not isinstance(call, dict) or "state" not in call:
             if isinstance(registration, dict) and registration.get("state"):
-                return f"no call ({stage}: SIP {registration['state']})"
+                contact = registration.get("contact")
+                dial = f"; callers dial {contact}" if isinstance(contact, str) else ""
+                return f"no call ({stage}: SIP {registration['state']}{dial})"
             continue
         parts = [f"call {call.get('call_id', '?')}: {call['state']}"]
         if call.get("peer"):
@@ -125,6 +137,9 @@ def render(collector: StatusCollector, states: dict[str, dict[str, Any]], width:
 
     narrow = width is not None and width < NARROW_WIDTH
     call = call_summary(collector.figures)
+    contact = inbound_uri(collector.figures)
+    if call and contact and contact not in call:
+        call += f"\ninbound: callers dial {contact}"
     stages = sorted(set(collector.figures) | set(states))
     table = Table(title=f"sipbridge pipeline in {collector.run_dir}", expand=False,
                   caption=call or "no SIP stage reporting", box=box.SIMPLE_HEAD if narrow else box.HEAVY_HEAD,
@@ -171,6 +186,7 @@ def render(collector: StatusCollector, states: dict[str, dict[str, Any]], width:
 def snapshot(collector: StatusCollector, states: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return {
         "call": call_summary(collector.figures),
+        "inbound_uri": inbound_uri(collector.figures),
         "stages": {
             stage: {"state": states.get(stage, {}).get("statename"), "figures": collector.figures.get(stage)}
             for stage in sorted(set(collector.figures) | set(states))

@@ -627,3 +627,55 @@ def test_up_netns_makes_the_namespace_runs_the_pipeline_in_it_and_removes_it(tmp
         from sipbridge.commands import _check_local_janus
 
         _check_local_janus(pipeline)
+
+
+FAKE_INBOUND_JANUS = """
+import sys, time
+import zmq
+import protocol
+
+run_dir = sys.argv[1]
+sock = zmq.Context().socket(zmq.PUB)
+sock.bind(f"ipc://{run_dir}/janus.stats")
+figures = {"streams": {}, "registration": {"state": "registered", "contact": "sip:bridge@127.0.0.1:41234"}}
+end = time.monotonic() + 6
+while time.monotonic() < end:
+    sock.send_multipart(protocol.encode(protocol.Stats("janus", time.time_ns(), figures)))
+    time.sleep(0.2)
+"""
+
+
+def test_up_prints_the_inbound_uri_and_status_shows_it(tmp_path: Path) -> None:
+    """An inbound janus stage reports the URI callers dial (its Janus handle's own port): `up` prints it once it is
+    known, and `status` shows it (a stand-in stage publishes the figures the janus stage does)."""
+    from rich.console import Console
+
+    from sipbridge.status import StatusCollector, render, snapshot
+
+    run_dir = _run_dir(tmp_path)
+    script = tmp_path / "fake_janus.py"
+    script.write_text(FAKE_INBOUND_JANUS)
+    pipeline = tmp_path / "p.toml"
+    pipeline.write_text(f'[[stage]]\nname = "janus"\ncommand = "{sys.executable} {script} {run_dir}"\n')
+    up = subprocess.Popen([sys.executable, "-m", "sipbridge", "up", str(pipeline), "--run-dir", str(run_dir)],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    try:
+        collector = StatusCollector(run_dir)
+        try:
+            _wait(lambda: (collector.poll(0.3), collector.figures.get("janus"))[1], 30, "the janus figures")
+            text = snapshot(collector, {})
+            assert text["inbound_uri"] == "sip:bridge@127.0.0.1:41234"
+            assert text["call"] == "no call (janus: SIP registered; callers dial sip:bridge@127.0.0.1:41234)"
+            console = Console(width=80, record=True)
+            console.print(render(collector, {"janus": {"statename": "RUNNING"}}, 80))
+            shown = console.export_text()
+            assert "callers dial" in shown and "sip:bridge@127.0.0.1:41234" in shown, shown
+        finally:
+            collector.close()
+        output, _ = up.communicate(timeout=60)
+    finally:
+        if up.poll() is None:
+            up.kill()
+            _kill_leftovers(run_dir)
+    assert output.decode().count("inbound: callers dial sip:bridge@127.0.0.1:41234") == 1, output.decode()
