@@ -124,7 +124,7 @@ def run_pipeline(config: Path, run_dir: Path, forever: bool, quiet: bool = False
     secret_names: set[str] = set()
     try:
         # Before anything is written: a folder where a pipeline runs is refused, and never wiped.
-        ensure_run_dir_free(run_dir)
+        ensure_run_dir_free(run_dir, fresh_logs=True)
     except (PipelineError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
     if config.suffix == ".toml":

@@ -271,13 +271,16 @@ def supervisor_environment(environ: Mapping[str, str], secret_names: set[str] | 
     }
 
 
-def ensure_run_dir_free(run_dir: Path) -> None:
-    """Create the run folder (0700) unless a live pipeline uses it, and give this run fresh logs: the previous runs'
-    are kept as ``logs.1`` (newest) .. ``logs.3`` (see ``rotate_logs``). Nothing else in it is ever deleted."""
+def ensure_run_dir_free(run_dir: Path, fresh_logs: bool = False) -> None:
+    """Create the run folder (0700) unless a live pipeline uses it; never delete anything in it. With
+    ``fresh_logs`` (``sipbridge up``) this run gets an empty ``logs``, the previous runs' kept as ``logs.1``
+    (newest) .. ``logs.3`` (see ``rotate_logs``); callers that put their own logs there first (the local-call
+    harness) leave it False."""
     make_run_dir(run_dir)
     if ipc_owner_alive(str(run_dir / "supervisor.sock")):
         raise PipelineError(f"a pipeline already runs in {run_dir}; stop it or choose another --run-dir")
-    rotate_logs(run_dir)
+    if fresh_logs:
+        rotate_logs(run_dir)
     (run_dir / "logs").mkdir(mode=0o700, exist_ok=True)
 
 

@@ -266,6 +266,13 @@ def test_logs_rotate_per_run_and_endings_are_told(tmp_path: Path) -> None:
     logs.mkdir()
     rotate_logs(tmp_path)
     assert logs.is_dir()
+    # Only `up` asks for fresh logs: the local-call harness writes its own (sipp, room server) before it starts
+    # supervisord, and they must stay where they are.
+    from sipbridge.supervise import ensure_run_dir_free
+
+    (logs / "sipp.log").write_text("harness")
+    ensure_run_dir_free(tmp_path)
+    assert (logs / "sipp.log").read_text() == "harness"
 
     (logs / "supervisord.log").write_text(
         "2026-12-03 07:00:00,001 INFO spawned: 'janus' with pid 10\n"
