@@ -49,6 +49,11 @@ MIX_CHUNK_S = 0.02
 # A mixer waits at most this long for a late stream before mixing it as silence.
 MIX_MAX_WAIT_S = 0.06
 MIX_MAX_SILENCE_BURST = 5  # chunks of silence sent at once after a stall, at most
+# Live streams that all stopped sending without ending (a participant gone while the end is still on its way, a
+# stalled camera page, a muted sender that sends nothing): after this long without any audio in, the mix goes on
+# with silence on its clock's grid (mixing what is buffered) until audio comes again. Measured in a bridged call on a
+# loaded machine: 45 s between the last of a departed participant's audio and her stream's end, with no RTP to SIP.
+MIX_STALL_S = 0.5
 BLACK_Y, NEUTRAL_UV = 16, 128
 # Active speaker: quieter than this is silence; a new speaker must beat the current one by the margin for
 # the hold time; levels are smoothed per 20 ms frame with this factor (about 200 ms to settle).
@@ -886,8 +891,9 @@ class Mix(Identity):
         self.inputs: dict[str, _MixInput] = {}
         self.samples_out = 0
         self.seq = 0
-        self.silence_due: float | None = None  # when the next chunk of an empty room's silence is due
+        self.silence_due: float | None = None  # when the next chunk of an empty or stalled room's silence is due
         self.silent_chunks = 0
+        self.last_input_at: float | None = None  # the clock when audio last came in, from any stream
 
     def process(self, msg: Message) -> Iterable[Message]:
         if not isinstance(msg, AudioFrame):
@@ -902,6 +908,8 @@ class Mix(Identity):
         inp.capture_ns.append(msg.header.capture_time_ns)
         inp.buffered += mono.size
         inp.ended = False
+        self.last_input_at = self.clock()
+        self.silence_due = None
         return self._drain(final=False)
 
     def _drain(self, final: bool) -> list[Message]:
@@ -938,19 +946,26 @@ class Mix(Identity):
         return AudioFrame(header, self.rate, 1, mixed.size, mixed)
 
     def tick(self) -> list[Message]:
-        """An empty room is not a silent line: with no stream to mix (none yet, or every one ended), silence goes
-        out on the 20 ms grid of the clock, so the SIP side keeps receiving audio (carriers hang up on RTP
+        """An empty room is not a silent line: with no stream to mix (none yet, or every one ended), or with live
+        streams none of which sent anything for MIX_STALL_S, silence goes out on the 20 ms grid of the clock (with
+        whatever was buffered mixed in), so the SIP side keeps receiving audio (carriers hang up on RTP
         inactivity). Needs the rate (``mix:RATE``) when no stream ever came."""
-        if self.rate is None or any(not i.ended or i.buffered for i in self.inputs.values()):
-            self.silence_due = None
+        if self.rate is None:
             return []
         now = self.clock()
+        live = [i for i in self.inputs.values() if not i.ended or i.buffered]
+        if live and self.last_input_at is not None and now - self.last_input_at < MIX_STALL_S:
+            self.silence_due = None
+            return []
         if self.silence_due is None:
             self.silence_due = now
         out: list[Message] = []
         chunk = round(self.rate * MIX_CHUNK_S)
         while now >= self.silence_due and len(out) < MIX_MAX_SILENCE_BURST:
-            out.append(self._chunk(np.zeros(chunk, dtype=np.int16), None))
+            total = np.zeros(chunk, dtype=np.int32)
+            for inp in live:
+                total += inp.take(chunk)[0]
+            out.append(self._chunk(np.clip(total, -32768, 32767).astype(np.int16), None))
             self.silence_due += MIX_CHUNK_S
             self.silent_chunks += 1
         if now >= self.silence_due:  # the clock jumped (a stalled process): do not make up for it in one burst

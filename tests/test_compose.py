@@ -455,6 +455,43 @@ def test_mix_sends_silence_while_the_room_is_empty() -> None:
     assert len(after) == 1 and after[0].header.pts == 160 * 26
 
 
+def test_mix_goes_on_with_silence_while_every_live_stream_stalls() -> None:
+    """A stream that stops sending without ending (a departed participant whose end is still on its way, 45 s once on
+    a loaded machine) must not silence the SIP line: after MIX_STALL_S without audio in, silence on the clock's grid
+    (what was buffered mixed in), and the stream's own audio again as soon as it comes."""
+    from stages.transformer import MIX_STALL_S
+
+    clock = DrivenClock()
+    mix = Mix(8000, "room-audio", clock)
+    tone = (3000 * np.sin(np.arange(160))).astype(np.int16)
+    out: list[AudioFrame] = []
+    for seq in range(5):  # alice speaks for 100 ms ...
+        header = MediaHeader("alice/audio", seq, 160 * seq, Fraction(1, 8000), 1)
+        out += [m for m in mix.process(AudioFrame(header, 8000, 1, 160, tone.tobytes())) if isinstance(m, AudioFrame)]
+        clock.advance(0.02)
+    header = MediaHeader("alice/audio", 5, 800, Fraction(1, 8000), 1)
+    out += [m for m in mix.process(AudioFrame(header, 8000, 1, 80, tone[:80].tobytes())) if isinstance(m, AudioFrame)]
+    assert len(out) == 5
+    stalled: list[AudioFrame] = []
+    for _ in range(round(MIX_STALL_S / 0.01) - 1):  # ... then nothing, and no end: nothing yet (a late packet)
+        stalled += [m for m in mix.tick() if isinstance(m, AudioFrame)]
+        clock.advance(0.01)
+    assert stalled == []
+    for _ in range(100):  # 1 s of 10 ms ticks past the stall
+        clock.advance(0.01)
+        stalled += [m for m in mix.tick() if isinstance(m, AudioFrame)]
+    assert 48 <= len(stalled) <= 52, len(stalled)
+    first = np.frombuffer(stalled[0].data, np.int16)
+    assert np.array_equal(first[:80], tone[:80]) and not first[80:].any()  # the buffered half chunk, then silence
+    assert not any(np.frombuffer(c.data, np.int16).any() for c in stalled[1:])
+    assert [c.header.pts for c in stalled] == [160 * (5 + i) for i in range(len(stalled))]
+    header = MediaHeader("alice/audio", 6, 880, Fraction(1, 8000), 1)
+    back = [m for m in mix.process(AudioFrame(header, 8000, 1, 160, tone.tobytes())) if isinstance(m, AudioFrame)]
+    assert len(back) == 1 and np.array_equal(np.frombuffer(back[0].data, np.int16), tone)
+    clock.advance(0.1)
+    assert mix.tick() == []  # she sends again: no filler
+
+
 # ----- the bridge's [layout] -------------------------------------------------------------------------------------
 def room_transformer_args(layout: dict[str, object], tmp_path: Path) -> list[str]:
     data = {"room": {"url": "http://127.0.0.1:8080/", "vars": {"room": "1234"}},
