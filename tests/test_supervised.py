@@ -132,7 +132,7 @@ def test_cli_options_come_from_env_and_config_file(tmp_path: Path) -> None:
     assert missing.exit_code != 0 and "no pipeline run directory" in missing.output
     env = runner.invoke(cli, ["status", "--json"], env={"SIPBRIDGE_RUN_DIR": str(tmp_path)})
     assert env.exit_code == 0, env.output
-    assert json.loads(env.output) == {"call": None, "stages": {}}
+    assert json.loads(env.output) == {"call": None, "inbound_uri": None, "stages": {}}
     bad = tmp_path / "bad.toml"
     bad.write_text("not = [valid")
     broken = runner.invoke(cli, ["--config", str(bad), "status"])
