@@ -28,11 +28,13 @@ ROOM_ID = 4701
 PEOPLE = {"alice": 440.0, "bob": 660.0}  # the demo page takes letters and digits only
 BOT = "bot"  # tests/roomfix.py's bot joins as "bot"
 WIDTH, HEIGHT, FPS = 320, 240, 15
-JOIN_TIMEOUT_S = 30.0
-MEDIA_TIMEOUT_S = 40.0
+# Deadlines, not expectations: on a quiet machine all of it takes seconds, at a load average of 50+ on 2 cores a
+# Chromium page takes a minute to join (sipbridge/testing/localcall.py measured the same).
+JOIN_TIMEOUT_S = 120.0
+MEDIA_TIMEOUT_S = 120.0
 MIN_FRAMES = 30
 TONE_TOLERANCE_HZ = 15.0
-CHECK_TIMEOUT_S = 60.0
+CHECK_TIMEOUT_S = 180.0
 
 # A participant of the demo page gets the project's synthetic camera (frame counter) and a tone of its own in place
 # of a real camera and microphone; the page itself runs as shipped.
@@ -145,7 +147,7 @@ def demo_url(room: Room) -> str:
 
 
 @pytest.mark.media
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(420)
 def test_bot_on_the_janus_demo_page(room: Room, demo: DemoParticipants, tmp_path: Path) -> None:
     # The page's own script and libraries come from the room server, which points it at the test's Janus.
     with urllib.request.urlopen(f"{room.url}janus-demos/settings.js", timeout=5) as response:

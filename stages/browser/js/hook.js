@@ -21,6 +21,11 @@
   const textEncoder = new TextEncoder();
   const textDecoder = new TextDecoder();
   const IDENTIFY_POLL_MS = 100;
+  // While a track is muted (no media yet, or a stall) the page may not show it: janus.js, for one, tells its page a
+  // track muted for 2.5 s is gone and the page removes its element until media flows again. The identify timeout
+  // then counts from the last moment the track was muted, up to this long in all (seen on Janus's demo page at a
+  // load average of 57: a feed's audio named by its msid).
+  const IDENTIFY_MUTED_MAX_MS = 20000;
   const TRACK_POLL_MS = 500;
 
   // gum: getUserMedia calls and what they asked for; gumTracks: the tracks handed out (so `sipbridge recipe check`
@@ -115,11 +120,16 @@
   }
 
   async function identify(track, streams) {
-    const deadline = performance.now() + cfg.identifyTimeoutMs;
+    const started = performance.now();
+    let deadline = started + cfg.identifyTimeoutMs;
     while (performance.now() < deadline) {
       const who = participantOf(track);
       if (who) return who;
       if (track.readyState === "ended") break;
+      if (track.muted) {
+        deadline = Math.min(Math.max(deadline, performance.now() + cfg.identifyTimeoutMs),
+          started + Math.max(IDENTIFY_MUTED_MAX_MS, cfg.identifyTimeoutMs));
+      }
       await new Promise((r) => setTimeout(r, IDENTIFY_POLL_MS));
     }
     // The page never showed the track: fall back to the stream id the remote side chose (msid).
