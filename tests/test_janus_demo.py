@@ -170,7 +170,13 @@ def test_bot_on_the_janus_demo_page(room: Room, demo: DemoParticipants, tmp_path
             return all(len(collector.counters(f"{name}/video")) >= MIN_FRAMES
                        and collector.tone(f"{name}/audio") is not None for name in PEOPLE)
 
-        wait_until(captured, MEDIA_TIMEOUT_S, "the bot capturing alice and bob from the demo page")
+        try:
+            wait_until(captured, MEDIA_TIMEOUT_S, "the bot capturing alice and bob from the demo page")
+        except TimeoutError as exc:
+            seen = {sid: (len(collector.counters(sid)), collector.tone(sid)) for sid in list(collector.streams)}
+            events = [(e.type.value, e.stream_id, e.attributes.get("identified_by"))
+                      for _, e in list(collector.events)]
+            raise AssertionError(f"{exc}; streams (frames, tone): {seen}; events: {events[-12:]}") from None
         added = {e.stream_id: e.attributes for e in collector.events_of(EventType.TRACK_ADDED)}
         for name, tone in PEOPLE.items():
             for kind in ("video", "audio"):
