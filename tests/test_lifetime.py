@@ -10,7 +10,8 @@ from pathlib import Path
 
 from sipbridge.testing.localcall import wait_until
 
-CHILD_GONE_TIMEOUT_S = 10.0
+CHILD_GONE_TIMEOUT_S = 60.0  # generous: a deadline costs nothing when the machine is quick
+CHILD_START_TIMEOUT_S = 120.0
 
 STARTER = """
 import subprocess, sys
@@ -35,7 +36,11 @@ def test_a_child_ends_when_its_starter_is_killed() -> None:
     child = int(starter.stdout.readline())
     try:
         # Through setpriv's exec first: then the child's argv is the sleeper's.
-        wait_until(lambda: b"time.sleep" in Path(f"/proc/{child}/cmdline").read_bytes(), 30.0, "the child to start")
+        wait_until(
+            lambda: b"time.sleep" in Path(f"/proc/{child}/cmdline").read_bytes(),
+            CHILD_START_TIMEOUT_S,
+            "the child to start",
+        )
         assert alive(child)
         starter.kill()
         starter.wait()
