@@ -203,6 +203,39 @@ def h264_frames_from_capture(pcap: Path, dst_port: int) -> list[Any]:
 AUDIO_DECODERS = {"pcmu": ("pcm_mulaw", 8000), "pcma": ("pcm_alaw", 8000), "g722": ("g722", 16000)}
 
 
+def h264_timed_frames_from_capture(pcap: Path, dst_port: int) -> list[tuple[float, Any]]:
+    """Like ``h264_frames_from_capture``, with each picture's arrival time at the SIP peer (epoch seconds of the
+    last RTP packet of its access unit): what a test needs to say when a picture got there."""
+    import av
+
+    out = subprocess.run(
+        ["tshark", "-r", str(pcap), "-d", f"udp.port=={dst_port},rtp", "-Y", f"rtp && udp.dstport=={dst_port}",
+         "-T", "fields", "-e", "frame.time_epoch", "-e", "rtp.timestamp", "-e", "rtp.payload"],
+        capture_output=True, text=True, check=False,
+    ).stdout  # fmt: skip
+    units: list[tuple[float, bytearray]] = []  # (arrival of the last packet, Annex B bytes), one per RTP timestamp
+    last_ts = None
+    for line in out.splitlines():
+        cols = line.split("\t")
+        if len(cols) < 3 or not cols[2]:
+            continue
+        arrived, ts = float(cols[0]), int(cols[1])
+        if ts != last_ts:
+            units.append((arrived, bytearray()))
+            last_ts = ts
+        units[-1] = (arrived, units[-1][1] + h264_annexb(bytes.fromhex(cols[2].replace(":", ""))))
+    codec: Any = av.CodecContext.create("h264", "r")
+    frames: list[tuple[float, Any]] = []
+    for index, (_, data) in enumerate(units):
+        packet = av.Packet(bytes(data))
+        packet.pts = index  # carried to the picture, whatever delay the decoder has
+        with contextlib.suppress(av.FFmpegError):
+            frames.extend((units[f.pts][0], f) for f in codec.decode(packet) if f.pts is not None)
+    with contextlib.suppress(av.FFmpegError):
+        frames.extend((units[f.pts][0], f) for f in codec.decode(None) if f.pts is not None)
+    return frames
+
+
 def audio_from_capture(pcap: Path, dst_port: int, codec: str) -> tuple[Any, int]:
     """The audio the SIP peer received on ``dst_port`` (G.711 or G.722 RTP payloads), decoded: (samples, rate)."""
     import av
