@@ -100,10 +100,7 @@ def call_processes(call: LocalCall) -> dict[str, list[int]]:
     for program, pid in roots:
         out.setdefault(process_key(program, pid, True), []).append(pid)
         for child in below(pid):
-            key = process_key(program, child, False)
-            if program.startswith("room-sim/"):
-                key = program + "/" + key.split("/", 1)[1]
-            out.setdefault(key, []).append(child)
+            out.setdefault(process_key(program, child, False), []).append(child)
     return out
 
 
