@@ -58,7 +58,9 @@ RESULTS = Path(__file__).resolve().parent / "results" / "faults.json"
 WIDTH, HEIGHT, FPS = 640, 480, 15
 MEDIA_TIMEOUT_S = 150.0
 # After a fault, how long the call has to bring media back before it is declared lost (then the bench stops).
-RECOVERY_TIMEOUT_S = 60.0
+# Far above the targets: on a machine loaded by other work (load average 60+ on 2 cores) a restarted stage was
+# measured to take 66 s just to import, and the figures after it are still worth having.
+RECOVERY_TIMEOUT_S = 120.0
 # Steady media after a fault before the next one: the windows of two faults must not overlap.
 SETTLE_S = 6.0
 # The viewer reports every 0.5 s: three reports in a row with pictures is media back, not a stray frame.
