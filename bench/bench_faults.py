@@ -134,22 +134,9 @@ class FaultCall(LocalCall):
         self._start_participants(list(self.options.participants), f"participants-{int(time.time())}", viewer=True)
 
 
-def moving_picture_times(reports: list[dict[str, Any]]) -> list[float]:
-    """Times of the viewer's reports in which the bot's picture moved: a frame counter other than the last one read
-    (the bot's camera shows the SIP side's echo of the participant; a frozen or slate picture repeats or has none)."""
-    times, last = [], None
-    for r in reports:
-        counters = r.get("counters") or []
-        if any(c != last for c in counters):
-            times.append(r["t"])
-        if counters:
-            last = counters[-1]
-    return times
-
-
 def steady_since(reports: list[dict[str, Any]], since_mono: float) -> float | None:
     """When the viewer saw the bot's picture move in STEADY_REPORTS reports in a row after ``since_mono``."""
-    times = [t for t in moving_picture_times(reports) if t > since_mono]
+    times = [t for t in endurance.moving_picture_times(reports) if t > since_mono]
     return endurance.recovered_after(times, since_mono, REPORT_PERIOD_S * 2.5, STEADY_REPORTS)
 
 
@@ -193,7 +180,7 @@ def wait_recovered(call: FaultCall, fault: Fault, collect: Any) -> None:
     fault.window_end_wall, fault.window_end_mono = time.time(), time.monotonic()
 
 
-Packet = tuple[float, int, int]  # arrival (epoch s), SSRC, sequence number
+Packet = endurance.Packet
 
 
 def capture_packets(pcap: Path) -> tuple[dict[str, list[Packet]], list[tuple[float, str]]]:
@@ -226,22 +213,11 @@ def capture_packets(pcap: Path) -> tuple[dict[str, list[Packet]], list[tuple[flo
     return packets, sip
 
 
-def capture_missed(packets: list[Packet], start: float, end: float) -> int:
-    """Packets the capture never saw between two arrivals of one RTP stream (sequence numbers skipped): on loopback
-    nothing is lost on the way, so a skipped number is the capture falling behind (a loaded machine), and a gap
-    across it is not a gap in the media."""
-    by_time = {t: (ssrc, seq) for t, ssrc, seq in packets}
-    a, b = by_time.get(start), by_time.get(end)
-    if a is None or b is None or a[0] != b[0]:
-        return 0  # the gap's end is the window's end, or the sender restarted (a new SSRC): a real gap
-    return (b[1] - a[1] - 1) % 65536
-
-
 def analyse(faults: list[Fault], rtp: dict[str, list[Packet]], sip: list[tuple[float, str]],
             reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per fault: gaps at the SIP peer and in the room, frames lost, survival and targets."""
     rows: list[dict[str, Any]] = []
-    picture_times = moving_picture_times(reports)
+    picture_times = endurance.moving_picture_times(reports)
     tone_times = [r["t"] for r in reports
                   if r.get("tone_hz") and abs(float(r["tone_hz"]) - TONE_HZ) <= TONE_HZ * TONE_TOLERANCE]
     for fault in faults:
@@ -254,7 +230,7 @@ def analyse(faults: list[Fault], rtp: dict[str, list[Packet]], sip: list[tuple[f
         for name, packets in rtp.items():
             gap = endurance.largest_gap([t for t, _, _ in packets], fault.at_wall, fault.window_end_wall)
             sip_gaps[name] = None if gap is None else round(gap.seconds, 2)
-            missed[name] = 0 if gap is None else capture_missed(packets, gap.start, gap.end)
+            missed[name] = 0 if gap is None else endurance.capture_missed(packets, gap.start, gap.end)
         room_video = endurance.largest_gap(picture_times, fault.at_mono, fault.window_end_mono)
         room_audio = endurance.largest_gap(tone_times, fault.at_mono, fault.window_end_mono)
         before = [r for r in reports if r["t"] <= fault.at_mono][-1:]

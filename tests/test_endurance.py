@@ -104,3 +104,33 @@ def test_met_against_targets() -> None:
     assert endurance.met(-25.0, endurance.TARGET_LIPSYNC_DRIFT_MS, absolute=True) == "not met"
     assert endurance.met(None, 1.0) == "no data"
     assert endurance.met(float("nan"), 1.0) == "no data"
+
+
+def test_moving_picture_times_skip_frozen_and_unreadable_pictures() -> None:
+    reports = [
+        {"t": 1.0, "counters": [1, 2, 3]},
+        {"t": 1.5, "counters": [3, 3, 3]},  # frozen on the last picture: not media
+        {"t": 2.0, "counters": []},  # a slate or unreadable pictures
+        {"t": 2.5, "counters": [3]},
+        {"t": 3.0, "counters": [40, 41]},  # moving again
+        {"t": 3.5, "counters": [42]},
+    ]
+    assert endurance.moving_picture_times(reports) == [1.0, 3.0, 3.5]
+
+
+def test_capture_missed_tells_the_captures_holes_from_the_medias() -> None:
+    ssrc = 0x1234
+    # 50 packets/s; the capture lost seq 103..152 (1 s) while the sender went on: a hole of the capture's.
+    packets = [(10.0 + i * 0.02, ssrc, 100 + i) for i in range(3)] + [(11.06, ssrc, 153)]
+    assert endurance.capture_missed(packets, 10.04, 11.06) == 50
+    # The sender stopped: consecutive numbers across the hole, a real gap.
+    real = [(10.0, ssrc, 100), (10.02, ssrc, 101), (12.0, ssrc, 102)]
+    assert endurance.capture_missed(real, 10.02, 12.0) == 0
+    # Sequence numbers wrap at 2**16.
+    wrapped = [(10.0, ssrc, 65534), (10.1, ssrc, 2)]
+    assert endurance.capture_missed(wrapped, 10.0, 10.1) == 3
+    # A new SSRC after the hole (the sender restarted, e.g. a re-dialled call): a real gap.
+    restarted = [(10.0, ssrc, 100), (12.0, 0x9999, 7)]
+    assert endurance.capture_missed(restarted, 10.0, 12.0) == 0
+    # An open gap (no packet after it, the window's end) is real.
+    assert endurance.capture_missed(real, 12.0, 70.0) == 0

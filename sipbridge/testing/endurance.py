@@ -29,6 +29,9 @@ TARGET_LIPSYNC_DRIFT_MS = 20.0
 STEADY_GROWTH_SHARE = 0.25
 
 
+Packet = tuple[float, int, int]  # an RTP packet in a capture: arrival (epoch s), SSRC, sequence number
+
+
 @dataclass(frozen=True)
 class Gap:
     """The longest time without media in a window: from the last arrival before it to the first after it."""
@@ -143,6 +146,25 @@ def gap_target_s(kind: str) -> float:
     return TARGET_GAP_S[kind]
 
 
-def per_minute_slopes(series: Mapping[str, Sequence[tuple[float, float]]]) -> dict[str, float | None]:
-    """Slope per named series of (minute, value) samples."""
-    return {name: slope([m for m, _ in points], [v for _, v in points]) for name, points in series.items()}
+def moving_picture_times(reports: Sequence[Mapping[str, Any]]) -> list[float]:
+    """Times of the viewer's reports in which the bot's picture moved: a frame counter other than the last one read
+    (the bot's camera shows the SIP side's echo of the participant; a frozen or slate picture repeats or has none)."""
+    times, last = [], None
+    for r in reports:
+        counters = r.get("counters") or []
+        if any(c != last for c in counters):
+            times.append(r["t"])
+        if counters:
+            last = counters[-1]
+    return times
+
+
+def capture_missed(packets: Sequence[Packet], start: float, end: float) -> int:
+    """Packets the capture never saw between two arrivals of one RTP stream (sequence numbers skipped): on loopback
+    nothing is lost on the way, so a skipped number is the capture falling behind (a loaded machine), and a gap
+    across it is not a gap in the media."""
+    by_time = {t: (ssrc, seq) for t, ssrc, seq in packets}
+    a, b = by_time.get(start), by_time.get(end)
+    if a is None or b is None or a[0] != b[0]:
+        return 0  # the gap's end is the window's end, or the sender restarted (a new SSRC): a real gap
+    return (b[1] - a[1] - 1) % 65536
