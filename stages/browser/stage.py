@@ -70,12 +70,6 @@ MAX_INJECT_QUEUE_MSGS = 64
 MAX_PENDING_PER_TRACK_MSGS = 32
 MAX_PENDING_TRACKS = 16
 MAX_ENDED_KEYS = 256
-# Room media that reaches the stage later than this after the page received it is dropped (page_stale), not
-# emitted. Under a CPU shortage the socket from the page's capture worker holds minutes of encoded media (kernel
-# buffers grow to MBs and encoded audio is ~10 KB/s): measured 277 s behind after 15 minutes at load 40-70 on 2
-# cores (issue 15's soak), a delay the call never recovered from. Dropping costs a header parse, so the backlog
-# drains at once and the call is live again as soon as the machine is.
-MAX_CAPTURE_AGE_MS = 1000.0
 LATENCY_WINDOW = 512
 US_PER_S = 1_000_000
 RTP_TIMESTAMP_MODULO = 1 << 32
@@ -152,26 +146,6 @@ class PageTrack:
     rtp_last: int | None = None
     rtp_base: int = 0
     ended: bool = False
-    # An encoded video frame was dropped as stale: the frames after it need it, so wait for the next keyframe.
-    awaiting_key: bool = False
-
-
-def capture_admission(track: PageTrack, header: dict[str, Any], now_ms: float) -> tuple[str | None, bool]:
-    """Whether a media message from the page goes on: (drop reason or None, ask the room for a keyframe).
-
-    Too old (``MAX_CAPTURE_AGE_MS`` after the page stamped it ``ct``): dropped. An encoded video frame dropped so
-    breaks the chain of references: the track then drops frames up to the next keyframe, asked for once. Raw
-    frames and audio stand alone. Updates ``track.awaiting_key``."""
-    encoded_video = header.get("t") == "e" and track.kind == "video"
-    if now_ms - float(header["ct"]) > MAX_CAPTURE_AGE_MS:
-        ask = encoded_video and not track.awaiting_key
-        track.awaiting_key = track.awaiting_key or encoded_video
-        return "page_stale", ask
-    if track.awaiting_key:
-        if encoded_video and not header.get("key"):
-            return "page_stale_awaiting_keyframe", False
-        track.awaiting_key = False
-    return None, False
 
 
 @dataclass(eq=False)
@@ -505,12 +479,6 @@ class BrowserStage(Stage):
                     pending.append(data)
                 else:
                     self.drops["unannounced_track"] += 1
-                return
-            dropped, ask_keyframe = capture_admission(track, header, time.time() * 1000)
-            if dropped is not None:
-                self.drops[dropped] += 1
-                if ask_keyframe:
-                    self._send_keyframe_request(track.key)
                 return
             msg = self._to_protocol(track, header, payload)
         except (PageMessageError, ValueError, TypeError, KeyError) as exc:
