@@ -293,7 +293,11 @@ BENCHMARKS = {
     "calls": "bench_calls.py",
     "generators": "bench_generators.py",
     "cluster": "bench_cluster.py",
+    "faults": "bench_faults.py",
+    "soak": "bench_soak.py",
 }
+# Benchmarks that take a length in minutes (`sipbridge bench soak --minutes 60`).
+MINUTES_BENCHMARKS = {"soak"}
 
 
 @cli.command()
@@ -301,8 +305,10 @@ BENCHMARKS = {
 @click.option("--runs", type=click.IntRange(1, 20), default=1, show_default=True,
               help="Run each benchmark this many times; the JSON keeps every run and the min-max of each figure.")
 @click.option("--bench-args", default="", help="Arguments passed to each benchmark script (e.g. '--seconds 10').")
-def bench(names: tuple[str, ...], runs: int, bench_args: str) -> None:
-    """Run the benchmarks in bench/ (all by default); each prints a table and writes bench/results/*.json.
+@click.option("--minutes", type=click.IntRange(1), default=None,
+              help=f"Length of a soak benchmark ({', '.join(sorted(MINUTES_BENCHMARKS))}) in minutes.")
+def bench(names: tuple[str, ...], runs: int, bench_args: str, minutes: int | None) -> None:
+    """Run the benchmarks in bench/ (all but the soak by default); each prints a table and writes bench/results/*.json.
 
     Each run's JSON records the commit, the machine, the load average before and after, and every program's
     CPU and peak PSS while it ran. A figure belongs in the README only as the min-max of at least 3 runs.
@@ -315,11 +321,20 @@ def bench(names: tuple[str, ...], runs: int, bench_args: str) -> None:
     if unknown:
         raise click.BadParameter(f"{', '.join(unknown)}: not one of {', '.join(sorted(BENCHMARKS))}",
                                  param_hint="NAMES")
+    if minutes is not None and not names:
+        raise click.BadParameter(f"--minutes needs a benchmark that takes it: {', '.join(sorted(MINUTES_BENCHMARKS))}",
+                                 param_hint="--minutes")
+    if minutes is not None and set(names) - MINUTES_BENCHMARKS:
+        raise click.BadParameter(f"--minutes applies to {', '.join(sorted(MINUTES_BENCHMARKS))} only, not "
+                                 f"{', '.join(sorted(set(names) - MINUTES_BENCHMARKS))}", param_hint="--minutes")
+    if minutes is not None:
+        bench_args = f"{bench_args} --minutes {minutes}".strip()
     bench_dir = PROJECT_DIR / "bench"
     if not bench_dir.is_dir():
         raise click.ClickException(f"benchmarks live in the project checkout; {bench_dir} not found")
     failed = []
-    for name in names or sorted(BENCHMARKS):
+    # A soak runs for as long as it is asked to: only by name.
+    for name in names or sorted(set(BENCHMARKS) - MINUTES_BENCHMARKS):
         script = bench_dir / BENCHMARKS[name]
         if not script.exists():
             click.echo(f"== {name}: {script.name} not found, skipped")

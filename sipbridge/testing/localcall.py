@@ -83,6 +83,9 @@ class CallOptions:
     participant_fps: int = 15
     capture: str = "encoded"
     sip_scenario: str = "uas_echo"  # a scenario for ``sipp_scenario`` (echoes with -rtp_echo)
+    # Calls the SIP peer takes before it exits: more than one when the bridge may dial again (after a Janus
+    # restart the re-dialled call is a second call: the first never got its BYE).
+    sip_calls: int = 1
     sip_video: str = "h264"
     sip_audio: str = "pcmu"
     width: int = 640
@@ -356,7 +359,7 @@ class LocalCall:
             "-mp",
             str(SIP_PEER_MEDIA_PORT),
             "-m",
-            "1",
+            str(self.options.sip_calls),
             "-nostdin",
             "-rtp_echo",
             "-trace_msg",

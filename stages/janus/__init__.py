@@ -53,7 +53,7 @@ from protocol import (
     Message,
     VideoFrame,
 )
-from stages.base import Stage, StageOptions, default_endpoint
+from stages.base import Stage, StageOptions, check_bind_free, default_endpoint
 from stages.janus import aiortc_adapter
 from stages.janus.callcontrol import (
     ACTIVE_STATES,
@@ -401,11 +401,21 @@ class JanusStage(Stage):
             self._outbox.put_nowait(EndOfStream(stream_id))
         self._media_streams_seen.clear()
 
+    def _control_endpoint(self) -> str:
+        return self.settings.control or default_endpoint(self.name, "control")
+
+    def _open_sockets(self) -> None:
+        # The control socket too: ZeroMQ would unlink a live stage's socket file and bind in its place, so a second
+        # stage for the same run folder (a second `sipbridge up`) would take over the first one's call control.
+        # EndpointInUse ends this stage at start, with the endpoint named, before anything is bound.
+        check_bind_free(self._control_endpoint())
+        super()._open_sockets()
+
     # ----- Janus connection and registration -------------------------------------------------------
     async def produce(self) -> None:
         self._loop = asyncio.get_running_loop()
         tasks = [asyncio.create_task(self._drain_outbox(), name="outbox")]
-        control = self.settings.control or default_endpoint(self.name, "control")
+        control = self._control_endpoint()
         tasks.append(asyncio.create_task(self._command_loop(control), name="control"))
         tasks.append(asyncio.create_task(self._media_announcer(), name="media-announcer"))
         if self.settings.media_timeout_s > 0:
