@@ -26,14 +26,16 @@ from typing import Any
 from protocol import Message, VideoFrame
 from sipbridge.graph import STAGE_NAME, Graph, GraphError, graph_from_data, read_layout
 from sipbridge.supervise import StageSpec
+from stages import codecs
 
-VIDEO_CODECS = ("h264", "vp8", "none")
-AUDIO_CODECS = ("pcmu", "pcma", "g722", "opus")
+# What a SIP call can carry (the codec registry, stages/codecs.py), in the registry's order.
+VIDEO_CODECS = (*codecs.names(video=True, sip=True), "none")
+AUDIO_CODECS = tuple(codecs.names(video=False, sip=True))
 X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium")
 LAYOUTS = ("single", "grid", "active", "speaker")
 FITS = ("letterbox", "stretch")  # how a picture fills its grid tile: its own shape with bars, or all of the tile
 CAPTURE_MODES = ("raw", "encoded")
-CODEC_AUDIO_RATE_HZ = {"pcmu": 8000, "pcma": 8000, "g722": 16000, "opus": 48000}
+CODEC_AUDIO_RATE_HZ = {name: codecs.BY_NAME[name].sample_rate_hz or 0 for name in AUDIO_CODECS}
 ROOM_AUDIO_RATE_HZ = 48000
 SECRET_ENV_PREFIX = "SIPBRIDGE_SECRET_"
 # janus.start without janus.api_secret: `sipbridge up` generates the Janus API secret for the run under this name
