@@ -133,6 +133,8 @@ class BridgeConfig:
     split: tuple[int, int] | None = None
     transforms: list[InsertedStage] = field(default_factory=list)
     stages: dict[str, StageOverride] = field(default_factory=dict)
+    # [processes] fuse: chains of adjacent stages that share one process (stages/fused.py); default: one each.
+    fuse: list[list[str]] = field(default_factory=list)
 
 
 def _take(table: dict[str, Any], where: str, key: str, kind: type | tuple[type, ...], default: Any) -> Any:
@@ -328,7 +330,8 @@ def _stage_overrides(table: Any) -> dict[str, StageOverride]:
 
 
 def parse_bridge(data: dict[str, Any]) -> BridgeConfig:
-    _check_keys(data, "bridge file", {"room", "janus", "sip", "media", "layout", "room_side", "transform", "stages"})
+    _check_keys(data, "bridge file", {"room", "janus", "sip", "media", "layout", "room_side", "transform", "stages",
+                                      "processes"})
     for section, value in data.items():
         _check_bounds(value, section)
     if "room" not in data:
@@ -420,6 +423,11 @@ def parse_bridge(data: dict[str, Any]) -> BridgeConfig:
     layout_points = sorted(read_layout(LAYOUT).get("insert", {}))
     cfg.transforms = _transforms(_take(data, "bridge file", "transform", list, []), layout_points)
     cfg.stages = _stage_overrides(data.get("stages", {}))
+    processes = _check_keys(data.get("processes", {}), "processes", {"fuse"})
+    fuse = _take(processes, "processes", "fuse", list, [])
+    if not all(isinstance(g, list) and all(isinstance(n, str) for n in g) for g in fuse):
+        raise BridgeConfigError("processes.fuse must be a list of lists of stage names")
+    cfg.fuse = [list(g) for g in fuse]
     try:
         bridge_graph(cfg)  # the inserted stages' names are free, the replaced stages exist
     except GraphError as exc:
@@ -621,6 +629,8 @@ def bridge_graph(cfg: BridgeConfig) -> Graph:
         if override.command is not None:
             graph.replace(name, override.command)
         graph.stage(name).args += override.args
+    for group in cfg.fuse:
+        graph.fuse(group)
     return graph
 
 

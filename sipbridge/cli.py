@@ -21,6 +21,7 @@ STAGE_COMMANDS: dict[str, str] = {
     "transformer": "stages.transformer:command",
     "janus": "stages.janus:command",
     "browser": "stages.browser:command",
+    "fused": "stages.fused:command",  # several of the above in one process
 }
 
 # Top-level commands that live next to their subject (Janus server, namespaces, the local room).

@@ -15,12 +15,15 @@ A node is a ``StageSpec``: a stage kind (``sipbridge stage KIND``) or any comman
     when = "start_janus"             # only when this condition holds
     priority = 10                    # supervisord priority; default: derived from the order
 
+    fuse = [["room-decoder", "room-transformer"]]   # adjacent stages that share one process (stages/fused.py)
+
     [insert.to_sip]                  # a named edge where transforms may be inserted
     producer = "room-decoder"
     consumer = "room-transformer"
 
 ``Graph.insert`` puts a stage on a named edge (after what was inserted there before), ``Graph.replace`` puts a
-command in a stage's place, and ``render`` is the one generic step from any graph to a supervisord configuration.
+command in a stage's place, ``Graph.fuse`` runs a chain of adjacent stages in one process, and ``render`` is the
+one generic step from any graph to a supervisord configuration.
 The order of the stages is the start order reversed (earlier stages start later and stop earlier).
 """
 
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import sys
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -35,7 +39,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from sipbridge.supervise import StageSpec, render_config
+from sipbridge.supervise import GROUP_STOP_KINDS, StageSpec, config_quote, render_config
 
 STAGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
 LAYOUT_PACKAGE = "sipbridge.pipelines"
@@ -58,6 +62,8 @@ class Edge:
 class Graph:
     stages: list[StageSpec]
     points: dict[str, Edge] = field(default_factory=dict)
+    # Groups of adjacent stages that run in one process (stages/fused.py), each upstream first.
+    fused: list[list[str]] = field(default_factory=list)
 
     def names(self) -> list[str]:
         return [s.name for s in self.stages]
@@ -99,6 +105,23 @@ class Graph:
         spec = self.stage(name)
         spec.command, spec.kind, spec.args = command, None, []
 
+    def fuse(self, names: list[str]) -> None:
+        """Run ``names`` (a chain, upstream first: each reads from the one before) in one process."""
+        if len(names) < 2:
+            raise GraphError(f"fuse {names}: a group is at least two stages")
+        grouped = {n for group in self.fused for n in group}
+        for index, name in enumerate(names):
+            spec = self.stage(name)
+            if spec.kind is None or spec.kind in GROUP_STOP_KINDS or spec.kind == "fused":
+                raise GraphError(f"fuse: {name!r} cannot share a process (only project stages, not the browser, "
+                                 "not a command)")
+            if name in grouped or names.count(name) > 1:
+                raise GraphError(f"fuse: {name!r} is in two groups")
+            if index and names[index - 1] not in spec.inputs:
+                raise GraphError(f"fuse: {name!r} does not read from {names[index - 1]!r} (a group is a chain of "
+                                 "adjacent stages, upstream first)")
+        self.fused.append(list(names))
+
     def check(self) -> None:
         names = self.names()
         for spec in self.stages:
@@ -119,6 +142,27 @@ class Graph:
                 spec.command = (spec.command.replace("{run_dir}", str(run_dir)).replace("{name}", spec.name)
                                 .replace("{in}", inputs))
             out.append(spec)
+        for group in self.fused:
+            members = [next(s for s in out if s.name == name) for name in group]
+            at = min(out.index(m) for m in members)
+            lines = []
+            for m in members:
+                argv = [m.kind or "", "--name", m.name]
+                for upstream in m.inputs:
+                    argv += ["--in", f"ipc://{run_dir}/{upstream}.sock"]
+                lines.append(shlex.join([*argv, *(a.replace("{run_dir}", str(run_dir)) for a in m.args)]))
+            argv = [sys.executable, "-m", "sipbridge", "stage", "fused"]
+            argv += [a for line in lines for a in ("--stage", line)]
+            fused = StageSpec(
+                "+".join(group),
+                # As supervise renders a stage's own command: quoted for supervisord, a literal % doubled.
+                command=" ".join(config_quote(a) for a in argv).replace("%", "%%"),
+                env={k: v for m in members for k, v in m.env.items()},
+                secrets={k: v for m in members for k, v in m.secrets.items()},
+                live=any(m.live for m in members),
+            )
+            out = [s for s in out if s not in members]
+            out.insert(min(at, len(out)), fused)
         return out
 
     def render(self, run_dir: Path) -> str:
@@ -147,9 +191,10 @@ def graph_from_data(data: Mapping[str, Any], conditions: Mapping[str, bool] | No
     the builder in ``builders`` whose arguments follow the fixed ``args``."""
     conditions = conditions or {}
     builders = builders or {}
-    unknown = set(data) - {"stage", "insert", "live"}
+    unknown = set(data) - {"stage", "insert", "live", "fuse"}
     if unknown:
-        raise GraphError(f"unknown key {sorted(unknown)[0]} in a layout (it has [[stage]], [insert.POINT] and live)")
+        raise GraphError(f"unknown key {sorted(unknown)[0]} in a layout (it has [[stage]], [insert.POINT], fuse "
+                         "and live)")
     live = data.get("live", False)
     if not isinstance(live, bool):
         raise GraphError("live must be true or false")
@@ -188,4 +233,9 @@ def graph_from_data(data: Mapping[str, Any], conditions: Mapping[str, bool] | No
         points[point] = Edge(raw["producer"], raw["consumer"])
     graph = Graph(stages, points)
     graph.check()
+    fuse = data.get("fuse", [])
+    if not isinstance(fuse, list):
+        raise GraphError("fuse must be a list of lists of stage names")
+    for group in fuse:
+        graph.fuse(_strings(group, "fuse[]"))
     return graph

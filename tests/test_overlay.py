@@ -74,12 +74,20 @@ def test_the_bridge_file_alone_puts_it_between_the_room_and_the_layout(tmp_path:
     assert specs["transform-1"].args == ["--video", "plugin:stages.overlay:NameClock"]
 
 
+# The same call with the room-to-SIP chain in one process (stages/fused.py): the same checks hold.
+FUSED = """
+[processes]
+fuse = [["room-decoder", "transform-1", "room-transformer", "sip-encoder"]]
+"""
+
+
 @pytest.mark.media
-@pytest.mark.timeout(150)
-def test_a_transform_from_the_bridge_file_is_on_each_tile_the_sip_peer_decodes(tmp_path: Path) -> None:
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("processes", ["separate", "fused"])
+def test_a_transform_from_the_bridge_file_is_on_each_tile_the_sip_peer_decodes(processes: str, tmp_path: Path) -> None:
     need_media_tools()
     options = CallOptions(participants=[("alice", 440.0)], max_tiles=1, split=None, width=WIDTH, height=HEIGHT,
-                          bridge_extra=OVERLAY)
+                          bridge_extra=OVERLAY + (FUSED if processes == "fused" else ""))
     started_s = time.time()
     with LocalCall(tmp_path / "run", options) as call:
         # The SIP peer echoes: once the room sees the bot's camera, the SIP peer has decoded pictures too.
