@@ -311,7 +311,7 @@ def _transforms(entries: list[Any], points: list[str]) -> list[InsertedStage]:
         elif kind is not None:
             from sipbridge.cli import stage_kinds  # the registry of stage kinds (cli.STAGE_COMMANDS, entry points)
 
-            if kind not in stage_kinds():
+            if kind not in stage_kinds() or kind == "fused":
                 raise BridgeConfigError(f"{where}.kind must be a stage kind ({', '.join(sorted(stage_kinds()))}), "
                                         f"not {kind!r}")
         inserted.append(InsertedStage(at, name, kind, command, args))

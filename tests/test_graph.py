@@ -99,6 +99,7 @@ def test_any_command_in_a_stage_s_place_keeps_its_edges_and_secrets(tmp_path: Pa
         ({"transform": [{"video": "identity", "command": "x"}]}, "give exactly one of video/audio"),
         ({"transform": [{}]}, "give exactly one of video/audio"),
         ({"transform": [{"kind": "juggler"}]}, "transform[1].kind must be a stage kind"),
+        ({"transform": [{"kind": "fused"}]}, "transform[1].kind must be a stage kind"),
         ({"transform": [{"name": "janus", "video": "identity"}]}, "stage name 'janus' is used twice"),
         ({"transform": [{"name": "a b", "video": "identity"}]}, "transform[1].name must be a word"),
         ({"transform": [{"command": "x", "args": ["y"]}]}, "transform[1].args are for a kind"),
