@@ -25,7 +25,7 @@ video = "plugin:stages.overlay:NameClock"
 """
 WIDTH, HEIGHT = 320, 240  # the participants' size: the SIP side sees the tile pixel for pixel
 MATCH = 0.93  # share of the label's pixels that must read right after H.264 (edges blur a little)
-ECHO_TIMEOUT_S = 90.0
+ECHO_TIMEOUT_S = 150.0  # from the bridge's start: on a loaded machine the bot alone took 60 s to join
 MIN_FRAMES = 20
 
 
@@ -82,7 +82,7 @@ fuse = [["room-decoder", "transform-1", "room-transformer", "sip-encoder"]]
 
 
 @pytest.mark.media
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("processes", ["separate", "fused"])
 def test_a_transform_from_the_bridge_file_is_on_each_tile_the_sip_peer_decodes(processes: str, tmp_path: Path) -> None:
     need_media_tools()
@@ -95,8 +95,9 @@ def test_a_transform_from_the_bridge_file_is_on_each_tile_the_sip_peer_decodes(p
         call.stop_bridge()
     ended_s = time.time()
     frames = [f.to_ndarray(format="gray") for f in h264_frames_from_capture(call.pcap, SIP_PEER_MEDIA_PORT + 2)]
-    # alice's pictures (the slate before she arrives has no counter): counters still read, so nothing else moved.
-    shown = [(luma, counter) for luma in frames if (counter := tile_counters_of(luma)) is not None]
+    # alice's pictures (the slate and black pictures read as no counter, or 0): counters still read, so the label
+    # covered nothing else.
+    shown = [(luma, counter) for luma in frames if (counter := tile_counters_of(luma))]
     assert ascending([c for _, c in shown]), [c for _, c in shown]
     candidates = [label_text("alice/video", int(s * 1e9)) for s in range(int(started_s) - 1, int(ended_s) + 2)]
     labels = [read_label(luma, candidates) for luma, _ in shown]
