@@ -1,7 +1,11 @@
-"""A bridge configuration (TOML) and the stage processes it turns into.
+"""A bridge configuration (TOML) and the graph of stage processes it turns into.
 
 Room to SIP:  browser -> room-decoder -> room-transformer (layout, mix) -> sip-encoder -> janus
 SIP to room:  janus -> sip-decoder (decode, resample) -> [sip-transformer (split), only to split] -> browser
+
+The graph's shape is data (sipbridge/pipelines/bridge.toml); this module fills in each stage's arguments from the
+configuration, inserts the bridge file's ``[[transform]]`` stages on the layout's insertion points and puts a
+``[stages.NAME] command`` in a stage's place (sipbridge/graph.py).
 
 Every key is validated up front; an error names the key. Secrets are written ``"env:NAME"`` and reach the
 janus stage's environment only (through supervise.SecretBroker), never a file, a command line or a log.
@@ -9,24 +13,29 @@ janus stage's environment only (through supervise.SecretBroker), never a file, a
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from protocol import Message, VideoFrame
+from sipbridge.graph import STAGE_NAME, Graph, GraphError, graph_from_data, read_layout
 from sipbridge.supervise import StageSpec
+from stages import codecs
 
-VIDEO_CODECS = ("h264", "vp8", "none")
-AUDIO_CODECS = ("pcmu", "pcma", "g722", "opus")
+# What a SIP call can carry (the codec registry, stages/codecs.py), in the registry's order.
+VIDEO_CODECS = (*codecs.names(video=True, sip=True), "none")
+AUDIO_CODECS = tuple(codecs.names(video=False, sip=True))
 X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium")
 LAYOUTS = ("single", "grid", "active", "speaker")
 FITS = ("letterbox", "stretch")  # how a picture fills its grid tile: its own shape with bars, or all of the tile
 CAPTURE_MODES = ("raw", "encoded")
-CODEC_AUDIO_RATE_HZ = {"pcmu": 8000, "pcma": 8000, "g722": 16000, "opus": 48000}
+CODEC_AUDIO_RATE_HZ = {name: codecs.BY_NAME[name].sample_rate_hz or 0 for name in AUDIO_CODECS}
 ROOM_AUDIO_RATE_HZ = 48000
 SECRET_ENV_PREFIX = "SIPBRIDGE_SECRET_"
 # janus.start without janus.api_secret: `sipbridge up` generates the Janus API secret for the run under this name
@@ -44,6 +53,9 @@ MAX_ITEMS = 64  # entries of any list or table (routes, vars, participants)
 # at its next one is still in time; measured here, the bot's start and join alone took 70 s at a load average of 45.
 WAIT_FOR_ROOM_S = 120.0
 WAIT_FOR_ROOM_MAX_S = 3600.0
+LAYOUT = "bridge"  # sipbridge/pipelines/bridge.toml: the graph of a bridged call
+# The first word of a transformer spec (stages/transformer.py parse_transform): checked here, loaded in the stage.
+TRANSFORM_NAMES = ("identity", "crop", "resize", "split", "compose", "mix", "resample", "plugin", "entry")
 
 
 class BridgeConfigError(ValueError):
@@ -61,6 +73,25 @@ class MediaLeg:
     # libx264 speed/quality trade-off. superfast encodes 640x480 in about half the CPU of veryfast
     # (1.5 vs 2.8 ms per frame measured here); baseline profile already rules out most of what slower buys.
     preset: str = "superfast"
+
+
+@dataclass
+class InsertedStage:
+    """A ``[[transform]]`` table: a stage put on an insertion point of the layout."""
+
+    at: str
+    name: str
+    kind: str | None = None
+    command: str | None = None
+    args: list[str] = field(default_factory=list)
+
+
+@dataclass
+class StageOverride:
+    """A ``[stages.NAME]`` table: another command in the stage's place, or more arguments for it."""
+
+    command: str | None = None
+    args: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -100,6 +131,10 @@ class BridgeConfig:
     fit: str = "letterbox"
     title: str | None = None  # the room's name on the empty room's slate; None: the room variable, else the URL
     split: tuple[int, int] | None = None
+    transforms: list[InsertedStage] = field(default_factory=list)
+    stages: dict[str, StageOverride] = field(default_factory=dict)
+    # [processes] fuse: chains of adjacent stages that share one process (stages/fused.py); default: one each.
+    fuse: list[list[str]] = field(default_factory=list)
 
 
 def _take(table: dict[str, Any], where: str, key: str, kind: type | tuple[type, ...], default: Any) -> Any:
@@ -231,8 +266,72 @@ def _redial(table: Any) -> Redial:
     return cfg
 
 
+def _strings(table: dict[str, Any], where: str, key: str) -> list[str]:
+    value = _take(table, where, key, (str, list), [])
+    items = [value] if isinstance(value, str) else value
+    if not all(isinstance(v, str) for v in items):
+        raise BridgeConfigError(f"{where}.{key} must be a string or a list of strings")
+    return list(items)
+
+
+def _transform_spec(spec: str, where: str) -> str:
+    name, _, rest = spec.partition(":")
+    if name not in TRANSFORM_NAMES:
+        raise BridgeConfigError(f"{where}: unknown transform {spec!r} (one of {', '.join(TRANSFORM_NAMES)})")
+    if name == "plugin" and not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*(:.*)?", rest):
+        raise BridgeConfigError(f"{where}: {spec!r} must be plugin:MODULE:ATTR[:ARG]")
+    if name == "entry" and not rest:
+        raise BridgeConfigError(f"{where}: {spec!r} must be entry:NAME[:ARG]")
+    return spec
+
+
+def _transforms(entries: list[Any], points: list[str]) -> list[InsertedStage]:
+    """``[[transform]]``: transformer specs (``video``, ``audio``), a stage ``kind`` with ``args``, or any
+    ``command``, inserted ``at`` one of the layout's points (in file order: each after the one before)."""
+    inserted = []
+    for number, entry in enumerate(entries, 1):
+        where = f"transform[{number}]"
+        table = _check_keys(entry, where, {"at", "name", "video", "audio", "kind", "args", "command"})
+        at = _choice(_take(table, where, "at", str, "to_sip"), f"{where}.at", tuple(points))
+        name = _take(table, where, "name", str, f"transform-{number}")
+        if not STAGE_NAME.fullmatch(name):
+            raise BridgeConfigError(f"{where}.name must be a word of letters, digits, - and _, not {name!r}")
+        video = [_transform_spec(s, f"{where}.video") for s in _strings(table, where, "video")]
+        audio = [_transform_spec(s, f"{where}.audio") for s in _strings(table, where, "audio")]
+        kind = _take(table, where, "kind", str, None)
+        command = _take(table, where, "command", str, None)
+        args = _strings(table, where, "args")
+        if sum((bool(video or audio), kind is not None, command is not None)) != 1:
+            raise BridgeConfigError(f"{where}: give exactly one of video/audio (transform specs), kind or command")
+        if command is not None and args:
+            raise BridgeConfigError(f"{where}.args are for a kind; a command carries its own")
+        if video or audio:
+            kind = "transformer"
+            args = [a for spec in video for a in ("--video", spec)] + [a for spec in audio for a in ("--audio", spec)]
+        elif kind is not None:
+            from sipbridge.cli import stage_kinds  # the registry of stage kinds (cli.STAGE_COMMANDS, entry points)
+
+            if kind not in stage_kinds() or kind == "fused":
+                raise BridgeConfigError(f"{where}.kind must be a stage kind ({', '.join(sorted(stage_kinds()))}), "
+                                        f"not {kind!r}")
+        inserted.append(InsertedStage(at, name, kind, command, args))
+    return inserted
+
+
+def _stage_overrides(table: Any) -> dict[str, StageOverride]:
+    if not isinstance(table, dict):
+        raise BridgeConfigError("[stages] must be a table of [stages.NAME] tables")
+    overrides = {}
+    for name, entry in table.items():
+        where = f"stages.{name}"
+        t = _check_keys(entry, where, {"command", "args"})
+        overrides[name] = StageOverride(_take(t, where, "command", str, None), _strings(t, where, "args"))
+    return overrides
+
+
 def parse_bridge(data: dict[str, Any]) -> BridgeConfig:
-    _check_keys(data, "bridge file", {"room", "janus", "sip", "media", "layout", "room_side"})
+    _check_keys(data, "bridge file", {"room", "janus", "sip", "media", "layout", "room_side", "transform", "stages",
+                                      "processes"})
     for section, value in data.items():
         _check_bounds(value, section)
     if "room" not in data:
@@ -321,6 +420,18 @@ def parse_bridge(data: dict[str, Any]) -> BridgeConfig:
         if not match:
             raise BridgeConfigError(f"room_side.split must be COLSxROWS with 1..4 each, not {split!r}")
         cfg.split = (int(match[1]), int(match[2]))
+    layout_points = sorted(read_layout(LAYOUT).get("insert", {}))
+    cfg.transforms = _transforms(_take(data, "bridge file", "transform", list, []), layout_points)
+    cfg.stages = _stage_overrides(data.get("stages", {}))
+    processes = _check_keys(data.get("processes", {}), "processes", {"fuse"})
+    fuse = _take(processes, "processes", "fuse", list, [])
+    if not all(isinstance(g, list) and all(isinstance(n, str) for n in g) for g in fuse):
+        raise BridgeConfigError("processes.fuse must be a list of lists of stage names")
+    cfg.fuse = [list(g) for g in fuse]
+    try:
+        bridge_graph(cfg)  # the inserted stages' names are free, the replaced stages exist
+    except GraphError as exc:
+        raise BridgeConfigError(str(exc)) from None
     return cfg
 
 
@@ -372,10 +483,7 @@ class DropVideo:
 DROP_VIDEO = f"plugin:{__name__}:DropVideo"
 
 
-def bridge_stages(cfg: BridgeConfig, run_dir: Path) -> list[StageSpec]:
-    """The stage processes of one bridged call (earlier entries start later and stop earlier)."""
-    sip_rate = CODEC_AUDIO_RATE_HZ[cfg.to_sip.audio_codec]
-    sip_video = cfg.to_sip.video_codec
+def _janus_args(cfg: BridgeConfig) -> list[str]:
     janus_args = [
         "--janus-url",
         cfg.janus_url,
@@ -386,20 +494,12 @@ def bridge_stages(cfg: BridgeConfig, run_dir: Path) -> list[StageSpec]:
         "--audio-codec",
         cfg.to_sip.audio_codec,
         "--video-codec",
-        sip_video,
+        cfg.to_sip.video_codec,
     ]
-    # Only the janus stage gets the secrets, in its environment (handed over by supervise.SecretBroker).
-    janus_secrets: dict[str, str] = {}
     if cfg.proxy:
         janus_args += ["--proxy", cfg.proxy]
     if cfg.authuser:
         janus_args += ["--authuser", cfg.authuser]
-    if cfg.secret:
-        janus_secrets["SIPBRIDGE_STAGE_JANUS_SECRET"] = cfg.secret
-    # Our own Janus always has a secret: the one the file names, else one generated for this run.
-    api_secret = cfg.janus_api_secret or (RUN_JANUS_SECRET_ENV if cfg.start_janus else None)
-    if api_secret:
-        janus_secrets["SIPBRIDGE_STAGE_JANUS_API_SECRET"] = api_secret
     if cfg.call:
         janus_args += ["--call", cfg.call, "--wait-for-room-s", str(cfg.wait_for_room_s)]
     else:
@@ -410,12 +510,26 @@ def bridge_stages(cfg: BridgeConfig, run_dir: Path) -> list[StageSpec]:
     janus_args += ["--redial-after-janus-restart" if redial.after_janus_restart else "--no-redial-after-janus-restart",
                    "--redial-s", str(redial.interval_s), "--redial-backoff-s", str(redial.backoff_s),
                    "--redial-backoff-max-s", str(redial.backoff_max_s), "--redial-max-tries", str(redial.max_tries)]
+    return janus_args
 
-    # An audio-only endpoint: drop the room's video before it is scaled and encoded for nothing.
-    room_video = _grid(cfg) if sip_video != "none" else ["--video", DROP_VIDEO]
-    to_room_video = []
-    if cfg.split:
-        to_room_video += ["--video", f"split:{cfg.split[0]}x{cfg.split[1]}"]
+
+def _janus_secrets(cfg: BridgeConfig) -> dict[str, str]:
+    """Only the janus stage gets the secrets, in its environment (handed over by supervise.SecretBroker)."""
+    secrets: dict[str, str] = {}
+    if cfg.secret:
+        secrets["SIPBRIDGE_STAGE_JANUS_SECRET"] = cfg.secret
+    api_secret = _janus_api_secret(cfg)
+    if api_secret:
+        secrets["SIPBRIDGE_STAGE_JANUS_API_SECRET"] = api_secret
+    return secrets
+
+
+def _janus_api_secret(cfg: BridgeConfig) -> str | None:
+    """Our own Janus always has a secret: the one the file names, else one generated for this run."""
+    return cfg.janus_api_secret or (RUN_JANUS_SECRET_ENV if cfg.start_janus else None)
+
+
+def _browser_args(cfg: BridgeConfig) -> list[str]:
     video_tracks = cfg.split[0] * cfg.split[1] if cfg.split else 1
     browser_args = [
         "--recipe",
@@ -437,70 +551,89 @@ def bridge_stages(cfg: BridgeConfig, run_dir: Path) -> list[StageSpec]:
         browser_args.append("--join-on-call")
         for pattern, variables in cfg.routes:
             browser_args += ["--route", json.dumps({"match": pattern, "vars": variables})]
+    return browser_args
 
-    # The room's audio rate comes out of the SIP decoder; a transformer process is only worth its hop to split.
-    to_room = ["sip-transformer"] if to_room_video else ["sip-decoder"]
-    specs = [
-        StageSpec("browser", "browser", args=browser_args, inputs=to_room),
-        *(
-            [StageSpec("sip-transformer", "transformer", inputs=["sip-decoder"], args=to_room_video)]
-            if to_room_video
-            else []
-        ),
-        StageSpec("sip-decoder", "decoder", inputs=["janus"], args=["--audio-rate", str(ROOM_AUDIO_RATE_HZ)]),
-        StageSpec("janus", "janus", args=janus_args, inputs=["sip-encoder"], secrets=janus_secrets),
-        StageSpec(
-            "sip-encoder",
-            "encoder",
-            inputs=["room-transformer"],
-            args=[
-                "--video-codec",
-                sip_video if sip_video != "none" else "h264",
-                "--audio-codec",
-                cfg.to_sip.audio_codec,
-                "--width",
-                str(cfg.to_sip.width),
-                "--height",
-                str(cfg.to_sip.height),
-                "--fps",
-                str(cfg.to_sip.fps),
-                "--bitrate-kbps",
-                str(cfg.to_sip.bitrate_kbps),
-                "--preset",
-                cfg.to_sip.preset,
-            ],
-        ),
-        StageSpec(
-            "room-transformer",
-            "transformer",
-            inputs=["room-decoder"],
-            args=[
-                *room_video,
-                "--audio",
-                f"resample:{sip_rate}",
-                "--audio",
-                # At the SIP rate from the start: an empty room's mix sends silence before any stream came.
-                f"mix:{sip_rate}",
-                "--compose-id",
-                "room-video",
-                "--mix-id",
-                "room-audio",
-            ],
-        ),
-        StageSpec("room-decoder", "decoder", inputs=["browser"], args=["--hwm", str(ENCODED_EDGE_HWM_MSGS)]),
+
+def _sip_encoder_args(cfg: BridgeConfig) -> list[str]:
+    sip_video = cfg.to_sip.video_codec
+    return [
+        "--video-codec",
+        sip_video if sip_video != "none" else "h264",
+        "--audio-codec",
+        cfg.to_sip.audio_codec,
+        "--width",
+        str(cfg.to_sip.width),
+        "--height",
+        str(cfg.to_sip.height),
+        "--fps",
+        str(cfg.to_sip.fps),
+        "--bitrate-kbps",
+        str(cfg.to_sip.bitrate_kbps),
+        "--preset",
+        cfg.to_sip.preset,
     ]
-    if cfg.start_janus:
-        # Janus is what the janus stage connects to: it starts before every stage and stops after them.
-        specs.insert(
-            0,
-            StageSpec(
-                "janus-server",
-                priority=10,
-                command=(f"%(ENV_SIPBRIDGE_PYTHON)s -m sipbridge janus-server --work-dir {run_dir}/janus"),
-                secrets={"SIPBRIDGE_JANUS_API_SECRET": api_secret} if api_secret else {},
-            ),
-        )
-    for spec in specs:
-        # A call runs until it is stopped: a stage that ends is restarted, an end of stream ends only streams.
-        spec.live = True
-    return specs
+
+
+def _room_transformer_args(cfg: BridgeConfig) -> list[str]:
+    sip_rate = CODEC_AUDIO_RATE_HZ[cfg.to_sip.audio_codec]
+    # An audio-only endpoint: drop the room's video before it is scaled and encoded for nothing.
+    room_video = _grid(cfg) if cfg.to_sip.video_codec != "none" else ["--video", DROP_VIDEO]
+    return [
+        *room_video,
+        "--audio",
+        f"resample:{sip_rate}",
+        "--audio",
+        # At the SIP rate from the start: an empty room's mix sends silence before any stream came.
+        f"mix:{sip_rate}",
+        "--compose-id",
+        "room-video",
+        "--mix-id",
+        "room-audio",
+    ]
+
+
+# What each stage of the layout (sipbridge/pipelines/bridge.toml, its `args_from`) gets from the configuration.
+ARGUMENT_BUILDERS: dict[str, Callable[[BridgeConfig], list[str]]] = {
+    "browser": _browser_args,
+    "sip-decoder": lambda cfg: ["--audio-rate", str(ROOM_AUDIO_RATE_HZ)],
+    "janus": _janus_args,
+    "sip-encoder": _sip_encoder_args,
+    "room-transformer": _room_transformer_args,
+    "room-decoder": lambda cfg: ["--hwm", str(ENCODED_EDGE_HWM_MSGS)],
+}
+
+
+def bridge_graph(cfg: BridgeConfig) -> Graph:
+    """The graph of one bridged call: the packaged layout, its arguments from ``cfg``, then the bridge file's
+    inserted stages and replaced commands."""
+    graph = graph_from_data(
+        read_layout(LAYOUT),
+        conditions={"start_janus": cfg.start_janus},
+        builders={name: functools.partial(build, cfg) for name, build in ARGUMENT_BUILDERS.items()},
+    )
+    graph.stage("janus").secrets = _janus_secrets(cfg)
+    api_secret = _janus_api_secret(cfg)
+    if cfg.start_janus and api_secret:
+        graph.stage("janus-server").secrets = {"SIPBRIDGE_JANUS_API_SECRET": api_secret}
+    if cfg.split:
+        # A transformer process only where it earns its hop: to split a composite into several cameras.
+        graph.insert("to_room", StageSpec("sip-transformer", "transformer", live=True,
+                                          args=["--video", f"split:{cfg.split[0]}x{cfg.split[1]}"]))
+    for inserted in cfg.transforms:
+        graph.insert(inserted.at, StageSpec(inserted.name, inserted.kind, inserted.command, list(inserted.args),
+                                            live=True))
+    for name, override in cfg.stages.items():
+        if name not in graph.names():
+            known = ", ".join(graph.names())
+            raise GraphError(f"stages.{name}: the bridge has no stage {name!r} (its stages: {known})")
+        if override.command is not None:
+            graph.replace(name, override.command)
+        graph.stage(name).args += override.args
+    for group in cfg.fuse:
+        graph.fuse(group)
+    return graph
+
+
+def bridge_stages(cfg: BridgeConfig, run_dir: Path) -> list[StageSpec]:
+    """The stage processes of one bridged call (earlier entries start later and stop earlier)."""
+    return bridge_graph(cfg).specs(run_dir)

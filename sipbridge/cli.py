@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import tomllib
 from typing import Any
 
 import click
 
-# Stage commands load lazily so `sipbridge status` does not import PyAV or Playwright.
+# The registry of stage kinds: a new kind is one module with a click `command`, registered here (or, outside this
+# project, as a `sipbridge.stages` entry point). Stage commands load lazily so `sipbridge status` does not import
+# PyAV or Playwright.
+STAGE_ENTRY_POINTS = "sipbridge.stages"
 STAGE_COMMANDS: dict[str, str] = {
     "source": "stages.source:command",
     "sink": "stages.sink:command",
@@ -17,6 +21,7 @@ STAGE_COMMANDS: dict[str, str] = {
     "transformer": "stages.transformer:command",
     "janus": "stages.janus:command",
     "browser": "stages.browser:command",
+    "fused": "stages.fused:command",  # several of the above in one process
 }
 
 # Top-level commands that live next to their subject (Janus server, namespaces, the local room).
@@ -30,6 +35,13 @@ EXTRA_COMMANDS: dict[str, str] = {
 }
 
 
+def stage_kinds() -> dict[str, str]:
+    """Every stage kind: the project's, then those installed packages register as ``sipbridge.stages`` entry points
+    (``NAME = "module:command"``); a project kind keeps its name."""
+    kinds = {ep.name: ep.value for ep in importlib.metadata.entry_points(group=STAGE_ENTRY_POINTS)}
+    return {**kinds, **STAGE_COMMANDS}
+
+
 def _load(target: str) -> click.Command:
     module_name, _, attr = target.partition(":")
     command = getattr(importlib.import_module(module_name), attr)
@@ -39,15 +51,16 @@ def _load(target: str) -> click.Command:
 
 class LazyStageGroup(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted(STAGE_COMMANDS)
+        return sorted(stage_kinds())
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        target = STAGE_COMMANDS.get(cmd_name)
+        target = stage_kinds().get(cmd_name)
         return _load(target) if target else None
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        kinds = stage_kinds()
         with formatter.section("Stages"):
-            formatter.write_dl([(name, STAGE_COMMANDS[name]) for name in self.list_commands(ctx)])
+            formatter.write_dl([(name, kinds[name]) for name in self.list_commands(ctx)])
 
 
 class LazyTopGroup(click.Group):

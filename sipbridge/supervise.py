@@ -158,7 +158,7 @@ def check_env_entry(where: str, key: str, value: str) -> None:
         raise PipelineError(f"{where}: a value with a space before ; or # cannot pass supervisord (it reads a comment)")
 
 
-def _config_quote(arg: str) -> str:
+def config_quote(arg: str) -> str:
     """shlex-quote ``arg`` for a supervisord command= line, where a ; or # after a space starts a comment.
 
     Inside a quoted argument each ; and # is put in double quotes of its own ('a '"#"'1' is "a #1" to the
@@ -187,7 +187,7 @@ def _program(spec: StageSpec, priority: int, run_dir: Path) -> str:
         args = [a.replace("{run_dir}", str(run_dir)) for a in spec.args]
         wrapper = _secret_wrapper(spec.name, run_dir) if spec.secrets else []
         # supervisord expands %(name)s in command lines: a literal % (a URL escape, a regex) must be doubled.
-        command = " ".join(_config_quote(a) for a in [*wrapper, *argv, *args]).replace("%", "%%")
+        command = " ".join(config_quote(a) for a in [*wrapper, *argv, *args]).replace("%", "%%")
     group_stop = "true" if spec.kind in GROUP_STOP_KINDS else "false"
     variables = {"SIPBRIDGE_RUN_DIR": str(run_dir), **({LIVE_ENV: "1"} if spec.live else {}), **spec.env}
     env = ",".join(_env_entry(k, v) for k, v in variables.items())

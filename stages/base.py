@@ -282,6 +282,9 @@ class Stage:
     #: of a leg (browser, janus) end their input's direction: the bridge is a ring through them, and an event
     #: they passed on would circle the ring for the rest of the call.
     forwards_control = True
+    #: Whether ``run`` installs this process's SIGTERM/SIGINT handlers. A fused process (stages/fused.py) runs
+    #: several stages on one loop and stops them itself, upstream first.
+    own_signals = True
 
     def __init__(self, options: StageOptions) -> None:
         self.options = options
@@ -561,7 +564,7 @@ class Stage:
             if endpoint and endpoint.startswith("ipc://"):
                 make_run_dir(os.path.dirname(endpoint[len("ipc://") :]) or ".")
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT) if self.own_signals else ():
             loop.add_signal_handler(sig, self._on_signal, sig)
         try:
             self._open_sockets()
@@ -612,7 +615,7 @@ class Stage:
             self._publish_stats()
         # The work is flushed and the end of stream sent: a late SIGTERM (supervisord signals every stage
         # at shutdown) must not turn a clean exit into "terminated by SIGTERM" once the loop is gone.
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT) if self.own_signals else ():
             loop.remove_signal_handler(sig)
             signal.signal(sig, signal.SIG_IGN)
         for task in tasks:

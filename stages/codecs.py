@@ -1,23 +1,28 @@
-"""Codec helpers shared by the decoder and encoder stages.
+"""The codec registry, and codec helpers shared by the stages.
 
-What lives here: the mapping between the wire ``Codec`` enum and FFmpeg codec
-names, RTP clock rates and codec sample rates, and the conversions between wire
-frames (one contiguous I420 buffer, s16 interleaved samples) and PyAV frames.
-Everything is pure (no sockets); the PyAV parts run on a stage's codec thread.
+``CODECS`` is the one table of codec facts: name, wire codec id, RTP clock, default payload type, SDP rtpmap and
+fmtp, FFmpeg encoder and decoder names, keyframe detection, browser MIME type. The stages, the janus stage's SDP,
+the bridge configuration and the test harness read it (tests/test_codec_registry.py checks they agree). Also here:
+the conversions between wire frames (one contiguous I420 buffer, s16 interleaved samples) and PyAV frames.
+Everything is pure (no sockets); the PyAV parts run on a stage's codec thread. PyAV is imported where it is used,
+so that reading the table (the bridge configuration, ``sipbridge up``) does not load FFmpeg.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import av
 import numpy as np
 
 from protocol import AudioFrame, Codec, MediaHeader, VideoFrame, i420_size
 from protocol.wire import Payload as Buffer
+
+if TYPE_CHECKING:
+    import av
 
 # RTP clock of every video codec (RFC 6184, RFC 7741, RFC 7587 ...).
 VIDEO_CLOCK_HZ = 90_000
@@ -25,44 +30,93 @@ VIDEO_TIME_BASE = Fraction(1, VIDEO_CLOCK_HZ)
 # Every audio codec here is packetised in 20 ms frames on the SIP and WebRTC legs.
 AUDIO_FRAME_MS = 20
 
-# FFmpeg names: the decoders are FFmpeg's own (fast, and the ones ffmpeg(1) picks by default);
-# the encoders are the libraries WebRTC endpoints expect.
-DECODER_NAMES: dict[Codec, tuple[str, ...]] = {
-    Codec.H264: ("h264",),
-    Codec.VP8: ("vp8", "libvpx"),
-    Codec.VP9: ("vp9", "libvpx-vp9"),
-    Codec.AV1: ("libdav1d", "av1", "libaom-av1"),
-    Codec.OPUS: ("opus", "libopus"),
-    Codec.PCMU: ("pcm_mulaw",),
-    Codec.PCMA: ("pcm_alaw",),
-    Codec.G722: ("g722",),
-}
-ENCODER_NAMES: dict[Codec, str] = {
-    Codec.H264: "libx264",
-    Codec.VP8: "libvpx",
-    Codec.VP9: "libvpx-vp9",
-    Codec.OPUS: "libopus",
-    Codec.PCMU: "pcm_mulaw",
-    Codec.PCMA: "pcm_alaw",
-    Codec.G722: "g722",
-}
 
+@dataclass(frozen=True)
+class CodecInfo:
+    """Everything the project knows about one codec; every other codec table is derived from ``CODECS``."""
+
+    name: str  # on command lines and in bridge files: "h264", "pcmu"
+    codec: Codec  # the wire format's codec id
+    rtp_name: str  # the SDP encoding name (a=rtpmap:PT NAME/CLOCK), as RFCs spell it
+    clock_hz: int  # RTP clock
+    mime: str  # the browser's RTCRtpCodec mimeType (WebRTC spelling; compare case-insensitively)
+    decoders: tuple[str, ...]  # FFmpeg decoders, preferred first
+    encoder: str | None  # the FFmpeg encoder the encoder stage uses; None: not encoded here
+    sample_rate_hz: int | None = None  # audio: the rate the codec runs at (G.722: 16 kHz on an 8 kHz RTP clock)
+    channels: int | None = None  # audio: SDP channels, and what a decoder produces when nothing else is known
+    payload_type: int | None = None  # RFC 3551 static payload type; None: dynamic (96..127)
+    fmtp: str | None = None  # what our SDP offer says in a=fmtp
+    sip: bool = False  # the janus stage can send it to a SIP peer (aiortc packetises it, Janus relays it)
+    keyframe: Callable[[memoryview], bool] | None = None  # video: whether a payload starts a decodable picture
+
+    @property
+    def is_video(self) -> bool:
+        return self.codec.is_video
+
+    @property
+    def rtpmap(self) -> str:
+        """The a=rtpmap value after the payload type: NAME/CLOCK[/CHANNELS]."""
+        channels = f"/{self.channels}" if self.channels and self.channels > 1 else ""
+        return f"{self.rtp_name}/{self.clock_hz}{channels}"
+
+
+def _vp8_keyframe(view: memoryview) -> bool:
+    # Frame tag bit 0 is 0 on key frames, which carry the start code 9d 01 2a (RFC 6386 sections 9.1, 9.3).
+    return len(view) >= 10 and view[0] & 0x01 == 0 and bytes(view[3:6]) == b"\x9d\x01\x2a"
+
+
+def _vp9_keyframe(view: memoryview) -> bool:
+    if not view:
+        return False
+    b = view[0]
+    # frame_marker=2, then profile bits, show_existing_frame, frame_type (0 = key); profiles 0..2.
+    return (b >> 6) == 2 and (b >> 4) & 0x3 != 3 and not (b >> 3) & 1 and not (b >> 2) & 1
+
+
+def _h264_keyframe(view: memoryview) -> bool:
+    # An IDR slice (NAL type 5) or a sequence parameter set (7) starts a decodable picture.
+    return any(nal_type in (5, 7) for nal_type in h264_nal_types(view))
+
+
+# The one codec table. Decoders are FFmpeg's own where it has one (fast, what ffmpeg(1) picks by default); the
+# encoders are the libraries WebRTC endpoints expect. H.264 is offered as one profile (constrained baseline 3.1,
+# packetization-mode 1); Opus as 2 channels in SDP (RFC 7587), which a mono stream decodes to fine.
+CODECS: tuple[CodecInfo, ...] = (
+    CodecInfo("h264", Codec.H264, "H264", VIDEO_CLOCK_HZ, "video/H264", ("h264",), "libx264",
+              fmtp="level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42e01f", sip=True,
+              keyframe=_h264_keyframe),
+    CodecInfo("vp8", Codec.VP8, "VP8", VIDEO_CLOCK_HZ, "video/VP8", ("vp8", "libvpx"), "libvpx", sip=True,
+              keyframe=_vp8_keyframe),
+    CodecInfo("vp9", Codec.VP9, "VP9", VIDEO_CLOCK_HZ, "video/VP9", ("vp9", "libvpx-vp9"), "libvpx-vp9",
+              keyframe=_vp9_keyframe),
+    CodecInfo("av1", Codec.AV1, "AV1", VIDEO_CLOCK_HZ, "video/AV1", ("libdav1d", "av1", "libaom-av1"), None),
+    CodecInfo("pcmu", Codec.PCMU, "PCMU", 8_000, "audio/PCMU", ("pcm_mulaw",), "pcm_mulaw", 8_000, 1, 0, sip=True),
+    CodecInfo("pcma", Codec.PCMA, "PCMA", 8_000, "audio/PCMA", ("pcm_alaw",), "pcm_alaw", 8_000, 1, 8, sip=True),
+    # G.722 keeps an 8000 RTP clock for historical reasons (RFC 3551 section 4.5.2) although it samples at 16 kHz.
+    CodecInfo("g722", Codec.G722, "G722", 8_000, "audio/G722", ("g722",), "g722", 16_000, 1, 9, sip=True),
+    CodecInfo("opus", Codec.OPUS, "opus", 48_000, "audio/opus", ("opus", "libopus"), "libopus", 48_000, 2, sip=True),
+)
+BY_CODEC: dict[Codec, CodecInfo] = {info.codec: info for info in CODECS}
+BY_NAME: dict[str, CodecInfo] = {info.name: info for info in CODECS}
+BY_RTP_NAME: dict[str, CodecInfo] = {info.rtp_name.upper(): info for info in CODECS}  # upper-cased keys
+BY_MIME: dict[str, CodecInfo] = {info.mime.lower(): info for info in CODECS}  # lower-cased keys
+BY_STATIC_PAYLOAD_TYPE: dict[int, CodecInfo] = {i.payload_type: i for i in CODECS if i.payload_type is not None}
+
+
+def names(*, video: bool | None = None, sip: bool | None = None, encodable: bool | None = None) -> list[str]:
+    """Codec names in table order, optionally only video (or audio), SIP-capable, or encodable ones."""
+    return [i.name for i in CODECS if (video is None or i.is_video == video) and (sip is None or i.sip == sip)
+            and (encodable is None or (i.encoder is not None) == encodable)]
+
+
+# Derived views the stages use.
+DECODER_NAMES: dict[Codec, tuple[str, ...]] = {i.codec: i.decoders for i in CODECS}
+ENCODER_NAMES: dict[Codec, str] = {i.codec: i.encoder for i in CODECS if i.encoder is not None}
 # Sample rate the codec itself runs at.
-SAMPLE_RATE_HZ: dict[Codec, int] = {Codec.OPUS: 48_000, Codec.PCMU: 8_000, Codec.PCMA: 8_000, Codec.G722: 16_000}
-# RTP clock rate: G.722 keeps 8000 for historical reasons (RFC 3551 section 4.5.2) although it samples at 16 kHz.
-RTP_CLOCK_HZ: dict[Codec, int] = {
-    Codec.OPUS: 48_000,
-    Codec.PCMU: 8_000,
-    Codec.PCMA: 8_000,
-    Codec.G722: 8_000,
-    Codec.H264: VIDEO_CLOCK_HZ,
-    Codec.VP8: VIDEO_CLOCK_HZ,
-    Codec.VP9: VIDEO_CLOCK_HZ,
-    Codec.AV1: VIDEO_CLOCK_HZ,
-}
-# Channels a decoder produces when nothing else is known: Opus is negotiated as 2 channels in SDP
-# (RFC 7587) and a mono Opus stream decodes fine to two identical channels.
-DEFAULT_CHANNELS: dict[Codec, int] = {Codec.OPUS: 2, Codec.PCMU: 1, Codec.PCMA: 1, Codec.G722: 1}
+SAMPLE_RATE_HZ: dict[Codec, int] = {i.codec: i.sample_rate_hz for i in CODECS if i.sample_rate_hz is not None}
+RTP_CLOCK_HZ: dict[Codec, int] = {i.codec: i.clock_hz for i in CODECS}
+# Channels a decoder produces when nothing else is known.
+DEFAULT_CHANNELS: dict[Codec, int] = {i.codec: i.channels for i in CODECS if i.channels is not None}
 
 CODEC_BY_NAME: dict[str, Codec] = {c.name.lower(): c for c in Codec}
 
@@ -81,6 +135,8 @@ def audio_frame_samples(codec: Codec) -> int:
 
 
 def decoder_name(codec: Codec) -> str:
+    import av
+
     for name in DECODER_NAMES.get(codec, ()):
         if name in av.codecs_available:
             return name
@@ -113,23 +169,13 @@ def call_on_loop(loop: asyncio.AbstractEventLoop | None, fn: Callable[..., Any],
 
 # ----- bitstream peeks ------------------------------------------------------------------------------
 def is_keyframe_payload(codec: Codec, data: Buffer) -> bool:
-    """Whether an encoded payload starts a decodable picture, read from the bitstream itself.
+    """Whether an encoded payload starts a decodable picture, read from the bitstream itself (False for audio
+    and for a codec without a detector).
 
     Used next to the packet's keyframe flag so a producer that does not set it still resynchronises.
     """
-    view = memoryview(data).cast("B")
-    if codec is Codec.VP8:
-        # Frame tag bit 0 is 0 on key frames (RFC 6386 section 9.1).
-        return len(view) >= 10 and view[0] & 0x01 == 0 and bytes(view[3:6]) == b"\x9d\x01\x2a"
-    if codec is Codec.VP9:
-        if not view:
-            return False
-        b = view[0]
-        # frame_marker=2, then profile bits, show_existing_frame, frame_type (0 = key); profiles 0..2.
-        return (b >> 6) == 2 and (b >> 4) & 0x3 != 3 and not (b >> 3) & 1 and not (b >> 2) & 1
-    if codec is Codec.H264:
-        return any(nal_type in (5, 7) for nal_type in h264_nal_types(view))
-    return False
+    detect = BY_CODEC[codec].keyframe
+    return detect is not None and detect(memoryview(data).cast("B"))
 
 
 def h264_nal_types(view: memoryview) -> list[int]:
@@ -187,6 +233,8 @@ def i420_to_av(frame: VideoFrame) -> av.VideoFrame:
     Even sizes wrap the received buffer without copying (the encoders copy the picture in themselves);
     odd sizes are copied into FFmpeg's padded planes.
     """
+    import av
+
     w, h = frame.width, frame.height
     cw, ch = chroma_size(w, h)
     src = np.frombuffer(frame.data, dtype=np.uint8)
@@ -238,6 +286,8 @@ def layout_name(channels: int) -> str:
 
 def s16_to_av(frame: AudioFrame) -> av.AudioFrame:
     """Wire s16 interleaved audio to a packed-s16 ``av.AudioFrame``."""
+    import av
+
     samples = np.frombuffer(frame.data, dtype="<i2").reshape(1, frame.samples * frame.channels)
     out = av.AudioFrame.from_ndarray(samples, format="s16", layout=layout_name(frame.channels))
     out.sample_rate = frame.sample_rate

@@ -322,8 +322,8 @@ class Encoder(Stage):
         }
 
 
-VIDEO_CODEC_CHOICES = ["h264", "vp8", "vp9"]
-AUDIO_CODEC_CHOICES = ["opus", "pcmu", "pcma", "g722"]
+VIDEO_CODEC_CHOICES = codecs.names(video=True, encodable=True)
+AUDIO_CODEC_CHOICES = codecs.names(video=False, encodable=True)
 
 
 @click.command("encoder")

@@ -83,5 +83,12 @@ def build_options(params: dict[str, Any], has_output: bool = True) -> StageOptio
     )
 
 
+# Set by a fused process (stages/fused.py) while it builds its stages: ``run`` hands the stage over instead.
+collecting: list[Any] | None = None
+
+
 def run(stage: Any) -> None:
+    if collecting is not None:
+        collecting.append(stage)
+        return
     raise SystemExit(run_stage(stage))

@@ -193,12 +193,13 @@ def test_a_wheel_installed_in_a_fresh_venv_runs_and_finds_its_data(tmp_path: Pat
         "from importlib import resources\n"
         "print(resources.files('stages.browser.recipes').joinpath('local_room.toml').is_file(),\n"
         "      resources.files('sipbridge.room').joinpath('static/index.html').is_file(),\n"
-        "      resources.files('stages.browser').joinpath('js/hook.js').is_file())\n",
+        "      resources.files('stages.browser').joinpath('js/hook.js').is_file(),\n"
+        "      resources.files('sipbridge.pipelines').joinpath('bridge.toml').is_file())\n",
     )
     lines = probe.splitlines()
     # The installed copy, not the checkout.
     assert lines[0].startswith(purelib) and lines[1].startswith(purelib), lines
     assert "janus.plugin.sip.jcfg" in lines[2] and "janus.jcfg" in lines[2]
     assert lines[3].startswith(purelib) and lines[4].startswith(purelib), lines
-    # The join recipe, the local room's pages and the bot's init script.
-    assert lines[5] == "True True True", lines
+    # The join recipe, the local room's pages, the bot's init script and the bridged call's layout.
+    assert lines[5] == "True True True True", lines

@@ -209,7 +209,9 @@ def encode_video_loop(codec: str, width: int, height: int, fps: int, loop_s: int
     def make() -> MediaLoop:
         import av
 
-        enc: Any = av.CodecContext.create("libx264" if codec == "h264" else "libvpx", "w")
+        from stages import codecs
+
+        enc: Any = av.CodecContext.create(codecs.BY_NAME[codec].encoder or "", "w")
         enc.width, enc.height, enc.pix_fmt = width, height, "yuv420p"
         enc.time_base, enc.framerate = fractions.Fraction(1, fps), fractions.Fraction(fps, 1)
         enc.bit_rate, enc.max_b_frames, enc.gop_size = VIDEO_BITRATE_BPS, 0, gop

@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from sipbridge.testing.localcall import SIP_PEER_MEDIA_PORT, SIP_PEER_PORT
+from stages import codecs
 
-# RTP payload types with a static meaning (RFC 3551) that the SIP leg may carry.
-STATIC_PAYLOAD_TYPES = {0: "PCMU", 8: "PCMA", 9: "G722"}
+# RTP payload types with a static meaning (RFC 3551) that the SIP leg may carry (the codec registry's).
+STATIC_PAYLOAD_TYPES = {pt: info.rtp_name for pt, info in codecs.BY_STATIC_PAYLOAD_TYPE.items()}
 
 
 @dataclass
@@ -200,7 +201,10 @@ def h264_frames_from_capture(pcap: Path, dst_port: int) -> list[Any]:
     return frames
 
 
-AUDIO_DECODERS = {"pcmu": ("pcm_mulaw", 8000), "pcma": ("pcm_alaw", 8000), "g722": ("g722", 16000)}
+# The static payload types' audio codecs (G.711, G.722): each RTP payload decodes on its own. Name -> (FFmpeg
+# decoder, sample rate).
+AUDIO_DECODERS = {info.name: (info.decoders[0], info.sample_rate_hz or info.clock_hz)
+                  for info in codecs.BY_STATIC_PAYLOAD_TYPE.values()}
 
 
 def h264_timed_frames_from_capture(pcap: Path, dst_port: int) -> list[tuple[float, Any]]:

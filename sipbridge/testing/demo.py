@@ -40,6 +40,7 @@ from sipbridge.testing.localcall import (
     CallOptions,
     LocalCall,
 )
+from stages import codecs
 
 PROGRESS_INTERVAL_S = 2.0
 MIN_DEMO_MEDIA_S = 5.0
@@ -109,7 +110,7 @@ ENDED_CALL_STATES = {"failed", "declined", "ended", "disconnected", "registratio
 # Programs the demo needs: name -> the Debian package that has it (`make setup` installs them).
 REQUIRED_PROGRAMS = {"janus": "janus", "sipp": "sip-tester", "tshark": "tshark", "ip": "iproute2", "ss": "iproute2"}
 # Codec names on the demo's command line -> as SDP rtpmap lines name them.
-SDP_NAMES = {"h264": "H264", "vp8": "VP8", "vp9": "VP9", "pcmu": "PCMU", "pcma": "PCMA", "g722": "G722", "opus": "OPUS"}
+SDP_NAMES = {info.name: info.rtp_name.upper() for info in codecs.CODECS}
 
 
 @dataclass(frozen=True)

@@ -108,6 +108,8 @@ class CallOptions:
     # encoded once, and a browserless viewer: sipbridge/room/cheap.py), so that a small machine measures the bridge
     # rather than its simulation. aiortc publishers receive nothing: the viewer then reports what the room gets.
     generators: str = "chromium"
+    # More bridge file, appended as it is (e.g. [[transform]] tables: tests/test_overlay.py).
+    bridge_extra: str = ""
 
     def __post_init__(self) -> None:
         if self.generators not in GENERATORS:
@@ -160,7 +162,7 @@ fit = "stretch"
 
 [room_side]
 {split}
-"""
+{self.bridge_extra}"""
 
 
 def udp_ports() -> set[int]:

@@ -29,7 +29,6 @@ from playwright.async_api import Browser, BrowserContext, Page, async_playwright
 
 from protocol import (
     AudioFrame,
-    Codec,
     EncodedPacket,
     EndOfStream,
     Event,
@@ -40,6 +39,7 @@ from protocol import (
     VideoFrame,
     i420_size,
 )
+from stages import codecs
 from stages.base import Stage, StageOptions, percentile, run_dir
 from stages.browser.chromium import ChromiumUserError, launch_chromium
 from stages.browser.diagnose import Diagnosis, PageWatch, diagnose
@@ -89,18 +89,7 @@ MMAP_THRESHOLD_BYTES = 64 * 1024
 M_MMAP_THRESHOLD = -3  # mallopt parameter, glibc's malloc.h
 HEAP_TRIM_INTERVAL_S = 30.0
 
-CODEC_BY_MIME = {
-    "video/h264": Codec.H264,
-    "video/vp8": Codec.VP8,
-    "video/vp9": Codec.VP9,
-    "video/av1": Codec.AV1,
-    "audio/opus": Codec.OPUS,
-    "audio/pcmu": Codec.PCMU,
-    "audio/pcma": Codec.PCMA,
-    "audio/g722": Codec.G722,
-}
-RTP_CLOCK_HZ = {Codec.OPUS: 48000, Codec.PCMU: 8000, Codec.PCMA: 8000, Codec.G722: 8000}
-VIDEO_RTP_CLOCK_HZ = 90000
+CODEC_BY_MIME = {mime: info.codec for mime, info in codecs.BY_MIME.items()}  # lower-cased MIME types
 
 
 class CaptureMode(enum.StrEnum):
@@ -511,7 +500,7 @@ class BrowserStage(Stage):
             codec = CODEC_BY_MIME.get(mime)
             if codec is None:
                 raise PageMessageError(f"unsupported codec {mime or 'unknown'} (payload type {h.get('pt')})")
-            clock = VIDEO_RTP_CLOCK_HZ if codec.is_video else RTP_CLOCK_HZ[codec]
+            clock = codecs.RTP_CLOCK_HZ[codec]
             pts = self._unwrap_rtp(track, int(h["ts"]))
             return EncodedPacket(self._header(track, pts, Fraction(1, clock), h["ct"]), codec, bool(h.get("key")),
                                  payload)

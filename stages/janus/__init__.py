@@ -53,6 +53,7 @@ from protocol import (
     Message,
     VideoFrame,
 )
+from stages import codecs
 from stages.base import Stage, StageOptions, check_bind_free, default_endpoint
 from stages.janus import aiortc_adapter
 from stages.janus.callcontrol import (
@@ -1066,8 +1067,7 @@ class JanusStage(Stage):
             await sock.send_multipart([*envelope, json.dumps(reply, default=str).encode()])
 
 
-CODEC_CHOICES = {"h264": Codec.H264, "vp8": Codec.VP8, "pcmu": Codec.PCMU, "pcma": Codec.PCMA, "g722": Codec.G722,
-                 "opus": Codec.OPUS}
+CODEC_CHOICES = {info.name: info.codec for info in codecs.CODECS if info.sip}
 
 
 @click.command("janus")
@@ -1108,7 +1108,7 @@ CODEC_CHOICES = {"h264": Codec.H264, "vp8": Codec.VP8, "pcmu": Codec.PCMU, "pcma
               help="How DTMF is sent: RFC 4733 events in the audio (auto: when the peer takes them) or SIP INFO.")
 @click.option("--audio-codec", "audio_codecs", multiple=True, type=click.Choice(sorted(c for c in CODEC_CHOICES
               if not CODEC_CHOICES[c].is_video)), default=("pcmu",), help="Audio codecs to offer, in order.")
-@click.option("--video-codec", type=click.Choice(["h264", "vp8", "none"]), default="h264")
+@click.option("--video-codec", type=click.Choice([*codecs.names(video=True, sip=True), "none"]), default="h264")
 @click.option("--video-stream", default="sip-video", help="Stream id of the video received from SIP.")
 @click.option("--audio-stream", default="sip-audio", help="Stream id of the audio received from SIP.")
 @click.option("--control", default=None, help="Control REP endpoint [ipc://RUN_DIR/NAME.control].")

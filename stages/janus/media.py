@@ -40,6 +40,7 @@ from aiortc.rtp import RtpPacket, is_rtcp
 from aiortc.utils import uint16_add
 
 from protocol import Codec
+from stages import codecs
 from stages.janus import aiortc_adapter
 
 log = logging.getLogger("sipbridge.janus.media")
@@ -47,46 +48,14 @@ log = logging.getLogger("sipbridge.janus.media")
 # Drop the oldest queued packet beyond this: a sender that cannot keep up must not build latency.
 PACKET_QUEUE_MAX = 64
 
-# Our codec enum <-> RTP names (aiortc's mimeType subtype, upper-cased).
-RTP_NAMES: dict[Codec, str] = {
-    Codec.H264: "H264",
-    Codec.VP8: "VP8",
-    Codec.OPUS: "OPUS",
-    Codec.PCMU: "PCMU",
-    Codec.PCMA: "PCMA",
-    Codec.G722: "G722",
-}
+# Our codec enum <-> RTP names (aiortc's mimeType subtype, upper-cased), for the codecs a SIP call can carry.
+RTP_NAMES: dict[Codec, str] = {info.codec: info.rtp_name.upper() for info in codecs.CODECS if info.sip}
 CODEC_BY_RTP_NAME = {name: codec for codec, name in RTP_NAMES.items()}
-
-H264_NAL_IDR = 5
-H264_NAL_SPS = 7
-
-
-def h264_is_keyframe(data: bytes) -> bool:
-    """True when an Annex B access unit holds an IDR slice or an SPS."""
-    i = 0
-    n = len(data)
-    while True:
-        i = data.find(b"\x00\x00\x01", i)
-        if i < 0 or i + 3 >= n:
-            return False
-        nal_type = data[i + 3] & 0x1F
-        if nal_type in (H264_NAL_IDR, H264_NAL_SPS):
-            return True
-        i += 3
-
-
-def vp8_is_keyframe(data: bytes) -> bool:
-    # RFC 6386 section 9.1: bit 0 of the frame tag is 0 for key frames.
-    return len(data) > 0 and not (data[0] & 0x01)
 
 
 def is_keyframe(codec: Codec, data: bytes) -> bool:
-    if codec is Codec.H264:
-        return h264_is_keyframe(data)
-    if codec is Codec.VP8:
-        return vp8_is_keyframe(data)
-    return True
+    """Whether a received frame starts a decodable picture (every audio frame does)."""
+    return codecs.is_keyframe_payload(codec, data) if codec.is_video else True
 
 
 class PacketTrack(MediaStreamTrack):
@@ -168,7 +137,7 @@ def fu_a_fragments(unit: bytes) -> list[bytes]:
     return out
 
 
-H264_CLOCK_HZ = 90000
+H264_CLOCK_HZ = codecs.BY_CODEC[Codec.H264].clock_hz
 
 
 def split_annex_b(data: bytes) -> list[bytes]:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from stages import codecs as codec_registry
+
 H264 = "H264"
 TELEPHONE_EVENT = "TELEPHONE-EVENT"
 TELEPHONE_EVENT_CLOCK_HZ = 8000
@@ -127,8 +129,12 @@ class Media:
 
 
 # RFC 3551 static payload types a SIP peer may use without an rtpmap line.
-STATIC_PAYLOAD_TYPES: dict[int, tuple[str, int]] = {0: ("PCMU", 8000), 8: ("PCMA", 8000), 9: ("G722", 8000),
-                                                    18: ("G729", 8000), 34: ("H263", 90000)}
+# Ours come from the codec registry; G.729 and H.263 are known only to be recognised (and not answered).
+STATIC_PAYLOAD_TYPES: dict[int, tuple[str, int]] = {
+    **{pt: (info.rtp_name, info.clock_hz) for pt, info in codec_registry.BY_STATIC_PAYLOAD_TYPE.items()},
+    18: ("G729", 8000),
+    34: ("H263", 90000),
+}
 
 
 @dataclass

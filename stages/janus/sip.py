@@ -22,6 +22,7 @@ from aiortc import RTCPeerConnection, RTCRtpSender, RTCRtpTransceiver, RTCSessio
 from aiortc.rtcrtpparameters import RTCRtpCodecCapability
 
 from protocol import Codec
+from stages import codecs as codec_registry
 from stages.janus import aiortc_adapter, sdp
 from stages.janus.callcontrol import CallState
 from stages.janus.media import (
@@ -40,20 +41,18 @@ from stages.janus.media import (
 
 log = logging.getLogger("sipbridge.janus.sip")
 
-H264_PROFILE_LEVEL_ID = "42e01f"
-
-
 def codec_capabilities(kind: str, codecs: list[Codec]) -> list[RTCRtpCodecCapability]:
-    """aiortc capabilities for exactly ``codecs``, in that order (no rtx, one H.264 profile)."""
+    """aiortc capabilities for exactly ``codecs``, in that order (no rtx; where the codec registry gives an fmtp,
+    the capability with exactly those parameters: one H.264 profile)."""
     available = RTCRtpSender.getCapabilities(kind).codecs
     chosen = []
     for codec in codecs:
         name = RTP_NAMES[codec]
+        fmtp = codec_registry.BY_CODEC[codec].fmtp
         for cap in available:
             if cap.mimeType.split("/")[1].upper() != name:
                 continue
-            if codec is Codec.H264 and (cap.parameters.get("profile-level-id") != H264_PROFILE_LEVEL_ID
-                                        or str(cap.parameters.get("packetization-mode")) != "1"):
+            if fmtp is not None and {k: str(v) for k, v in cap.parameters.items()} != sdp.parse_fmtp(fmtp):
                 continue
             chosen.append(cap)
             break
