@@ -35,9 +35,10 @@ def test_a_child_ends_when_its_starter_is_killed() -> None:
     assert starter.stdout is not None
     child = int(starter.stdout.readline())
     try:
-        # Through setpriv's exec first: then the child's argv is the sleeper's.
+        # Past setpriv (which sets the parent-death signal, then execs): its own argv names the sleeper too, so the
+        # first word tells them apart. Killing the starter while setpriv runs would be a race the test made.
         wait_until(
-            lambda: b"time.sleep" in Path(f"/proc/{child}/cmdline").read_bytes(),
+            lambda: Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")[0] != b"setpriv",
             CHILD_START_TIMEOUT_S,
             "the child to start",
         )
