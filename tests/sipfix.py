@@ -588,16 +588,25 @@ class StageProcess:
         return proc.returncode
 
 
+# How long the namespace may hold more than the handle's socket (an inbound stage's probe still running).
+SIP_PORT_SETTLE_S = 30.0
+
+
 def sip_listen_port(exclude: Sequence[int] = ()) -> int:
     """The SIP signalling port Janus's SIP plugin bound for its (only) handle in this namespace.
 
     Each handle binds sip:IP:* (a random UDP port). Call this before any call or sipp runs:
-    the only UDP socket in a fresh test namespace is then that one.
+    the only UDP socket in a fresh test namespace is then that one, once an inbound stage's probe (a socket of
+    its own for the moment it learns the handle's port, stages/janus/sipprobe.py) is over.
     """
-    candidates = sorted(udp_ports() - set(exclude))
-    if len(candidates) != 1:
-        raise AssertionError(f"cannot tell the SIP port from the UDP sockets {candidates}")
-    return candidates[0]
+    deadline = time.monotonic() + SIP_PORT_SETTLE_S
+    while True:
+        candidates = sorted(udp_ports() - set(exclude))
+        if len(candidates) == 1:
+            return candidates[0]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"cannot tell the SIP port from the UDP sockets {candidates}")
+        time.sleep(0.1)
 
 
 class Capture:

@@ -160,84 +160,86 @@ def h264_annexb(payload: bytes) -> bytes:
     return bytes(out)
 
 
-def h264_frames_from_capture(pcap: Path, dst_port: int) -> list[Any]:
-    """The H.264 pictures the SIP peer received on ``dst_port``: RTP depacketised (RFC 6184), decoded by PyAV."""
-    import av
+def _has_idr(annexb: bytes) -> bool:
+    """Whether an access unit (Annex B) holds an IDR slice: a decoder can start, or recover, there."""
+    return any(len(nal) and nal[0] & 0x1F == 5 for nal in annexb.split(b"\x00\x00\x00\x01"))
 
+
+def h264_units_from_capture(pcap: Path, dst_port: int) -> list[tuple[float, bytes]]:
+    """The H.264 access units the SIP peer received whole on ``dst_port``: (arrival of the unit's last packet, epoch
+    seconds; Annex B bytes), one per RTP timestamp.
+
+    After a packet the capture does not hold (an RTP sequence gap: lost on the way, or missed by the capture on a
+    loaded machine), units are skipped up to the next IDR, as a receiver that asked for a keyframe would: a decoder
+    fed across the gap conceals the loss with pictures whose counters read as garbage."""
     out = subprocess.run(
-        [
-            "tshark",
-            "-r",
-            str(pcap),
-            "-d",
-            f"udp.port=={dst_port},rtp",
-            "-Y",
-            f"rtp && udp.dstport=={dst_port}",
-            "-T",
-            "fields",
-            "-e",
-            "rtp.seq",
-            "-e",
-            "rtp.payload",
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-    ).stdout
-    stream = bytearray()
+        ["tshark", "-r", str(pcap), "-d", f"udp.port=={dst_port},rtp", "-Y", f"rtp && udp.dstport=={dst_port}",
+         "-T", "fields", "-e", "frame.time_epoch", "-e", "rtp.seq", "-e", "rtp.timestamp", "-e", "rtp.payload"],
+        capture_output=True, text=True, check=False,
+    ).stdout  # fmt: skip
+    units: list[tuple[float, bytes]] = []
+    current: bytearray | None = None
+    arrived, last_ts, last_seq = 0.0, None, None
+    whole = False  # the current unit had no gap before or inside it
+    synced = False  # an IDR was decoded since the last gap
+
+    def close_unit() -> None:
+        nonlocal synced
+        if current is None:
+            return
+        data = bytes(current)
+        synced = synced or (whole and _has_idr(data))
+        if whole and synced:
+            units.append((arrived, data))
+
     for line in out.splitlines():
         cols = line.split("\t")
-        if len(cols) < 2 or not cols[1]:
+        if len(cols) < 4 or not cols[3]:
             continue
-        stream += h264_annexb(bytes.fromhex(cols[1].replace(":", "")))
-    codec: Any = av.CodecContext.create("h264", "r")
-    frames = []
-    with contextlib.suppress(av.FFmpegError):
-        for packet in codec.parse(bytes(stream)):
-            with contextlib.suppress(av.FFmpegError):
-                frames.extend(codec.decode(packet))
-    with contextlib.suppress(av.FFmpegError):
-        frames.extend(codec.decode(None))
-    return frames
-
-
-# The static payload types' audio codecs (G.711, G.722): each RTP payload decodes on its own. Name -> (FFmpeg
-# decoder, sample rate).
-AUDIO_DECODERS = {info.name: (info.decoders[0], info.sample_rate_hz or info.clock_hz)
-                  for info in codecs.BY_STATIC_PAYLOAD_TYPE.values()}
+        at, seq, ts = float(cols[0]), int(cols[1]), int(cols[2])
+        gap = last_seq is not None and seq != (last_seq + 1) % 65536
+        last_seq = seq
+        if ts != last_ts:
+            close_unit()
+            current, last_ts, whole = bytearray(), ts, not gap
+        elif gap:
+            whole = False
+        if gap:
+            synced = False
+        assert current is not None
+        current += h264_annexb(bytes.fromhex(cols[3].replace(":", "")))
+        arrived = at
+    close_unit()
+    return units
 
 
 def h264_timed_frames_from_capture(pcap: Path, dst_port: int) -> list[tuple[float, Any]]:
-    """Like ``h264_frames_from_capture``, with each picture's arrival time at the SIP peer (epoch seconds of the
-    last RTP packet of its access unit): what a test needs to say when a picture got there."""
+    """The H.264 pictures the SIP peer received whole on ``dst_port``, decoded by PyAV, each with its arrival time
+    (epoch seconds of the last RTP packet of its access unit): what a test needs to say when a picture got there."""
     import av
 
-    out = subprocess.run(
-        ["tshark", "-r", str(pcap), "-d", f"udp.port=={dst_port},rtp", "-Y", f"rtp && udp.dstport=={dst_port}",
-         "-T", "fields", "-e", "frame.time_epoch", "-e", "rtp.timestamp", "-e", "rtp.payload"],
-        capture_output=True, text=True, check=False,
-    ).stdout  # fmt: skip
-    units: list[tuple[float, bytearray]] = []  # (arrival of the last packet, Annex B bytes), one per RTP timestamp
-    last_ts = None
-    for line in out.splitlines():
-        cols = line.split("\t")
-        if len(cols) < 3 or not cols[2]:
-            continue
-        arrived, ts = float(cols[0]), int(cols[1])
-        if ts != last_ts:
-            units.append((arrived, bytearray()))
-            last_ts = ts
-        units[-1] = (arrived, units[-1][1] + h264_annexb(bytes.fromhex(cols[2].replace(":", ""))))
+    units = h264_units_from_capture(pcap, dst_port)
     codec: Any = av.CodecContext.create("h264", "r")
     frames: list[tuple[float, Any]] = []
     for index, (_, data) in enumerate(units):
-        packet = av.Packet(bytes(data))
+        packet = av.Packet(data)
         packet.pts = index  # carried to the picture, whatever delay the decoder has
         with contextlib.suppress(av.FFmpegError):
             frames.extend((units[f.pts][0], f) for f in codec.decode(packet) if f.pts is not None)
     with contextlib.suppress(av.FFmpegError):
         frames.extend((units[f.pts][0], f) for f in codec.decode(None) if f.pts is not None)
     return frames
+
+
+def h264_frames_from_capture(pcap: Path, dst_port: int) -> list[Any]:
+    """The H.264 pictures the SIP peer received whole on ``dst_port``: RTP depacketised (RFC 6184), decoded."""
+    return [frame for _, frame in h264_timed_frames_from_capture(pcap, dst_port)]
+
+
+# The static payload types' audio codecs (G.711, G.722): each RTP payload decodes on its own. Name -> (FFmpeg
+# decoder, sample rate).
+AUDIO_DECODERS = {info.name: (info.decoders[0], info.sample_rate_hz or info.clock_hz)
+                  for info in codecs.BY_STATIC_PAYLOAD_TYPE.values()}
 
 
 def audio_from_capture(pcap: Path, dst_port: int, codec: str) -> tuple[Any, int]:
