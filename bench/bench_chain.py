@@ -1,7 +1,8 @@
 """Benchmark: the decode -> transform -> encode chain (VP8 640x480 in, H.264 out), three ways in one run.
 
 1. separate processes over ZeroMQ ipc:// (decoder -> transformer -> encoder, video policy "all",
-   plus the two-process variant decoder -> encoder);
+   plus the two-process variant decoder -> encoder), and the same three stages fused into one process
+   (`sipbridge stage fused`: one event loop, each stage with its own codec thread and sockets);
 2. the same stage code in one process (Decoder.process -> identity -> Encoder.process in a loop);
 3. the ``ffmpeg`` command line doing the same transcode with the same encoder settings.
 
@@ -19,6 +20,7 @@ import json
 import os
 import platform
 import resource
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -142,7 +144,7 @@ def run_one_process(packets: list[EncodedPacket], bitrate_kbps: int, threads: in
 
 # ----- 1. separate processes --------------------------------------------------------------------------------
 def run_processes(packets: list[EncodedPacket], bitrate_kbps: int, threads: int, with_transformer: bool,
-                  work: Path) -> dict[str, Any]:
+                  work: Path, *, fused: bool = False) -> dict[str, Any]:
     run_dir = Path(tempfile.mkdtemp(prefix="chain-", dir=work))
     env = {**os.environ, "SIPBRIDGE_RUN_DIR": str(run_dir)}
     ctx: zmq.Context[Any] = zmq.Context()
@@ -161,13 +163,23 @@ def run_processes(packets: list[EncodedPacket], bitrate_kbps: int, threads: int,
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.SUBSCRIBE, b"")
     upstream = feed
+    fused_stages: list[str] = []
     for kind, extra in chain:
         output, stats = f"ipc://{run_dir}/{kind}.sock", f"ipc://{run_dir}/{kind}.stats"
-        args = [sys.executable, "-c", PROGRAM, "stage", kind, "--in", upstream, "--out", output, "--stats", stats,
-                "--video-policy", "all", "--log-level", "WARNING", *extra]
-        procs.append(subprocess.Popen(args, env=env, cwd=PROJECT_DIR))
+        stage_args = [kind, "--in", upstream, "--out", output, "--stats", stats, "--video-policy", "all",
+                      "--log-level", "WARNING", *extra]
+        if fused:
+            fused_stages += ["--stage", shlex.join(stage_args)]
+        else:
+            procs.append(subprocess.Popen([sys.executable, "-c", PROGRAM, "stage", *stage_args], env=env,
+                                          cwd=PROJECT_DIR))
         sub.connect(stats)
         upstream = output
+    if fused:
+        # The same stages on one event loop (`sipbridge stage fused`): each keeps its codec thread and its sockets.
+        procs.append(subprocess.Popen([sys.executable, "-c", PROGRAM, "stage", "fused", *fused_stages], env=env,
+                                      cwd=PROJECT_DIR))
+    heartbeats_wanted = len(chain) if not fused else 1  # a fused process's stages share one pid
     pull = ctx.socket(zmq.PULL)
     pull.setsockopt(zmq.RCVTIMEO, RECEIVE_TIMEOUT_MS)
     pull.connect(upstream)
@@ -175,8 +187,8 @@ def run_processes(packets: list[EncodedPacket], bitrate_kbps: int, threads: int,
         # Start the clock only once every stage is up (heartbeats), as ffmpeg's start-up is tiny by comparison.
         alive: set[int] = set()
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while len(alive) < len(procs):
-            dead = [kind for (kind, _), p in zip(chain, procs, strict=True) if p.poll() is not None]
+        while len(alive) < heartbeats_wanted:
+            dead = [p.args for p in procs if p.poll() is not None]
             if dead or time.monotonic() > deadline:
                 raise RuntimeError(f"chain stages did not start (exited: {dead})")
             if not sub.poll(1000):
@@ -205,7 +217,7 @@ def run_processes(packets: list[EncodedPacket], bitrate_kbps: int, threads: int,
                 latencies_ms.append((time.time_ns() - msg.header.capture_time_ns) / 1e6)
         elapsed = time.perf_counter() - started
         # The stages wait for this consumer to leave, so they are still alive to be measured.
-        cpu_by_stage = [process_cpu_s(p.pid) - before for p, before in zip(procs, cpu_started, strict=True)]
+        cpu_by_process = [process_cpu_s(p.pid) - before for p, before in zip(procs, cpu_started, strict=True)]
         sender.join()
         pull.close()  # the encoder waits for its consumer to leave before exiting
         codes = [p.wait(30) for p in procs]
@@ -218,14 +230,15 @@ def run_processes(packets: list[EncodedPacket], bitrate_kbps: int, threads: int,
             sock.close(linger=0)
         ctx.term()
         shutil.rmtree(run_dir, ignore_errors=True)
+    names = ["+".join(kind for kind, _ in chain)] if fused else [kind for kind, _ in chain]
     return {
-        "processes": [kind for kind, _ in chain],
+        "processes": names,
         "frames": count,
         "seconds": elapsed,
         "fps": count / elapsed,
-        "cpu_ms_per_frame": 1000 * sum(cpu_by_stage) / max(count, 1),
-        "cpu_ms_per_frame_by_stage": {kind: round(1000 * cpu / max(count, 1), 2)
-                                      for (kind, _), cpu in zip(chain, cpu_by_stage, strict=True)},
+        "cpu_ms_per_frame": 1000 * sum(cpu_by_process) / max(count, 1),
+        "cpu_ms_per_frame_by_stage": {name: round(1000 * cpu / max(count, 1), 2)
+                                      for name, cpu in zip(names, cpu_by_process, strict=True)},
         "latency_ms_p50": statistics.median(latencies_ms) if latencies_ms else None,
         "exit_codes": codes,
     }
@@ -265,6 +278,7 @@ def best(runs: list[dict[str, Any]]) -> dict[str, Any]:
 LABELS = {
     "processes_3": "decoder | transformer | encoder (3 processes, ZeroMQ ipc)",
     "processes_2": "decoder | encoder (2 processes, ZeroMQ ipc)",
+    "fused_3": "decoder | transformer | encoder fused (1 process, ZeroMQ ipc)",
     "one_process": "same stage code in one process",
     "ffmpeg": "ffmpeg command line",
 }
@@ -273,6 +287,8 @@ TARGETS = {
     "processes_3_vs_ffmpeg": TARGET_VS_FFMPEG,
     "processes_2_vs_one_process": TARGET_VS_ONE_PROCESS,
     "processes_2_vs_ffmpeg": TARGET_VS_FFMPEG,
+    "fused_3_vs_one_process": TARGET_VS_ONE_PROCESS,
+    "fused_3_vs_ffmpeg": TARGET_VS_FFMPEG,
 }
 
 
@@ -283,11 +299,12 @@ def measure(packets: list[EncodedPacket], webm: Path, work: Path, bitrate_kbps: 
         # Interleaved so background load on the machine hits every variant alike.
         runs["processes_3"].append(run_processes(packets, bitrate_kbps, threads, True, work))
         runs["processes_2"].append(run_processes(packets, bitrate_kbps, threads, False, work))
+        runs["fused_3"].append(run_processes(packets, bitrate_kbps, threads, True, work, fused=True))
         runs["one_process"].append(run_one_process(packets, bitrate_kbps, threads))
         runs["ffmpeg"].append(run_ffmpeg(webm, len(packets), bitrate_kbps, threads))
     figures = {name: best(r) for name, r in runs.items()}
     ratios = {}
-    for multi in ("processes_3", "processes_2"):
+    for multi in ("processes_3", "processes_2", "fused_3"):
         for base in ("one_process", "ffmpeg"):
             ratios[f"{multi}_vs_{base}"] = figures[multi]["fps"] / figures[base]["fps"]
     return {"x264_threads": threads, "results": figures, "ratios": ratios}
