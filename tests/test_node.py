@@ -172,6 +172,37 @@ def test_options_come_from_the_command_line_then_env_then_the_config_file(monkey
     assert result.exit_code != 0 and "loopback" in result.output
 
 
+def test_the_node_s_janus_secret_file_reaches_only_the_janus_stage(tmp_path: Path) -> None:
+    """[node] janus_api_secret_file: a 0600 file (as `sipbridge janus-server` writes it) is the Janus API secret of
+    every call whose bridge names none; it goes to the janus stage through the broker, never into supervisord's
+    environment. A file others can read, a missing or an empty one, stops the node at start naming the key."""
+    from sipbridge.node.config import NODE_JANUS_SECRET_ENV
+    from sipbridge.supervise import stage_secrets, supervisor_environment
+
+    secret_file = tmp_path / "api_secret"
+    secret_file.write_text("s3cret-of-this-node\n")
+    secret_file.chmod(0o600)
+    settings = NodeSettings(auth=False, run_root=Path("/run/sipbridge"), janus_api_secret_file=secret_file)
+    assert check(settings, {}) is None
+    node = Node(settings, environ={"PATH": "/usr/bin"})
+    body = json.loads((EXAMPLES / "node-call.json").read_text())
+    body.setdefault("janus", {}).pop("api_secret", None)
+    specs = node.plan(body).stages(tmp_path / "run" / "abc")
+    secrets = stage_secrets(specs, node.environ)
+    assert secrets["janus"]["SIPBRIDGE_STAGE_JANUS_API_SECRET"] == "s3cret-of-this-node", secrets
+    assert all("s3cret" not in str(v) for name, s in secrets.items() if name != "janus" for v in s.values())
+    names = {source for spec in specs for source in spec.secrets.values()}
+    assert NODE_JANUS_SECRET_ENV not in supervisor_environment(node.environ, names)
+    assert all("s3cret" not in " ".join([*spec.args, spec.command or ""]) for spec in specs)
+    for mode, text, expected in ((0o644, "x", "readable by others"), (0o600, "", "is empty")):
+        secret_file.write_text(text)
+        secret_file.chmod(mode)
+        with pytest.raises(NodeConfigError, match=f"janus_api_secret_file: .*{expected}"):
+            check(settings, {})
+    with pytest.raises(NodeConfigError, match="janus_api_secret_file: cannot read"):
+        check(NodeSettings(auth=False, janus_api_secret_file=tmp_path / "missing"), {})
+
+
 def test_the_node_example_files_are_valid() -> None:
     import tomllib
 

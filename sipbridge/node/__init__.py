@@ -34,7 +34,8 @@ from sipbridge.node.config import (
 log = logging.getLogger("sipbridge.node")
 
 NODE_KEYS = {"listen", "port", "token", "auth", "slots", "cpu_ceiling", "run_root", "drain_timeout_s",
-             "allow_pipelines", "name", "sip", "inbound", "inbound_ready_timeout_s", "cluster_redis"}
+             "allow_pipelines", "name", "sip", "inbound", "inbound_ready_timeout_s", "cluster_redis",
+             "janus_api_secret_file"}
 
 
 def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
@@ -57,6 +58,8 @@ def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) 
     if isinstance(table.get("inbound"), str):
         # A relative inbound bridge file is next to the node's config file, wherever the node is started from.
         table["inbound"] = str(Path(value).resolve().parent / table["inbound"])
+    if isinstance(table.get("janus_api_secret_file"), str):
+        table["janus_api_secret_file"] = str(Path(value).resolve().parent / table["janus_api_secret_file"])
     ctx.default_map = {**(ctx.default_map or {}), **table}
 
 
@@ -194,11 +197,14 @@ def load_inbound(node: Any, path: str, ready_timeout_s: float = 55.0) -> Any:
               help="How long an INVITE waits for its call to listen before 500 (under a proxy's INVITE timer).")
 @click.option("--cluster-redis", default=None,
               help="Cluster mode: take API-started calls from this Redis (redis://HOST:PORT/DB); POST /calls queues.")
+@click.option("--janus-api-secret-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="The node's Janus API secret (0600 file, as `sipbridge janus-server` writes it) for calls whose "
+                   "bridge names none.")
 @click.option("--log-level", default="INFO", show_default=True)
 def command(listen: str, port: int, token: str | None, auth: bool, slots: int | None, cpu_ceiling: float,
             run_root: Path | None, drain_timeout_s: float, allow_pipelines: bool, name: str,
             sip: str | None, inbound: str | None, inbound_ready_timeout_s: float, cluster_redis: str | None,
-            log_level: str) -> None:
+            janus_api_secret_file: Path | None, log_level: str) -> None:
     """Run many calls on this host behind an HTTP API (admission, drain on SIGTERM, Prometheus metrics)."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s node %(levelname)s %(message)s")
     try:
@@ -208,6 +214,7 @@ def command(listen: str, port: int, token: str | None, auth: bool, slots: int | 
             run_root=(run_root or default_run_root()).resolve(), drain_timeout_s=drain_timeout_s,
             allow_pipelines=allow_pipelines, name=name, sip=sip, inbound=inbound,
             inbound_ready_timeout_s=inbound_ready_timeout_s, cluster_redis=cluster_redis,
+            janus_api_secret_file=janus_api_secret_file,
         )
         api_token = check(settings)
     except NodeConfigError as exc:

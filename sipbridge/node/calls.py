@@ -33,7 +33,7 @@ import zmq.asyncio
 
 import protocol
 from sipbridge.bridge import BridgeConfigError, bridge_stages, missing_secrets, parse_bridge
-from sipbridge.node.config import CALL_ID_LENGTH_MAX
+from sipbridge.node.config import CALL_ID_LENGTH_MAX, NODE_JANUS_SECRET_ENV
 from sipbridge.node.hostinfo import ProcInfo, scan_sessions, still_same
 from sipbridge.supervise import (
     FINAL_STATES,
@@ -97,6 +97,8 @@ def plan_call(data: Any, allow_pipelines: bool, environ: dict[str, str] | None =
     if cfg.start_janus:
         raise CallRequestError("janus.start is for `sipbridge up`: a node's calls use a running Janus (janus.url), "
                                "each call on its own handle")
+    if cfg.janus_api_secret is None and environ and NODE_JANUS_SECRET_ENV in environ:
+        cfg.janus_api_secret = NODE_JANUS_SECRET_ENV  # the node's own Janus secret (janus_api_secret_file)
     missing = missing_secrets(cfg, environ)
     if missing:
         raise CallRequestError(f"environment variable(s) {', '.join(missing)} not set on this node")

@@ -23,6 +23,11 @@ UNIX_PATH_MAX_BYTES = 107
 CALL_ID_LENGTH_MAX = 32
 
 
+# Where the node keeps its Janus API secret for the calls' janus stages (in the node's own memory; the broker
+# hands it out; supervisor_environment keeps it from every program's environment).
+NODE_JANUS_SECRET_ENV = "SIPBRIDGE_NODE_JANUS_API_SECRET"
+
+
 class NodeConfigError(ValueError):
     """A node setting that cannot work; the message names it."""
 
@@ -52,6 +57,10 @@ class NodeSettings:
     inbound_ready_timeout_s: float = 55.0
     # Cluster mode (issue 13, sipbridge/cluster): API-started calls go through this Redis stream.
     cluster_redis: str | None = None
+    # The node's Janus API secret: the 0600 file `sipbridge janus-server` writes in its work folder (generated
+    # once per node, kept across restarts). Calls whose bridge names no janus.api_secret get this one, through
+    # the secret broker like the SIP secret: never in a command line, supervisord's environment or a log.
+    janus_api_secret_file: Path | None = None
 
 
 def default_slots(cpu_ceiling: float, cores: int | None = None) -> int:
@@ -114,6 +123,8 @@ def check(settings: NodeSettings, environ: dict[str, str] | None = None) -> str 
                                   f"{settings.sip!r}")
     if not 1.0 <= settings.inbound_ready_timeout_s <= 600.0:
         raise NodeConfigError(f"inbound_ready_timeout_s must be 1..600 seconds, not {settings.inbound_ready_timeout_s}")
+    if settings.janus_api_secret_file is not None:
+        read_janus_api_secret(settings.janus_api_secret_file)
     if settings.inbound is not None and settings.sip is None:
         raise NodeConfigError("inbound needs sip = \"IP:PORT\": the address callers send their INVITEs to")
     if not settings.auth:
@@ -128,3 +139,18 @@ def check(settings: NodeSettings, environ: dict[str, str] | None = None) -> str 
     if len(token) < 16:
         raise NodeConfigError(f"token: {settings.token_env} holds fewer than 16 characters; use a long random one")
     return token
+
+
+def read_janus_api_secret(path: Path) -> str:
+    """The node's Janus API secret from ``path``: a regular file only its owner can read, not empty."""
+    try:
+        info = path.stat()
+        secret = path.read_text().strip()
+    except OSError as exc:
+        raise NodeConfigError(f"janus_api_secret_file: cannot read {path}: {exc.strerror}") from None
+    if info.st_mode & 0o077:
+        raise NodeConfigError(f"janus_api_secret_file: {path} is readable by others (mode "
+                              f"{info.st_mode & 0o777:o}); chmod 600 it")
+    if not secret:
+        raise NodeConfigError(f"janus_api_secret_file: {path} is empty")
+    return secret

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from sipbridge.node.calls import CALL_ID_RE, Call, CallPlan, RunFolderInUse, plan_call
-from sipbridge.node.config import NodeSettings
+from sipbridge.node.config import NODE_JANUS_SECRET_ENV, NodeSettings, read_janus_api_secret
 from sipbridge.node.hostinfo import CLOCK_TICKS_PER_S, CpuSampler, ProcInfo, pss_bytes, scan_sessions
 from sipbridge.supervise import process_states
 
@@ -85,6 +85,8 @@ class Node:
         env = dict(os.environ if environ is None else environ)
         if settings.token_env:
             env.pop(settings.token_env, None)
+        if settings.janus_api_secret_file is not None:
+            env[NODE_JANUS_SECRET_ENV] = read_janus_api_secret(settings.janus_api_secret_file)
         self.environ = env
         self.calls: OrderedDict[str, Call] = OrderedDict()
         self.draining = False
