@@ -36,7 +36,7 @@ lint: setup
 	$(VENV)/bin/mypy
 
 test: setup lint
-	$(VENV)/bin/pytest -q tests
+	$(VENV)/bin/pytest -q --durations=25 tests
 
 demo: setup
 	$(VENV)/bin/sipbridge demo

@@ -74,6 +74,11 @@ LATENCY_WINDOW_SAMPLES = 512
 ERROR_LOG_INTERVAL_S = 1.0
 # How long real-time audio may wait for room downstream before it is dropped (counted).
 AUDIO_SEND_WAIT_MS = 200
+# Real-time audio found queued behind more than this much newer audio of the same stream (in one receive batch) is
+# dropped (counted as stale_audio): a stage that stalled or fell behind catches up instead of carrying the backlog
+# as latency for the rest of the call. A message-count bound (the HWM) cannot do this: the kernel's socket buffers
+# between two stages hold seconds of small audio messages beyond it, while a raw picture fills them at once.
+MAX_AUDIO_BACKLOG_S = 0.2
 # Per-stream statistics are bounded: stream ids come from untrusted input (a room, a SIP peer, a forged packet).
 # A bridge has at most 16 tiles of audio + video, so this leaves room; a stream id over the bound is a counted drop.
 MAX_TRACKED_STREAMS = 64
@@ -154,6 +159,38 @@ class VideoPolicy(enum.StrEnum):
 
     LATEST = "latest"  # real time: drop old frames (counted), never queue
     ALL = "all"  # offline and benchmarks: block the producer, lose nothing
+
+
+
+def _audio_time_s(msg: Message) -> tuple[str, float] | None:
+    """(stream id, media time in seconds) of a real-time audio message; None for anything else."""
+    if isinstance(msg, AudioFrame) or (isinstance(msg, EncodedPacket) and not msg.codec.is_video):
+        header = msg.header
+        return header.stream_id, header.pts * header.time_base.numerator / header.time_base.denominator
+    return None
+
+
+def skip_queued_audio(messages: list[Message], max_backlog_s: float) -> tuple[list[Message], int]:
+    """Drop audio that a batch holds behind more than ``max_backlog_s`` of newer audio of its stream.
+
+    Judged by media time (pts), not by capture time: the backlog a stage sees in what was already waiting for it is
+    its own delay, whatever the room or the machine added before. The newest message of a stream is the reference;
+    a message whose pts is ahead of it (a producer that restarted its clock) is kept. Returns (kept, dropped).
+    """
+    newest: dict[str, float] = {}
+    for msg in messages:
+        timed = _audio_time_s(msg)
+        if timed is not None:
+            newest[timed[0]] = timed[1]
+    if not newest:
+        return messages, 0
+    kept: list[Message] = []
+    for msg in messages:
+        timed = _audio_time_s(msg)
+        if timed is not None and newest[timed[0]] - timed[1] > max_backlog_s:
+            continue
+        kept.append(msg)
+    return kept, len(messages) - len(kept)
 
 
 @dataclass
@@ -692,6 +729,9 @@ class Stage:
                     self.report_error("malformed_message", str(exc))
             if self.options.video_policy is VideoPolicy.LATEST:
                 messages = self._skip_stale_video(messages)
+                messages, stale_audio = skip_queued_audio(messages, MAX_AUDIO_BACKLOG_S)
+                if stale_audio:
+                    self.drops["stale_audio"] += stale_audio
             for msg in messages:
                 if isinstance(msg, EndOfStream):
                     if await self._on_end_of_stream(msg, index, sock):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -91,7 +92,8 @@ def test_kamailio_spreads_invites_over_real_nodes_and_refuses_the_third_with_503
     call_line = next(line for line in text.splitlines() if line.startswith("call = "))
     bridge = tmp_path / "inbound.toml"
     bridge.write_text(text.replace(call_line, 'inbound = true\naccept_from = "^sip:caller@"'))
-    run_roots = [Path(f"/tmp/sbk-{os.getpid()}-{n}") for n in (1, 2)]
+    token = secrets.token_hex(4)  # not the pid: pids repeat, and an earlier run's folder may be there
+    run_roots = [Path(f"/tmp/sbk-{token}-{n}") for n in (1, 2)]
     try:
         with Room(tmp_path / "run", options) as room:
             c = cf.Cluster(room.ns, tmp_path)

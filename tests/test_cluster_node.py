@@ -5,7 +5,7 @@ Kamailio's probes from the node's admission state."""
 from __future__ import annotations
 
 import asyncio
-import os
+import secrets
 import shutil
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,7 @@ def test_stream_calls_run_on_the_real_node_and_its_front_follows_its_admission(t
     from sipbridge.node.service import Node
 
     # The calls' unix sockets must stay under 107 bytes: a short run root.
-    run_root = Path(f"/tmp/sbc-{os.getpid()}")
+    run_root = Path(f"/tmp/sbc-{secrets.token_hex(4)}")
     sip = (cf.node_ip(1), 5060)
 
     async def scenario(c: cf.Cluster) -> dict[str, Any]:
@@ -93,7 +93,7 @@ def test_sipbridge_node_in_cluster_mode_queues_post_calls_and_answers_probes(tmp
     import signal
     import urllib.request
 
-    run_root = Path(f"/tmp/sbc-{os.getpid()}-p")
+    run_root = Path(f"/tmp/sbc-{secrets.token_hex(4)}-p")
     api = f"http://{cf.node_ip(1)}:8090"
 
     def post(body: dict[str, Any], key: str) -> tuple[int, dict[str, Any]]:

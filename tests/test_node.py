@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -58,7 +59,7 @@ def cheap_call(frames: int = 0, fps: int = 10) -> dict[str, Any]:
 @pytest.fixture(name="run_root")
 def run_root_fixture(tmp_path: Path) -> Any:
     # The calls' unix sockets must stay under 107 bytes: a short root, not pytest's long tmp_path.
-    root = Path(f"/tmp/sbn-{os.getpid()}-{tmp_path.name[-10:]}")
+    root = Path(f"/tmp/sbn-{secrets.token_hex(4)}-{tmp_path.name[-10:]}")
     yield root
     shutil.rmtree(root, ignore_errors=True)
 

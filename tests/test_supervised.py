@@ -10,6 +10,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,10 +32,9 @@ PIPELINE = {
 
 
 def _run_dir(tmp_path: Path) -> Path:
-    # ipc:// paths must stay under the 107-byte unix socket limit.
-    short = Path(f"/tmp/sbt-{os.getpid()}-{tmp_path.name[-12:]}")
-    short.mkdir(parents=True, exist_ok=True)
-    return short
+    # ipc:// paths must stay under the 107-byte unix socket limit. A new folder each time: a name made of the pid
+    # and the test's name can meet the folder of an earlier run (pids repeat), logs and all.
+    return Path(tempfile.mkdtemp(prefix=f"sbt-{tmp_path.name[-12:]}-", dir="/tmp"))
 
 
 def test_killed_stage_is_restarted_and_the_pipeline_resumes(tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ the stage reconnects, registers again and takes the next call without a restart.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -56,6 +57,7 @@ from protocol import (
 from stages import codecs
 from stages.base import Stage, StageOptions, check_bind_free, default_endpoint
 from stages.janus import aiortc_adapter
+from stages.janus.avsync import AudioHold
 from stages.janus.callcontrol import (
     ACTIVE_STATES,
     DTMF_DIGITS,
@@ -93,7 +95,7 @@ from stages.janus.callcontrol import (
     request_id_of,
 )
 from stages.janus.client import JanusClient, JanusDisconnected, JanusError, JanusHandle
-from stages.janus.media import CODEC_BY_RTP_NAME, ReceivedFrame, make_packet
+from stages.janus.media import CODEC_BY_RTP_NAME, PacketTrack, ReceivedFrame, make_packet
 from stages.janus.sip import CallInfo, SipCall
 from stages.janus.sipprobe import ProbeError, learn_sip_address
 from stages.options import build_options, run, stage_options
@@ -187,6 +189,10 @@ class JanusStage(Stage):
         self._last_media_rx_s = 0.0  # monotonic time of the last frame from the SIP side (or of media up)
         self._peer_on_hold = False  # the peer's last re-offer was sendonly or inactive
         self._video_keyframe_sent = False
+        # Audio waits for the video's delay through the bridge (lip sync at SIP peers that play on arrival).
+        self.audio_hold = AudioHold()
+        self._held_audio: collections.deque[tuple[float, PacketTrack, Any]] = collections.deque()
+        self._held_timer: asyncio.TimerHandle | None = None
         self._dialled_at_start = False
         self._handle_used = False  # the current SIP handle had a call (see _fresh_handle)
         self._helpers: list[JanusHandle] = []  # inbound: helper handles of self.handle (see _add_helper)
@@ -223,6 +229,9 @@ class JanusStage(Stage):
                 if track is not None:
                     figures[f"{kind}_packets_sent"] = track.sent
                     figures[f"{kind}_packets_dropped"] = track.dropped
+        video_delay = self.audio_hold.video_delay_s(time.monotonic())
+        figures["lipsync"] = {"audio_held": self.audio_hold.held, "audio_hold_capped": self.audio_hold.capped,
+                              "video_delay_ms": None if video_delay is None else round(video_delay * 1000, 1)}
         return figures
 
     # ----- input: packets to send to the SIP peer (codec thread) -----------------------------------
@@ -234,10 +243,11 @@ class JanusStage(Stage):
             return ()
         packet = make_packet(bytes(msg.data), msg.header.pts, msg.header.time_base, msg.keyframe)
         assert self._loop is not None
-        self._loop.call_soon_threadsafe(self._send_packet, msg.codec, msg.header.stream_id, packet)
+        self._loop.call_soon_threadsafe(self._send_packet, msg.codec, msg.header.stream_id, packet,
+                                        msg.header.capture_time_ns)
         return ()
 
-    def _send_packet(self, codec: Codec, stream_id: str, packet: Any) -> None:
+    def _send_packet(self, codec: Codec, stream_id: str, packet: Any, capture_ns: int) -> None:
         call = self.call
         if call is None or call.info.state not in (CallState.ACCEPTED, CallState.MEDIA_UP, CallState.RESUMED,
                                                    CallState.HOLDING, CallState.ON_HOLD):
@@ -263,9 +273,47 @@ class JanusStage(Stage):
                     self._request_keyframe("call needs a keyframe")
                     return
                 self._video_keyframe_sent = True
+        now_ns = time.time_ns()
         if self._first_packet_sent_ns is None:
-            self._first_packet_sent_ns = time.time_ns()
-        track.push(packet)
+            self._first_packet_sent_ns = now_ns
+        age_s = (now_ns - capture_ns) / 1e9
+        if codec.is_video:
+            self.audio_hold.video_sent(time.monotonic(), age_s)
+            track.push(packet)
+            return
+        self._hold_audio(track, packet, age_s)
+
+    # ----- lip sync: audio waits for the video's delay (avsync.py) ------------------------------------
+    def _hold_audio(self, track: PacketTrack, packet: Any, age_s: float) -> None:
+        now = time.monotonic()
+        release = self.audio_hold.release_at(now, age_s)
+        if release <= now and not self._held_audio:
+            track.push(packet)
+            return
+        self._held_audio.append((release, track, packet))
+        if self._held_timer is None:
+            self._arm_held_timer()
+
+    def _arm_held_timer(self) -> None:
+        assert self._loop is not None
+        first = self._held_audio[0][0]
+        self._held_timer = self._loop.call_at(self._loop.time() + max(0.0, first - time.monotonic()),
+                                              self._release_held_audio)
+
+    def _release_held_audio(self) -> None:
+        self._held_timer = None
+        now = time.monotonic()
+        while self._held_audio and self._held_audio[0][0] <= now:
+            _, track, packet = self._held_audio.popleft()
+            track.push(packet)  # a track of a call that ended meanwhile ignores it
+        if self._held_audio:
+            self._arm_held_timer()
+
+    def _drop_held_audio(self) -> None:
+        self._held_audio.clear()
+        if self._held_timer is not None:
+            self._held_timer.cancel()
+            self._held_timer = None
 
     # ----- keyframes ------------------------------------------------------------------------
     def on_keyframe_request(self, request: KeyframeRequest) -> bool:
@@ -371,6 +419,7 @@ class JanusStage(Stage):
         call, self.call = self.call, None
         if call is None:
             return
+        self._drop_held_audio()
         info = call.info
         info.code = code if code is not None else info.code
         info.reason = reason or info.reason
@@ -676,6 +725,8 @@ class JanusStage(Stage):
         self._first_packet_sent_ns = None
         self._video_keyframe_sent = False
         self._peer_on_hold = False
+        self._drop_held_audio()
+        self.audio_hold.reset()
         return SipCall(info, self.settings.audio_codecs, self.settings.video_codec, self._on_received,
                        self._keyframe_requested_by_sip, self._on_rfc2833, self.settings.low_latency_jitter_buffer)
 

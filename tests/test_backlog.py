@@ -1,0 +1,62 @@
+"""A stage that fell behind drops queued audio instead of carrying the backlog as latency (stages.base)."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+from protocol import AudioFrame, Codec, EncodedPacket, MediaHeader, Message, VideoFrame, i420_size
+from stages.base import MAX_AUDIO_BACKLOG_S, skip_queued_audio
+
+RATE_HZ = 48000
+FRAME_SAMPLES = 960  # 20 ms
+
+
+def audio(stream: str, index: int, pts_offset: int = 0) -> AudioFrame:
+    header = MediaHeader(stream, index, pts_offset + index * FRAME_SAMPLES, Fraction(1, RATE_HZ), 0)
+    return AudioFrame(header, RATE_HZ, 1, FRAME_SAMPLES, bytes(2 * FRAME_SAMPLES))
+
+
+def opus(stream: str, index: int) -> EncodedPacket:
+    header = MediaHeader(stream, index, index * FRAME_SAMPLES, Fraction(1, RATE_HZ), 0)
+    return EncodedPacket(header, Codec.OPUS, True, b"\x78\x00")
+
+
+def picture(stream: str, index: int) -> VideoFrame:
+    return VideoFrame(MediaHeader(stream, index, index * 3000, Fraction(1, 90000), 0), 16, 16,
+                      bytes(i420_size(16, 16)))
+
+
+def seqs(messages: list[Message], stream: str) -> list[int]:
+    return [m.header.seq for m in messages if getattr(m, "header", None) and m.header.stream_id == stream]  # type: ignore[union-attr]
+
+
+def test_a_backlog_of_audio_keeps_only_the_newest_stretch_of_each_stream() -> None:
+    # 1 s of alice (50 frames) queued behind a stall, 3 frames of bob, and video between them.
+    batch: list[Message] = [audio("alice", i) for i in range(50)]
+    batch[10:10] = [audio("bob", i) for i in range(3)]
+    batch.append(picture("cam", 1))
+    kept, dropped = skip_queued_audio(batch, MAX_AUDIO_BACKLOG_S)
+    newest = round(MAX_AUDIO_BACKLOG_S / 0.02)  # frames within the bound of alice's last one (its own included)
+    assert seqs(kept, "alice") == list(range(49 - newest, 50))
+    assert seqs(kept, "bob") == [0, 1, 2]  # 40 ms of bob is no backlog
+    assert seqs(kept, "cam") == [1]  # video is not this function's business
+    assert dropped == 50 - (newest + 1)
+
+
+def test_encoded_audio_is_judged_by_its_pts_like_raw_audio() -> None:
+    kept, dropped = skip_queued_audio([opus("room", i) for i in range(30)], MAX_AUDIO_BACKLOG_S)
+    assert seqs(kept, "room")[-1] == 29 and dropped == 30 - len(kept) > 0
+    assert 29 * 0.02 - kept[0].header.pts / RATE_HZ <= MAX_AUDIO_BACKLOG_S  # type: ignore[union-attr]
+
+
+def test_a_real_time_batch_loses_nothing() -> None:
+    batch: list[Message] = [audio("alice", 7), picture("cam", 2), audio("alice", 8), audio("bob", 3)]
+    assert skip_queued_audio(batch, MAX_AUDIO_BACKLOG_S) == (batch, 0)
+
+
+def test_a_producer_that_restarted_its_clock_is_not_taken_for_a_backlog() -> None:
+    # The stream's pts starts again from 0 mid-batch (its producer restarted): the old frames are ahead of the new
+    # reference, not behind it, and the new ones are few: nothing is dropped.
+    batch: list[Message] = [audio("alice", i, pts_offset=10 * RATE_HZ) for i in range(5)]
+    batch += [audio("alice", i) for i in range(3)]
+    assert skip_queued_audio(batch, MAX_AUDIO_BACKLOG_S) == (batch, 0)
