@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sipbridge.testing.lipsync import lipsync_report
 from sipbridge.testing.localcall import GENERATORS, CallOptions, LocalCall
-from stages.browser.procs import cpu_seconds, pss_kb, tree_usage
+from stages.browser.procs import chromium_roles, cpu_seconds, pss_kb, tree_usage
 from stages.pattern import PatternGenerator
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bridge.json"
@@ -129,6 +129,28 @@ def per_program(call: LocalCall) -> dict[str, tuple[float, int]]:
     return out
 
 
+def bot_chromium(call: LocalCall) -> dict[str, tuple[float, int, int]]:
+    """The bot's Chromium processes by role (browser, renderer, gpu-process, utilities, zygote)."""
+    info = (call.supervisor.states() if call.supervisor else {}).get("browser", {})
+    return chromium_roles(int(info["pid"])) if info.get("pid") else {}
+
+
+def chromium_split(before: dict[str, tuple[float, int, int]], after: dict[str, tuple[float, int, int]],
+                   elapsed: float) -> dict[str, Any]:
+    """Issue 12's question, one browser per call or a browser context per call in one shared browser: the page's
+    renderer is per call either way; the rest (browser process, GPU process, utilities, zygotes) is what sharing
+    would save each further call."""
+    roles = {role: {"cores": round((cpu - before.get(role, (0.0, 0, 0))[0]) / elapsed, 3),
+                    "pss_mb": round(pss / 1024, 1), "processes": count}
+             for role, (cpu, pss, count) in sorted(after.items())}
+    shared = [r for r in roles if r != "renderer"]
+    return {"roles": roles,
+            "shareable_cores": round(sum(roles[r]["cores"] for r in shared), 3),
+            "shareable_pss_mb": round(sum(roles[r]["pss_mb"] for r in shared), 1),
+            "per_call_cores": round(sum(r["cores"] for r in roles.values()), 3),
+            "per_call_pss_mb": round(sum(r["pss_mb"] for r in roles.values()), 1)}
+
+
 def generator_usage(call: LocalCall) -> tuple[float, int]:
     """(CPU seconds, PSS kB) of the simulated room's participants and viewer: not part of the bridge."""
     cpu, pss = 0.0, 0
@@ -167,6 +189,7 @@ def run(seconds: float, generators: str = "aiortc") -> dict[str, Any]:
             raise click.ClickException(f"no media through the bridge; see {call.run_dir}/logs")
         cpu0, _, _ = usage(call)
         programs0 = per_program(call)
+        chromium0 = bot_chromium(call)
         generators0, _ = generator_usage(call)
         window_start_ms = time.time() * 1000
         t0 = time.monotonic()
@@ -177,6 +200,7 @@ def run(seconds: float, generators: str = "aiortc") -> dict[str, Any]:
         cpu1, _, processes = usage(call)
         elapsed = time.monotonic() - t0
         programs1 = per_program(call)
+        chromium1 = bot_chromium(call)
         generators1, generators_pss = generator_usage(call)
         collector.poll(1.2)
         figures = collector.figures
@@ -224,6 +248,7 @@ def run(seconds: float, generators: str = "aiortc") -> dict[str, Any]:
             }
             for name, (cpu, pss) in sorted(programs1.items())
         },
+        "bot_chromium": chromium_split(chromium0, chromium1, elapsed),
         "room_frames_echoed": echoed,
         "generators": {"engine": generators, "cores": round((generators1 - generators0) / elapsed, 3),
                        "pss_mb": round(generators_pss / 1024, 1)},
@@ -273,6 +298,11 @@ def print_table(r: dict[str, Any]) -> None:
         )
     click.echo("per program: " + ", ".join(f"{n} {v['cores']:.2f} core/{v['pss_mb']:.0f} MB"
                                            for n, v in r["per_program"].items()))  # fmt: skip
+    c = r["bot_chromium"]
+    click.echo(f"bot Chromium {c['per_call_cores']:.2f} core/{c['per_call_pss_mb']:.0f} MB, of which a browser "
+               f"shared by calls (a context per call) would share {c['shareable_cores']:.2f} core/"
+               f"{c['shareable_pss_mb']:.0f} MB: "
+               + ", ".join(f"{n} {v['cores']:.2f}/{v['pss_mb']:.0f}" for n, v in c["roles"].items()))
     click.echo(f"audio/video offset added by the bridge stages (their p50 audio - p50 video): {r['av_offset_ms']}")
     print_lipsync(r["lipsync"])
     g = r["generators"]

@@ -98,3 +98,27 @@ def renderer_pids(root_pid: int) -> list[int]:
         if b"--type=renderer" in cmdline:
             found.append(pid)
     return found
+
+
+def chromium_role(pid: int) -> str:
+    """What a Chromium process does: "browser" (the main process), or its --type (renderer, gpu-process, zygote,
+    utility:NetworkService, ...), read from its command line."""
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").split()
+    except OSError:
+        return "gone"
+    kind = next((a.split("=", 1)[1] for a in args if a.startswith("--type=")), "browser")
+    if kind == "utility":
+        sub = next((a.split("=", 1)[1] for a in args if a.startswith("--utility-sub-type=")), "")
+        kind = f"utility:{sub.rsplit('.', 1)[-1]}" if sub else kind
+    return kind
+
+
+def chromium_roles(root_pid: int) -> dict[str, tuple[float, int, int]]:
+    """(CPU seconds, PSS kB, process count) of the Chromium processes below ``root_pid``, by role: what a call's
+    own browser costs apart from its page (the renderer), i.e. what calls sharing one browser would share."""
+    roles: dict[str, tuple[float, int, int]] = {}
+    for pid in chromium_pids(root_pid):
+        cpu, pss, count = roles.get(chromium_role(pid), (0.0, 0, 0))
+        roles[chromium_role(pid)] = (cpu + cpu_seconds(pid), pss + pss_kb(pid), count + 1)
+    return roles
