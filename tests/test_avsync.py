@@ -59,3 +59,13 @@ def test_a_new_call_forgets_the_last_one() -> None:
     hold.reset()
     assert hold.video_delay_s(1.0) is None
     assert hold.release_at(0.5, 0.0) == 0.5  # not held behind the last call's release times
+
+
+def test_a_capture_time_from_another_clock_neither_moves_the_video_delay_nor_holds_audio() -> None:
+    hold = AudioHold()
+    for i in range(10):
+        hold.video_sent(i * 0.06, 0.1)
+    hold.video_sent(0.7, 1.7e9)  # capture time 0: the age is the epoch
+    hold.video_sent(0.7, -0.5)  # a capture stamped ahead of this host's clock
+    assert hold.video_delay_s(0.7) == pytest.approx(0.1)
+    assert hold.release_at(0.8, 1.7e9) == 0.8  # an audio packet without a usable capture time goes at once

@@ -23,6 +23,9 @@ VIDEO_AGE_FRESH_S = 2.0
 MAX_AUDIO_HOLD_S = 0.25
 # Below this the hold is not worth a timer.
 MIN_AUDIO_HOLD_S = 0.002
+# An age outside 0..this is no delay through this bridge but a capture time from another clock (a producer that set
+# none, another host's): it neither moves the video's delay nor holds audio.
+MAX_SANE_AGE_S = 10.0
 
 
 class AudioHold:
@@ -37,7 +40,8 @@ class AudioHold:
 
     def video_sent(self, now_s: float, age_s: float) -> None:
         """A picture captured ``age_s`` ago leaves now."""
-        self._video.append((now_s, age_s))
+        if 0.0 <= age_s <= MAX_SANE_AGE_S:
+            self._video.append((now_s, age_s))
 
     def video_delay_s(self, now_s: float) -> float | None:
         """The video's current delay from capture to leaving, or None while no picture left recently."""
@@ -47,7 +51,7 @@ class AudioHold:
     def release_at(self, now_s: float, age_s: float) -> float:
         """The time an audio packet captured ``age_s`` ago should leave (>= now_s, never before an earlier one)."""
         video = self.video_delay_s(now_s)
-        hold = 0.0 if video is None else video - age_s
+        hold = 0.0 if video is None or not 0.0 <= age_s <= MAX_SANE_AGE_S else video - age_s
         if hold > self.max_hold_s:
             self.capped += 1
             hold = self.max_hold_s
