@@ -338,6 +338,7 @@ class Stage:
         self._out_monitor: zmq.asyncio.Socket | None = None
         self._consumers = 0
         self._last_batch = 0
+        self._audio_send_stalled = False  # the last audio send found no room within AUDIO_SEND_WAIT_MS
         self._loop: asyncio.AbstractEventLoop | None = None
         self._consumers_changed = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -452,10 +453,19 @@ class Stage:
                     if not await self.run_codec(self.on_keyframe_request, request):
                         await self.request_keyframe_upstream(stream_id, request.reason)
                 return False
-        elif not await self._send_waiting(parts, copy, AUDIO_SEND_WAIT_MS):
-            # Audio may wait briefly for room, but a consumer that is gone must not stall the stage.
-            self.drops["send_timeout"] += 1
-            return False
+        else:
+            # Audio may wait briefly for room, but a consumer that is gone or stalled must not stall this stage: once
+            # a wait ran out, further audio is dropped at once until a send goes through again. Waiting 200 ms per
+            # message would slow this stage to 5 messages a second, and its own producers would queue up behind it
+            # (a stalled decoder made the browser stage's page socket hold seconds of media). Events still wait.
+            audio = isinstance(msg, (AudioFrame, EncodedPacket))
+            wait_ms = 0 if audio and self._audio_send_stalled else AUDIO_SEND_WAIT_MS
+            if not await self._send_waiting(parts, copy, wait_ms):
+                self._audio_send_stalled = self._audio_send_stalled or audio
+                self.drops["send_timeout"] += 1
+                return False
+            if audio:
+                self._audio_send_stalled = False
         if isinstance(msg, (VideoFrame, AudioFrame, EncodedPacket)):
             figures = self.streams[msg.header.stream_id]
             figures.frames_out += 1

@@ -1,11 +1,14 @@
-"""A stage that fell behind drops queued audio instead of carrying the backlog as latency (stages.base)."""
+"""A stage that fell behind drops queued audio instead of carrying the backlog as latency, and a stalled consumer
+does not stall its producer (stages.base)."""
 
 from __future__ import annotations
 
+import asyncio
 from fractions import Fraction
+from typing import Any
 
-from protocol import AudioFrame, Codec, EncodedPacket, MediaHeader, Message, VideoFrame, i420_size
-from stages.base import MAX_AUDIO_BACKLOG_S, skip_queued_audio
+from protocol import AudioFrame, Codec, EncodedPacket, Event, EventType, MediaHeader, Message, VideoFrame, i420_size
+from stages.base import AUDIO_SEND_WAIT_MS, MAX_AUDIO_BACKLOG_S, Stage, StageOptions, skip_queued_audio
 
 RATE_HZ = 48000
 FRAME_SAMPLES = 960  # 20 ms
@@ -60,3 +63,61 @@ def test_a_producer_that_restarted_its_clock_is_not_taken_for_a_backlog() -> Non
     batch: list[Message] = [audio("alice", i, pts_offset=10 * RATE_HZ) for i in range(5)]
     batch += [audio("alice", i) for i in range(3)]
     assert skip_queued_audio(batch, MAX_AUDIO_BACKLOG_S) == (batch, 0)
+
+
+class _FullConsumer:
+    """Stands in for a stage's output socket whose consumer takes nothing until told to."""
+
+    def __init__(self) -> None:
+        self.room = False
+        self.waits_ms: list[int] = []
+
+
+def _stage_sending_to(consumer: _FullConsumer) -> Stage:
+    stage = Stage(StageOptions(name="producer", output="ipc:///nowhere"))
+
+    async def send_waiting(parts: list[Any], copy: bool, timeout_ms: int) -> bool:
+        consumer.waits_ms.append(timeout_ms)
+        return consumer.room
+
+    stage._out = object()  # type: ignore[assignment]  # _send_waiting is the only use, replaced below
+    stage._send_waiting = send_waiting  # type: ignore[method-assign]
+    return stage
+
+
+def test_a_stalled_consumer_costs_one_audio_wait_not_one_per_message() -> None:
+    consumer = _FullConsumer()
+    stage = _stage_sending_to(consumer)
+
+    async def scenario() -> list[bool]:
+        sent = [await stage.emit(audio("alice", i)) for i in range(5)]
+        consumer.room = True
+        sent += [await stage.emit(audio("alice", 5))]
+        consumer.room = False
+        sent += [await stage.emit(audio("alice", 6)), await stage.emit(audio("alice", 7))]
+        return sent
+
+    sent = asyncio.run(scenario())
+    try:
+        assert sent == [False] * 5 + [True] + [False, False]
+        # The first message waits the full grace; while the consumer stays full the rest go at once; after a send
+        # went through, the next blockage gets the grace again.
+        assert consumer.waits_ms == [AUDIO_SEND_WAIT_MS, 0, 0, 0, 0, 0, AUDIO_SEND_WAIT_MS, 0]
+        assert stage.drops["send_timeout"] == 7
+    finally:
+        stage._ctx.term()
+
+
+def test_events_still_wait_for_room_while_audio_is_dropped_at_once() -> None:
+    consumer = _FullConsumer()
+    stage = _stage_sending_to(consumer)
+
+    async def scenario() -> None:
+        await stage.emit(audio("alice", 0))
+        await stage.emit(Event(EventType.TRACK_ADDED, "bob/audio", {}))
+
+    asyncio.run(scenario())
+    try:
+        assert consumer.waits_ms == [AUDIO_SEND_WAIT_MS, AUDIO_SEND_WAIT_MS]
+    finally:
+        stage._ctx.term()
