@@ -76,8 +76,9 @@ ERROR_LOG_INTERVAL_S = 1.0
 AUDIO_SEND_WAIT_MS = 200
 # Real-time audio found queued behind more than this much newer audio of the same stream (in one receive batch) is
 # dropped (counted as stale_audio): a stage that stalled or fell behind catches up instead of carrying the backlog
-# as latency for the rest of the call. A message-count bound (the HWM) cannot do this: the kernel's socket buffers
-# between two stages hold seconds of small audio messages beyond it, while a raw picture fills them at once.
+# as latency for the rest of the call. The HWM alone bounds messages, not time: an edge whose producer has a
+# backlog (the encoded edge from the browser holds 64 + 64 messages) stays full, and what the consumer reads is as
+# old as that queue is long, for as long as the producer's backlog lasts.
 MAX_AUDIO_BACKLOG_S = 0.2
 # Per-stream statistics are bounded: stream ids come from untrusted input (a room, a SIP peer, a forged packet).
 # A bridge has at most 16 tiles of audio + video, so this leaves room; a stream id over the bound is a counted drop.
