@@ -162,7 +162,6 @@ class VideoPolicy(enum.StrEnum):
     ALL = "all"  # offline and benchmarks: block the producer, lose nothing
 
 
-
 def _audio_time_s(msg: Message) -> tuple[str, float] | None:
     """(stream id, media time in seconds) of a real-time audio message; None for anything else."""
     if isinstance(msg, AudioFrame) or (isinstance(msg, EncodedPacket) and not msg.codec.is_video):
@@ -178,6 +177,8 @@ def skip_queued_audio(messages: list[Message], max_backlog_s: float) -> tuple[li
     its own delay, whatever the room or the machine added before. The newest message of a stream is the reference;
     a message whose pts is ahead of it (a producer that restarted its clock) is kept. Returns (kept, dropped).
     """
+    if len(messages) < 2:
+        return messages, 0  # the common real-time case, once per receive: nothing can be queued behind anything
     newest: dict[str, float] = {}
     for msg in messages:
         timed = _audio_time_s(msg)

@@ -119,6 +119,7 @@ def chromium_roles(root_pid: int) -> dict[str, tuple[float, int, int]]:
     own browser costs apart from its page (the renderer), i.e. what calls sharing one browser would share."""
     roles: dict[str, tuple[float, int, int]] = {}
     for pid in chromium_pids(root_pid):
-        cpu, pss, count = roles.get(chromium_role(pid), (0.0, 0, 0))
-        roles[chromium_role(pid)] = (cpu + cpu_seconds(pid), pss + pss_kb(pid), count + 1)
+        role = chromium_role(pid)
+        cpu, pss, count = roles.get(role, (0.0, 0, 0))
+        roles[role] = (cpu + cpu_seconds(pid), pss + pss_kb(pid), count + 1)
     return roles
