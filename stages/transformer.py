@@ -39,6 +39,11 @@ from stages.bitmapfont import GLYPH_H, draw_text, fit_text, text_width
 from stages.options import build_options, run, stage_options
 from stages.pattern import i420_planes
 
+# A composite's capture time is that of its newest tile not older than this: the picture that just changed. A
+# viewer sees each person move when their new picture first shows, so that is the delay lip sync and the latency
+# figures are about; the other tiles repeat a picture for their camera's frame interval, which is the sender's
+# rate, not the bridge's delay. (Taking the oldest tile made the janus stage hold audio by that interval too: at
+# 5-10 fps under load, audio left 100-200 ms late.) A tile not refreshed for this long is frozen, not counted.
 STALE_STREAM_S = 1.0
 # Compose: frame intervals are smoothed with this weight for the newest; the leading stream changes only
 # to one whose frames come at least this much closer together.
@@ -410,7 +415,7 @@ class Compose(Identity):
         canvas = make_i420(width, height)
         cy, cu, cv = i420_planes(canvas, width, height)
         now = self.clock()
-        oldest_capture = leader.header.capture_time_ns
+        newest_capture = leader.header.capture_time_ns
         for index, sid in enumerate(shown[: cols * rows]):
             slot = self.slots.get(sid)
             # A stalled stream (a decoder waiting for a keyframe, a starved process) keeps its last picture: the
@@ -425,11 +430,11 @@ class Compose(Identity):
             cy[y : y + tile_h, x : x + tile_w] = ty
             cu[y // 2 : (y + tile_h) // 2, x // 2 : (x + tile_w) // 2] = tu
             cv[y // 2 : (y + tile_h) // 2, x // 2 : (x + tile_w) // 2] = tv
-            if now - slot.last_seen < STALE_STREAM_S:  # a frozen picture would make the latency figures a stall's
-                oldest_capture = min(oldest_capture, frame.header.capture_time_ns)
+            if now - slot.last_seen < STALE_STREAM_S:
+                newest_capture = max(newest_capture, frame.header.capture_time_ns)
         h = leader.header
         self.seq += 1
-        header = MediaHeader(self.output_id, self.seq, h.pts, h.time_base, oldest_capture)
+        header = MediaHeader(self.output_id, self.seq, h.pts, h.time_base, newest_capture)
         return VideoFrame(header, width, height, canvas)
 
     def flush(self, stream_id: str) -> Iterable[Message]:
@@ -676,8 +681,8 @@ class RoomGrid(Compose):
 
     Composites are emitted on the leading camera's frames (see Compose). With nobody in the grid, ``tick`` sends
     a slate at ``fps``; when every camera stalls, the last grid is repeated every GRID_REPEAT_AFTER_S, so the SIP
-    side never goes without video. Output pts are the grid's own clock in
-    1/90000 (continuous whoever leads), and a composite's capture time is that of its oldest live tile.
+    side never goes without video. Output pts are the grid's own clock in 1/90000 (continuous whoever leads), and
+    a composite's capture time is that of its newest live tile (see STALE_STREAM_S).
     """
 
     def __init__(
@@ -824,7 +829,7 @@ class RoomGrid(Compose):
                 draw_label(planes, *label)
             if now - slot.last_seen < STALE_STREAM_S:
                 captures.append(frame.header.capture_time_ns)
-        return self._output(stamp, canvas, min(captures) if captures else time.time_ns())
+        return self._output(stamp, canvas, max(captures) if captures else time.time_ns())
 
     def _output(self, stamp: float, canvas: np.ndarray, capture_ns: int) -> VideoFrame:
         pts = self.pacer.pts(stamp)

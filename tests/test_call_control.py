@@ -504,6 +504,8 @@ def _replay(events: list[dict[str, object]], call: cc.CallView | None) -> tuple[
                 states.append(action.state)
             elif isinstance(action, cc.MarkAccepted) and call is not None:
                 call = replace(call, accepted=True)
+            elif isinstance(action, cc.MarkMediaUp) and call is not None:
+                call = replace(call, media_up=True)
             elif isinstance(action, cc.SetSipCallId) and call is not None:
                 call = replace(call, sip_call_id=action.value)
             elif isinstance(action, cc.Accept):
@@ -538,6 +540,19 @@ def test_recorded_inbound_softphone_call() -> None:
     chosen = sdp.restrict_offer(offer, {"audio": ["PCMU"], "video": ["H264"]})
     assert {k: c.payload_type for k, c in chosen.items()} == {"audio": 0, "video": 96}
     assert [m.formats for m in offer.media] == [["0", "101"], ["96"]]
+
+
+def test_inbound_media_up_before_the_accept_is_reported_ends_media_up() -> None:
+    """Both race after our 200 OK: on a loaded machine Janus pushed webrtcup before its "accepted" event, and the
+    call stayed "accepted" for good with its media flowing (a node's status then never showed it up)."""
+    events = _recorded()["inbound_softphone_two_h264_variants"]
+    accepted = next(i for i, e in enumerate(events) if cc.plugin_data(e).get("result", {}).get("event") == "accepted")
+    up = next(i for i, e in enumerate(events) if e.get("janus") == "webrtcup")
+    assert accepted < up  # as recorded
+    swapped = list(events)
+    swapped[accepted], swapped[up] = swapped[up], swapped[accepted]
+    states, _ = _replay(swapped, None)
+    assert states == ["incoming", "media_up", "accepted", "media_up", "ended 200 Session Terminated"], states
 
 
 # ----- an outbound call waits for the bot to be in the room -----------------------------------------------------

@@ -102,8 +102,17 @@ def test_thirty_calls_submitted_with_repeated_keys_start_exactly_once_each(tmp_p
         assert again["call"] in ids["key-7"] and again["created"] is False
 
         call_ids = {next(iter(v)) for v in ids.values()}
-        cf.wait_until(lambda: all(calls_by_id(c).get(cid, {}).get("state") == "ended" for cid in call_ids), 180,
-                      "all 30 calls to end")
+        # Each look is a `sipbridge cluster status` process: once a second, so the looking does not starve the
+        # nodes of a loaded machine's CPU.
+        try:
+            cf.wait_until(lambda: all(calls_by_id(c).get(cid, {}).get("state") == "ended" for cid in call_ids), 180,
+                          "all 30 calls to end", poll_s=1.0)
+        except TimeoutError:
+            calls = calls_by_id(c)
+            states = Counter(calls.get(cid, {}).get("state", "missing") for cid in call_ids)
+            stuck = {cid: calls.get(cid) for cid in call_ids if calls.get(cid, {}).get("state") != "ended"}
+            raise AssertionError(f"calls not ended: {dict(states)}; {str(stuck)[:1500]}; "
+                                 f"n1 log: {c.log('n1')[-1500:]}") from None
         counts = invites_per_call(far_log)
         assert set(counts) == call_ids and set(counts.values()) == {1}, counts
         calls = calls_by_id(c)

@@ -118,6 +118,28 @@ def speaker_run(turns: list[tuple[str, float]], step_s: float = 0.02) -> list[tu
     return shown
 
 
+def test_a_composite_is_as_old_as_its_newest_picture() -> None:
+    """A composite carries the capture time of the picture that just changed, not of a slower camera's repeated
+    tile: a 5 fps camera's tile is up to 200 ms old by its frame rate alone, and the janus stage would hold the
+    call's audio that much longer to match (issue 9's late lip sync under load)."""
+    size = 32
+    clock = DrivenClock()
+    compose = Compose(2, 1, 2 * size, size, ["fast", "slow"], False, "grid", clock)
+    patterns = {name: PatternGenerator(size, size, seed) for seed, name in enumerate(("fast", "slow"))}
+    ages_ms = []
+    for tick in range(60):  # 30 fps and 5 fps for 2 s; each picture captured 40 ms before it arrives
+        now_ns = 10**12 + tick * 33_333_333
+        for name, every in (("slow", 6), ("fast", 1)):
+            if tick % every == 0:
+                frame = video(name, patterns[name], tick)
+                header = MediaHeader(name, tick, tick * 3000, VIDEO_TB, now_ns - 40_000_000)
+                for out in videos(list(compose.process(VideoFrame(header, size, size, frame.data)))):
+                    ages_ms.append((now_ns - out.header.capture_time_ns) / 1e6)
+        clock.advance(1 / 30)
+    assert len(ages_ms) >= 50
+    assert max(ages_ms) == pytest.approx(40.0), ages_ms
+
+
 def test_active_speaker_follows_the_loudest_participant_after_the_hold() -> None:
     """alice talks 2 s, then bob 2 s: alice's picture until bob has been clearly louder for the hold time
     (SPEAKER_HOLD_S after his level, smoothed, beats hers by the margin), then bob's; one switch, no flapping,

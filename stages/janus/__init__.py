@@ -879,7 +879,7 @@ class JanusStage(Stage):
                     call = None
         view = None if call is None else CallView(call.info.call_id, call.info.direction, call.info.state,
                                                   call.info.accepted_ns is not None, call.hangup_reason,
-                                                  call.info.sip_call_id)
+                                                  call.info.sip_call_id, call.info.media_up_ns is not None)
         for action in on_janus_event(event, view, self._rules):
             await self._run_action(action, call, sender if isinstance(sender, int) else None)
 

@@ -331,6 +331,7 @@ class CallView:
     accepted: bool
     hangup_reason: str | None = None  # we hung up for a reason of our own (media timeout): why it ended
     sip_call_id: str = ""
+    media_up: bool = False  # Janus said webrtcup for this call
 
 
 @dataclass(frozen=True)
@@ -519,6 +520,10 @@ def on_janus_event(event: dict[str, Any], call: CallView | None, rules: InboundR
         if jsep is not None and call.direction == "outbound":
             out.append(SetAnswer(jsep))
         out += [MarkAccepted(), Publish(CallState.ACCEPTED), RequestKeyframe("call accepted")]
+        if call.media_up:
+            # An inbound call's media can come up before Janus reports our accept done (both race after the 200
+            # OK; seen on a loaded machine): the call must not stay "accepted" with its media flowing.
+            out.append(Publish(CallState.MEDIA_UP))
     elif name == "updatingcall":
         out.append(Note("the peer re-offered"))
         if jsep is not None:
