@@ -164,6 +164,8 @@ class StreamRecord:
     codecs: set[str] = field(default_factory=set)
     keyframes: int = 0
     packets: int = 0
+    # Encoded packets: (arrival, capture) wall clock ns, what a latency check needs.
+    timing: list[tuple[int, int]] = field(default_factory=list)
 
 
 class Collector:
@@ -215,6 +217,7 @@ class Collector:
         record = self.streams[sid]
         record.codecs.add(msg.codec.name)
         record.packets += 1
+        record.timing.append((time.time_ns(), msg.header.capture_time_ns))
         record.keyframes += int(msg.keyframe)
         # Like a real decoder stage: after a lost packet (seq gap) wait for a keyframe instead of decoding garbage.
         last = self._last_seq.get(sid)

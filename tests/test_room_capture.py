@@ -158,3 +158,43 @@ def test_decoded_video_recovers_after_frames_are_lost(room: Room, tmp_path: Path
         browser_stats.close()
         decoder_stats.close()
         collector.close()
+
+
+PAGE_STALL_S = 3.0  # the browser stage stopped this long while its page goes on sending
+STALE_AGE_S = 1.0  # a packet older than this on arrival waited through the stall
+
+
+MAX_LAG_MS = int(os.environ.get("SIPBRIDGE_TEST_MAX_PAGE_LAG_MS", "500"))  # 0 shows the test failing without it
+
+
+def test_a_stalled_browser_stage_finds_only_its_lag_bound_of_old_media(room: Room, tmp_path: Path) -> None:
+    """Issue 15: while the browser stage cannot read, the page stops sending once what it sent max_lag_ms ago is
+    unread. The stage then finds about that much old media in the socket, not the whole stall's: minutes of it
+    under a long starvation, when only bytes were bounded (the kernel's buffers hold megabytes)."""
+    room.participants(ROOM_ID + 4, [("alice", 440.0)])
+    out = f"ipc://{tmp_path}/bot.sock"
+    collector = Collector(out)
+    browser_stats = StatsWatcher(f"ipc://{room.run_dir}/browser.stats")
+    try:
+        bot = room.bot(ROOM_ID + 4, out, mode="encoded", extra=("--max-page-lag-ms", str(MAX_LAG_MS)))
+        wait_until(lambda: len(collector.streams["alice/video"].timing) >= MIN_FRAMES, MEDIA_TIMEOUT_S,
+                   "alice's video")
+        os.kill(bot.pid, signal.SIGSTOP)
+        time.sleep(PAGE_STALL_S)
+        resumed_ns = time.time_ns()
+        os.kill(bot.pid, signal.SIGCONT)
+        # Fresh media again: a packet captured after the stall arrived less than a second after capture.
+        wait_until(lambda: any(c > resumed_ns and a - c < STALE_AGE_S * 1e9
+                               for s in ("alice/video", "alice/audio") for a, c in collector.streams[s].timing),
+                   MEDIA_TIMEOUT_S, "fresh media after the stall")
+        stale = [c for s in ("alice/video", "alice/audio") for a, c in collector.streams[s].timing
+                 if a - c > STALE_AGE_S * 1e9]
+        stale_span_s = (max(stale) - min(stale)) / 1e9 if stale else 0.0
+        print(f"media that waited through the stall: {stale_span_s:.2f} s of it")
+        # The bound plus what one acknowledgement interval and the page's own scheduling let through.
+        assert stale_span_s < MAX_LAG_MS / 1000 + 0.5, f"{stale_span_s:.2f} s of media waited through the stall"
+        browser = browser_stats.latest_stats(lambda f: f["drops"].get("page_lag", 0) >= 1)
+        assert browser["drops"]["page_lag"] >= 1
+    finally:
+        browser_stats.close()
+        collector.close()

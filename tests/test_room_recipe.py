@@ -201,3 +201,17 @@ def test_joined_check_holds_no_handles() -> None:
     answers, held = asyncio.run(handles_after(50))
     assert answers == [True] * 50 + [False]
     assert held < 5, f"{held} element handles held after 50 joined checks"
+
+
+def test_the_page_lag_bound_reaches_the_page_and_the_relay_applies_it() -> None:
+    """The command line's default is the stage's, and the bound travels in the page's config to the relay."""
+    from stages.browser import command
+    from stages.browser.stage import DEFAULT_MAX_PAGE_LAG_MS, JS_DIR, init_script
+
+    (option,) = [p for p in command.params if p.name == "max_page_lag_ms"]
+    assert option.default == DEFAULT_MAX_PAGE_LAG_MS
+    script = init_script("ws://127.0.0.1:1/x", load_recipe("local-room", {"room_url": "http://127.0.0.1:1/"}),
+                         max_page_lag_ms=123)
+    assert '"maxLagMs": 123' in script
+    relay = (JS_DIR / "relay_worker.js").read_text()
+    assert "cfg.maxLagMs" in relay and "drops.lag" in relay

@@ -56,6 +56,10 @@ def _parse_route(text: str) -> Any:
               help="Cameras the bot offers (one per injected video stream).")
 @click.option("--max-backlog-mb", type=float, default=2.0, show_default=True,
               help="Unsent page->stage data above which the page drops video (counted).")
+# 500 is stage.DEFAULT_MAX_PAGE_LAG_MS, not imported: the command line must not load Playwright to show its help.
+@click.option("--max-page-lag-ms", type=click.IntRange(min=0), default=500, show_default=True,
+              help="The page drops media (counted as page_lag) while this stage has not read what it sent this "
+              "long ago: bounds the time media waits between them. 0: no bound.")
 @click.option("--max-restarts", type=int, default=5, show_default=True,
               help="Rejoins allowed within --restart-window before exiting non-zero (supervisord restarts).")
 @click.option("--restart-window", type=float, default=300.0, show_default=True)
@@ -94,6 +98,7 @@ def command(ctx: click.Context, **params: Any) -> None:
         mode=CaptureMode(params["mode"]),
         ws_port=params["ws_port"],
         max_backlog_bytes=int(params["max_backlog_mb"] * 1024 * 1024),
+        max_page_lag_ms=params["max_page_lag_ms"],
         video_tracks=params["video_tracks"],
         max_restarts=params["max_restarts"],
         restart_window_s=params["restart_window"],

@@ -50,6 +50,11 @@ JS_DIR = Path(__file__).resolve().parent / "js"
 WS_PATH = "/sipbridge"
 MAX_WS_MESSAGE_BYTES = 64 * 1024 * 1024
 DEFAULT_MAX_BACKLOG_BYTES = 2 * 1024 * 1024
+# The page stops sending media this stage has not read within this long (relay_worker.js): what waits in the
+# socket's buffers between them is bounded in time, not only in bytes (a starved stage once held minutes there).
+DEFAULT_MAX_PAGE_LAG_MS = 500
+# How often the stage tells each page socket how many media messages it has read (only when that changed).
+RX_ACK_INTERVAL_S = 0.05
 IDENTIFY_TIMEOUT_S = 3.0
 PAGE_STATS_INTERVAL_MS = 1000
 WATCHDOG_INTERVAL_S = 1.0
@@ -108,6 +113,7 @@ class BrowserConfig:
     ws_host: str = "127.0.0.1"
     ws_port: int = 0
     max_backlog_bytes: int = DEFAULT_MAX_BACKLOG_BYTES
+    max_page_lag_ms: int = DEFAULT_MAX_PAGE_LAG_MS  # 0: no time bound
     identify_timeout_s: float = IDENTIFY_TIMEOUT_S
     video_tracks: int = 1
     max_restarts: int = DEFAULT_MAX_RESTARTS
@@ -148,6 +154,8 @@ class PageConnection:
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     # Injected video seq -> when the frame came off ZeroMQ (ns); the page acknowledges each written frame.
     in_flight: dict[int, int] = field(default_factory=dict)
+    rx: int = 0  # media messages read from this socket
+    rx_acked: int = 0  # the count last told to the page
 
 
 def parse_page_message(data: bytes) -> tuple[dict[str, Any], memoryview]:
@@ -209,12 +217,13 @@ def stream_name(participant: str) -> str:
 
 def init_script(ws_url: str, recipe: Recipe, *, mode: CaptureMode = CaptureMode.RAW,
                 max_backlog_bytes: int = DEFAULT_MAX_BACKLOG_BYTES, identify_timeout_s: float = IDENTIFY_TIMEOUT_S,
-                video_tracks: int = 1) -> str:
+                video_tracks: int = 1, max_page_lag_ms: int = DEFAULT_MAX_PAGE_LAG_MS) -> str:
     """The page hook (js/hook.js and its workers) as one init script, talking to the socket at ``ws_url``."""
     cfg = {
         "wsUrl": ws_url,
         "mode": mode.value,
         "maxBacklogBytes": max_backlog_bytes,
+        "maxLagMs": max_page_lag_ms,
         "identifyTimeoutMs": int(identify_timeout_s * 1000),
         "participantAttribute": recipe.participant_attribute,
         "participantScript": recipe.participant_script,
@@ -326,10 +335,12 @@ class BrowserStage(Stage):
         conn = PageConnection(ws)
         self._connections.add(conn)
         sender = asyncio.create_task(self._sender(conn))
+        acks = asyncio.create_task(self._rx_acks(conn))
         try:
             async for msg in ws:
                 if msg.type == WSMsgType.BINARY:
                     await self._on_page_media(msg.data)
+                    conn.rx += 1
                 elif msg.type == WSMsgType.TEXT:
                     try:
                         body = json.loads(msg.data)
@@ -340,8 +351,21 @@ class BrowserStage(Stage):
                         await self._on_page_control(conn, body)
         finally:
             sender.cancel()
+            acks.cancel()
             self._connections.discard(conn)
         return ws
+
+    async def _rx_acks(self, conn: PageConnection) -> None:
+        """Tell the page how much media this stage has read, so it can bound what waits unread (relay_worker.js).
+
+        Written straight to the socket: an uncompressed frame goes into the transport whole, between the sender's
+        frames, and waits behind nothing of this stage's own queue."""
+        while not conn.ws.closed:
+            await asyncio.sleep(RX_ACK_INTERVAL_S)
+            if conn.rx != conn.rx_acked:
+                conn.rx_acked = conn.rx
+                with contextlib.suppress(ConnectionError, RuntimeError):
+                    await conn.ws.send_str(f'{{"t":"rx","n":{conn.rx}}}')
 
     async def _sender(self, conn: PageConnection) -> None:
         while True:
@@ -587,6 +611,7 @@ class BrowserStage(Stage):
     def _init_script(self) -> str:
         return init_script(self._ws_url, self.recipe, mode=self.config.mode,
                            max_backlog_bytes=self.config.max_backlog_bytes,
+                           max_page_lag_ms=self.config.max_page_lag_ms,
                            identify_timeout_s=self.config.identify_timeout_s, video_tracks=self.config.video_tracks)
 
     async def _set_state(self, state: str, **attributes: Any) -> None:

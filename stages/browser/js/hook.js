@@ -1,7 +1,7 @@
 // sipbridge page hook: injected with one Playwright add_init_script before any page script runs.
 // The Python side prepends two constants:
-//   SB_CONFIG         {wsUrl, mode: "raw"|"encoded", maxBacklogBytes, identifyTimeoutMs, participantAttribute,
-//                      participantScript, videoTracks, statsIntervalMs}
+//   SB_CONFIG         {wsUrl, mode: "raw"|"encoded", maxBacklogBytes, maxLagMs, identifyTimeoutMs,
+//                      participantAttribute, participantScript, videoTracks, statsIntervalMs}
 //   SB_WORKER_SOURCE  the text of capture_worker.js (a Blob worker: raw capture and RTCRtpScriptTransform)
 //   SB_RELAY_SOURCE   the text of relay_worker.js (a Blob SharedWorker holding the WebSockets to Python)
 // It works with WebRTC apps that know nothing of it:
@@ -50,8 +50,8 @@
   // The sockets live in a SharedWorker (relay_worker.js) where Playwright does not mirror their frames.
   let relay = null;
   function relayConfig(extra) {
-    return { t: "attach", wsUrl: cfg.wsUrl, maxBacklogBytes: cfg.maxBacklogBytes, statsIntervalMs: cfg.statsIntervalMs,
-      ...extra };
+    return { t: "attach", wsUrl: cfg.wsUrl, maxBacklogBytes: cfg.maxBacklogBytes, maxLagMs: cfg.maxLagMs,
+      statsIntervalMs: cfg.statsIntervalMs, ...extra };
   }
 
   function connect() {
