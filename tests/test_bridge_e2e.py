@@ -165,12 +165,14 @@ def test_room_vp8_vp9_opus_to_h264_pcmu_sip_peer_and_back(room_codec: str, tmp_p
         # bob sees the bot's first camera (alice's half of the echoed composite) and its second (bob's half).
         wait_for_media(call, "bob", [track_source(1), track_source(2)], "the echoed video reaching the room")
         forwarded, figures = control_forwarded(call)
+        # Read while the call is up: a report whose half second straddles the hang-up estimates a tone from a
+        # partial window (ci15: 85 Hz after seconds of 660).
+        tones = [r["tone_hz"] for r in received(call, "bob", BOT_NAME) if r.get("tone_hz")]
         call.stop_bridge()  # hang up, so the capture holds the whole call
         # Stopping the bridge hung up: the SIP peer got a BYE, answered it and finished its scenario.
         assert call.procs["sipp"].wait(SIPP_EXIT_TIMEOUT_S) == 0, call.stage_log("janus", 10)
         assert_dialled_once_the_bot_was_in(call)
         room = {t: counters(call, "bob", track_source(t)) for t in (1, 2)}
-        tones = [r["tone_hz"] for r in received(call, "bob", BOT_NAME) if r.get("tone_hz")]
     # The SIP wire, from the capture: only what the legacy endpoint takes was offered and sent.
     sdp = sdp_codecs(call.pcap)
     assert set(sdp["answer"]) == {"H264/90000", "PCMU/8000"}, sdp
@@ -198,7 +200,7 @@ def test_room_vp8_vp9_opus_to_h264_pcmu_sip_peer_and_back(room_codec: str, tmp_p
     # And back into the room: each of the bot's two cameras shows its half, counters in order; the audio arrives.
     for track in (1, 2):
         assert ascending(room[track]), room[track]
-    assert tones and 400.0 <= tones[-1] <= 700.0, tones  # the mix of 440 and 660 Hz, echoed
+    assert len(tones) >= 4 and 400.0 <= statistics.median(tones[-4:]) <= 700.0, tones  # the 440 + 660 Hz mix, echoed
     # Events end at the legs' ends: none keeps circling the ring browser -> ... -> janus -> ... -> browser.
     assert all(growth <= EVENTS_IN_STEADY_STATE for growth in forwarded.values()), forwarded
 
