@@ -35,6 +35,8 @@ def label_of(comm: str, argv: list[str]) -> str:
     """A stable name for a process, grouping instances of one program: `stage:encoder`, `chromium`, `janus`."""
     if comm.startswith("chrom"):
         return "chromium"
+    if "-m" in argv and argv.index("-m") + 1 < len(argv) and argv[argv.index("-m") + 1].startswith("sipbridge."):
+        return argv[argv.index("-m") + 1].removeprefix("sipbridge.")  # sipbridge.supervisord: `supervisord`
     if "-m" in argv and "sipbridge" in argv:
         rest = argv[argv.index("sipbridge") + 1 :] if argv[argv.index("-m") + 1] == "sipbridge" else []
         if rest[:1] == ["stage"] and len(rest) > 1:

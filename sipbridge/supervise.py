@@ -44,6 +44,7 @@ from pathlib import Path
 from socket import AF_UNIX, SOCK_STREAM, socket
 from typing import Any
 
+from sipbridge import supervisord
 from sipbridge.lifetime import die_with_parent
 from stages.base import LIVE_ENV, ipc_owner_alive, make_run_dir
 
@@ -506,15 +507,12 @@ class Supervisor:
 
     def start(self) -> None:
         ensure_run_dir_free(self.run_dir)
-        # The interpreter's own supervisord first: a different one on PATH may belong to another install.
-        own = Path(sys.executable).with_name("supervisord")
-        supervisord = str(own) if own.exists() else shutil.which("supervisord") or "supervisord"
         env = {**supervisor_environment(os.environ, self.secret_names), "SIPBRIDGE_RUN_DIR": str(self.run_dir)}
         if self.secrets:
             self.broker = SecretBroker(self.run_dir, self.secrets, lambda name: _program_pid(self.run_dir, name))
             self.broker.start()
         self.proc = subprocess.Popen(
-            die_with_parent([supervisord, "-n", "-c", str(self.config_path)]),
+            die_with_parent(supervisord.command(self.config_path)),
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )  # fmt: skip
         deadline = time.monotonic() + SUPERVISOR_START_TIMEOUT_S

@@ -36,6 +36,7 @@ def test_summary_is_min_max_median_of_figures_present_in_every_run() -> None:
         ("python", [sys.executable, "-m", "sipbridge", "stage", "encoder", "--name", "sip-encoder"], "stage:encoder"),
         ("python", [sys.executable, "-m", "sipbridge", "room", "participant", "--room", "1"],
          "sipbridge room participant"),
+        ("python", [sys.executable, "-m", "sipbridge.supervisord", "-n", "-c", "/tmp/x.conf"], "supervisord"),
         ("chromium", ["/usr/lib/chromium/chromium", "--type=renderer"], "chromium"),
         ("janus", ["janus", "-F", "/tmp/x"], "janus"),
         ("python3", ["python3", "/work/bench/bench_bridge.py"], "python bench_bridge.py"),

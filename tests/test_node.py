@@ -464,6 +464,10 @@ async def _three_calls(run_root: Path) -> None:
         d = (await resp.json())["id"]
         await until(lambda: all_flowing(5, [d]), CALL_START_TIMEOUT_S, "media in the new call")
 
+        async def d_source_reported() -> bool:  # the sink's figures can come before the source's first report
+            return (await get_call(client, d))["stages"]["source"]["frames_out"] > 0
+        await until(d_source_reported, 30, "the new call's source to report its figures")
+
         # /metrics agrees with the calls: counts exactly, frame counters between two readings of each call.
         views_before = {i: await get_call(client, i) for i in (b, c, d)}
         text = await (await client.get("/metrics", headers=AUTH)).text()

@@ -32,6 +32,7 @@ import zmq
 import zmq.asyncio
 
 import protocol
+from sipbridge import supervisord
 from sipbridge.bridge import BridgeConfigError, bridge_stages, missing_secrets, parse_bridge
 from sipbridge.node.config import CALL_ID_LENGTH_MAX, NODE_JANUS_SECRET_ENV
 from sipbridge.node.hostinfo import ProcInfo, scan_sessions, still_same
@@ -273,15 +274,10 @@ class Call:
             self.broker = SecretBroker(run_dir, secrets, lambda name: (process_states(run_dir).get(name) or {})
                                        .get("pid") or None)
             self.broker.start()
-        supervisord = str(Path(sys.executable).with_name("supervisord"))
-        if not Path(supervisord).exists():
-            import shutil
-
-            supervisord = shutil.which("supervisord") or supervisord
         with open(self.run_dir / "logs" / "supervisord.stderr", "wb") as stderr:
             # A new session: the call is its own process group, and a signal meant for the node (a terminal's
             # Ctrl-C) does not reach its stages; the node stops them in order. umask 077: sockets and logs 0600.
-            self.proc = subprocess.Popen([supervisord, "-n", "-c", str(conf)], env=env, cwd=self.run_dir,
+            self.proc = subprocess.Popen(supervisord.command(conf), env=env, cwd=self.run_dir,
                                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
                                          start_new_session=True, umask=0o077)
         deadline = time.monotonic() + SUPERVISOR_START_TIMEOUT_S
