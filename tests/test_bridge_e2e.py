@@ -29,6 +29,7 @@ from sipbridge.status import StatusCollector
 from sipbridge.testing.capture import (
     audio_from_capture,
     h264_frames_from_capture,
+    h264_timed_frames_from_capture,
     rtp_flows,
     sdp_codecs,
     sounding_tail,
@@ -256,6 +257,39 @@ def counter_rate(call: LocalCall, observer: str, source: str) -> float | None:
     return float(np.polyfit(t, c, 1)[0])
 
 
+def owners_by_rate(camera_rates: dict[int, float], direct: dict[str, float]) -> dict[str, int] | None:
+    """Whose picture each moving camera shows, from the rates of the counters: the one-to-one assignment of cameras
+    to people in which no camera runs faster than its owner (a loaded machine drops frames, it never adds any) and
+    the rates are closest (least squares on the log of the ratio). None when no assignment fits.
+
+    Nearest rate per camera alone misreads a loaded machine: bob's camera (10 fps) that lost a quarter of its
+    frames is nearer carol's 6 fps than bob's own, and is then too fast to be carol's."""
+    cameras = sorted(camera_rates)
+    fits = []
+    for owners in itertools.permutations(direct, len(cameras)):
+        pairs = list(zip(cameras, owners, strict=True))
+        if all(0 < camera_rates[c] < (1 + RATE_TOLERANCE) * direct[p] for c, p in pairs):
+            cost = sum(float(np.log(direct[p] / camera_rates[c])) ** 2 for c, p in pairs)
+            fits.append((cost, {p: c for c, p in pairs}))
+    return min(fits, key=lambda fit: fit[0])[1] if fits else None
+
+
+def tile_series_summary(frames: Sequence[tuple[float, Any]], tiles: Sequence[Sequence[int | None]],
+                        tile: int) -> str:
+    """What a failed tile check needs to say: how many pictures the capture decoded over what span, when the
+    tile's first counter came, how many distinct counters it read, and where it went back, if it did."""
+    series = [t[tile] for t in tiles]
+    nonzero = [(i, v) for i, v in enumerate(series) if v]
+    if not frames:
+        return f"tile {tile}: no picture decoded from the capture"
+    t0 = frames[0][0]
+    back = [(i, a, b) for (_, a), (i, b) in itertools.pairwise(nonzero) if b < a]
+    first = f"{frames[nonzero[0][0]][0] - t0:.1f} s" if nonzero else "never"
+    return (f"tile {tile}: {len(frames)} pictures over {frames[-1][0] - t0:.1f} s; first counter at {first}; "
+            f"{len(set(v for _, v in nonzero))} distinct (need {MIN_FRAMES}); went back at {back[:5]}; "
+            f"unreadable {series.count(None)}; last 20: {series[-20:]}")
+
+
 @pytest.mark.media
 @pytest.mark.timeout(200)
 def test_three_participants_composed_for_sip_and_split_back_into_four_cameras(tmp_path: Path) -> None:
@@ -282,7 +316,8 @@ def test_three_participants_composed_for_sip_and_split_back_into_four_cameras(tm
         call.stop_bridge()
         # Direct rates: alice as bob receives her, bob and carol as alice receives them.
         direct = {p: counter_rate(call, "bob" if p == "alice" else "alice", p) for p in people}
-        shown: dict[str, int] = {}  # person -> the camera that shows them
+        assert all(direct.values()), direct
+        camera_rates: dict[int, float] = {}
         empty = []
         for track in (1, 2, 3, 4):
             seen = counters(call, "alice", track_source(track))
@@ -291,18 +326,17 @@ def test_three_participants_composed_for_sip_and_split_back_into_four_cameras(tm
                 continue
             assert ascending(seen), (track, seen)
             rate = counter_rate(call, "alice", track_source(track))
-            assert rate is not None and all(direct.values()), (track, rate, direct)
-            owner = min(people, key=lambda p: abs((direct[p] or 0.0) - rate))
-            # A loaded machine drops frames (a camera shows a slower rate than its owner's), it never adds any.
-            assert rate < (1 + RATE_TOLERANCE) * (direct[owner] or 0.0), (track, rate, direct)
-            shown[owner] = track
+            assert rate is not None, (track, seen)
+            camera_rates[track] = rate
+    shown = owners_by_rate(camera_rates, {p: r or 0.0 for p, r in direct.items()})
     # Every person is on exactly one camera of their own and the fourth camera is the empty cell. (Which camera
     # number a viewer sees first is up to the room's track order, not the tile order: see the report.)
-    assert sorted(shown) == sorted(people) and len(set(shown.values())) == 3, (shown, direct)
+    assert shown is not None and sorted(shown) == sorted(people), (camera_rates, direct)
     assert len(empty) == 1, empty
     # The SIP side received one 2x2 composite: three quadrants count, the fourth is empty.
-    frames = h264_frames_from_capture(call.pcap, VIDEO_PORT)
-    tiles = [tile_counters(f, 2, 2) for f in frames]
+    frames = h264_timed_frames_from_capture(call.pcap, VIDEO_PORT)
+    tiles = [tile_counters(f, 2, 2) for _, f in frames]
+    capture_log = (call.run_dir / "logs" / "tshark.log").read_text(errors="replace")[-300:]
     for tile in range(3):
-        assert ascending([t[tile] for t in tiles]), (tile, [t[tile] for t in tiles])
+        assert ascending([t[tile] for t in tiles]), f"{tile_series_summary(frames, tiles, tile)}\n{capture_log}"
     assert {t[3] for t in tiles} <= {0, None}
