@@ -59,6 +59,7 @@ from protocol import (
     Stats,
     VideoFrame,
 )
+from stages import memtrace
 
 HEARTBEAT_INTERVAL_S = 1.0
 STATS_INTERVAL_S = 1.0
@@ -363,6 +364,7 @@ class Stage:
         self._process_ms: collections.deque[float] = collections.deque(maxlen=LATENCY_WINDOW_SAMPLES)
         self._last_error_log = 0.0
         self._started_ns = time.time_ns()
+        self._memtrace: memtrace.MemoryTrace | None = None  # SIPBRIDGE_TRACEMALLOC_S (stages/memtrace.py)
         self.exit_code = 0
 
     # ----- hooks ---------------------------------------------------------------------------
@@ -616,11 +618,14 @@ class Stage:
         for sig in (signal.SIGTERM, signal.SIGINT) if self.own_signals else ():
             loop.add_signal_handler(sig, self._on_signal, sig)
         try:
+            trace_interval_s = memtrace.interval_from_env()
             self._open_sockets()
-        except EndpointInUse as in_use:
-            self.log.error("%s", in_use)
+        except (EndpointInUse, ValueError) as refused:
+            self.log.error("%s", refused)
             await self.close()
             return 2
+        if trace_interval_s is not None:
+            self._memtrace = memtrace.MemoryTrace(trace_interval_s, self.log)
         await self.run_codec(self.setup)
         self.log.info(
             "started: inputs=%s output=%s stats=%s policy=%s hwm=%d%s",
@@ -896,6 +901,8 @@ class Stage:
             if time.monotonic() >= next_log:
                 next_log += LOG_STATS_INTERVAL_S
                 self.log.info("%s", self._summary_line())
+            if self._memtrace is not None and self._memtrace.due():
+                self._memtrace.step()
 
     async def _expire_idle_streams(self) -> None:
         """An idle stream is over: forget its figures and flush its codec state (bounded memory)."""

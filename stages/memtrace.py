@@ -1,0 +1,93 @@
+"""Where a stage's Python heap grows, on demand: ``SIPBRIDGE_TRACEMALLOC_S=600`` in a stage's environment.
+
+A soak (``sipbridge bench soak``) tells that a process grows; this tells which lines of Python allocate what it
+keeps. With the variable set, the stage starts ``tracemalloc`` at start-up, takes its baseline after one interval
+(the start-up's caches and pools are not a leak), and then every interval logs the allocation sites that grew the
+most since the baseline, each with its call stack. Tracing slows allocation (a few tens of percent in the media
+stages), so it is off unless asked for, and memory outside the Python heap (FFmpeg's buffers, libvpx, the Chromium
+processes) is not seen: a process that grows while its traced heap does not grows there.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import tracemalloc
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import logging
+
+TRACEMALLOC_ENV = "SIPBRIDGE_TRACEMALLOC_S"
+# Frames kept per allocation: enough to see the caller in our code above a library's allocating line.
+TRACE_FRAMES = 8
+TOP_SITES = 8
+# Below this an interval makes snapshots (hundreds of milliseconds on a busy stage) a load of their own.
+MIN_INTERVAL_S = 10.0
+BYTES_PER_KIB = 1024
+
+
+def interval_from_env(environ: dict[str, str] | os._Environ[str] = os.environ) -> float | None:
+    """The tracing interval asked for, or None (off). A value that is not a number of seconds >= MIN_INTERVAL_S is
+    refused with a ValueError naming the variable: a diagnostic that silently does nothing wastes the soak."""
+    raw = environ.get(TRACEMALLOC_ENV, "").strip()
+    if not raw or raw == "0":
+        return None
+    try:
+        interval_s = float(raw)
+    except ValueError:
+        raise ValueError(f"{TRACEMALLOC_ENV}={raw!r}: not a number of seconds") from None
+    if not interval_s >= MIN_INTERVAL_S:
+        raise ValueError(f"{TRACEMALLOC_ENV}={raw!r}: below {MIN_INTERVAL_S:.0f} s")
+    return interval_s
+
+
+class MemoryTrace:
+    """Baseline after one interval, then the top growing sites every interval (see the module docstring)."""
+
+    def __init__(self, interval_s: float, log: logging.LoggerAdapter[logging.Logger] | logging.Logger) -> None:
+        self.interval_s = interval_s
+        self.log = log
+        self._baseline: tracemalloc.Snapshot | None = None
+        self._next_s = time.monotonic() + interval_s
+        if not tracemalloc.is_tracing():
+            tracemalloc.start(TRACE_FRAMES)
+        self.log.info("tracemalloc on: baseline in %.0f s, then growth every %.0f s", interval_s, interval_s)
+
+    def due(self, now_s: float | None = None) -> bool:
+        return (time.monotonic() if now_s is None else now_s) >= self._next_s
+
+    def _snapshot(self) -> tracemalloc.Snapshot:
+        # The snapshots themselves are allocated in tracemalloc.py: anywhere in the stack, not growth of ours.
+        skip = [tracemalloc.Filter(False, tracemalloc.__file__, all_frames=True),
+                tracemalloc.Filter(False, "<frozen importlib.*")]
+        return tracemalloc.take_snapshot().filter_traces(skip)
+
+    def step(self) -> list[str]:
+        """Take the baseline or report growth since it; the lines logged (empty for the baseline)."""
+        self._next_s = time.monotonic() + self.interval_s
+        snapshot = self._snapshot()
+        if self._baseline is None:
+            self._baseline = snapshot
+            traced_kib = tracemalloc.get_traced_memory()[0] / BYTES_PER_KIB
+            self.log.info("tracemalloc baseline: %.0f KiB traced", traced_kib)
+            return []
+        growth = [s for s in snapshot.compare_to(self._baseline, "traceback") if s.size_diff > 0][:TOP_SITES]
+        total_kib = sum(s.size_diff for s in snapshot.compare_to(self._baseline, "filename")) / BYTES_PER_KIB
+        lines = [f"tracemalloc: {total_kib:+.0f} KiB traced since the baseline; top growing sites:"]
+        for stat in growth:
+            frames = [f"{_short(f.filename)}:{f.lineno}" for f in stat.traceback]
+            lines.append(f"  {stat.size_diff / BYTES_PER_KIB:+.0f} KiB in {stat.count_diff:+d} blocks at "
+                         + " <- ".join(reversed(frames)))
+        for line in lines:
+            self.log.info("%s", line)
+        return lines
+
+
+def _short(filename: str) -> str:
+    """A source path without the interpreter's or the virtualenv's prefix: what a reader needs to find it."""
+    for marker in ("/site-packages/", "/lib/python3."):
+        if marker in filename:
+            tail = filename.rsplit(marker, 1)[-1]
+            return tail if marker == "/site-packages/" else tail.split("/", 1)[-1]
+    return filename
