@@ -134,6 +134,11 @@ def drop_sample(figures: dict[str, Any]) -> dict[str, int]:
     return out
 
 
+def malloc_sample(figures: dict[str, Any]) -> dict[str, dict[str, int]]:
+    """Each stage's glibc heap figures (KiB; stages/memtrace.py), where its C library has them."""
+    return {stage: fig["malloc"] for stage, fig in figures.items() if isinstance(fig.get("malloc"), dict)}
+
+
 def sip_lipsync_per_minute(call: LocalCall, minute_starts_ms: list[float], work: Path) -> list[float | None]:
     """Lip sync at the SIP peer (audio - video p50, ms) in each sampled minute, from the capture split per minute
     (the whole capture of an hour would not fit the decoder's memory in one piece)."""
@@ -225,6 +230,7 @@ def run(minutes: int) -> dict[str, Any]:
                 "stage_av_offset_ms": stage_av,
                 "room_lipsync_ms": room_lipsync(call, minute_starts_ms[-1], time.time() * 1000),
                 "drops": drop_sample(figures),
+                "malloc": malloc_sample(figures),
                 "room_echoed_fps": round((len(call.room_received(1)) - echoed0) / SAMPLE_PERIOD_S, 1),
             }
             samples.append(sample)
@@ -297,7 +303,18 @@ def analyse(samples: list[dict[str, Any]]) -> dict[str, Any]:
         growth = endurance.counter_growth([s["drops"].get(key, 0) for s in samples])
         growth["target"] = "not met" if growth["steady"] else "met"
         drops[key] = growth
-    return {"pss": pss, "latency_drift": latency, "lipsync_drift": lipsync, "drops": drops,
+    # Where a Python stage's PSS grows: glibc's heap in use (memory kept: a leak, in Python or in C) or free
+    # inside the heap (holes that keep it from shrinking: fragmentation), slopes after the warm-up.
+    malloc = {}
+    for stage in sorted({k for s in samples for k in s.get("malloc", {})}):
+        settled = [s for s in samples if s["minute"] > warmup and stage in s.get("malloc", {})]
+        minutes_ = [s["minute"] for s in settled]
+        malloc[stage] = {
+            f"{field}_slope_mb_per_min": _round(
+                endurance.slope(minutes_, [s["malloc"][stage][f"{field}_kb"] / 1024 for s in settled]), 4)
+            for field in ("heap", "in_use", "free", "mmapped")
+        }
+    return {"pss": pss, "latency_drift": latency, "malloc": malloc, "lipsync_drift": lipsync, "drops": drops,
             "targets": {"pss_slope_mb_per_min": endurance.TARGET_PSS_SLOPE_MB_PER_MIN,
                         "latency_drift_ms": endurance.TARGET_LATENCY_DRIFT_MS,
                         "lipsync_drift_ms": endurance.TARGET_LIPSYNC_DRIFT_MS,
@@ -336,6 +353,12 @@ def print_report(r: dict[str, Any]) -> None:
         judged = f"{p['target']} / {p['target_after_warmup']}" if p["target"] else "(simulation, not judged)"
         click.echo(f"{key:<40}{p['first_mb']:>10.1f}{p['last_mb']:>8.1f}{whole:>14}{after:>14}"
                    f"{p['cores_mean']:>7.2f}  {judged}")
+    if r.get("malloc"):
+        click.echo(f"\n{'glibc heap, after warm-up (MB/min)':<40}{'heap':>10}{'in use':>10}{'free':>10}{'mmapped':>10}"
+                   "  (in use: kept; free: fragmentation)")
+        for stage, m in r["malloc"].items():
+            click.echo(f"{stage:<40}" + "".join(f"{_fmt4(m[f'{f}_slope_mb_per_min']):>10}"
+                                                for f in ("heap", "in_use", "free", "mmapped")))
     click.echo(f"\n{'latency (bridge-added)':<44}{'last-first quarter ms':>22}{'slope ms/min':>14}  "
                f"target |drift| <= {endurance.TARGET_LATENCY_DRIFT_MS:.0f} ms (p50)")
     for key, d in r["latency_drift"].items():
@@ -352,6 +375,10 @@ def print_report(r: dict[str, Any]) -> None:
         click.echo(f"{key:<44}{d['total']:>8}{d['minutes_rising']:>10} of {d['minutes']:<3}  {d['target']}")
     if not r["drops"]:
         click.echo("(no stage counted a drop)")
+
+
+def _fmt4(v: float | None) -> str:
+    return "-" if v is None else f"{v:+.4f}"
 
 
 def _fmt(v: float | None) -> str:

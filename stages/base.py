@@ -949,6 +949,8 @@ class Stage:
             "control_ended": self.control_ended,
             "control_upstream": self.control_upstream,
             "refused_kinds": sorted(self.refused_kinds),
+            # glibc's heap (in use / free inside it / mmapped): a soak tells a leak from fragmentation by it.
+            "malloc": memtrace.malloc_figures(),
             **self.extra_figures(),
         }
 

@@ -1,4 +1,11 @@
-"""Where a stage's Python heap grows, on demand: ``SIPBRIDGE_TRACEMALLOC_S=600`` in a stage's environment.
+"""Where a stage's memory grows: glibc's heap figures always, the Python lines that grow it on demand.
+
+``malloc_figures()`` is glibc's own account of its heap (``mallinfo2``: bytes in use, bytes free inside the heap,
+bytes in separate mappings), in every stage's statistics. It tells a leak from fragmentation: a soak that sees a
+process's PSS climb while "in use" stays flat and "free" climbs is looking at a heap that holes keep from
+shrinking, not at memory kept alive.
+
+On demand, ``SIPBRIDGE_TRACEMALLOC_S=600`` in a stage's environment:
 
 A soak (``sipbridge bench soak``) tells that a process grows; this tells which lines of Python allocate what it
 keeps. With the variable set, the stage starts ``tracemalloc`` at start-up, takes its baseline after one interval
@@ -10,10 +17,12 @@ processes) is not seen: a process that grows while its traced heap does not grow
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
 import time
 import tracemalloc
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import logging
@@ -25,6 +34,36 @@ TOP_SITES = 8
 # Below this an interval makes snapshots (hundreds of milliseconds on a busy stage) a load of their own.
 MIN_INTERVAL_S = 10.0
 BYTES_PER_KIB = 1024
+
+
+class _MallInfo2(ctypes.Structure):
+    """glibc's ``struct mallinfo2`` (glibc >= 2.33), every field a size_t in bytes or a count."""
+
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+@functools.cache
+def _mallinfo2() -> Any:
+    try:
+        fn = ctypes.CDLL(None).mallinfo2
+    except (OSError, AttributeError):  # not glibc, or a glibc before 2.33: no figures, not an error
+        return None
+    fn.restype = _MallInfo2
+    fn.argtypes = []
+    return fn
+
+
+def malloc_figures() -> dict[str, int] | None:
+    """glibc's heap, summed over its arenas, in KiB: ``heap_kb`` taken from the system for the heap, ``in_use_kb``
+    handed out, ``free_kb`` free inside the heap (fragmentation, or room to grow), ``mmapped_kb`` in separate
+    mappings (large blocks; returned to the system when freed). None where the C library has no mallinfo2."""
+    fn = _mallinfo2()
+    if fn is None:
+        return None
+    info = fn()
+    return {"heap_kb": info.arena // BYTES_PER_KIB, "in_use_kb": info.uordblks // BYTES_PER_KIB,
+            "free_kb": info.fordblks // BYTES_PER_KIB, "mmapped_kb": info.hblkhd // BYTES_PER_KIB}
 
 
 def interval_from_env(environ: dict[str, str] | os._Environ[str] = os.environ) -> float | None:

@@ -79,3 +79,24 @@ def test_a_stage_traces_when_asked(tmp_path: Path) -> None:
         del os.environ[memtrace.TRACEMALLOC_ENV]
     assert codes == {"source": 0}, log
     assert "tracemalloc on: baseline in 60 s" in log, log
+
+
+HEAP_BLOCK_BYTES = 64 * 1024  # below glibc's mmap threshold: from the heap
+HEAP_BLOCKS = 100
+
+
+def test_malloc_figures_follow_what_the_heap_holds() -> None:
+    before = memtrace.malloc_figures()
+    if before is None:
+        pytest.skip("this C library has no mallinfo2 (glibc >= 2.33)")
+    held = [bytearray(HEAP_BLOCK_BYTES) for _ in range(HEAP_BLOCKS)]
+    during = memtrace.malloc_figures()
+    assert during is not None
+    held_kib = HEAP_BLOCKS * HEAP_BLOCK_BYTES // memtrace.BYTES_PER_KIB
+    assert during["in_use_kb"] - before["in_use_kb"] >= 0.9 * held_kib, (before, during)
+    del held
+    after = memtrace.malloc_figures()
+    assert after is not None
+    # Freed: no longer in use; what the heap kept of it is free inside it (or was given back to the system).
+    assert during["in_use_kb"] - after["in_use_kb"] >= 0.9 * held_kib, (during, after)
+    assert after["heap_kb"] - after["in_use_kb"] - after["free_kb"] <= 1, after
