@@ -45,6 +45,7 @@ TOKEN = "test-token-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 CALL_START_TIMEOUT_S = 90.0  # three calls' Python stages importing PyAV at once on a busy 2-core machine
+CALL_MEMORY_FLOOR_BYTES = 10e6  # PSS of a running call: supervisord plus two Python stages that imported numpy
 
 
 def cheap_call(frames: int = 0, fps: int = 10) -> dict[str, Any]:
@@ -342,6 +343,35 @@ def test_a_chosen_call_id_is_checked_and_never_takes_an_existing_folder(run_root
     asyncio.run(_chosen_ids(run_root))
 
 
+async def _weighing(run_root: Path) -> None:
+    # A stand-in call whose session holds a shell and, after a moment, a different child: the call's processes
+    # change between two samples, as when a stage is restarted.
+    shell = subprocess.Popen(["sh", "-c", "sleep 0.5; sleep 30"], start_new_session=True)
+    async with node_client(settings_for(run_root, slots=1)) as (node, _client):
+        call = Call("w", plan_call(cheap_call(), allow_pipelines=True), run_root, {})
+        call.state, call.proc = "running", shell
+        node.calls["w"] = call
+        try:
+            await node.sample()  # the first sample weighs every call
+            first = call.weighed_pids
+            assert shell.pid in first and len(first) == 2 and call.memory_bytes > 0
+            call.memory_bytes = 1  # a sentinel: a sample that does not weigh the call leaves it
+            await node.sample()
+            assert call.memory_bytes == 1 and call.weighed_pids == first
+            await until(lambda: {p.pid for p in scan_sessions({shell.pid})[shell.pid]} - first,
+                        10, "the shell's second child")
+            await node.sample()  # not a weighing round (every 5th), but the call's processes changed
+            assert call.memory_bytes > 1 and call.weighed_pids != first and shell.pid in call.weighed_pids
+        finally:
+            call.state = "ended"
+            os.killpg(shell.pid, signal.SIGKILL)
+            shell.wait()
+
+
+def test_a_call_whose_processes_changed_is_weighed_at_the_next_sample(run_root: Path) -> None:
+    asyncio.run(_weighing(run_root))
+
+
 async def _admission(run_root: Path) -> None:
     cpu = [0.2]
     async with node_client(settings_for(run_root, slots=2, cpu_ceiling=0.9), cpu=lambda: cpu[0]) as (node, client):
@@ -468,6 +498,13 @@ async def _three_calls(run_root: Path) -> None:
             return (await get_call(client, d))["stages"]["source"]["frames_out"] > 0
         await until(d_source_reported, 30, "the new call's source to report its figures")
 
+        # PSS is weighed every few samples, and first when a call's processes may still be importing: wait for a
+        # weighing of each call made while its stages run (floor: supervisord and two Python stages with numpy).
+        async def weighed() -> bool:
+            views = [await get_call(client, i) for i in (b, c, d)]
+            return all(view["memory_bytes"] > CALL_MEMORY_FLOOR_BYTES for view in views)
+        await until(weighed, 30, "each call's memory (PSS) to be weighed with its stages running")
+
         # /metrics agrees with the calls: counts exactly, frame counters between two readings of each call.
         views_before = {i: await get_call(client, i) for i in (b, c, d)}
         text = await (await client.get("/metrics", headers=AUTH)).text()
@@ -485,7 +522,7 @@ async def _three_calls(run_root: Path) -> None:
                 low, high = views_before[i]["stages"][stage][key], views_after[i]["stages"][stage][key]
                 assert low <= value <= high, (i, stage, key, low, value, high)
             assert samples[("sipbridge_call_processes", (("call", i),))] >= 3  # supervisord, source, sink
-            assert samples[("sipbridge_call_memory_bytes", (("call", i),))] > 10e6
+            assert samples[("sipbridge_call_memory_bytes", (("call", i),))] > CALL_MEMORY_FLOOR_BYTES
             assert samples[("sipbridge_call_stage_latency_ms", (("call", i), ("quantile", "0.5"), ("stage", "sink"),
                                                                 ("stream", "video0")))] >= 0
         assert 0.0 <= samples[("sipbridge_node_cpu_busy_ratio", ())] <= 1.0

@@ -236,6 +236,7 @@ class Call:
         self.processes: list[ProcInfo] = []  # the call's live processes at the last scan (node's sampler)
         self.cpu_cores = 0.0
         self.memory_bytes = 0
+        self.weighed_pids: frozenset[int] = frozenset()  # the processes memory_bytes was summed over
         self.ended = asyncio.Event()
         self.broker: SecretBroker | None = None
         self._tasks: list[asyncio.Task[None]] = []

@@ -125,9 +125,10 @@ class Node:
         self._samples += 1
         with_memory = self._samples % MEMORY_SAMPLE_EVERY == 1
         live = {c.session: c for c in self.calls.values() if c.state != "ended" and c.session}
-        # PSS of every call every few samples, and at once for a call not measured yet.
-        weigh = set(live) if with_memory else {sid for sid, c in live.items() if not c.memory_bytes}
-        busy, found, memory = await asyncio.to_thread(self._measure, set(live), weigh)
+        # PSS of every call every few samples, and at once for a call whose processes changed since it was
+        # weighed (a call starting, a stage restarted): its figure would otherwise be stale until the next round.
+        weighed = {sid: c.weighed_pids for sid, c in live.items()}
+        busy, found, memory = await asyncio.to_thread(self._measure, set(live), weighed, with_memory)
         self.cpu_busy = busy
         now = time.monotonic()
         for sid, call in live.items():
@@ -140,12 +141,14 @@ class Node:
             self._last_cpu_ticks[call.id] = (ticks, now)
             if sid in memory:
                 call.memory_bytes = memory[sid]
+                call.weighed_pids = frozenset(p.pid for p in procs)
 
-    def _measure(self, sessions: set[int], weigh: set[int]
+    def _measure(self, sessions: set[int], weighed: dict[int, frozenset[int]], weigh_all: bool
                  ) -> tuple[float, dict[int, list[ProcInfo]], dict[int, int]]:
         busy = self._cpu_override() if self._cpu_override else self._sampler.sample()
         found = scan_sessions(sessions)
-        memory = {sid: sum(pss_bytes(p.pid) for p in procs) for sid, procs in found.items() if sid in weigh}
+        memory = {sid: sum(pss_bytes(p.pid) for p in procs) for sid, procs in found.items()
+                  if weigh_all or frozenset(p.pid for p in procs) != weighed.get(sid)}
         return busy, found, memory
 
     # ----- admission ---------------------------------------------------------------------------
