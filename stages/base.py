@@ -980,7 +980,9 @@ class Stage:
         for sock in [self._out_monitor, self._out, self._out_control, *self._ins, *self._in_controls, self._stats_pub]:
             if sock is not None and not sock.closed:
                 sock.close()
-        self._ctx.term()
+        # destroy, not term: it also closes any socket still open (a subclass's own socket whose bind failed),
+        # which would otherwise block term() forever and the stage would never exit.
+        self._ctx.destroy(linger=LINGER_ON_CLOSE_MS)
 
 
 def configure_logging(level: str = "INFO") -> None:

@@ -4,6 +4,7 @@ refuses to start, naming the endpoint, and leaves the live owner's socket in pla
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -51,13 +52,12 @@ def test_janus_stage_binds_a_control_socket_left_by_a_dead_owner(tmp_path: Path)
     """The check refuses only a live owner: a socket file left by a killed stage is no reason to refuse."""
     control = tmp_path / "janus.control"
     ctx = zmq.Context.instance()
-    gone = ctx.socket(zmq.ROUTER)
-    gone.bind(f"ipc://{control}")
-    # A killed process leaves its file behind: close without unlinking by moving it aside and back.
-    aside = tmp_path / "aside"
-    os.rename(control, aside)
-    gone.close(linger=0)
-    os.rename(aside, control)
+    # A killed process leaves its socket file behind. A plain unix socket closed makes exactly that file (a ZeroMQ
+    # socket would not do: its I/O thread unlinks the path at close, later, maybe after the new stage has bound).
+    gone = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    gone.bind(str(control))
+    gone.close()
+    assert control.is_socket()
     env = {**os.environ, "SIPBRIDGE_RUN_DIR": str(tmp_path)}
     proc = subprocess.Popen([*SIPBRIDGE, "stage", "janus", "--name", "janus", "--janus-url", "ws://127.0.0.1:9",
                              "--in", f"ipc://{tmp_path}/upstream.sock"],
@@ -71,10 +71,28 @@ def test_janus_stage_binds_a_control_socket_left_by_a_dead_owner(tmp_path: Path)
             client.send_json({"cmd": "status"})
             while not client.poll(500):
                 assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-                assert time.monotonic() < deadline, "no reply from the new stage's control socket"
+                if time.monotonic() > deadline:
+                    proc.kill()
+                    out = proc.communicate(10)[0]
+                    raise AssertionError(f"no reply from the new stage's control socket in {EXIT_TIMEOUT_S:.0f} s "
+                                         f"(socket file there: {control.exists()}); the stage said:\n{out}")
             assert "ok" in client.recv_json()  # type: ignore[operator]
         finally:
             client.close()
     finally:
         proc.kill()
         proc.wait(10)
+
+
+def test_janus_stage_that_cannot_bind_its_control_socket_exits_instead_of_running_without_it(tmp_path: Path) -> None:
+    """A stage with no call control would look alive to supervisord and to `sipbridge status` while nothing can
+    hang up or dial: it exits 1, naming the endpoint, so it is restarted and the reason is in its log."""
+    control = f"ipc://{tmp_path}/no-such-folder/janus.control"
+    env = {**os.environ, "SIPBRIDGE_RUN_DIR": str(tmp_path)}
+    proc = subprocess.run([*SIPBRIDGE, "stage", "janus", "--name", "janus", "--janus-url", "ws://127.0.0.1:9",
+                           "--in", f"ipc://{tmp_path}/upstream.sock", "--control", control],
+                          env=env, capture_output=True, text=True, timeout=EXIT_TIMEOUT_S)  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out
+    assert "the control task ended" in out and control in out, out
+    assert "without end of stream" in out and "Unclosed client session" not in out, out

@@ -470,9 +470,20 @@ class JanusStage(Stage):
         tasks.append(asyncio.create_task(self._media_announcer(), name="media-announcer"))
         if self.settings.media_timeout_s > 0:
             tasks.append(asyncio.create_task(self._media_watchdog(), name="media-watchdog"))
+        janus = asyncio.create_task(self._janus_loop(), name="janus")
         try:
-            await self._janus_loop()
+            # A helper that ends (its socket failed to bind, a bug) would leave a stage that looks alive with no
+            # call control or no events: end the stage instead, so it is restarted and the failure is in its log.
+            await asyncio.wait([janus, *tasks], return_when=asyncio.FIRST_COMPLETED)
+            for task in tasks:
+                if task.done():
+                    failure = None if task.cancelled() else task.exception()
+                    raise RuntimeError(f"the {task.get_name()} task ended: {failure!r}") from failure
+            await janus
         finally:
+            # A stop cancels this coroutine: the Janus loop's own clean-up (the BYE of a stop) runs to its end first.
+            janus.cancel()
+            await asyncio.gather(janus, return_exceptions=True)
             tasks[0].cancel()
             # Deliver the last call-state events before the end of stream goes out.
             with contextlib.suppress(asyncio.TimeoutError):

@@ -111,12 +111,18 @@ class JanusClient:
             self._ws = await self._http.ws_connect(self.url, protocols=(SUBPROTOCOL,), compress=0,
                                                    max_msg_size=16 * 1024 * 1024)
         except (aiohttp.ClientError, OSError) as exc:
-            await self._http.close()
-            self.closed.set()
+            await self._shutdown()
             raise JanusDisconnected(f"cannot connect to {self.url}: {exc}") from exc
+        except BaseException:  # cancelled (the stage stopping) while connecting: no session left open
+            await self._shutdown()
+            raise
         self._tasks.append(asyncio.create_task(self._reader(), name="janus-reader"))
-        reply = await self.request({"janus": "create"})
-        self.session_id = int(reply["data"]["id"])
+        try:
+            reply = await self.request({"janus": "create"})
+            self.session_id = int(reply["data"]["id"])
+        except BaseException:  # no session: the socket and its reader go, whatever went wrong
+            await self._shutdown()
+            raise
         self._tasks.append(asyncio.create_task(self._keepalive(), name="janus-keepalive"))
         log.info("connected to %s, session %d", self.url, self.session_id)
         return self
