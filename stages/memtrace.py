@@ -111,8 +111,10 @@ class MemoryTrace:
             traced_kib = tracemalloc.get_traced_memory()[0] / BYTES_PER_KIB
             self.log.info("tracemalloc baseline: %.0f KiB traced", traced_kib)
             return []
-        growth = [s for s in snapshot.compare_to(self._baseline, "traceback") if s.size_diff > 0][:TOP_SITES]
-        total_kib = sum(s.size_diff for s in snapshot.compare_to(self._baseline, "filename")) / BYTES_PER_KIB
+        # One comparison: every traced block is in exactly one traceback group, so their sum is the total.
+        diffs = snapshot.compare_to(self._baseline, "traceback")
+        total_kib = sum(s.size_diff for s in diffs) / BYTES_PER_KIB
+        growth = [s for s in diffs if s.size_diff > 0][:TOP_SITES]
         lines = [f"tracemalloc: {total_kib:+.0f} KiB traced since the baseline; top growing sites:"]
         for stat in growth:
             frames = [f"{_short(f.filename)}:{f.lineno}" for f in stat.traceback]

@@ -55,29 +55,26 @@ def test_growth_after_the_baseline_is_reported_at_the_line_that_keeps_it(caplog:
     assert not any("tracemalloc.py" in line for line in lines), lines
 
 
-def test_a_stage_refuses_a_wrong_interval_and_exits_2(tmp_path: Path) -> None:
-    os.environ[memtrace.TRACEMALLOC_ENV] = "often"
+def run_source_with_trace_env(run_dir: Path, value: str) -> tuple[int, str]:
+    """A short source stage run with SIPBRIDGE_TRACEMALLOC_S set to ``value``: its exit code and its log."""
+    os.environ[memtrace.TRACEMALLOC_ENV] = value
     try:
-        with stage_procs(tmp_path) as procs:
+        with stage_procs(run_dir) as procs:
             procs.start("source", "source", "--frames", "10", "--width", "64", "--height", "48")
-            codes = procs.wait_all()
-            log = procs.log("source")
+            return procs.wait_all()["source"], procs.log("source")
     finally:
         del os.environ[memtrace.TRACEMALLOC_ENV]
-    assert codes == {"source": 2}, log
+
+
+def test_a_stage_refuses_a_wrong_interval_and_exits_2(tmp_path: Path) -> None:
+    code, log = run_source_with_trace_env(tmp_path, "often")
+    assert code == 2, log
     assert f"{memtrace.TRACEMALLOC_ENV}='often': not a number of seconds" in log, log
 
 
 def test_a_stage_traces_when_asked(tmp_path: Path) -> None:
-    os.environ[memtrace.TRACEMALLOC_ENV] = "60"
-    try:
-        with stage_procs(tmp_path) as procs:
-            procs.start("source", "source", "--frames", "10", "--width", "64", "--height", "48")
-            codes = procs.wait_all()
-            log = procs.log("source")
-    finally:
-        del os.environ[memtrace.TRACEMALLOC_ENV]
-    assert codes == {"source": 0}, log
+    code, log = run_source_with_trace_env(tmp_path, "60")
+    assert code == 0, log
     assert "tracemalloc on: baseline in 60 s" in log, log
 
 
