@@ -161,6 +161,34 @@ def test_audio_round_trip_keeps_frequency_and_level(codec: Codec) -> None:
     assert rms == pytest.approx(TONE_AMPLITUDE / np.sqrt(2), rel=0.1)
 
 
+BROWSER_AUDIO_FRAME_SAMPLES = 960  # 20 ms at 48 kHz: what the room decoder gives the SIP encoder
+IMPULSE_AT_SAMPLE = 3 * BROWSER_AUDIO_FRAME_SAMPLES + 500
+
+
+@pytest.mark.parametrize("codec", [Codec.PCMU, Codec.PCMA, Codec.G722, Codec.OPUS], ids=lambda c: c.name)
+def test_each_codec_frame_leaves_with_the_input_frame_that_completes_it(codec: Codec) -> None:
+    """No codec frame waits for the next input frame: the resampler holds a few samples back from every input, and
+    without priming every 20 ms packet ended in the next frame and left 20 ms late (room -> SIP audio latency)."""
+    encoder, decoder = new_encoder(audio_codec=codec), new_decoder()
+    n = BROWSER_AUDIO_FRAME_SAMPLES
+    signal = np.zeros(n * 20, dtype=np.int16)
+    signal[IMPULSE_AT_SAMPLE - 2 : IMPULSE_AT_SAMPLE + 3] = 20_000  # a short click: where it lands tells the shift
+    packets: list[EncodedPacket] = []
+    for i in range(20):
+        header = MediaHeader("a", i, i * n, Fraction(1, INPUT_RATE_HZ), 5_000_000 + i)
+        data = signal[i * n : (i + 1) * n].tobytes()
+        out = packets_only(encoder.process(AudioFrame(header, INPUT_RATE_HZ, 1, n, data)))
+        # One packet per input frame, from the first one on, stamped with that frame's capture time.
+        assert [p.header.capture_time_ns for p in out] == [5_000_000 + i], (i, out)
+        packets += out
+    if codec in (Codec.PCMU, Codec.PCMA):  # sample-exact codecs: the click's place is the resampler's alone
+        frames = audio_only(f for p in packets for f in decoder.process(p))
+        decoded = np.concatenate([np.frombuffer(f.data, np.int16) for f in frames]).astype(np.int32)
+        start_s = float(frames[0].header.pts * frames[0].header.time_base)
+        shift_s = start_s + int(np.argmax(np.abs(decoded))) / 8000 - IMPULSE_AT_SAMPLE / INPUT_RATE_HZ
+        assert 0 <= shift_s <= 0.0025, shift_s  # the output runs 2 ms behind its input, no more
+
+
 def test_decoder_drops_corrupt_packets_and_resynchronises_on_a_keyframe() -> None:
     encoder, decoder = new_encoder(video_codec=Codec.VP8, keyframe_interval_s=100.0), new_decoder()
     packets: list[EncodedPacket] = [p for i in range(6) for p in encoder.process(video_frame(i))]  # type: ignore[misc]
