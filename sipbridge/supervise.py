@@ -395,14 +395,14 @@ class SecretBroker:
             os.umask(old_umask)
         sock.listen(8)
         self._sock = sock
-        self._thread = threading.Thread(target=self._serve, name="secret-broker", daemon=True)
+        # The thread gets the socket itself: stop() clears self._sock while accept() may still be returning.
+        self._thread = threading.Thread(target=self._serve, args=(sock,), name="secret-broker", daemon=True)
         self._thread.start()
 
-    def _serve(self) -> None:
-        assert self._sock is not None
+    def _serve(self, sock: socketlib.socket) -> None:
         while True:
             try:
-                conn, _ = self._sock.accept()
+                conn, _ = sock.accept()
             except OSError:
                 return  # closed
             with conn:

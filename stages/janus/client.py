@@ -107,20 +107,16 @@ class JanusClient:
         """Open the WebSocket and create a session."""
         self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, connect=CONNECT_TIMEOUT_S))
         try:
-            # No compression: small JSON messages, and compression adds latency (field notes).
-            self._ws = await self._http.ws_connect(self.url, protocols=(SUBPROTOCOL,), compress=0,
-                                                   max_msg_size=16 * 1024 * 1024)
-        except (aiohttp.ClientError, OSError) as exc:
-            await self._shutdown()
-            raise JanusDisconnected(f"cannot connect to {self.url}: {exc}") from exc
-        except BaseException:  # cancelled (the stage stopping) while connecting: no session left open
-            await self._shutdown()
-            raise
-        self._tasks.append(asyncio.create_task(self._reader(), name="janus-reader"))
-        try:
+            try:
+                # No compression: small JSON messages, and compression adds latency (field notes).
+                self._ws = await self._http.ws_connect(self.url, protocols=(SUBPROTOCOL,), compress=0,
+                                                       max_msg_size=16 * 1024 * 1024)
+            except (aiohttp.ClientError, OSError) as exc:
+                raise JanusDisconnected(f"cannot connect to {self.url}: {exc}") from exc
+            self._tasks.append(asyncio.create_task(self._reader(), name="janus-reader"))
             reply = await self.request({"janus": "create"})
             self.session_id = int(reply["data"]["id"])
-        except BaseException:  # no session: the socket and its reader go, whatever went wrong
+        except BaseException:  # failed or cancelled (the stage stopping): no socket, reader or session left open
             await self._shutdown()
             raise
         self._tasks.append(asyncio.create_task(self._keepalive(), name="janus-keepalive"))
