@@ -260,6 +260,12 @@ def run(seconds: float, generators: str = "aiortc") -> dict[str, Any]:
         },
     }
     result["lipsync"] = lipsync
+    # Every stage's view of every stream (now - capture at its input): where along the chain the latency builds up.
+    result["hops_ms"] = {
+        stage: {sid: [s.get("latency_ms_p50"), s.get("latency_ms_p95")]
+                for sid, s in sorted(f.get("streams", {}).items()) if s.get("latency_ms_p50") is not None}
+        for stage, f in sorted(figures.items()) if isinstance(f, dict)
+    }  # fmt: skip
     # From the stages' own figures: both kinds of media carry their capture time, so the difference of their delays
     # through the bridge stages is the audio/video offset those stages add (positive: audio late).
     lat_ = result["latency"]
@@ -303,6 +309,9 @@ def print_table(r: dict[str, Any]) -> None:
                f"shared by calls (a context per call) would share {c['shareable_cores']:.2f} core/"
                f"{c['shareable_pss_mb']:.0f} MB: "
                + ", ".join(f"{n} {v['cores']:.2f}/{v['pss_mb']:.0f}" for n, v in c["roles"].items()))
+    click.echo("at each stage's input, p50/p95 ms since capture: " + "; ".join(
+        f"{stage} " + ", ".join(f"{sid} {v[0]:.1f}/{v[1]:.1f}" for sid, v in streams.items())
+        for stage, streams in r["hops_ms"].items() if streams))
     click.echo(f"audio/video offset added by the bridge stages (their p50 audio - p50 video): {r['av_offset_ms']}")
     print_lipsync(r["lipsync"])
     g = r["generators"]

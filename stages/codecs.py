@@ -301,6 +301,47 @@ def av_to_s16(frame: av.AudioFrame) -> np.ndarray:
     return frame.to_ndarray().reshape(-1)
 
 
+# libswresample keeps the last few output samples of each input until the next input arrives (its filter needs
+# samples ahead): 16 at 48 -> 8 kHz. A bigger shortfall than this is not that, and is left alone.
+RESAMPLER_PRIME_MAX_SAMPLES = 256
+
+
+class PrimedResampler:
+    """A packed-s16 ``av.AudioResampler`` whose output starts with silence where it holds samples back.
+
+    Downstream, audio is cut into 20 ms codec frames or mix chunks. Without the silence, every such chunk ends a
+    few samples into the next input frame and waits for it: 20 ms of latency on every packet. With it, the output
+    runs those few samples (2 ms at 48 -> 8 kHz) behind its input, as a causal filter's would, and a chunk is
+    complete as soon as the input frame it ends with has arrived. Fixed to its first input's rate and layout, as
+    PyAV's resampler is: make a new one when they change.
+    """
+
+    def __init__(self, channels: int, rate: int) -> None:
+        import av
+
+        self.rate = rate
+        self.layout = layout_name(channels)
+        self._resampler = av.AudioResampler(format="s16", layout=self.layout, rate=rate)
+        self._primed = False
+
+    def resample(self, frame: av.AudioFrame | None) -> list[av.AudioFrame]:
+        """Resample ``frame`` (None flushes what is held back)."""
+        out: list[av.AudioFrame] = self._resampler.resample(frame)
+        if frame is None or self._primed:
+            return out
+        self._primed = True
+        shortfall = round(frame.samples * self.rate / frame.sample_rate) - sum(f.samples for f in out)
+        if not 0 < shortfall <= RESAMPLER_PRIME_MAX_SAMPLES:
+            return out
+        import av
+
+        channels = len(av.AudioLayout(self.layout).channels)
+        silence = av.AudioFrame.from_ndarray(np.zeros((1, shortfall * channels), dtype=np.int16), format="s16",
+                                             layout=self.layout)
+        silence.sample_rate = self.rate
+        return [silence, *out]
+
+
 def make_audio_frame(header: MediaHeader, sample_rate: int, channels: int, samples: np.ndarray) -> AudioFrame:
     count = samples.size // channels
     return AudioFrame(header, sample_rate, channels, count, samples.astype("<i2", copy=False).tobytes())

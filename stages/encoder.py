@@ -40,9 +40,6 @@ DEFAULT_PRESET = "veryfast"
 # (a restart upstream): follow it instead of stretching.
 AUDIO_RESYNC_THRESHOLD_S = 0.2
 OPUS_BITRATE_BPS = 32_000
-# libswresample keeps the last few output samples of each input until the next input arrives (its filter needs
-# samples ahead): 16 at 48 -> 8 kHz. A bigger shortfall than this is not that, and is left alone.
-RESAMPLER_PRIME_MAX_SAMPLES = 256
 MAX_PENDING_TIMESTAMPS = 64
 
 
@@ -104,7 +101,7 @@ class VideoStream:
 @dataclass
 class AudioStream:
     context: Any
-    resampler: Any
+    resampler: codecs.PrimedResampler
     fifo: Any
     frame_samples: int
     next_pts: int | None = None  # codec pts of the next sample leaving the fifo
@@ -112,7 +109,6 @@ class AudioStream:
     out_seq: int = 0
     first_chunk_pts: int | None = None
     input_format: tuple[int, int] | None = None  # (sample rate, channels) the resampler was set up for
-    resampler_primed: bool = False  # the current resampler's hold-back has been filled with silence
     # Codec delay (Opus and G.722 report packets up to their look-ahead earlier); added back so
     # output timestamps continue the input's clock.
     pts_offset: int | None = None
@@ -220,7 +216,7 @@ class Encoder(Stage):
             ctx.bit_rate = OPUS_BITRATE_BPS
             ctx.options = {"application": "voip", "frame_duration": str(codecs.AUDIO_FRAME_MS)}
         ctx.open()
-        resampler = av.AudioResampler(format="s16", layout=codecs.layout_name(channels), rate=rate)
+        resampler = codecs.PrimedResampler(channels, rate)
         fifo = av.AudioFifo()
         self.log.info("opened %s encoder for %s: %d Hz, %d ch", codec.name, frame.header.stream_id, rate, channels)
         return AudioStream(ctx, resampler, fifo, codecs.audio_frame_samples(codec))
@@ -246,35 +242,12 @@ class Encoder(Stage):
             # PyAV's resampler is fixed to its first input; a stream that changes rate or layout gets a new one.
             self.log.info("%s: audio input changed to %d Hz, %d ch", sid, frame.sample_rate, frame.channels)
             ctx = state.context
-            state.resampler = av.AudioResampler(format="s16", layout=ctx.layout.name, rate=ctx.sample_rate)
-            state.resampler_primed = False
+            state.resampler = codecs.PrimedResampler(len(ctx.layout.channels), ctx.sample_rate)
         state.input_format = (frame.sample_rate, frame.channels)
-        converted_frames = state.resampler.resample(codecs.s16_to_av(frame))
-        if not state.resampler_primed:
-            state.resampler_primed = True
-            self._prime_fifo(state, frame, sum(c.samples for c in converted_frames))
-        for converted in converted_frames:
+        for converted in state.resampler.resample(codecs.s16_to_av(frame)):
             converted.pts = None
             state.fifo.write(converted)
         return self._drain_audio(sid, state, final=False)
-
-    def _prime_fifo(self, state: AudioStream, frame: AudioFrame, produced: int) -> None:
-        """Put silence where the resampler holds samples back, so codec frames line up with input frames.
-
-        Without it every codec frame (20 ms) ends a few samples into the next input frame and waits for it: 20 ms
-        of latency on every packet. With it the output runs those few samples (2 ms at 48 -> 8 kHz) behind its
-        input, as a causal filter's would, and a frame leaves as soon as its input has arrived.
-        """
-        rate = state.context.sample_rate
-        shortfall = round(frame.samples * rate / frame.sample_rate) - produced
-        if not 0 < shortfall <= RESAMPLER_PRIME_MAX_SAMPLES:
-            return
-        layout = state.context.layout.name
-        channels = len(state.context.layout.channels)
-        silence = av.AudioFrame.from_ndarray(np.zeros((1, shortfall * channels), dtype=np.int16), format="s16",
-                                             layout=layout)
-        silence.sample_rate = rate
-        state.fifo.write(silence)
 
     def _drain_audio(self, sid: str, state: AudioStream, final: bool) -> list[Message]:
         out: list[Message] = []

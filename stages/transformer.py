@@ -34,6 +34,7 @@ import click
 import numpy as np
 
 from protocol import AudioFrame, Event, EventType, MediaHeader, Message, VideoFrame
+from stages import codecs
 from stages.base import Stage, StageOptions
 from stages.bitmapfont import GLYPH_H, draw_text, fit_text, text_width
 from stages.options import build_options, run, stage_options
@@ -988,22 +989,24 @@ class Mix(Identity):
 
 
 class Resample(Identity):
+    """Each stream to one rate and channel count; one output frame per input frame, so that a 20 ms chunk cut
+    downstream (a mix, an encoder) is complete when its last input frame has come (``codecs.PrimedResampler``)."""
+
     def __init__(self, rate: int, channels: int) -> None:
         self.rate, self.channels = rate, channels
-        self.resamplers: dict[str, av.AudioResampler] = {}
+        self.resamplers: dict[str, codecs.PrimedResampler] = {}
         self.next_pts: dict[str, int] = {}
         self.last_header: dict[str, MediaHeader] = {}
 
     def _emit(self, stream_id: str, frames: list[av.AudioFrame], capture_ns: int) -> list[Message]:
-        out: list[Message] = []
-        for f in frames:
-            data = np.ascontiguousarray(f.to_ndarray()).reshape(-1)
-            pts = self.next_pts.get(stream_id, 0)
-            self.next_pts[stream_id] = pts + f.samples
-            prev = self.last_header[stream_id]
-            header = MediaHeader(stream_id, prev.seq, pts, Fraction(1, self.rate), capture_ns)
-            out.append(AudioFrame(header, self.rate, self.channels, f.samples, data))
-        return out
+        if not frames:
+            return []
+        data = np.concatenate([np.ascontiguousarray(f.to_ndarray()).reshape(-1) for f in frames])
+        samples = data.size // self.channels
+        pts = self.next_pts.get(stream_id, 0)
+        self.next_pts[stream_id] = pts + samples
+        header = MediaHeader(stream_id, self.last_header[stream_id].seq, pts, Fraction(1, self.rate), capture_ns)
+        return [AudioFrame(header, self.rate, self.channels, samples, data)]
 
     def process(self, msg: Message) -> Iterable[Message]:
         if not isinstance(msg, AudioFrame):
@@ -1013,14 +1016,10 @@ class Resample(Identity):
             return (msg,)
         resampler = self.resamplers.get(sid)
         if resampler is None:
-            layout = "mono" if self.channels == 1 else "stereo"
-            resampler = self.resamplers[sid] = av.AudioResampler(format="s16", layout=layout, rate=self.rate)
+            resampler = self.resamplers[sid] = codecs.PrimedResampler(self.channels, self.rate)
             self.next_pts[sid] = round(msg.header.pts * msg.header.time_base * self.rate)
         self.last_header[sid] = msg.header
-        arr = np.frombuffer(memoryview(msg.data), dtype=np.int16).reshape(1, -1)
-        frame = av.AudioFrame.from_ndarray(arr, format="s16", layout="mono" if msg.channels == 1 else "stereo")
-        frame.sample_rate = msg.sample_rate
-        return self._emit(sid, resampler.resample(frame), msg.header.capture_time_ns)
+        return self._emit(sid, resampler.resample(codecs.s16_to_av(msg)), msg.header.capture_time_ns)
 
     def flush(self, stream_id: str) -> Iterable[Message]:
         out: list[Message] = []

@@ -616,3 +616,24 @@ def test_pinned_place_follows_a_participants_new_track() -> None:
     assert composite is not None
     y, _, _ = i420_planes(composite.data, W, H)
     assert read_counter(y[120:360, :320]) == 508 and pictures(composite, EXPECTED_PICTURES[2])[1] == "bob"
+
+
+def test_resample_then_mix_sends_each_chunk_with_the_input_frame_that_completes_it() -> None:
+    """The room's 20 ms frames at 48 kHz, resampled to the SIP rate and mixed: one 20 ms chunk leaves per input
+    frame, stamped with that frame's capture time. libswresample holds the last samples of every input back, and
+    without priming each chunk ended in the next frame and waited 20 ms for it (room -> SIP audio latency)."""
+    rate_in, rate_out, n = 48_000, 8000, 960
+    resample, mix = parse_transform(f"resample:{rate_out}", "room-audio"), Mix(rate_out, "room-audio", DrivenClock())
+    click_at = 5 * n + 300
+    signal = np.zeros(n * 12, dtype=np.int16)
+    signal[click_at - 2 : click_at + 3] = 20_000
+    chunks: list[AudioFrame] = []
+    for i in range(12):
+        header = MediaHeader("alice/audio", i, i * n, Fraction(1, rate_in), 7_000_000 + i)
+        frame = AudioFrame(header, rate_in, 1, n, signal[i * n : (i + 1) * n].tobytes())
+        out = [m for r in resample.process(frame) for m in mix.process(r) if isinstance(m, AudioFrame)]
+        assert [(c.samples, c.header.capture_time_ns) for c in out] == [(160, 7_000_000 + i)], (i, out)
+        chunks += out
+    mixed = np.concatenate([np.frombuffer(c.data, np.int16) for c in chunks]).astype(np.int32)
+    shift_s = int(np.argmax(np.abs(mixed))) / rate_out - click_at / rate_in
+    assert 0 <= shift_s <= 0.0025, shift_s  # the output runs 2 ms behind its input, no more
