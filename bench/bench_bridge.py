@@ -25,7 +25,11 @@ Measured:
   (``--generators aiortc``, the default: browserless, a pre-encoded loop and an aiortc viewer, so the 2 cores go
   to the bridge; ``--generators chromium``: a Chromium page each, as before).
 
-Run as root: ``python bench/bench_bridge.py [--seconds 18]``; prints a table and writes bench/results/bridge.json.
+* with ``--busy N``: N busy-looping processes (batch work at nice 0) beside the call during the window; with
+  ``--nice N`` the call runs at that niceness (``[processes] nice``; the harness's Janus, the bridge's too, as well):
+  the difference is what process priority buys the media path on a host shared with batch work.
+
+Run as root: ``python bench/bench_bridge.py [--seconds 18] [--busy 2 --nice -10]``; prints a table and writes bench/results/bridge.json.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -161,7 +166,13 @@ def generator_usage(call: LocalCall) -> tuple[float, int]:
     return cpu, pss
 
 
-def run(seconds: float, generators: str = "aiortc") -> dict[str, Any]:
+def busy_loops(count: int) -> list[subprocess.Popen[bytes]]:
+    """Batch work beside the call: CPU-bound processes at the default niceness (issue 10: the call must not lose
+    to them)."""
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+
+
+def run(seconds: float, generators: str = "aiortc", busy: int = 0, nice: int = 0) -> dict[str, Any]:
     from sipbridge.status import StatusCollector
 
     options = CallOptions(
@@ -177,6 +188,7 @@ def run(seconds: float, generators: str = "aiortc") -> dict[str, Any]:
         viewer=True,  # receives alice directly (the lip-sync baseline) and the bot
         sync_marks=True,
         generators=generators,
+        bridge_extra=f"[processes]\nnice = {nice}\n" if nice else "",
     )
     floor = codec_floor_ms()
     run_dir = Path(tempfile.mkdtemp(prefix="sb-bench-bridge-"))
@@ -187,6 +199,11 @@ def run(seconds: float, generators: str = "aiortc") -> dict[str, Any]:
             collector.poll(0.5)
         if len(call.room_received(1)) < FPS:
             raise click.ClickException(f"no media through the bridge; see {call.run_dir}/logs")
+        if nice and call.janus is not None and call.janus.proc is not None:
+            # The harness's Janus is the bridge's Janus too (SIP plugin): it gets the call's niceness.
+            os.setpriority(os.PRIO_PROCESS, call.janus.proc.pid, nice)
+        batch = busy_loops(busy)
+        call.stack.callback(lambda: [(b.kill(), b.wait()) for b in batch])
         cpu0, _, _ = usage(call)
         programs0 = per_program(call)
         chromium0 = bot_chromium(call)
@@ -227,6 +244,8 @@ def run(seconds: float, generators: str = "aiortc") -> dict[str, Any]:
             "room": "H.264 + Opus, 1 participant",
             "sip": "H.264 + PCMU, sipp echo",
             "seconds": round(elapsed, 1),
+            "busy_loops": busy,
+            "nice": nice,
         },
         "latency": {
             "room_to_sip_video": lat(janus_in, "room-video"),
@@ -284,7 +303,8 @@ def run(seconds: float, generators: str = "aiortc") -> dict[str, Any]:
 def print_table(r: dict[str, Any]) -> None:
     click.echo(
         f"bridged call, {r['config']['size']}@{r['config']['fps']}, {r['config']['room']} <-> "
-        f"{r['config']['sip']}, {r['config']['seconds']} s (load avg {r['machine']['loadavg_1m_at_end']:.1f})"
+        f"{r['config']['sip']}, {r['config']['seconds']} s (load avg {r['machine']['loadavg_1m_at_end']:.1f}; "
+        f"{r['config']['busy_loops']} busy loops beside it; the call at nice {r['config']['nice']})"
     )
     click.echo(f"{'measure':<28}{'p50 ms':>10}{'p95 ms':>10}{'frames':>9}{'floor ms':>10}{'ratio':>8}  target")
     floors = r["baseline_codec_floor_ms"]
@@ -368,11 +388,15 @@ def print_lipsync(ls: dict[str, Any]) -> None:
 @click.option("--seconds", type=float, default=18.0, show_default=True, help="Measurement window.")
 @click.option("--generators", type=click.Choice(GENERATORS), default="aiortc", show_default=True,
               help="Who simulates the room: browserless aiortc participants or a Chromium page each.")
-def main(seconds: float, generators: str) -> None:
+@click.option("--busy", type=click.IntRange(0, 16), default=0, show_default=True,
+              help="Busy-looping processes (batch work at nice 0) beside the call during the window.")
+@click.option("--nice", type=click.IntRange(-20, 19), default=0, show_default=True,
+              help="The call's niceness ([processes] nice; the harness's Janus too).")
+def main(seconds: float, generators: str, busy: int, nice: int) -> None:
     """Bridge-added latency both ways and the whole call's CPU and PSS at 640x480@30."""
     if os.geteuid() != 0:
         raise click.ClickException("needs root (network namespace)")
-    result = run(seconds, generators)
+    result = run(seconds, generators, busy, nice)
     print_table(result)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")

@@ -25,7 +25,7 @@ from typing import Any
 
 from protocol import Message, VideoFrame
 from sipbridge.graph import STAGE_NAME, Graph, GraphError, graph_from_data, read_layout
-from sipbridge.supervise import StageSpec
+from sipbridge.supervise import NICE_MAX, NICE_MIN, StageSpec
 from stages import codecs
 
 # What a SIP call can carry (the codec registry, stages/codecs.py), in the registry's order.
@@ -135,6 +135,8 @@ class BridgeConfig:
     stages: dict[str, StageOverride] = field(default_factory=dict)
     # [processes] fuse: chains of adjacent stages that share one process (stages/fused.py); default: one each.
     fuse: list[list[str]] = field(default_factory=list)
+    # [processes] nice: CPU niceness of every process of the call (stages, the bot's Chromium, a Janus it starts).
+    nice: int = 0
 
 
 def _take(table: dict[str, Any], where: str, key: str, kind: type | tuple[type, ...], default: Any) -> Any:
@@ -423,7 +425,10 @@ def parse_bridge(data: dict[str, Any]) -> BridgeConfig:
     layout_points = sorted(read_layout(LAYOUT).get("insert", {}))
     cfg.transforms = _transforms(_take(data, "bridge file", "transform", list, []), layout_points)
     cfg.stages = _stage_overrides(data.get("stages", {}))
-    processes = _check_keys(data.get("processes", {}), "processes", {"fuse"})
+    processes = _check_keys(data.get("processes", {}), "processes", {"fuse", "nice"})
+    cfg.nice = _take(processes, "processes", "nice", int, 0)
+    if not NICE_MIN <= cfg.nice <= NICE_MAX:
+        raise BridgeConfigError(f"processes.nice must be from {NICE_MIN} to {NICE_MAX}, not {cfg.nice}")
     fuse = _take(processes, "processes", "fuse", list, [])
     if not all(isinstance(g, list) and all(isinstance(n, str) for n in g) for g in fuse):
         raise BridgeConfigError("processes.fuse must be a list of lists of stage names")
@@ -636,4 +641,7 @@ def bridge_graph(cfg: BridgeConfig) -> Graph:
 
 def bridge_stages(cfg: BridgeConfig, run_dir: Path) -> list[StageSpec]:
     """The stage processes of one bridged call (earlier entries start later and stop earlier)."""
-    return bridge_graph(cfg).specs(run_dir)
+    specs = bridge_graph(cfg).specs(run_dir)
+    for spec in specs:
+        spec.nice = cfg.nice
+    return specs

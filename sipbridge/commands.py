@@ -141,7 +141,10 @@ def run_pipeline(config: Path, run_dir: Path, forever: bool, quiet: bool = False
         if "stage" not in data and parse_bridge(data).start_janus:
             _check_local_janus(config)
         conf_path = run_dir / "supervisord.conf"
-        conf_path.write_text(render_config(specs, run_dir))
+        try:
+            conf_path.write_text(render_config(specs, run_dir))
+        except PipelineError as exc:
+            raise click.ClickException(f"{config}: {exc}") from None
     else:
         conf_path = config
     os.environ["SIPBRIDGE_RUN_DIR"] = str(run_dir)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 import shlex
 import shutil
 import signal
@@ -92,15 +93,21 @@ class StageSpec:
     secrets: dict[str, str] = field(default_factory=dict)
     # Runs until stopped (a bridge): restarted whatever its exit code; end of stream does not end it.
     live: bool = False
+    # CPU niceness of the program and its children (-20..19): below 0 puts a call's media ahead of batch work on the
+    # host (bench_bridge --busy); needs root, CAP_SYS_NICE or RLIMIT_NICE (check_nice).
+    nice: int = 0
 
 
 def parse_pipeline(data: dict[str, Any]) -> list[StageSpec]:
-    unknown_top = set(data) - {"stage", "live"}
+    unknown_top = set(data) - {"stage", "live", "nice"}
     if unknown_top:
-        raise PipelineError(f"unknown key(s) {', '.join(sorted(unknown_top))} (a pipeline has [[stage]] and live)")
+        raise PipelineError(f"unknown key(s) {', '.join(sorted(unknown_top))} (a pipeline has [[stage]], live, nice)")
     live = data.get("live", False)
     if not isinstance(live, bool):
         raise PipelineError("live must be true or false")
+    nice = data.get("nice", 0)
+    if not isinstance(nice, int) or isinstance(nice, bool) or not NICE_MIN <= nice <= NICE_MAX:
+        raise PipelineError(f"nice must be a whole number from {NICE_MIN} to {NICE_MAX}, not {nice!r}")
     stages_data = data.get("stage")
     if not isinstance(stages_data, list) or not stages_data:
         raise PipelineError("pipeline needs at least one [[stage]] table")
@@ -138,7 +145,8 @@ def parse_pipeline(data: dict[str, Any]) -> list[StageSpec]:
             if not ENV_NAME.fullmatch(key) or match is None:
                 raise PipelineError(f'stage {name!r}.secrets.{key} must be "env:NAME" (secrets stay out of files)')
             secrets[key] = match[1]
-        specs.append(StageSpec(name, kind, command, list(args), list(inputs), dict(env), secrets=secrets, live=live))
+        specs.append(StageSpec(name, kind, command, list(args), list(inputs), dict(env), secrets=secrets, live=live,
+                               nice=nice))
     names = [s.name for s in specs]
     for spec in specs:
         if names.count(spec.name) > 1:
@@ -176,6 +184,39 @@ def _env_entry(key: str, value: str) -> str:
     return f"{key}={quote}{value.replace('%', '%%')}{quote}"
 
 
+NICE_MIN, NICE_MAX = -20, 19
+CAP_SYS_NICE_BIT = 23  # linux/capability.h
+
+
+def nice_floor() -> int:
+    """The lowest niceness this process may give its children: -20 with CAP_SYS_NICE (root has it), else what
+    RLIMIT_NICE allows (its soft limit r lets a process go down to 20 - r; ``ulimit -e``), else its own."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        cap_eff = int(next(line.split()[1] for line in status.splitlines() if line.startswith("CapEff:")), 16)
+    except (OSError, StopIteration, ValueError, IndexError):
+        cap_eff = 0
+    if cap_eff >> CAP_SYS_NICE_BIT & 1:
+        return NICE_MIN
+    soft, _ = resource.getrlimit(resource.RLIMIT_NICE)
+    by_limit = 20 - soft if soft != resource.RLIM_INFINITY else NICE_MIN
+    return max(NICE_MIN, min(by_limit, os.getpriority(os.PRIO_PROCESS, 0)))
+
+
+def check_nice(specs: list[StageSpec]) -> None:
+    """Refuse a niceness this user may not set, before anything starts (a program would run at its default and
+    the call would lose to batch work with no word)."""
+    wanted = min((spec.nice for spec in specs), default=0)
+    floor = nice_floor()
+    if wanted < floor:
+        raise PipelineError(
+            f"nice {wanted} is not allowed for this user (lowest allowed: {floor}): run as root, give the process "
+            f"CAP_SYS_NICE, or raise RLIMIT_NICE to {20 - wanted} (limits.conf 'nice' or `ulimit -e`), or set nice "
+            f">= {floor}")
+    if any(spec.nice for spec in specs) and shutil.which("nice") is None:
+        raise PipelineError("nice is set but the nice command (coreutils) is not on PATH")
+
+
 def _program(spec: StageSpec, priority: int, run_dir: Path) -> str:
     if spec.command is not None:
         command = spec.command
@@ -189,6 +230,9 @@ def _program(spec: StageSpec, priority: int, run_dir: Path) -> str:
         wrapper = _secret_wrapper(spec.name, run_dir) if spec.secrets else []
         # supervisord expands %(name)s in command lines: a literal % (a URL escape, a regex) must be doubled.
         command = " ".join(config_quote(a) for a in [*wrapper, *argv, *args]).replace("%", "%%")
+    if spec.nice:
+        # coreutils nice execs the program: supervisord's pid is still the program's, and its children inherit.
+        command = f"{shutil.which('nice') or 'nice'} -n {spec.nice} {command}"
     group_stop = "true" if spec.kind in GROUP_STOP_KINDS else "false"
     variables = {"SIPBRIDGE_RUN_DIR": str(run_dir), **({LIVE_ENV: "1"} if spec.live else {}), **spec.env}
     env = ",".join(_env_entry(k, v) for k, v in variables.items())
@@ -217,6 +261,7 @@ environment={env}
 
 def render_config(specs: list[StageSpec], run_dir: Path) -> str:
     """A supervisord configuration: consumers get lower priorities, so they start first and stop last."""
+    check_nice(specs)
     header = f"""; generated by `sipbridge up`; see the top-level supervisord.conf for the commented original
 [unix_http_server]
 file={run_dir}/supervisor.sock

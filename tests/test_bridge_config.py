@@ -62,6 +62,8 @@ def example() -> dict:
         (lambda d: d["layout"].update(participants=["p" * 5000]), "layout.participants[1] is 5000 characters"),
         (lambda d: d.pop("room"), "missing section [room]"),
         (lambda d: d.update(room="x"), "[room] must be a table"),
+        (lambda d: d.update(processes={"nice": -21}), "processes.nice must be from -20 to 19, not -21"),
+        (lambda d: d.update(processes={"nice": "high"}), "processes.nice must be int"),
     ],
 )
 def test_errors_name_the_bad_key(mutate, message: str) -> None:
@@ -121,6 +123,16 @@ def test_a_bridge_is_live_every_program_restarted_whatever_its_exit_code(tmp_pat
     conf = render_config(specs, tmp_path)
     assert conf.count("autorestart=true") == len(specs) and "autorestart=unexpected" not in conf
     assert conf.count('SIPBRIDGE_LIVE="1"') == len(specs)
+
+
+def test_processes_nice_puts_every_program_of_the_call_behind_nice(tmp_path: Path) -> None:
+    data = example()
+    data["processes"] = {"nice": -7}
+    specs = bridge_stages(parse_bridge(data), tmp_path)
+    assert {s.nice for s in specs} == {-7}
+    commands = [line for line in render_config(specs, tmp_path).splitlines() if line.startswith("command=")]
+    assert len(commands) == len(specs) and all(re.match(r"command=\S*/nice -n -7 ", c) for c in commands), commands
+    assert "nice -n" not in render_config(bridge_stages(parse_bridge(example()), tmp_path), tmp_path)
 
 
 def test_room_url_with_a_query_string_gets_the_room_joined_with_an_ampersand() -> None:

@@ -686,3 +686,60 @@ def test_up_prints_the_inbound_uri_and_status_shows_it(tmp_path: Path) -> None:
             up.kill()
             _kill_leftovers(run_dir)
     assert output.decode().count("inbound: callers dial sip:bridge@127.0.0.1:41234") == 1, output.decode()
+
+
+def _niceness(pid: int) -> int:
+    # /proc/PID/stat: field 19 is the nice value; the command name (field 2) may hold spaces, so split after it.
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
+
+
+def test_nice_reaches_every_program_and_their_children(tmp_path: Path) -> None:
+    """`nice = -5`: each program runs at -5 under supervisord (coreutils nice execs it, so supervisord's pid is still
+    the program's), and what a program starts (the bot's Chromium, say) inherits it."""
+    probe = tmp_path / "probe.sh"
+    probe.write_text("#!/bin/sh\nsleep 300 &\nwait\n")  # a program with a child
+    probe.chmod(0o755)
+    up, run_dir = _start_up(tmp_path, "nice = -5\n" + LIVE_PIPELINE
+                            + f'[[stage]]\nname = "probe"\ncommand = "{probe}"\n')  # fmt: skip
+    try:
+        from sipbridge.supervise import process_states
+
+        def pids() -> dict[str, int] | None:
+            states = process_states(run_dir)
+            running = {name: int(s["pid"]) for name, s in states.items() if s.get("statename") == "RUNNING"}
+            return running if len(running) == 5 else None
+
+        running = _wait(pids, 60, "all five programs running")
+        assert {name: _niceness(pid) for name, pid in running.items()} == dict.fromkeys(running, -5)
+        children = _wait(lambda: Path(f"/proc/{running['probe']}/task/{running['probe']}/children").read_text().split(),
+                         10, "the probe's child")  # fmt: skip
+        assert _niceness(int(children[0])) == -5
+        assert "cannot set niceness" not in (run_dir / "logs" / "source.log").read_text()
+    finally:
+        _stop_up(up, run_dir)
+
+
+def test_a_niceness_the_user_may_not_set_is_refused_before_anything_starts(tmp_path: Path) -> None:
+    """Without CAP_SYS_NICE (dropped here from root's bounding set) and with RLIMIT_NICE at its default, a negative
+    nice would be ignored by the kernel and the call would run at 0 with no word: `up` refuses it and says how to
+    allow it; a pipeline that asks for nothing below what the user may set still starts."""
+    run_dir = _run_dir(tmp_path)
+    pipeline = tmp_path / "p.toml"
+    pipeline.write_text("nice = -5\n" + LIVE_PIPELINE)
+    no_cap = ["setpriv", "--bounding-set=-sys_nice", "--inh-caps=-sys_nice"]
+    result = subprocess.run([*no_cap, sys.executable, "-m", "sipbridge", "up", str(pipeline), "--run-dir",
+                             str(run_dir)], capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert result.returncode == 1, result
+    assert "nice -5 is not allowed for this user (lowest allowed: 0)" in result.stderr
+    assert "CAP_SYS_NICE" in result.stderr and "RLIMIT_NICE to 25" in result.stderr
+    assert not (run_dir / "supervisord.pid").exists()
+    check = "from sipbridge.supervise import *; check_nice(parse_pipeline({'nice': 3, 'stage': [{'name': 'a', " \
+            "'kind': 'sink'}]})); print('ok')"  # fmt: skip
+    assert subprocess.run([*no_cap, sys.executable, "-c", check], capture_output=True, text=True,
+                          timeout=60).stdout.strip() == "ok"  # fmt: skip
+
+
+def test_pipeline_nice_must_be_a_niceness() -> None:
+    for bad in (-21, 20, True, "5", 1.5):
+        with pytest.raises(PipelineError, match="nice must be a whole number from -20 to 19"):
+            parse_pipeline({"nice": bad, "stage": [{"name": "a", "kind": "sink"}]})
