@@ -29,7 +29,8 @@ Measured:
   ``--nice N`` the call runs at that niceness (``[processes] nice``; the harness's Janus, the bridge's too, as well):
   the difference is what process priority buys the media path on a host shared with batch work.
 
-Run as root: ``python bench/bench_bridge.py [--seconds 18] [--busy 2 --nice -10]``; prints a table and writes bench/results/bridge.json.
+Run as root: ``python bench/bench_bridge.py [--seconds 18] [--busy 2 --nice -10]``; prints a table and writes
+bench/results/bridge.json.
 """
 
 from __future__ import annotations
