@@ -22,10 +22,12 @@ import signal, subprocess, sys
 from sipbridge.lifetime import die_with_parent
 if sys.argv[1] == "ignoring":
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-child = subprocess.Popen(die_with_parent([sys.executable, "-c", "import time; time.sleep(600)"]))
+child = subprocess.Popen(die_with_parent([sys.executable, "-c", sys.argv[2]]))
 print(child.pid, flush=True)
 child.wait()
 """
+SLEEPER = "import time; time.sleep(600)"
+SLEEPER_ARGV = [sys.executable.encode(), b"-c", SLEEPER.encode()]
 
 
 def alive(pid: int) -> bool:
@@ -38,15 +40,17 @@ def alive(pid: int) -> bool:
 
 @pytest.mark.parametrize("starter_sigterm", ["default", "ignoring"])
 def test_a_child_ends_when_its_starter_is_killed(starter_sigterm: str) -> None:
-    starter = subprocess.Popen([sys.executable, "-c", STARTER, starter_sigterm], stdout=subprocess.PIPE, text=True)
+    starter = subprocess.Popen([sys.executable, "-c", STARTER, starter_sigterm, SLEEPER], stdout=subprocess.PIPE,
+                               text=True)
     assert starter.stdout is not None
     child = int(starter.stdout.readline())
     try:
-        # Past setpriv (which sets the parent-death signal, then execs) and env (which restores SIGTERM's default
-        # action, then execs): their own argv names the sleeper too, so the first word tells them apart. Killing the
-        # starter before the sleeper runs would be a race the test made.
+        # Wait for the sleeper itself: past the fork (until its exec the child is a copy of the starter, argv and all,
+        # so its first word is the same Python; ci26, under load, killed the starter then, before setpriv had set
+        # the parent-death signal), past setpriv (sets that signal, then execs) and env (restores SIGTERM's default
+        # action, then execs). Killing the starter earlier would be a race the test made.
         wait_until(
-            lambda: Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")[0] not in (b"setpriv", b"env"),
+            lambda: Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")[:3] == SLEEPER_ARGV,
             CHILD_START_TIMEOUT_S,
             "the child to start",
         )
