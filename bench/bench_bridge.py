@@ -173,7 +173,8 @@ def busy_loops(count: int) -> list[subprocess.Popen[bytes]]:
     return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
 
 
-def run(seconds: float, generators: str = "aiortc", busy: int = 0, nice: int = 0) -> dict[str, Any]:
+def run(seconds: float, generators: str = "aiortc", busy: int = 0, nice: int = 0, page_video: str = "shown"
+        ) -> dict[str, Any]:
     from sipbridge.status import StatusCollector
 
     options = CallOptions(
@@ -190,6 +191,7 @@ def run(seconds: float, generators: str = "aiortc", busy: int = 0, nice: int = 0
         sync_marks=True,
         generators=generators,
         bridge_extra=f"[processes]\nnice = {nice}\n" if nice else "",
+        page_video=page_video,
     )
     floor = codec_floor_ms()
     run_dir = Path(tempfile.mkdtemp(prefix="sb-bench-bridge-"))
@@ -247,6 +249,7 @@ def run(seconds: float, generators: str = "aiortc", busy: int = 0, nice: int = 0
             "seconds": round(elapsed, 1),
             "busy_loops": busy,
             "nice": nice,
+            "page_video": page_video,
         },
         "latency": {
             "room_to_sip_video": lat(janus_in, "room-video"),
@@ -393,11 +396,13 @@ def print_lipsync(ls: dict[str, Any]) -> None:
               help="Busy-looping processes (batch work at nice 0) beside the call during the window.")
 @click.option("--nice", type=click.IntRange(-20, 19), default=0, show_default=True,
               help="The call's niceness ([processes] nice; the harness's Janus too).")
-def main(seconds: float, generators: str, busy: int, nice: int) -> None:
+@click.option("--page-video", type=click.Choice(["shown", "hidden"]), default="shown", show_default=True,
+              help="The bot page's video elements ([room] page_video).")
+def main(seconds: float, generators: str, busy: int, nice: int, page_video: str) -> None:
     """Bridge-added latency both ways and the whole call's CPU and PSS at 640x480@30."""
     if os.geteuid() != 0:
         raise click.ClickException("needs root (network namespace)")
-    result = run(seconds, generators, busy, nice)
+    result = run(seconds, generators, busy, nice, page_video)
     print_table(result)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")

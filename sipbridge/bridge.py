@@ -100,6 +100,7 @@ class BridgeConfig:
     recipe: str = "local-room"
     display_name: str = "SIP bridge"
     capture: str = "encoded"
+    page_video: str = "shown"  # "hidden": the bot page's video elements are not displayed (no painting for nobody)
     recipe_vars: dict[str, str] = field(default_factory=dict)
     janus_url: str = "ws://127.0.0.1:8188"
     janus_api_secret: str | None = None
@@ -338,7 +339,7 @@ def parse_bridge(data: dict[str, Any]) -> BridgeConfig:
         _check_bounds(value, section)
     if "room" not in data:
         raise BridgeConfigError("missing section [room] (url and recipe of the room the bot joins)")
-    room = _check_keys(data.get("room"), "room", {"url", "recipe", "display_name", "capture", "vars"})
+    room = _check_keys(data.get("room"), "room", {"url", "recipe", "display_name", "capture", "vars", "page_video"})
     if "url" not in room:
         raise BridgeConfigError("room.url is required")
     janus = _check_keys(data.get("janus", {}), "janus", {"url", "api_secret", "start"})
@@ -356,6 +357,8 @@ def parse_bridge(data: dict[str, Any]) -> BridgeConfig:
     cfg.recipe = _take(room, "room", "recipe", str, cfg.recipe)
     cfg.display_name = _take(room, "room", "display_name", str, cfg.display_name)
     cfg.capture = _choice(_take(room, "room", "capture", str, cfg.capture), "room.capture", CAPTURE_MODES)
+    cfg.page_video = _choice(_take(room, "room", "page_video", str, cfg.page_video), "room.page_video",
+                             ("shown", "hidden"))
     recipe_vars = _take(room, "room", "vars", dict, {})
     if not all(isinstance(v, str) for v in recipe_vars.values()):
         raise BridgeConfigError("room.vars must be a table of strings")
@@ -545,6 +548,8 @@ def _browser_args(cfg: BridgeConfig) -> list[str]:
         cfg.display_name,
         "--mode",
         cfg.capture,
+        "--page-video",
+        cfg.page_video,
         "--video-tracks",
         str(video_tracks),
         "--hwm",

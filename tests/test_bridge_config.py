@@ -62,6 +62,7 @@ def example() -> dict:
         (lambda d: d["layout"].update(participants=["p" * 5000]), "layout.participants[1] is 5000 characters"),
         (lambda d: d.pop("room"), "missing section [room]"),
         (lambda d: d.update(room="x"), "[room] must be a table"),
+        (lambda d: d["room"].update(page_video="blurred"), "room.page_video must be one of shown, hidden"),
         (lambda d: d.update(processes={"nice": -21}), "processes.nice must be from -20 to 19, not -21"),
         (lambda d: d.update(processes={"nice": "high"}), "processes.nice must be int"),
     ],

@@ -256,17 +256,20 @@ def test_bot_chromium_reads_cheap_publishers(room: Room, tmp_path: Path, mode: s
 
 @pytest.mark.media
 @pytest.mark.timeout(360)
-def test_bridged_call_with_cheap_generators(tmp_path: Path) -> None:
+@pytest.mark.parametrize("page_video", ["shown", "hidden"])
+def test_bridged_call_with_cheap_generators(tmp_path: Path, page_video: str) -> None:
     """The harness with ``generators="aiortc"``: a browserless publisher (H.264 + Opus) bridged to an H.264 + PCMU
     sipp echo; the browserless viewer reads the bot's camera (the echo) with its counters in order, the echoed tone,
-    and the lip-sync marks of the participant (directly) and of the bot (through the bridge and back)."""
+    and the lip-sync marks of the participant (directly) and of the bot (through the bridge and back). With the bot
+    page's video elements hidden (``[room] page_video``) capture and identification are the same."""
     for tool in ("janus", "sipp", "tshark", "chromium"):
         if shutil.which(tool) is None:
             pytest.skip(f"{tool} is not installed")
     if os.geteuid() != 0:
         pytest.skip("needs root for network namespaces")
     options = CallOptions(participants=[("alice", 440.0)], room_codec="h264", layout="single", max_tiles=1,
-                          split=None, layout_ids=["alice/video"], sync_marks=True, generators="aiortc")
+                          split=None, layout_ids=["alice/video"], sync_marks=True, generators="aiortc",
+                          page_video=page_video)
     assert options.viewer  # aiortc publishers receive nothing: the viewer reports what the room gets
     with LocalCall(tmp_path / "run", options) as call:
         assert call.observer == call.sync_observer == VIEWER_NAME

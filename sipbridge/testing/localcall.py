@@ -82,6 +82,7 @@ class CallOptions:
     participant_size: str = "320x240"
     participant_fps: int = 15
     capture: str = "encoded"
+    page_video: str = "shown"  # the bot page's video elements: "hidden" is not displayed
     sip_scenario: str = "uas_echo"  # a scenario for ``sipp_scenario`` (echoes with -rtp_echo)
     # Calls the SIP peer takes before it exits: more than one when the bridge may dial again (after a Janus
     # restart the re-dialled call is a second call: the first never got its BYE).
@@ -132,6 +133,7 @@ url = "http://127.0.0.1:{ROOM_HTTP_PORT}/"
 recipe = "local-room"
 display_name = "{BOT_NAME}"
 capture = "{self.capture}"
+page_video = "{self.page_video}"
 vars = {{ room = "{self.room}", codec = "h264" }}
 
 [janus]

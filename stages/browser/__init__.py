@@ -52,6 +52,9 @@ def _parse_route(text: str) -> Any:
 @click.option("--display-name", default=None, help="Name the bot joins with (recipe variable display_name).")
 @click.option("--mode", type=click.Choice(["raw", "encoded"]), default="raw", show_default=True,
               help="raw: decoded I420/s16 out of the page; encoded: frames as received, for the decoder stage.")
+@click.option("--page-video", type=click.Choice(["shown", "hidden"]), default="shown", show_default=True,
+              help="hidden: the page's video elements are not displayed, so the bot's renderer does not paint "
+              "pictures nobody looks at; capture is unchanged.")
 @click.option("--video-tracks", type=int, default=1, show_default=True,
               help="Cameras the bot offers (one per injected video stream).")
 @click.option("--max-backlog-mb", type=float, default=2.0, show_default=True,
@@ -96,6 +99,7 @@ def command(ctx: click.Context, **params: Any) -> None:
     config = BrowserConfig(
         recipe=recipe,
         mode=CaptureMode(params["mode"]),
+        page_video=params["page_video"],
         ws_port=params["ws_port"],
         max_backlog_bytes=int(params["max_backlog_mb"] * 1024 * 1024),
         max_page_lag_ms=params["max_page_lag_ms"],

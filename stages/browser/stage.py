@@ -110,6 +110,8 @@ class PageMessageError(ValueError):
 class BrowserConfig:
     recipe: Recipe
     mode: CaptureMode = CaptureMode.RAW
+    # "hidden": the page's video elements are not displayed (nobody looks at a bot's page); capture is unchanged.
+    page_video: str = "shown"
     ws_host: str = "127.0.0.1"
     ws_port: int = 0
     max_backlog_bytes: int = DEFAULT_MAX_BACKLOG_BYTES
@@ -217,11 +219,13 @@ def stream_name(participant: str) -> str:
 
 def init_script(ws_url: str, recipe: Recipe, *, mode: CaptureMode = CaptureMode.RAW,
                 max_backlog_bytes: int = DEFAULT_MAX_BACKLOG_BYTES, identify_timeout_s: float = IDENTIFY_TIMEOUT_S,
-                video_tracks: int = 1, max_page_lag_ms: int = DEFAULT_MAX_PAGE_LAG_MS) -> str:
+                video_tracks: int = 1, max_page_lag_ms: int = DEFAULT_MAX_PAGE_LAG_MS,
+                page_video: str = "shown") -> str:
     """The page hook (js/hook.js and its workers) as one init script, talking to the socket at ``ws_url``."""
     cfg = {
         "wsUrl": ws_url,
         "mode": mode.value,
+        "pageVideo": page_video,
         "maxBacklogBytes": max_backlog_bytes,
         "maxLagMs": max_page_lag_ms,
         "identifyTimeoutMs": int(identify_timeout_s * 1000),
@@ -612,7 +616,8 @@ class BrowserStage(Stage):
         return init_script(self._ws_url, self.recipe, mode=self.config.mode,
                            max_backlog_bytes=self.config.max_backlog_bytes,
                            max_page_lag_ms=self.config.max_page_lag_ms,
-                           identify_timeout_s=self.config.identify_timeout_s, video_tracks=self.config.video_tracks)
+                           identify_timeout_s=self.config.identify_timeout_s, video_tracks=self.config.video_tracks,
+                           page_video=self.config.page_video)
 
     async def _set_state(self, state: str, **attributes: Any) -> None:
         self._state = state

@@ -1,6 +1,7 @@
 // sipbridge page hook: injected with one Playwright add_init_script before any page script runs.
 // The Python side prepends two constants:
-//   SB_CONFIG         {wsUrl, mode: "raw"|"encoded", maxBacklogBytes, maxLagMs, identifyTimeoutMs,
+//   SB_CONFIG         {wsUrl, mode: "raw"|"encoded", pageVideo: "shown"|"hidden", maxBacklogBytes, maxLagMs,
+//                      identifyTimeoutMs,
 //                      participantAttribute, participantScript, videoTracks, statsIntervalMs}
 //   SB_WORKER_SOURCE  the text of capture_worker.js (a Blob worker: raw capture and RTCRtpScriptTransform)
 //   SB_RELAY_SOURCE   the text of relay_worker.js (a Blob SharedWorker holding the WebSockets to Python)
@@ -33,6 +34,15 @@
   const hook = { tracks: new Map(), pcs: new Set(), drops: {}, injected: { video: 0, audio: 0 }, ws: null,
     gum: { calls: 0, audio: false, video: false }, gumTracks: new WeakSet() };
   window.__sipbridgeHook = hook;
+  // Nobody looks at a bot's page: with pageVideo "hidden" its video elements are not displayed, so the renderer
+  // does not paint them. They keep their srcObject, which is how tracks are identified.
+  if (cfg.pageVideo === "hidden") {
+    document.addEventListener("DOMContentLoaded", () => {
+      const style = document.createElement("style");
+      style.textContent = "video { display: none !important; }";
+      (document.head || document.documentElement).appendChild(style);
+    });
+  }
   // Track keys are unique across documents and frames sharing one Python side.
   const DOC_ID = Math.random().toString(36).slice(2, 10);
   let nextTrackKey = 1;
