@@ -320,6 +320,7 @@ class PrimedResampler:
         import av
 
         self.rate = rate
+        self.channels = channels
         self.layout = layout_name(channels)
         self._resampler = av.AudioResampler(format="s16", layout=self.layout, rate=rate)
         self._primed = False
@@ -335,9 +336,8 @@ class PrimedResampler:
             return out
         import av
 
-        channels = len(av.AudioLayout(self.layout).channels)
-        silence = av.AudioFrame.from_ndarray(np.zeros((1, shortfall * channels), dtype=np.int16), format="s16",
-                                             layout=self.layout)
+        silence = av.AudioFrame.from_ndarray(np.zeros((1, shortfall * self.channels), dtype=np.int16),
+                                             format="s16", layout=self.layout)
         silence.sample_rate = self.rate
         return [silence, *out]
 

@@ -1001,7 +1001,9 @@ class Resample(Identity):
     def _emit(self, stream_id: str, frames: list[av.AudioFrame], capture_ns: int) -> list[Message]:
         if not frames:
             return []
-        data = np.concatenate([np.ascontiguousarray(f.to_ndarray()).reshape(-1) for f in frames])
+        arrays = [np.ascontiguousarray(f.to_ndarray()).reshape(-1) for f in frames]
+        # One frame per input but the first (primed with silence): no copy for the usual case.
+        data = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
         samples = data.size // self.channels
         pts = self.next_pts.get(stream_id, 0)
         self.next_pts[stream_id] = pts + samples
