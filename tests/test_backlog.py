@@ -1,5 +1,5 @@
-"""A stage that fell behind drops queued audio instead of carrying the backlog as latency, and a stalled consumer
-does not stall its producer (stages.base)."""
+"""A stage that fell behind drops queued audio instead of carrying the backlog as latency, a stalled consumer does
+not stall its producer, and a receive batch costs one codec-thread hand-off (stages.base)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,13 @@ from fractions import Fraction
 from typing import Any
 
 from protocol import AudioFrame, Codec, EncodedPacket, Event, EventType, MediaHeader, Message, VideoFrame, i420_size
-from stages.base import AUDIO_SEND_WAIT_MS, MAX_AUDIO_BACKLOG_S, Stage, StageOptions, skip_queued_audio
+from stages.base import (
+    AUDIO_SEND_WAIT_MS,
+    MAX_AUDIO_BACKLOG_S,
+    Stage,
+    StageOptions,
+    skip_queued_audio,
+)
 
 RATE_HZ = 48000
 FRAME_SAMPLES = 960  # 20 ms
@@ -121,3 +127,39 @@ def test_events_still_wait_for_room_while_audio_is_dropped_at_once() -> None:
         assert consumer.waits_ms == [AUDIO_SEND_WAIT_MS, AUDIO_SEND_WAIT_MS]
     finally:
         stage._ctx.term()
+
+
+class _Recording(Stage):
+    """A real stage whose codec thread records what it was given, in which hand-off."""
+
+    def __init__(self, options: StageOptions) -> None:
+        super().__init__(options)
+        self.handoffs: list[list[tuple[str, int]]] = []
+        self.emitted: list[tuple[str, int]] = []
+
+    def _process_batch(self, batch: list[Message]) -> list[tuple[list[Message] | Exception, float]]:
+        self.handoffs.append([(m.header.stream_id, m.header.seq) for m in batch])  # type: ignore[union-attr]
+        return super()._process_batch(batch)
+
+    def process(self, msg: Message) -> list[Message]:
+        if msg.header.stream_id == "bad":  # type: ignore[union-attr]
+            raise ValueError("corrupt")
+        return [msg]
+
+    async def emit(self, msg: Message) -> bool:
+        self.emitted.append((msg.header.stream_id, msg.header.seq))  # type: ignore[union-attr]
+        return True
+
+
+def test_a_batch_goes_to_the_codec_thread_once_audio_first_and_a_bad_message_drops_alone() -> None:
+    stage = _Recording(StageOptions(name="rec"))
+    batch: list[Message] = [picture("cam", 1), audio("alice", 1), picture("bad", 1), picture("cam", 2),
+                            audio("alice", 2)]
+    try:
+        asyncio.run(stage._handle_media(batch, None))
+    finally:
+        stage._codec_thread.shutdown()
+        stage._ctx.term()
+    assert stage.handoffs == [[("alice", 1), ("alice", 2), ("cam", 1), ("bad", 1), ("cam", 2)]]
+    assert stage.emitted == [("alice", 1), ("alice", 2), ("cam", 1), ("cam", 2)]
+    assert stage.drops["process_error"] == 1
