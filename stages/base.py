@@ -567,8 +567,10 @@ class Stage:
         if opts.output:
             self._out = self._socket(zmq.PUSH)
             self._out.setsockopt(zmq.SNDHWM, opts.hwm)
-            self._out.bind(opts.output)
+            # The monitor first: a consumer accepted between bind and monitor would never be counted, and at the
+            # end this stage would find "no consumer" and skip the end of stream it is waiting for (seen under load).
             self._out_monitor = self._out.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+            self._out.bind(opts.output)
             self._out_control = self._socket(zmq.PULL)
             self._out_control.bind(control_endpoint(opts.output))
         for endpoint in opts.inputs:

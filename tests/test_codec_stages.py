@@ -574,3 +574,55 @@ def test_stream_table_is_bounded_and_idle_streams_expire(monkeypatch: pytest.Mon
     assert sorted(sid for sid, _ in table.items()) == ["a"] and table.expired == 2
     table["d"].frames_in += 1
     assert table.get("a") is not None and table["a"].frames_in == 2 and "d" in table
+
+
+def test_the_output_counts_a_consumer_that_connects_at_once(tmp_path: Path) -> None:
+    """A consumer accepted before the output's monitor was attached was never counted: at the end the stage found
+    "no consumer connected" and skipped the end of stream the consumer was waiting for (ci31, under load). The
+    monitor now comes before the bind, so no connection can precede it: this test connects in between."""
+    import asyncio
+
+    from stages.base import Stage, StageOptions
+
+    endpoint = f"ipc://{tmp_path}/out.sock"
+    peer_ctx = zmq.Context()
+    peer = peer_ctx.socket(zmq.PULL)
+    peer.setsockopt(zmq.LINGER, 0)
+    stage = Stage(StageOptions(name="early", output=endpoint))
+    make_socket = stage._socket
+
+    def socket_whose_bind_lets_a_consumer_in(kind: int) -> Any:
+        sock = make_socket(kind)
+        real_bind = sock.bind
+
+        def bind(addr: str) -> Any:
+            result = real_bind(addr)
+            if addr == endpoint:
+                peer.connect(endpoint)
+                time.sleep(0.3)  # ZeroMQ's I/O thread accepts the connection before the stage's next step
+            return result
+
+        sock.bind = bind
+        return sock
+
+    stage._socket = socket_whose_bind_lets_a_consumer_in  # type: ignore[method-assign]
+
+    async def count_consumers() -> int:
+        stage._open_sockets()
+        monitor = asyncio.create_task(stage._monitor_consumers())
+        deadline = time.monotonic() + 5.0
+        while stage._consumers == 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        monitor.cancel()
+        return stage._consumers
+
+    try:
+        assert asyncio.run(count_consumers()) == 1
+    finally:
+        peer.close()
+        peer_ctx.term()
+        for sock in [stage._out, stage._out_control, stage._out_monitor]:
+            if sock is not None:
+                sock.close(0)
+        stage._codec_thread.shutdown()
+        stage._ctx.term()
