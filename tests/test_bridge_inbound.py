@@ -101,7 +101,10 @@ def test_inbound_call_joins_the_routed_room_for_the_call_only(tmp_path: Path) ->
                 in_call = wait_figures(collector, "browser", lambda f: f["state"] == "joined", "the bot joining")
                 assert in_call["call"]["peer"].startswith(f"sip:{CALLER}@")
                 assert in_call["call"]["vars"] == {"room": str(ROUTED_ROOM)}
-                # `sipbridge status` tells the call's state, the caller and the codecs.
+                # `sipbridge status` tells the call's state, the caller and the codecs (once the janus stage's
+                # figures, once a second on their own socket, say media is up: the bot may join before that).
+                wait_figures(collector, "janus", lambda f: (f.get("call") or {}).get("state") == "media_up",
+                             "the janus stage saying media is up")
                 status = CliRunner().invoke(cli, ["status", "--json", "--run-dir", str(call.run_dir)])
                 assert status.exit_code == 0, status.output
                 summary = json.loads(status.output)["call"]

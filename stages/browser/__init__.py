@@ -7,12 +7,16 @@ rejoin, protocol translation), ``recipes/`` (how to join each app), ``procs.py``
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import importlib
 import json
 import re
 from typing import Any
 
 import click
 
+import stages.options as stage_options_module
 from stages.options import build_options, run, stage_options
 
 
@@ -76,7 +80,6 @@ def _parse_route(text: str) -> Any:
 def command(ctx: click.Context, **params: Any) -> None:
     """Join a WebRTC room with headless Chromium: capture every participant, inject the pipeline's media."""
     from stages.browser.recipes import RecipeError, load_recipe, recipe_from_mapping
-    from stages.browser.stage import BrowserConfig, BrowserStage, CaptureMode
 
     options = build_options(params)
     variables = _parse_vars(params["variables"])
@@ -96,6 +99,18 @@ def command(ctx: click.Context, **params: Any) -> None:
             recipe = load_recipe(params["recipe"], variables)
     except RecipeError as exc:
         raise click.BadParameter(str(exc), param_hint="--recipe") from None
+    if stage_options_module.collecting is not None:  # built for another process (fused stages): nothing to start
+        run(_build_stage(options, params, recipe, None))
+        return
+    # The stage is kept until the process exits, as run() keeps it: at a group stop Playwright's driver ends with
+    # us and its transport holds an error nobody reads, which a collection inside the loop logs as an error.
+    code, _stage = asyncio.run(_run_started_early(options, params, recipe))
+    raise SystemExit(code)
+
+
+def _build_stage(options: Any, params: dict[str, Any], recipe: Any, early: Any) -> Any:
+    from stages.browser.stage import BrowserConfig, BrowserStage, CaptureMode
+
     config = BrowserConfig(
         recipe=recipe,
         mode=CaptureMode(params["mode"]),
@@ -109,4 +124,24 @@ def command(ctx: click.Context, **params: Any) -> None:
         join_on_call=params["join_on_call"],
         routes=[_parse_route(text) for text in params["routes"]],
     )
-    run(BrowserStage(options, config))
+    return BrowserStage(options, config, early=early)
+
+
+async def _run_started_early(options: Any, params: dict[str, Any], recipe: Any) -> tuple[int, Any]:
+    """Run the stage with Playwright, Chromium and a page started while the stage's modules import (early.py)."""
+    from stages.base import run_dir
+    from stages.browser import early
+
+    early.use_compile_cache(run_dir())
+    started = asyncio.ensure_future(early.start(bypass_csp=recipe.bypass_csp))
+    stage = None
+    try:
+        # A worker thread: the event loop meanwhile answers the driver, so Chromium launches in parallel.
+        await asyncio.to_thread(importlib.import_module, "stages.browser.stage")
+        stage = _build_stage(options, params, recipe, started)
+        return int(await stage.run()), stage
+    finally:
+        if stage is None or stage.early is not None:  # the stage never took what was started for it
+            started.cancel()
+            with contextlib.suppress(BaseException):
+                await (await started).close()

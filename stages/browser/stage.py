@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import WSMsgType, web
-from playwright.async_api import Browser, BrowserContext, Page, async_playwright
+from playwright.async_api import Browser, BrowserContext, Page, Playwright, async_playwright
 
 from protocol import (
     AudioFrame,
@@ -43,6 +43,7 @@ from stages import codecs
 from stages.base import Stage, StageOptions, percentile, run_dir
 from stages.browser.chromium import ChromiumUserError, launch_chromium
 from stages.browser.diagnose import Diagnosis, PageWatch, diagnose
+from stages.browser.early import Started
 from stages.browser.procs import chromium_pids
 from stages.browser.recipes import Recipe
 
@@ -250,9 +251,14 @@ class BrowserStage(Stage):
     # The end of the direction that feeds it (see Stage.forwards_control).
     forwards_control = False
 
-    def __init__(self, options: StageOptions, config: BrowserConfig) -> None:
+    def __init__(self, options: StageOptions, config: BrowserConfig,
+                 early: asyncio.Future[Started] | None = None) -> None:
         super().__init__(options)
         self.config = config
+        # Playwright, Chromium and an empty page being started by the command while this module imported
+        # (early.py); the first session uses them. The stage owns them once it has awaited this.
+        self.early = early
+        self._started: Started | None = None
         self.recipe = config.recipe
         self._token = secrets.token_urlsafe(16)
         self._ws_url = ""
@@ -680,47 +686,66 @@ class BrowserStage(Stage):
         await self._start_server()
         trimmer = asyncio.create_task(self._trim_heap())
         repeater = asyncio.create_task(self._repeat_state())
+        pw: Playwright | None = None
         try:
-            async with async_playwright() as pw:
+            pw = await self._start_playwright()
+            if self.config.join_on_call:
+                # Launched ahead, so a call waits only for the join (a failed launch is retried per session).
+                with contextlib.suppress(Exception):
+                    await self._launch(pw)
+            while True:
                 if self.config.join_on_call:
-                    # Launched ahead, so a call waits only for the join (a failed launch is retried per session).
-                    with contextlib.suppress(Exception):
-                        await self._launch(pw)
-                while True:
-                    if self.config.join_on_call:
-                        await self._wait_for_call()
-                    self._session += 1
-                    reason = await self._run_session(pw)
-                    if self._browser is not None and not self._browser.is_connected():
-                        self._browser = None
-                    if self.config.join_on_call and self._call is None:
-                        continue  # the call is over: not a failure, wait for the next one
-                    now = time.monotonic()
-                    self._restarts.append(now)
-                    while self._restarts and now - self._restarts[0] > self.config.restart_window_s:
-                        self._restarts.popleft()
-                    explained = {"diagnosis": self._diagnosis.attributes()} if self._diagnosis else {}
-                    self._diagnosis = None
-                    if len(self._restarts) > self.config.max_restarts:
-                        await self._set_state("failed", reason=reason, **explained)
-                        raise RuntimeError(f"giving up after {len(self._restarts)} restarts in "
-                                           f"{self.config.restart_window_s:.0f} s; last: {reason}")
-                    await self._set_state("rejoining", reason=reason, **explained)
-                    await asyncio.sleep(RESTART_BACKOFF_S)
+                    await self._wait_for_call()
+                self._session += 1
+                reason = await self._run_session(pw)
+                if self._browser is not None and not self._browser.is_connected():
+                    self._browser = None
+                if self.config.join_on_call and self._call is None:
+                    continue  # the call is over: not a failure, wait for the next one
+                now = time.monotonic()
+                self._restarts.append(now)
+                while self._restarts and now - self._restarts[0] > self.config.restart_window_s:
+                    self._restarts.popleft()
+                explained = {"diagnosis": self._diagnosis.attributes()} if self._diagnosis else {}
+                self._diagnosis = None
+                if len(self._restarts) > self.config.max_restarts:
+                    await self._set_state("failed", reason=reason, **explained)
+                    raise RuntimeError(f"giving up after {len(self._restarts)} restarts in "
+                                       f"{self.config.restart_window_s:.0f} s; last: {reason}")
+                await self._set_state("rejoining", reason=reason, **explained)
+                await asyncio.sleep(RESTART_BACKOFF_S)
         finally:
             trimmer.cancel()
             repeater.cancel()
+            if pw is not None:  # first, as leaving `async with async_playwright()` did: it ends the browser too
+                with contextlib.suppress(Exception):
+                    await pw.stop()
             await self._drop_browser()
             if self._runner is not None:
                 await self._runner.cleanup()
+
+    async def _start_playwright(self) -> Playwright:
+        """Playwright's driver: the one started ahead with Chromium (early.py), else a new one."""
+        if self.early is None:
+            return await async_playwright().start()
+        if not self.early.done():
+            await self._set_state("launching")
+        started = self._started = await self.early
+        self.early = None
+        if started.browser is not None:
+            self._adopt(started.browser)
+        elif started.error is not None:
+            self.log.info("Chromium started ahead of the stage failed (%s): launching again", started.error)
+        return started.playwright
 
     async def _launch(self, pw: Any) -> Browser:
         """The session's browser: the previous one while it is alive (a rejoin then costs no launch)."""
         if self._browser is not None and self._browser.is_connected():
             return self._browser
         await self._set_state("launching")
-        browser = await launch_chromium(pw, self.config.chromium_args)
+        return self._adopt(await launch_chromium(pw, self.config.chromium_args))
 
+    def _adopt(self, browser: Browser) -> Browser:
         def disconnected(_b: Browser) -> None:
             if self._session_failed is not None and not self._session_failed.done():
                 self._session_failed.set_result("browser disconnected")
@@ -744,9 +769,14 @@ class BrowserStage(Stage):
         context: BrowserContext | None = None
         try:
             browser = await self._launch(pw)
-            context = await browser.new_context(bypass_csp=self.recipe.bypass_csp)
-            await context.add_init_script(script=self._init_script())
-            page: Page = await context.new_page()
+            ahead = self._started.take_page() if self._started is not None else None
+            if ahead is not None and ahead[0].browser is browser:
+                context, page = ahead  # still blank: the init script below applies to its first navigation
+                await context.add_init_script(script=self._init_script())
+            else:
+                context = await browser.new_context(bypass_csp=self.recipe.bypass_csp)
+                await context.add_init_script(script=self._init_script())
+                page = await context.new_page()
             watch = PageWatch(page)
             page.on("crash", lambda _p: fail("page crashed"))
             page.on("close", lambda _p: fail("page closed"))
