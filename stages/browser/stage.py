@@ -82,8 +82,10 @@ RTP_TIMESTAMP_MODULO = 1 << 32
 # Control messages wait for a consumer at most this long: a pipeline without one must not stall the bot.
 CONTROL_SEND_TIMEOUT_S = 0.5
 # The bot's state is said again this often (a "repeat" STAGE_STATE, not logged): a stage that restarted, or joined
-# the chain late, learns it; the janus stage places an outbound call only once the bot is in the room.
-STATE_REPEAT_INTERVAL_S = 2.0
+# the chain late, learns it. The janus stage places an outbound call only once the bot is in the room, so a
+# restarted janus stage re-dials up to this long after it could (issue 15: at 2 s this was most of its media gap).
+# A repeat is one small control message per stage per interval, and none while nobody consumes them.
+STATE_REPEAT_INTERVAL_S = 0.5
 
 HEADER_LENGTH = struct.Struct("<I")
 # Page messages and injected frames are tens to hundreds of kB each, one per frame, allocated on the codec thread
@@ -634,7 +636,7 @@ class BrowserStage(Stage):
     async def _repeat_state(self) -> None:
         while True:
             await asyncio.sleep(STATE_REPEAT_INTERVAL_S)
-            if self._state_attributes:
+            if self._state_attributes and self._consumers:
                 await self._emit_control(Event(EventType.STAGE_STATE, "", {**self._state_attributes, "repeat": True}))
 
     # ----- joining for SIP calls (--join-on-call) ----------------------------------------------------------------
