@@ -97,3 +97,29 @@ def test_malloc_figures_follow_what_the_heap_holds() -> None:
     # Freed: no longer in use; what the heap kept of it is free inside it (or was given back to the system).
     assert during["in_use_kb"] - after["in_use_kb"] >= 0.9 * held_kib, (during, after)
     assert after["heap_kb"] - after["in_use_kb"] - after["free_kb"] <= 1, after
+
+
+FRAGMENT_BLOCK_BYTES = 32 * 1024  # below any mmap threshold a stage sets: from the heap
+FRAGMENT_BLOCKS = 800  # 25 MiB
+KEEP_EVERY = 8  # the live blocks that hold the freed ones between them inside the heap
+
+
+def _resident_bytes() -> int:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_the_heap_trimmer_gives_the_pages_of_a_fragmented_heap_back() -> None:
+    """Freed blocks between live ones stay resident (glibc gives back only the heap's top); a trim returns them."""
+    trim = memtrace.heap_trimmer()
+    if trim is None:
+        pytest.skip("no glibc malloc_trim")
+    trim()
+    blocks = [bytearray(b"\x01") * FRAGMENT_BLOCK_BYTES for _ in range(FRAGMENT_BLOCKS)]
+    live = blocks[KEEP_EVERY - 1::KEEP_EVERY]  # the last block too: the freed ones are not at the heap's top
+    freed_bytes = (len(blocks) - len(live)) * FRAGMENT_BLOCK_BYTES
+    del blocks
+    before = _resident_bytes()
+    trim()
+    after = _resident_bytes()
+    assert before - after >= freed_bytes // 2, (before, after, freed_bytes)
+    assert len(live) == FRAGMENT_BLOCKS // KEEP_EVERY

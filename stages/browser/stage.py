@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import ctypes
 import enum
 import json
 import logging
@@ -39,7 +38,7 @@ from protocol import (
     VideoFrame,
     i420_size,
 )
-from stages import codecs
+from stages import codecs, memtrace
 from stages.base import Stage, StageOptions, percentile, run_dir
 from stages.browser.chromium import ChromiumUserError, launch_chromium
 from stages.browser.diagnose import Diagnosis, PageWatch, diagnose
@@ -88,15 +87,6 @@ CONTROL_SEND_TIMEOUT_S = 0.5
 STATE_REPEAT_INTERVAL_S = 0.5
 
 HEADER_LENGTH = struct.Struct("<I")
-# Page messages and injected frames are tens to hundreds of kB each, one per frame, allocated on the codec thread
-# and the event loop. Carved out of glibc's heap they fragment it: the stage's live heap stays flat while its free
-# part, and the PSS, creep up for ever (issue 15: ~0.3 MB/min). Buffers from this size up are mapped and unmapped
-# instead (glibc would otherwise raise its threshold to the frame size after the first free), and the heap's free
-# pages are given back now and then.
-MMAP_THRESHOLD_BYTES = 64 * 1024
-M_MMAP_THRESHOLD = -3  # mallopt parameter, glibc's malloc.h
-HEAP_TRIM_INTERVAL_S = 30.0
-
 CODEC_BY_MIME = {mime: info.codec for mime, info in codecs.BY_MIME.items()}  # lower-cased MIME types
 
 
@@ -192,28 +182,6 @@ _STREAM_ID_UNSAFE = re.compile(r"[^A-Za-z0-9_.@+-]+")
 def _capture_ms(msg: VideoFrame | AudioFrame) -> float | None:
     """The frame's capture time in ms since the epoch (the page's clock for injected timestamps), if known."""
     return msg.header.capture_time_ns / 1e6 if msg.header.capture_time_ns else None
-
-
-def map_large_buffers() -> bool:
-    """glibc: serve allocations of MMAP_THRESHOLD_BYTES and more from their own mappings (see above)."""
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt.restype = ctypes.c_int
-    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
-
-
-def heap_trimmer() -> Any:
-    """glibc's malloc_trim(0) as a callable, or None where there is no glibc."""
-    try:
-        trim = ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
-    trim.argtypes = [ctypes.c_size_t]
-    trim.restype = ctypes.c_int
-    return lambda: trim(0)
 
 
 def stream_name(participant: str) -> str:
@@ -676,17 +644,11 @@ class BrowserStage(Stage):
         self.log.info("call %s from %s: joining %s", self._call["call_id"], self._call["peer"],
                       self.recipe.start_url())
 
-    async def _trim_heap(self) -> None:
-        trim = heap_trimmer()
-        while trim is not None:
-            await asyncio.sleep(HEAP_TRIM_INTERVAL_S)
-            trim()
-
     async def produce(self) -> None:
         self._loop = asyncio.get_running_loop()
-        map_large_buffers()
+        # Page messages and injected frames, tens to hundreds of kB each, fragmented the heap (memtrace.py).
+        trimmer = asyncio.create_task(memtrace.keep_heap_small())
         await self._start_server()
-        trimmer = asyncio.create_task(self._trim_heap())
         repeater = asyncio.create_task(self._repeat_state())
         pw: Playwright | None = None
         try:

@@ -54,7 +54,7 @@ from protocol import (
     Message,
     VideoFrame,
 )
-from stages import codecs
+from stages import codecs, memtrace
 from stages.base import Stage, StageOptions, check_bind_free, default_endpoint
 from stages.janus import aiortc_adapter
 from stages.janus.avsync import AudioHold
@@ -471,6 +471,8 @@ class JanusStage(Stage):
         if self.settings.media_timeout_s > 0:
             tasks.append(asyncio.create_task(self._media_watchdog(), name="media-watchdog"))
         janus = asyncio.create_task(self._janus_loop(), name="janus")
+        # Frames of every size through aiortc fragmented the heap: +0.04 MB/min of free heap in a soak (memtrace.py).
+        heap = asyncio.create_task(memtrace.keep_heap_small(), name="heap")
         try:
             # A helper that ends (its socket failed to bind, a bug) would leave a stage that looks alive with no
             # call control or no events: end the stage instead, so it is restarted and the failure is in its log.
@@ -482,8 +484,9 @@ class JanusStage(Stage):
             await janus
         finally:
             # A stop cancels this coroutine: the Janus loop's own clean-up (the BYE of a stop) runs to its end first.
+            heap.cancel()
             janus.cancel()
-            await asyncio.gather(janus, return_exceptions=True)
+            await asyncio.gather(janus, heap, return_exceptions=True)
             tasks[0].cancel()
             # Deliver the last call-state events before the end of stream goes out.
             with contextlib.suppress(asyncio.TimeoutError):
