@@ -10,6 +10,7 @@ tone out of the audio they receive from the bot.
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import shutil
 import statistics
@@ -36,6 +37,7 @@ from sipbridge.testing.capture import (
     tile_counters,
 )
 from sipbridge.testing.localcall import BOT_NAME, SIP_PEER_MEDIA_PORT, CallOptions, LocalCall
+from stages.browser.stage import STATE_REPEAT_INTERVAL_S
 from stages.pattern import dominant_frequency
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -54,7 +56,9 @@ RATE_FIT_S = 6.0
 STATS_SETTLE_S = 1.5
 SIPP_EXIT_TIMEOUT_S = 10.0
 EVENTS_WINDOW_S = 3.0
-EVENTS_IN_STEADY_STATE = 5  # a stage state or call state change may fall in the window; a loop makes hundreds
+# A stage state or call state change may fall in the window, and the bot says its state again every
+# STATE_REPEAT_INTERVAL_S (each repeat passes every room-to-SIP stage once); a loop makes hundreds.
+EVENTS_IN_STEADY_STATE = 5 + math.ceil(EVENTS_WINDOW_S / STATE_REPEAT_INTERVAL_S)
 # The room's probe reports every 0.5 s: eight reports with a tone are four seconds of the echo heard in the room, so
 # the capture holds the two seconds of tone the checks read with margin (four reports were exactly two seconds,
 # and on a loaded CI machine the capture then held 1.94 s).
