@@ -160,3 +160,14 @@ def test_bot_chromium_unprivileged_and_sandboxed(room: Room, tmp_path: Path) -> 
         assert proc_status(bot.pid)["Uid"].split()[0] == str(os.getuid())
     finally:
         collector.close()
+
+
+def test_a_first_rejoin_waits_for_nothing_and_repeated_ones_back_off() -> None:
+    """A single fault (a crashed renderer) is recovered at once; a page that keeps failing is retried ever slower."""
+    from stages.browser.stage import MAX_RESTART_BACKOFF_S, RESTART_BACKOFF_S, rejoin_delay_s
+
+    delays = [rejoin_delay_s(n) for n in range(1, 8)]
+    assert delays[0] == 0.0
+    assert delays[1] == RESTART_BACKOFF_S
+    assert delays == sorted(delays)
+    assert delays[-1] == MAX_RESTART_BACKOFF_S
