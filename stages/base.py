@@ -36,7 +36,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import ItemsView, Iterable
+from collections.abc import Callable, ItemsView, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -854,12 +854,14 @@ class Stage:
         return True
 
     async def _handle_media(self, batch: list[Message], index: int | None = None) -> None:
-        """Process media received together in one hand-off to the codec thread, audio first, then emit in order.
+        """Process media received together in one hand-off to the codec thread, audio first, and emit each
+        message's outputs as soon as the codec thread is done with it.
 
         One hand-off per message cost a thread wake-up each, and on a loaded machine a wake-up waits for a time
         slice: the stage fell behind its producer on hand-offs, not on work. Audio goes first (stable within each
         kind; streams are independent) because it is cheap and late audio is heard, while video behind it only
-        waits for as long as the audio takes.
+        waits for as long as the audio takes. Results come back one by one while the thread goes on, so the first
+        message's outputs do not wait for the rest of the batch.
         """
         now = time.time_ns()
         admitted = [m for m in batch if self._admit(m, index, now)]  # type: ignore[arg-type]  # media only
@@ -867,16 +869,31 @@ class Stage:
             return
         if len(admitted) > 1:
             admitted.sort(key=lambda m: _audio_time_s(m) is None)
-        results = await self.run_codec(self._process_batch, admitted)
-        for msg, (outputs, elapsed_ms) in zip(admitted, results, strict=True):
-            if isinstance(outputs, Exception):
-                self.drops["process_error"] += 1
-                self.report_error("process_failed", f"{type(outputs).__name__}: {outputs}",
-                                  msg.header.stream_id)  # type: ignore[union-attr]  # media only
-                continue
-            self._process_ms.append(elapsed_ms)
-            for out in outputs:
-                await self.emit(out)
+        loop = asyncio.get_running_loop()
+        done: asyncio.Queue[tuple[list[Message] | Exception, float] | None] = asyncio.Queue()
+
+        def finished(result: tuple[list[Message] | Exception, float]) -> None:
+            loop.call_soon_threadsafe(done.put_nowait, result)
+
+        worker = asyncio.ensure_future(self.run_codec(self._process_batch, admitted, finished))
+        # After the last result (the thread queued those before it returned); alone if the batch never ran.
+        worker.add_done_callback(lambda _f: done.put_nowait(None))
+        try:
+            for msg in admitted:
+                result = await done.get()
+                if result is None:
+                    break  # the codec thread refused the batch: `await worker` below raises why
+                outputs, elapsed_ms = result
+                if isinstance(outputs, Exception):
+                    self.drops["process_error"] += 1
+                    self.report_error("process_failed", f"{type(outputs).__name__}: {outputs}",
+                                      msg.header.stream_id)  # type: ignore[union-attr]  # media only
+                    continue
+                self._process_ms.append(elapsed_ms)
+                for out in outputs:
+                    await self.emit(out)
+        finally:
+            await worker
 
     async def _handle_control(self, msg: Message) -> None:
         try:
@@ -890,10 +907,10 @@ class Stage:
         else:
             self.control_ended += 1
 
-    def _process_batch(self, batch: list[Message]) -> list[tuple[list[Message] | Exception, float]]:
+    def _process_batch(self, batch: list[Message],
+                       finished: Callable[[tuple[list[Message] | Exception, float]], None]) -> None:
         """Codec thread: each message's outputs, or the exception that dropped it (one bad message drops alone),
-        with the milliseconds it took."""
-        results: list[tuple[list[Message] | Exception, float]] = []
+        with the milliseconds it took, handed to ``finished`` in order as each is done."""
         for msg in batch:
             started = time.perf_counter()
             outputs: list[Message] | Exception
@@ -901,8 +918,7 @@ class Stage:
                 outputs = list(self.process(msg))
             except Exception as exc:
                 outputs = exc
-            results.append((outputs, (time.perf_counter() - started) * 1000))
-        return results
+            finished((outputs, (time.perf_counter() - started) * 1000))
 
     async def _control_loop(self) -> None:
         assert self._out_control is not None

@@ -4,6 +4,7 @@ not stall its producer, and a receive batch costs one codec-thread hand-off (sta
 from __future__ import annotations
 
 import asyncio
+import threading
 from fractions import Fraction
 from typing import Any
 
@@ -137,9 +138,9 @@ class _Recording(Stage):
         self.handoffs: list[list[tuple[str, int]]] = []
         self.emitted: list[tuple[str, int]] = []
 
-    def _process_batch(self, batch: list[Message]) -> list[tuple[list[Message] | Exception, float]]:
+    def _process_batch(self, batch: list[Message], finished: Any) -> None:
         self.handoffs.append([(m.header.stream_id, m.header.seq) for m in batch])  # type: ignore[union-attr]
-        return super()._process_batch(batch)
+        super()._process_batch(batch, finished)
 
     def process(self, msg: Message) -> list[Message]:
         if msg.header.stream_id == "bad":  # type: ignore[union-attr]
@@ -163,3 +164,34 @@ def test_a_batch_goes_to_the_codec_thread_once_audio_first_and_a_bad_message_dro
     assert stage.handoffs == [[("alice", 1), ("alice", 2), ("cam", 1), ("bad", 1), ("cam", 2)]]
     assert stage.emitted == [("alice", 1), ("alice", 2), ("cam", 1), ("cam", 2)]
     assert stage.drops["process_error"] == 1
+
+
+class _WaitsForTheFirstOutput(_Recording):
+    """Its second message's processing waits until the first message's output was sent."""
+
+    def __init__(self, options: StageOptions) -> None:
+        super().__init__(options)
+        self.first_sent = threading.Event()
+        self.seen_while_processing: list[bool] = []
+
+    def process(self, msg: Message) -> list[Message]:
+        if msg.header.seq == 2:  # type: ignore[union-attr]
+            self.seen_while_processing.append(self.first_sent.wait(timeout=5.0))
+        return [msg]
+
+    async def emit(self, msg: Message) -> bool:
+        if msg.header.seq == 1:  # type: ignore[union-attr]
+            self.first_sent.set()
+        return await super().emit(msg)
+
+
+def test_outputs_leave_as_each_message_is_done_not_when_the_whole_batch_is() -> None:
+    stage = _WaitsForTheFirstOutput(StageOptions(name="rec"))
+    try:
+        asyncio.run(stage._handle_media([picture("cam", 1), picture("cam", 2), picture("cam", 3)], None))
+    finally:
+        stage._codec_thread.shutdown()
+        stage._ctx.term()
+    assert stage.handoffs == [[("cam", 1), ("cam", 2), ("cam", 3)]]  # still one hand-off
+    assert stage.seen_while_processing == [True]
+    assert stage.emitted == [("cam", 1), ("cam", 2), ("cam", 3)]
