@@ -137,7 +137,8 @@ def per_program(call: LocalCall) -> dict[str, tuple[float, int]]:
 
 def bot_chromium(call: LocalCall) -> dict[str, tuple[float, int, int]]:
     """The bot's Chromium processes by role (browser, renderer, gpu-process, utilities, zygote)."""
-    info = (call.supervisor.states() if call.supervisor else {}).get("browser", {})
+    states = call.supervisor.states() if call.supervisor else {}
+    info = states.get("chromium") or states.get("browser", {})  # its keeper's, when the bridge keeps it apart
     return chromium_roles(int(info["pid"])) if info.get("pid") else {}
 
 

@@ -104,7 +104,8 @@ def all_running(call: LocalCall) -> bool:
 
 
 def stage_kind(program: str) -> str:
-    return "browser" if program.startswith("browser") else "python_stage"
+    # The chromium program keeps the bot's Chromium (stages/browser/keeper.py): killing it is a browser fault.
+    return "browser" if program.startswith(("browser", "chromium")) else "python_stage"
 
 
 def fault_plan(programs: list[str]) -> list[tuple[str, str]]:
@@ -112,7 +113,7 @@ def fault_plan(programs: list[str]) -> list[tuple[str, str]]:
     browser process, then Janus (it takes the room with it: last)."""
 
     def order(name: str) -> tuple[int, str]:
-        for rank, prefix in enumerate(("browser", "decode", "transform", "layout", "compose", "encode")):
+        for rank, prefix in enumerate(("browser", "chromium", "decode", "transform", "layout", "compose", "encode")):
             if name.startswith(prefix):
                 return rank, name
         return (9 if name.startswith("janus") else 6), name
@@ -143,7 +144,8 @@ def steady_since(reports: list[dict[str, Any]], since_mono: float) -> float | No
 
 def inject(call: FaultCall, fault: Fault) -> None:
     pids = program_pids(call)
-    browser_pid = next((pid for name, pid in pids.items() if name.startswith("browser")), None)
+    # Chromium's processes: under its keeper (the chromium program) when there is one, else under the browser stage.
+    browser_pid = pids.get("chromium") or next((pid for name, pid in pids.items() if name.startswith("browser")), None)
     if fault.name == "chromium-renderer":
         targets = renderer_pids(browser_pid) if browser_pid else []
     elif fault.name == "chromium-browser":

@@ -27,6 +27,7 @@ from protocol import Message, VideoFrame
 from sipbridge.graph import STAGE_NAME, Graph, GraphError, graph_from_data, read_layout
 from sipbridge.supervise import NICE_MAX, NICE_MIN, StageSpec
 from stages import codecs
+from stages.browser.keeper import SOCKET_NAME as KEEPER_SOCKET_NAME
 
 # What a SIP call can carry (the codec registry, stages/codecs.py), in the registry's order.
 VIDEO_CODECS = (*codecs.names(video=True, sip=True), "none")
@@ -101,6 +102,9 @@ class BridgeConfig:
     display_name: str = "SIP bridge"
     capture: str = "encoded"
     page_video: str = "shown"  # "hidden": the bot page's video elements are not displayed (no painting for nobody)
+    # The bot's Chromium in a program of its own (stages/browser/keeper.py): a restarted browser stage takes over the
+    # bot still in the room instead of joining again. False: each browser stage launches its own.
+    keep_browser: bool = True
     recipe_vars: dict[str, str] = field(default_factory=dict)
     janus_url: str = "ws://127.0.0.1:8188"
     janus_api_secret: str | None = None
@@ -339,7 +343,8 @@ def parse_bridge(data: dict[str, Any]) -> BridgeConfig:
         _check_bounds(value, section)
     if "room" not in data:
         raise BridgeConfigError("missing section [room] (url and recipe of the room the bot joins)")
-    room = _check_keys(data.get("room"), "room", {"url", "recipe", "display_name", "capture", "vars", "page_video"})
+    room = _check_keys(data.get("room"), "room",
+                       {"url", "recipe", "display_name", "capture", "vars", "page_video", "keep_browser"})
     if "url" not in room:
         raise BridgeConfigError("room.url is required")
     janus = _check_keys(data.get("janus", {}), "janus", {"url", "api_secret", "start"})
@@ -359,6 +364,7 @@ def parse_bridge(data: dict[str, Any]) -> BridgeConfig:
     cfg.capture = _choice(_take(room, "room", "capture", str, cfg.capture), "room.capture", CAPTURE_MODES)
     cfg.page_video = _choice(_take(room, "room", "page_video", str, cfg.page_video), "room.page_video",
                              ("shown", "hidden"))
+    cfg.keep_browser = _take(room, "room", "keep_browser", bool, cfg.keep_browser)
     recipe_vars = _take(room, "room", "vars", dict, {})
     if not all(isinstance(v, str) for v in recipe_vars.values()):
         raise BridgeConfigError("room.vars must be a table of strings")
@@ -555,6 +561,8 @@ def _browser_args(cfg: BridgeConfig) -> list[str]:
         "--hwm",
         str(ENCODED_EDGE_HWM_MSGS),
     ]
+    if cfg.keep_browser:
+        browser_args += ["--chromium-socket", f"{{run_dir}}/{KEEPER_SOCKET_NAME}"]
     for key, value in sorted(cfg.recipe_vars.items()):
         browser_args += ["--var", f"{key}={value}"]
     if cfg.routes:
@@ -618,7 +626,7 @@ def bridge_graph(cfg: BridgeConfig) -> Graph:
     inserted stages and replaced commands."""
     graph = graph_from_data(
         read_layout(LAYOUT),
-        conditions={"start_janus": cfg.start_janus},
+        conditions={"start_janus": cfg.start_janus, "keep_browser": cfg.keep_browser},
         builders={name: functools.partial(build, cfg) for name, build in ARGUMENT_BUILDERS.items()},
     )
     graph.stage("janus").secrets = _janus_secrets(cfg)

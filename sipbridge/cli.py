@@ -27,6 +27,7 @@ STAGE_COMMANDS: dict[str, str] = {
 # Top-level commands that live next to their subject (Janus server, namespaces, the local room).
 EXTRA_COMMANDS: dict[str, str] = {
     "janus-server": "sipbridge.janus_server:command",
+    "chromium": "stages.browser.keeper:command",
     "netns": "sipbridge.netns:command",
     "node": "sipbridge.node:command",
     "recipe": "sipbridge.recipe_check:command",

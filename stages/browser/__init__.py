@@ -71,6 +71,9 @@ def _parse_route(text: str) -> Any:
               help="Rejoins allowed within --restart-window before exiting non-zero (supervisord restarts).")
 @click.option("--restart-window", type=float, default=300.0, show_default=True)
 @click.option("--ws-port", type=int, default=0, show_default=True, help="Page socket port (0: any free port).")
+@click.option("--chromium-socket", default=None, metavar="PATH",
+              help="Drive the Chromium that `sipbridge chromium` keeps on this socket instead of launching one: a "
+              "restarted stage takes over the bot's page, still in the room.")
 @click.option("--join-on-call", is_flag=True,
               help="Join only while a SIP call is up (CALL_STATE events from the pipeline), leave when it ends.")
 @click.option("--route", "routes", multiple=True, metavar="JSON",
@@ -123,6 +126,7 @@ def _build_stage(options: Any, params: dict[str, Any], recipe: Any, early: Any) 
         restart_window_s=params["restart_window"],
         join_on_call=params["join_on_call"],
         routes=[_parse_route(text) for text in params["routes"]],
+        chromium_socket=params["chromium_socket"],
     )
     return BrowserStage(options, config, early=early)
 
@@ -133,7 +137,9 @@ async def _run_started_early(options: Any, params: dict[str, Any], recipe: Any) 
     from stages.browser import early
 
     early.use_compile_cache(run_dir())
-    started = asyncio.ensure_future(early.start(bypass_csp=recipe.bypass_csp))
+    # A kept Chromium (--chromium-socket) needs no launch: only Playwright's driver is started ahead.
+    started = asyncio.ensure_future(early.start(bypass_csp=recipe.bypass_csp,
+                                                launch=params["chromium_socket"] is None))
     stage = None
     try:
         # A worker thread: the event loop meanwhile answers the driver, so Chromium launches in parallel.

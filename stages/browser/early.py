@@ -60,11 +60,14 @@ def use_compile_cache(run_folder: str) -> None:
     os.environ.setdefault("NODE_COMPILE_CACHE", str(Path(run_folder) / NODE_COMPILE_CACHE_DIR))
 
 
-async def start(*, bypass_csp: bool, chromium_args: list[str] | None = None) -> Started:
-    """Playwright's driver, Chromium and one empty page in a fresh context (the recipe's CSP setting)."""
+async def start(*, bypass_csp: bool, launch: bool = True) -> Started:
+    """Playwright's driver, Chromium and one empty page in a fresh context (the recipe's CSP setting); with
+    ``launch`` false only the driver (the stage connects to a kept Chromium)."""
     started = Started(await async_playwright().start())
+    if not launch:
+        return started
     try:
-        started.browser = await launch_chromium(started.playwright, chromium_args)
+        started.browser = await launch_chromium(started.playwright)
         started.context = await started.browser.new_context(bypass_csp=bypass_csp)
         started.page = await started.context.new_page()
     except Exception as exc:  # kept for the stage: see Started.error

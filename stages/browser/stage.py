@@ -40,6 +40,7 @@ from protocol import (
 )
 from stages import codecs, memtrace
 from stages.base import Stage, StageOptions, percentile, run_dir
+from stages.browser import cdplink
 from stages.browser.chromium import ChromiumUserError, launch_chromium
 from stages.browser.diagnose import Diagnosis, PageWatch, diagnose
 from stages.browser.early import Started
@@ -48,6 +49,9 @@ from stages.browser.recipes import Recipe
 
 JS_DIR = Path(__file__).resolve().parent / "js"
 WS_PATH = "/sipbridge"
+CDP_PATH = "/cdp"  # the kept Chromium's protocol, for Playwright's driver only (its own token)
+# How long a session waits for the kept Chromium: supervisord starts its keeper again after Chromium died.
+KEEPER_CONNECT_TIMEOUT_S = 30.0
 MAX_WS_MESSAGE_BYTES = 64 * 1024 * 1024
 DEFAULT_MAX_BACKLOG_BYTES = 2 * 1024 * 1024
 # The page stops sending media this stage has not read within this long (relay_worker.js): what waits in the
@@ -90,6 +94,10 @@ CONTROL_SEND_TIMEOUT_S = 0.5
 # A repeat is one small control message per stage per interval, and none while nobody consumes them.
 STATE_REPEAT_INTERVAL_S = 0.5
 
+# Taking over a page left in the room (kept Chromium): whether its hook can be pointed at a new socket, and doing it.
+TAKE_OVER_CHECK = "() => !!(window.__sipbridgeHook && window.__sipbridgeHook.relink)"
+RELINK = "(url) => window.__sipbridgeHook ? window.__sipbridgeHook.relink(url) : false"
+
 HEADER_LENGTH = struct.Struct("<I")
 CODEC_BY_MIME = {mime: info.codec for mime, info in codecs.BY_MIME.items()}  # lower-cased MIME types
 
@@ -118,6 +126,9 @@ class BrowserConfig:
     max_restarts: int = DEFAULT_MAX_RESTARTS
     restart_window_s: float = DEFAULT_RESTART_WINDOW_S
     chromium_args: list[str] = field(default_factory=list)
+    # A kept Chromium's socket (keeper.py): connect to it instead of launching one, and take over the page a stage
+    # before this one left in the room.
+    chromium_socket: str | None = None
     join_on_call: bool = False
     routes: list[CallRoute] = field(default_factory=list)
 
@@ -243,6 +254,9 @@ class BrowserStage(Stage):
         self.recipe = config.recipe
         self._token = secrets.token_urlsafe(16)
         self._ws_url = ""
+        self._cdp_token = secrets.token_urlsafe(16)  # never in the page: whoever has it drives the browser
+        self._cdp_url = ""
+        self._take_over_tried = False
         self._runner: web.AppRunner | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._connections: set[PageConnection] = set()
@@ -307,6 +321,8 @@ class BrowserStage(Stage):
     async def _start_server(self) -> None:
         app = web.Application(client_max_size=MAX_WS_MESSAGE_BYTES)
         app.router.add_get(WS_PATH, self._ws_handler)
+        if self.config.chromium_socket:
+            app.router.add_get(CDP_PATH, self._cdp_handler)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.config.ws_host, self.config.ws_port)
@@ -315,6 +331,7 @@ class BrowserStage(Stage):
         assert server is not None and server.sockets  # type: ignore[attr-defined]
         port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
         self._ws_url = f"ws://{self.config.ws_host}:{port}{WS_PATH}?token={self._token}"
+        self._cdp_url = f"ws://{self.config.ws_host}:{port}{CDP_PATH}?token={self._cdp_token}"
         self.log.info("page socket on %s:%d", self.config.ws_host, port)
 
     async def _ws_handler(self, request: web.Request) -> web.StreamResponse:
@@ -344,6 +361,20 @@ class BrowserStage(Stage):
             sender.cancel()
             acks.cancel()
             self._connections.discard(conn)
+        return ws
+
+    async def _cdp_handler(self, request: web.Request) -> web.StreamResponse:
+        """Playwright's driver to the kept Chromium (cdplink.py)."""
+        if not secrets.compare_digest(request.query.get("token", ""), self._cdp_token):
+            raise web.HTTPForbidden()
+        assert self.config.chromium_socket is not None
+        try:
+            reader, writer = await cdplink.open_keeper(Path(self.config.chromium_socket), KEEPER_CONNECT_TIMEOUT_S)
+        except cdplink.KeeperUnavailable as exc:
+            raise web.HTTPServiceUnavailable(text=str(exc)) from None
+        ws = web.WebSocketResponse(compress=False, max_msg_size=cdplink.MAX_MESSAGE_BYTES)
+        await ws.prepare(request)
+        await cdplink.relay(ws, reader, writer)
         return ws
 
     async def _rx_acks(self, conn: PageConnection) -> None:
@@ -718,7 +749,37 @@ class BrowserStage(Stage):
         if self._browser is not None and self._browser.is_connected():
             return self._browser
         await self._set_state("launching")
+        if self.config.chromium_socket:
+            return self._adopt(await pw.chromium.connect_over_cdp(self._cdp_url))
         return self._adopt(await launch_chromium(pw, self.config.chromium_args))
+
+    async def _take_over(self, browser: Browser) -> Page | None:
+        """The page a stage before this one left in the room (kept Chromium), pointed at this stage's socket; any
+        other page left there is closed. Only once, at the first session: later ones are this stage's own."""
+        if self._take_over_tried:
+            return None
+        self._take_over_tried = True
+        left = [page for context in browser.contexts for page in context.pages]
+        kept: Page | None = None
+        for page in left:
+            if kept is not None or self.config.join_on_call:
+                break  # a bot joined for a call this stage has not heard of yet leaves; the call brings it back
+            try:
+                if await page.evaluate(TAKE_OVER_CHECK) and await self.recipe.is_joined(page):
+                    kept = page
+            except Exception as exc:  # a page that cannot answer is not one to keep
+                self.log.info("page %s left by the previous stage does not answer (%s): closing it", page.url, exc)
+        for page in left:
+            if page is not kept:
+                with contextlib.suppress(Exception):
+                    await page.close()
+        if kept is None:
+            return None
+        for frame in kept.frames:  # every document's hook: apps may run the call in a frame
+            with contextlib.suppress(Exception):
+                await frame.evaluate(RELINK, self._ws_url)
+        self.log.info("took over the page left in the room (%s): not joining again", kept.url)
+        return kept
 
     def _adopt(self, browser: Browser) -> Browser:
         def disconnected(_b: Browser) -> None:
@@ -742,10 +803,16 @@ class BrowserStage(Stage):
                 failed.set_result(reason)
 
         context: BrowserContext | None = None
+        kept: Page | None = None
         try:
             browser = await self._launch(pw)
             ahead = self._started.take_page() if self._started is not None else None
-            if ahead is not None and ahead[0].browser is browser:
+            kept = await self._take_over(browser) if self.config.chromium_socket else None
+            if kept is not None:
+                page = kept
+                # Its context is Playwright's stand-in for one this driver did not make: never closed, only the page.
+                await page.context.add_init_script(script=self._init_script())  # for its next navigation
+            elif ahead is not None and ahead[0].browser is browser:
                 context, page = ahead  # still blank: the init script below applies to its first navigation
                 await context.add_init_script(script=self._init_script())
             else:
@@ -757,21 +824,22 @@ class BrowserStage(Stage):
             page.on("close", lambda _p: fail("page closed"))
             if self.log.isEnabledFor(logging.DEBUG):  # every console line crosses the Playwright driver
                 page.on("console", lambda m: self.log.debug("page: %s", m.text))
-            await self._set_state("joining", url=self.recipe.start_url())
-            join: asyncio.Future[None] = asyncio.ensure_future(self.recipe.join(page))
-            waiters: list[asyncio.Future[Any]] = [join, failed]
-            done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-            if failed in done:
-                join.cancel()
-                # The join may have failed too (its page went away): that error is this one, already reported.
-                join.add_done_callback(lambda f: f.cancelled() or f.exception())
-                return failed.result()
-            try:
-                join.result()
-            except Exception as exc:
-                return await self._explain(page, exc, watch, "join failed")
+            if kept is None:
+                await self._set_state("joining", url=self.recipe.start_url())
+                join: asyncio.Future[None] = asyncio.ensure_future(self.recipe.join(page))
+                waiters: list[asyncio.Future[Any]] = [join, failed]
+                done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+                if failed in done:
+                    join.cancel()
+                    # The join may have failed too (its page went away): that error is this one, already reported.
+                    join.add_done_callback(lambda f: f.cancelled() or f.exception())
+                    return failed.result()
+                try:
+                    join.result()
+                except Exception as exc:
+                    return await self._explain(page, exc, watch, "join failed")
             self._joined_at_ns = time.time_ns()
-            await self._set_state("joined")
+            await self._set_state("joined", **({"taken_over": True} if kept is not None else {}))
             reason = await self._watch(page, failed)
             if reason == DROPPED_REASON:  # the page may say why (kicked, room closed, session expired)
                 await self._explain(page, RuntimeError(reason), watch, "left the room")
@@ -785,6 +853,9 @@ class BrowserStage(Stage):
             for track in list(self._tracks.values()):
                 await self._track_ended(track.key, "session ended")
             self._pending.clear()
+            if kept is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(kept.close(), BROWSER_CLOSE_TIMEOUT_S)
             if context is not None:
                 try:
                     await asyncio.wait_for(context.close(), BROWSER_CLOSE_TIMEOUT_S)

@@ -14,6 +14,7 @@
 "use strict";
 
 let config = null;
+let statsTimer = null;
 let relay = null; // MessagePort to the relay
 const entries = new Map(); // encoded: track key -> {transformer, kind, active, needKey}
 const rawReaders = new Map(); // raw: track key -> ReadableStreamDefaultReader
@@ -176,7 +177,7 @@ self.onmessage = (event) => {
       if (entry && entry.kind === "video" && !entry.needKey) { entry.needKey = true; requestKeyframe(entry); }
     };
     sendText(JSON.stringify({ t: "hello", role: "capture-worker" }));
-    setInterval(() => {
+    if (statsTimer === null) statsTimer = setInterval(() => {
       const delta = {};
       let any = false;
       for (const [reason, count] of Object.entries(drops)) {
@@ -194,6 +195,11 @@ self.onmessage = (event) => {
     entry.active = true;
     entry.needKey = true;
     requestKeyframe(entry);
+  } else if (msg.t === "relinked") {
+    // A new stage took over: its decoder starts from nothing, so every captured video restarts on a keyframe.
+    for (const entry of entries.values()) {
+      if (entry.active && entry.kind === "video") { entry.needKey = true; requestKeyframe(entry); }
+    }
   } else if (msg.t === "kf") {
     const entry = entries.get(msg.key);
     if (entry) { entry.needKey = entry.kind === "video"; requestKeyframe(entry); }

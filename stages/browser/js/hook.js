@@ -64,6 +64,24 @@
       statsIntervalMs: cfg.statsIntervalMs, ...extra };
   }
 
+  // A new stage took over the page (a kept Chromium, stage.py's take-over): the same relay and workers, new
+  // sockets to its URL, and everything it must know said again (documents, connections, camera use, tracks).
+  hook.relink = function (wsUrl) {
+    cfg.wsUrl = wsUrl;
+    if (!relay) return false;
+    relay.postMessage(relayConfig({}));
+    hook.connected = true;
+    sendJson({ t: "hello", role: "page", href: location.href, top: window === window.top });
+    if (worker) {
+      linkWorker();
+      worker.postMessage({ t: "relinked" });
+    }
+    for (const pc of hook.pcs) sendJson({ t: "pc", pc: pc.__sbId, state: pc.connectionState });
+    if (hook.gum.calls) sendJson({ t: "gum", audio: hook.gum.audio, video: hook.gum.video });
+    for (const info of hook.tracks.values()) if (info.announcement && !info.ended) sendJson(info.announcement);
+    return true;
+  };
+
   function connect() {
     const url = URL.createObjectURL(new Blob([SB_RELAY_SOURCE], { type: "text/javascript" }));
     let shared;
@@ -152,17 +170,21 @@
     if (!worker) {
       const url = URL.createObjectURL(new Blob([SB_WORKER_SOURCE], { type: "text/javascript" }));
       worker = new Worker(url);
-      // The worker talks to Python through its own relay socket, over a channel the page sets up.
-      const channel = new MessageChannel();
-      relay.postMessage(relayConfig({ port: channel.port1 }), [channel.port1]);
-      worker.postMessage({ t: "config", port: channel.port2, maxBacklogBytes: cfg.maxBacklogBytes,
-        statsIntervalMs: cfg.statsIntervalMs }, [channel.port2]);
+      linkWorker();
       worker.onmessage = (ev) => {
         const info = hook.tracks.get(ev.data.key);
         if (ev.data.t === "done" && info) trackEnded(info, "ended");
       };
     }
     return worker;
+  }
+
+  // The worker talks to Python through its own relay socket, over a channel the page sets up.
+  function linkWorker() {
+    const channel = new MessageChannel();
+    relay.postMessage(relayConfig({ port: channel.port1 }), [channel.port1]);
+    worker.postMessage({ t: "config", port: channel.port2, maxBacklogBytes: cfg.maxBacklogBytes,
+      statsIntervalMs: cfg.statsIntervalMs }, [channel.port2]);
   }
 
   // Raw capture runs in the worker too: the track's MediaStreamTrackProcessor readable is transferred there, so
@@ -200,9 +222,10 @@
     }
     const who = await identify(track, event.streams);
     if (info.ended) return;
-    sendJson({ t: "track", k: info.key, kind: track.kind, participant: who.participant, identified_by: who.identifiedBy,
-      track_id: track.id, mid: event.transceiver ? event.transceiver.mid : null, pc: pc.__sbId,
-      stream_ids: event.streams.map((s) => s.id), mode: cfg.mode });
+    info.announcement = { t: "track", k: info.key, kind: track.kind, participant: who.participant,
+      identified_by: who.identifiedBy, track_id: track.id, mid: event.transceiver ? event.transceiver.mid : null,
+      pc: pc.__sbId, stream_ids: event.streams.map((s) => s.id), mode: cfg.mode };
+    sendJson(info.announcement);
     if (info.encoded) worker.postMessage({ t: "activate", key: info.key });
     else captureRaw(info);
   }

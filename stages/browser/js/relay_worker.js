@@ -10,6 +10,7 @@
 //   counted when the socket's unsent backlog exceeds lim, or when Python has not read what was sent maxLagMs
 //   ago; the client hears {t: "dropped", k}).
 // Relay -> client: strings and ArrayBuffers from Python as they arrive; {t: "closed"} when the socket closes.
+// An "attach" on a port already served (a new stage took over the page: its new wsUrl) replaces that port's socket.
 // Python -> relay only: {"t":"rx","n":N}, the binary messages it has read from this socket so far.
 //
 // Why a time bound: bufferedAmount counts only the socket's own queue, not the kernel's buffers behind it, which
@@ -19,8 +20,12 @@
 "use strict";
 
 const RX_PREFIX = '{"t":"rx"';
+// Each served port's current socket, closed when the port is attached again.
+const served = new Map();
 
 function serve(port, cfg) {
+  const previous = served.get(port);
+  if (previous) previous();
   const drops = {};
   let reported = {};
   const pending = [];
@@ -52,11 +57,17 @@ function serve(port, cfg) {
   function lagMs() {
     return head < sentAt.length ? performance.now() - sentAt[head] : 0;
   }
-  ws.onclose = () => port.postMessage({ t: "closed" });
+  ws.onclose = () => {
+    clearInterval(timer);
+    if (served.get(port) === stop) {
+      served.delete(port);
+      port.postMessage({ t: "closed" });
+    }
+  };
   port.onmessage = (ev) => {
     const d = ev.data;
     if (d && d.t === "attach") {
-      serve(d.port, d);
+      serve(d.port || port, d);
       return;
     }
     if (typeof d === "string") {
@@ -78,7 +89,7 @@ function serve(port, cfg) {
       sentCount += 1;
     }
   };
-  setInterval(() => {
+  const timer = setInterval(() => {
     const delta = {};
     let any = false;
     for (const [reason, count] of Object.entries(drops)) {
@@ -88,6 +99,13 @@ function serve(port, cfg) {
     reported = { ...drops };
     if (any && ws.readyState === WebSocket.OPEN) ws.send(JSON.stringify({ t: "drops", drops: delta }));
   }, cfg.statsIntervalMs);
+  function stop() {
+    clearInterval(timer);
+    served.delete(port);
+    ws.onclose = null;
+    ws.close();
+  }
+  served.set(port, stop);
 }
 
 self.onconnect = (event) => {

@@ -1,0 +1,123 @@
+"""A kept Chromium (``sipbridge chromium``): a browser stage killed mid-call is replaced by one that takes over the
+bot's page, still in the room, instead of joining again (issue 15)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from protocol import EventType
+from stages.browser.keeper import GREETING
+from stages.browser.procs import chromium_pids
+from tests.roomfix import SIPBRIDGE, Collector, Room, room_fixture, wait_until  # noqa: F401  (pytest fixture)
+from tests.sipfix import janus_fixture, netns_fixture  # noqa: F401  (pytest fixtures)
+from tests.test_room_robust import janus_call, readded_after, resumed, resumed_gap_s
+
+pytestmark = [pytest.mark.media, pytest.mark.timeout(150)]
+
+ROOM_ID = 4402
+MIN_FRAMES = 20
+MEDIA_TIMEOUT_S = 40.0
+
+
+def room_ids(http_url: str, room: int, display: str) -> list[int]:
+    """The VideoRoom participant ids shown as ``display``."""
+    session = janus_call(http_url, "", {"janus": "create", "transaction": "s"})["data"]["id"]
+    try:
+        handle = janus_call(http_url, f"/{session}", {"janus": "attach", "plugin": "janus.plugin.videoroom",
+                                                      "transaction": "a"})["data"]["id"]
+        reply = janus_call(http_url, f"/{session}/{handle}", {"janus": "message", "transaction": "m",
+                                                               "body": {"request": "listparticipants", "room": room}})
+        people = reply["plugindata"]["data"]["participants"]
+        return sorted(p["id"] for p in people if p.get("display") == display)
+    finally:
+        janus_call(http_url, f"/{session}", {"janus": "destroy", "transaction": "d"})
+
+
+def states(collector: Collector, since: float = 0.0) -> list[dict[str, object]]:
+    with collector._lock:
+        return [e.attributes for at, e in collector.events
+                if at > since and e.type == EventType.STAGE_STATE and not e.attributes.get("repeat")]
+
+
+def test_a_restarted_browser_stage_takes_over_the_bot_still_in_the_room(room: Room, tmp_path: Path) -> None:
+    room.participants(ROOM_ID, [("alice", 440.0)], engine="aiortc")
+    keeper_socket = tmp_path / "chromium.cdp"
+    keeper = room.spawn([*SIPBRIDGE, "chromium", "--socket", str(keeper_socket)], stdout=None)
+    out = f"ipc://{tmp_path}/bot.sock"
+    collector = Collector(out)
+    extra = ("--chromium-socket", str(keeper_socket))
+    try:
+        bot = room.bot(ROOM_ID, out, extra=extra)
+        wait_until(lambda: len(collector.counters("alice/video")) >= MIN_FRAMES, MEDIA_TIMEOUT_S, "alice's video")
+        before = room_ids(room.janus.http_url, ROOM_ID, "bot")
+        assert len(before) == 1
+        assert not chromium_pids(bot.pid), "the bot's Chromium must be the keeper's, not the stage's"
+        assert chromium_pids(keeper.pid)
+
+        t_kill = time.monotonic()
+        os.kill(bot.pid, signal.SIGKILL)  # as supervisord sees a crash: the stage only, its driver follows
+        bot.wait(10)
+        room.bot(ROOM_ID, out, extra=extra)  # what supervisord does next
+        wait_until(lambda: resumed(collector, "alice/video", t_kill, MIN_FRAMES), MEDIA_TIMEOUT_S,
+                   "capture resumed after the browser stage was killed")
+        gap = resumed_gap_s(collector, "alice/video", t_kill)
+        print(f"\ncapture gap across the browser stage's restart: {gap:.2f} s"
+              f" (announced again {readded_after(collector, 'alice/video', t_kill) - t_kill:.2f} s after the kill)")
+        after = states(collector, t_kill)
+        assert "joining" not in [s["state"] for s in after], after  # no second join
+        assert after[-1]["state"] == "joined" and after[-1].get("taken_over") is True, after
+        # The same participant in the room throughout: nobody saw the bot leave or a new one come.
+        assert room_ids(room.janus.http_url, ROOM_ID, "bot") == before
+        assert keeper.poll() is None
+    finally:
+        collector.close()
+
+
+def test_the_keeper_serves_one_client_at_a_time_and_stops_chromium_on_sigterm(tmp_path: Path) -> None:
+    keeper_socket = tmp_path / "chromium.cdp"
+    keeper = subprocess.Popen([*SIPBRIDGE, "chromium", "--socket", str(keeper_socket)],
+                              env={**os.environ, "SIPBRIDGE_RUN_DIR": str(tmp_path)}, start_new_session=True)
+    try:
+        wait_until(keeper_socket.exists, 20, "the keeper's socket")
+        assert keeper_socket.stat().st_mode & 0o777 == 0o600
+        profile = Path((tmp_path / "chromium.profile").read_text().strip())
+        assert profile.is_dir()
+        first = socket.socket(socket.AF_UNIX)
+        first.connect(str(keeper_socket))
+        assert first.recv(100) == GREETING + b"\0"
+        second = socket.socket(socket.AF_UNIX)
+        second.connect(str(keeper_socket))
+        assert second.recv(100) == b""  # refused: closed at once
+        first.sendall(b'{"id":7,"method":"Browser.getVersion"}\0')
+        answer = b""
+        while not answer.endswith(b"\0"):
+            answer += first.recv(65536)
+        assert answer.startswith(b'{"id":7,') and b"product" in answer  # the client's own id comes back
+        first.sendall(b"not json\0")  # counted and dropped, the keeper goes on
+        first.sendall(b'{"id":8,"method":"Browser.getVersion"}\0')
+        answer = b""
+        while not answer.endswith(b"\0"):
+            answer += first.recv(65536)
+        assert answer.startswith(b'{"id":8,')
+        browsers = chromium_pids(keeper.pid)
+        assert browsers
+        first.close()
+        second.close()
+        keeper.send_signal(signal.SIGTERM)
+        assert keeper.wait(15) == 0
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and [p for p in browsers if Path(f"/proc/{p}").exists()]:
+            time.sleep(0.1)
+        left = [p for p in browsers if Path(f"/proc/{p}").exists()]
+        assert not left, f"Chromium outlived its keeper: {left}"
+        assert not profile.exists(), "the profile folder was left behind"
+    finally:
+        if keeper.poll() is None:
+            keeper.kill()
