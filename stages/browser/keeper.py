@@ -19,8 +19,9 @@ ids are renumbered per client, so an answer to a gone client's command never rea
 
 Chromium runs as an unprivileged user with its sandbox on (``chromium.py``), in a fresh profile folder that is
 removed when it stops; what it prints goes to ``chromium-stderr.log`` in the run folder. SIGTERM closes Chromium
-(the bot leaves the room); if Chromium dies this process exits 1, and supervisord starts both again. Chromium also
-ends when this process is killed: its pipe closes.
+(the bot leaves the room); if Chromium dies this process exits 1, and supervisord starts both again. Either way no
+process of Chromium's own process group outlives this one. Chromium also ends when this process is killed: its pipe
+closes.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +54,7 @@ STDERR_TAIL_LINES = 4
 STDERR_LINE_CHARS = 240
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 CLOSE_TIMEOUT_S = 5.0
+HELPERS_GONE_TIMEOUT_S = 2.0
 # Chromium's --remote-debugging-pipe: commands in on fd 3, answers and events out on fd 4.
 CHROMIUM_IN_FD, CHROMIUM_OUT_FD = 3, 4
 # Above the descriptors a child's 0-4 are made from, so setting those up never overwrites one still to be copied.
@@ -132,7 +135,7 @@ class Keeper:
             # preexec_fn: no other thread runs yet (the loop has started none), so the fork is safe.
             self.proc = subprocess.Popen(
                 [executable, *args], env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=stderr, preexec_fn=pipe_fds, pass_fds=(CHROMIUM_IN_FD, CHROMIUM_OUT_FD),
+                stderr=stderr, preexec_fn=pipe_fds, process_group=0, pass_fds=(CHROMIUM_IN_FD, CHROMIUM_OUT_FD),
             )  # fmt: skip
         finally:
             stderr.close()
@@ -315,6 +318,18 @@ class Keeper:
             log.warning("Chromium did not close within %.0f s: killing it", CLOSE_TIMEOUT_S)
             self.proc.kill()
             await asyncio.to_thread(self.proc.wait)
+        # Its helpers (zygotes, renderers, crash handler) are in its process group: none outlives this program, or
+        # a host that checks what a call left behind finds them (the node does).
+        deadline = time.monotonic() + HELPERS_GONE_TIMEOUT_S
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                return
+            except PermissionError:
+                log.warning("cannot end Chromium's helper processes (process group %d)", self.proc.pid)
+                return
+            await asyncio.sleep(0.02)
 
 
 @click.command()

@@ -97,6 +97,8 @@ STATE_REPEAT_INTERVAL_S = 0.5
 # Taking over a page left in the room (kept Chromium): whether its hook can be pointed at a new socket, and doing it.
 TAKE_OVER_CHECK = "() => !!(window.__sipbridgeHook && window.__sipbridgeHook.relink)"
 RELINK = "(url) => window.__sipbridgeHook ? window.__sipbridgeHook.relink(url) : false"
+# A page evaluation has no timeout of its own: a hung renderer must not hold a new stage's first session.
+TAKE_OVER_EVAL_TIMEOUT_S = 5.0
 
 HEADER_LENGTH = struct.Struct("<I")
 CODEC_BY_MIME = {mime: info.codec for mime, info in codecs.BY_MIME.items()}  # lower-cased MIME types
@@ -765,19 +767,20 @@ class BrowserStage(Stage):
             if kept is not None or self.config.join_on_call:
                 break  # a bot joined for a call this stage has not heard of yet leaves; the call brings it back
             try:
-                if await page.evaluate(TAKE_OVER_CHECK) and await self.recipe.is_joined(page):
+                hooked = await asyncio.wait_for(page.evaluate(TAKE_OVER_CHECK), TAKE_OVER_EVAL_TIMEOUT_S)
+                if hooked and await asyncio.wait_for(self.recipe.is_joined(page), TAKE_OVER_EVAL_TIMEOUT_S):
                     kept = page
             except Exception as exc:  # a page that cannot answer is not one to keep
                 self.log.info("page %s left by the previous stage does not answer (%s): closing it", page.url, exc)
         for page in left:
             if page is not kept:
                 with contextlib.suppress(Exception):
-                    await page.close()
+                    await asyncio.wait_for(page.close(), BROWSER_CLOSE_TIMEOUT_S)
         if kept is None:
             return None
         for frame in kept.frames:  # every document's hook: apps may run the call in a frame
             with contextlib.suppress(Exception):
-                await frame.evaluate(RELINK, self._ws_url)
+                await asyncio.wait_for(frame.evaluate(RELINK, self._ws_url), TAKE_OVER_EVAL_TIMEOUT_S)
         self.log.info("took over the page left in the room (%s): not joining again", kept.url)
         return kept
 
