@@ -40,6 +40,12 @@ def room_ids(http_url: str, room: int, display: str) -> list[int]:
         janus_call(http_url, f"/{session}", {"janus": "destroy", "transaction": "d"})
 
 
+def keeper_children(pid: int) -> list[int]:
+    """The keeper's direct children: Chromium's browser process."""
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True, check=False).stdout
+    return [int(p) for p in out.split()]
+
+
 def states(collector: Collector, since: float = 0.0) -> list[dict[str, object]]:
     with collector._lock:
         return [e.attributes for at, e in collector.events
@@ -80,15 +86,15 @@ def test_a_restarted_browser_stage_takes_over_the_bot_still_in_the_room(room: Ro
         collector.close()
 
 
-def test_the_keeper_serves_one_client_at_a_time_and_stops_chromium_on_sigterm(tmp_path: Path) -> None:
+def test_the_keeper_serves_one_client_at_a_time_restarts_chromium_and_stops_it_on_sigterm(tmp_path: Path) -> None:
     keeper_socket = tmp_path / "chromium.cdp"
     keeper = subprocess.Popen([*SIPBRIDGE, "chromium", "--socket", str(keeper_socket)],
                               env={**os.environ, "SIPBRIDGE_RUN_DIR": str(tmp_path)}, start_new_session=True)
     try:
         wait_until(keeper_socket.exists, 20, "the keeper's socket")
         assert keeper_socket.stat().st_mode & 0o777 == 0o600
-        profile = Path((tmp_path / "chromium.profile").read_text().strip())
-        assert profile.is_dir()
+        first_profile = Path((tmp_path / "chromium.profile").read_text().strip())
+        assert first_profile.is_dir()
         first = socket.socket(socket.AF_UNIX)
         first.connect(str(keeper_socket))
         assert first.recv(100) == GREETING + b"\0"
@@ -106,10 +112,30 @@ def test_the_keeper_serves_one_client_at_a_time_and_stops_chromium_on_sigterm(tm
         while not answer.endswith(b"\0"):
             answer += first.recv(65536)
         assert answer.startswith(b'{"id":8,')
+        second.close()
+        # Chromium dies: its client is dropped, a new Chromium starts in the same keeper and serves the next client.
+        dead = keeper_children(keeper.pid)
+        assert len(dead) == 1
+        os.kill(dead[0], signal.SIGKILL)
+        first.settimeout(10)
+        assert first.recv(100) == b""
+        first.close()
+        fresh = wait_until(lambda: [p for p in keeper_children(keeper.pid) if p not in dead], 10, "a new Chromium")
+        assert keeper.poll() is None
+        third = socket.socket(socket.AF_UNIX)
+        third.settimeout(10)
+        third.connect(str(keeper_socket))
+        assert third.recv(100) == GREETING + b"\0"
+        third.sendall(b'{"id":1,"method":"Browser.getVersion"}\0')
+        answer = b""
+        while not answer.endswith(b"\0"):
+            answer += third.recv(65536)
+        assert answer.startswith(b'{"id":1,') and b"product" in answer
+        third.close()
+        assert fresh and not first_profile.exists()  # the dead one's profile is gone
+        profile = Path((tmp_path / "chromium.profile").read_text().strip())
         browsers = chromium_pids(keeper.pid)
         assert browsers
-        first.close()
-        second.close()
         keeper.send_signal(signal.SIGTERM)
         assert keeper.wait(15) == 0
         # At once: a node checks what a call left behind as soon as its supervisord is gone (test_node).

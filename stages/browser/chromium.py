@@ -13,9 +13,10 @@ from __future__ import annotations
 import os
 import pwd
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from playwright.async_api import Browser, Playwright
+if TYPE_CHECKING:  # the keeper (keeper.py) launches Chromium without Playwright: its start stays short
+    from playwright.async_api import Browser, Playwright
 
 CHROMIUM_PATH = os.environ.get("SIPBRIDGE_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_USER = os.environ.get("SIPBRIDGE_CHROMIUM_USER", "sipbridge-browser")

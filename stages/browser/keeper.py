@@ -19,14 +19,16 @@ ids are renumbered per client, so an answer to a gone client's command never rea
 
 Chromium runs as an unprivileged user with its sandbox on (``chromium.py``), in a fresh profile folder that is
 removed when it stops; what it prints goes to ``chromium-stderr.log`` in the run folder. SIGTERM closes Chromium
-(the bot leaves the room); if Chromium dies this process exits 1, and supervisord starts both again. Either way no
-process of Chromium's own process group outlives this one. Chromium also ends when this process is killed: its pipe
-closes.
+(the bot leaves the room). If Chromium dies, its client is dropped (the stage joins again) and a new Chromium starts
+at once; past ``MAX_CRASHES`` in ``CRASH_WINDOW_S`` this process exits 1 and supervisord takes over. No process of
+Chromium's own process group outlives the Chromium it belongs to. Chromium also ends when this process is killed:
+its pipe closes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import fcntl
 import json
@@ -54,6 +56,10 @@ STDERR_TAIL_LINES = 4
 STDERR_LINE_CHARS = 240
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 CLOSE_TIMEOUT_S = 5.0
+# Chromium dying more often than this is not fixed by starting it again here: exit, and supervisord's start limits
+# take over.
+MAX_CRASHES = 5
+CRASH_WINDOW_S = 300.0
 HELPERS_GONE_TIMEOUT_S = 2.0
 # Chromium's --remote-debugging-pipe: commands in on fd 3, answers and events out on fd 4.
 CHROMIUM_IN_FD, CHROMIUM_OUT_FD = 3, 4
@@ -92,6 +98,7 @@ class Keeper:
         self.socket_path = socket_path
         self.extra_args = list(extra_args or [])
         self.proc: subprocess.Popen[bytes] | None = None
+        self._commands_w = self._output_r = -1
         self.profile: Path | None = None
         self.stderr_log = socket_path.parent / STDERR_LOG
         self._to_chromium: asyncio.WriteTransport | None = None
@@ -103,6 +110,10 @@ class Keeper:
         self._pending: dict[int, tuple[int, int]] = {}
         self._sessions: set[str] = set()
         self.dropped: dict[str, int] = {}
+        # Set while a Chromium's pipe is open: a client is greeted only then.
+        self._ready = asyncio.Event()
+        self._launches = 0  # which Chromium a client talked to (its sessions die with that one)
+        self._crashes: collections.deque[float] = collections.deque()
 
     # ----- Chromium ----------------------------------------------------------------------------------------------
     def _launch(self) -> None:
@@ -142,6 +153,7 @@ class Keeper:
             os.close(child_in)
             os.close(child_out)
         self._commands_w, self._output_r = commands_w, output_r
+        self._launches += 1
         log.info("Chromium started (pid %d, profile %s)", self.proc.pid, self.profile)
 
     async def _open_pipe(self) -> None:
@@ -152,7 +164,9 @@ class Keeper:
         self._from_chromium, self._to_chromium = reader, transport
 
     def _send(self, message: bytes) -> None:
-        assert self._to_chromium is not None
+        if self._to_chromium is None or self._to_chromium.is_closing():
+            self._drop("Chromium is not running")  # a command of a client whose Chromium just died
+            return
         self._to_chromium.write(message + b"\0")
 
     def _own(self, method: str, params: dict[str, Any], session: str | None = None) -> None:
@@ -208,6 +222,11 @@ class Keeper:
             log.warning("refused a second client: one is connected")
             writer.close()
             return
+        await self._ready.wait()  # Chromium is being started again
+        if self._client is not None:
+            writer.close()
+            return
+        launch = self._launches
         self._generation += 1
         generation = self._generation
         self._client = writer
@@ -228,8 +247,11 @@ class Keeper:
             self._client = None
             writer.close()
             self._pending = {k: v for k, v in self._pending.items() if v[0] != generation}
-            self._release_sessions()
-            log.info("client %d gone: its pages stay, %d session(s) detached", generation, len(self._sessions))
+            if launch == self._launches:  # else its Chromium is gone, and its sessions with it
+                self._release_sessions()
+                log.info("client %d gone: its pages stay, %d session(s) detached", generation, len(self._sessions))
+            else:
+                log.info("client %d gone with the Chromium it used", generation)
             self._sessions.clear()
 
     def _forward_command(self, raw: bytes, generation: int) -> None:
@@ -262,9 +284,54 @@ class Keeper:
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        self._launch()
-        assert self.proc is not None
-        await self._open_pipe()
+        stopping = asyncio.ensure_future(stop.wait())
+        server: asyncio.Server | None = None
+        try:
+            while True:
+                self._launch()
+                assert self.proc is not None
+                await self._open_pipe()
+                self._ready.set()
+                if server is None:
+                    server = await self._serve()
+                pump = asyncio.ensure_future(self._pump_from_chromium())
+                await asyncio.wait([pump, stopping], return_when=asyncio.FIRST_COMPLETED)
+                pump.cancel()
+                self._ready.clear()
+                if stopping.done():
+                    server.close()
+                    self._drop_client()
+                    log.info("stopping: closing Chromium")
+                    self._own("Browser.close", {})
+                    await self._wait_chromium(helpers_gone=True)
+                    return 0
+                # Chromium died, and the bot's page with it. Its client goes (its stage sees the browser gone and
+                # joins again) and a new Chromium starts at once: a new process of this program would cost its
+                # start too. Its helpers get one SIGKILL and no wait.
+                self._drop_client()
+                await self._wait_chromium(helpers_gone=False)
+                log.error("Chromium closed its pipe (exit status %s); its last words: %s", self.proc.returncode,
+                          self._stderr_tail())
+                self._end_pipe()
+                self._remove_profile()
+                now = time.monotonic()
+                self._crashes.append(now)
+                while self._crashes and now - self._crashes[0] > CRASH_WINDOW_S:
+                    self._crashes.popleft()
+                if len(self._crashes) > MAX_CRASHES:
+                    log.error("Chromium died %d times in %.0f s: exiting (supervisord starts this program again)",
+                              len(self._crashes), CRASH_WINDOW_S)
+                    return 1
+                log.info("starting Chromium again")
+        finally:
+            stopping.cancel()
+            if server is not None:
+                server.close()
+            with contextlib.suppress(FileNotFoundError):
+                self.socket_path.unlink()
+            self._remove_profile()
+
+    async def _serve(self) -> asyncio.Server:
         with contextlib.suppress(FileNotFoundError):
             self.socket_path.unlink()
         old_umask = os.umask(0o177)  # the socket is 0600 from the moment it exists
@@ -273,33 +340,24 @@ class Keeper:
         finally:
             os.umask(old_umask)
         log.info("serving Chromium's DevTools protocol on %s", self.socket_path)
-        pump = asyncio.ensure_future(self._pump_from_chromium())
-        stopping = asyncio.ensure_future(stop.wait())
-        try:
-            await asyncio.wait([pump, stopping], return_when=asyncio.FIRST_COMPLETED)
-            if stopping.done():
-                log.info("stopping: closing Chromium")
-                self._own("Browser.close", {})
-                code = 0
-            else:
-                await asyncio.sleep(0.2)  # its exit status, if it is exiting
-                log.error("Chromium closed its pipe (exit status %s): exiting so that both start again; its last "
-                          "words: %s", self.proc.poll(), self._stderr_tail())
-                code = 1
-            server.close()
-            if self._client is not None:
-                self._client.close()
-            await self._wait_chromium()
-            return code
-        finally:
-            pump.cancel()
-            stopping.cancel()
-            with contextlib.suppress(FileNotFoundError):
-                self.socket_path.unlink()
-            if self.profile is not None:
-                shutil.rmtree(self.profile, ignore_errors=True)
-                with contextlib.suppress(OSError):
-                    (self.socket_path.parent / PROFILE_NOTE).unlink()
+        return server
+
+    def _drop_client(self) -> None:
+        if self._client is not None:
+            self._client.close()
+
+    def _end_pipe(self) -> None:
+        if self._to_chromium is not None:
+            self._to_chromium.close()
+        self._to_chromium = self._from_chromium = None
+        self._pending.clear()
+
+    def _remove_profile(self) -> None:
+        if self.profile is not None:
+            shutil.rmtree(self.profile, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                (self.socket_path.parent / PROFILE_NOTE).unlink()
+            self.profile = None
 
     def _stderr_tail(self) -> str:
         try:
@@ -310,7 +368,9 @@ class Keeper:
         except OSError as exc:
             return f"({exc})"
 
-    async def _wait_chromium(self) -> None:
+    async def _wait_chromium(self, *, helpers_gone: bool) -> None:
+        """Until Chromium has exited (killed if it does not close), then end its helpers; with ``helpers_gone``
+        also wait until none is left."""
         assert self.proc is not None
         try:
             await asyncio.wait_for(asyncio.to_thread(self.proc.wait), CLOSE_TIMEOUT_S)
@@ -320,14 +380,16 @@ class Keeper:
             await asyncio.to_thread(self.proc.wait)
         # Its helpers (zygotes, renderers, crash handler) are in its process group: none outlives this program, or
         # a host that checks what a call left behind finds them (the node does).
-        deadline = time.monotonic() + HELPERS_GONE_TIMEOUT_S
-        while time.monotonic() < deadline:
+        deadline = time.monotonic() + (HELPERS_GONE_TIMEOUT_S if helpers_gone else 0.0)
+        while True:
             try:
                 os.killpg(self.proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 return
             except PermissionError:
                 log.warning("cannot end Chromium's helper processes (process group %d)", self.proc.pid)
+                return
+            if time.monotonic() >= deadline:
                 return
             await asyncio.sleep(0.02)
 
