@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from protocol import EventType
+from stages.base import EOS_DRAIN_TIMEOUT_S
 from stages.browser.keeper import GREETING
 from stages.browser.procs import chromium_pids
 from tests.roomfix import SIPBRIDGE, Collector, Room, room_fixture, wait_until  # noqa: F401  (pytest fixture)
@@ -24,6 +25,9 @@ pytestmark = [pytest.mark.media, pytest.mark.timeout(150)]
 ROOM_ID = 4402
 MIN_FRAMES = 20
 MEDIA_TIMEOUT_S = 40.0
+# The stage's end of stream waits up to EOS_DRAIN_TIMEOUT_S for this test's collector, which never hangs up; the page's
+# sockets, left open by a kept Chromium, once held it a minute more (aiohttp's shutdown timeout).
+STOP_TIMEOUT_S = EOS_DRAIN_TIMEOUT_S + 5.0
 
 
 def room_ids(http_url: str, room: int, display: str) -> list[int]:
@@ -70,7 +74,7 @@ def test_a_restarted_browser_stage_takes_over_the_bot_still_in_the_room(room: Ro
         t_kill = time.monotonic()
         os.kill(bot.pid, signal.SIGKILL)  # as supervisord sees a crash: the stage only, its driver follows
         bot.wait(10)
-        room.bot(ROOM_ID, out, extra=extra)  # what supervisord does next
+        bot = room.bot(ROOM_ID, out, extra=extra)  # what supervisord does next
         wait_until(lambda: resumed(collector, "alice/video", t_kill, MIN_FRAMES), MEDIA_TIMEOUT_S,
                    "capture resumed after the browser stage was killed")
         gap = resumed_gap_s(collector, "alice/video", t_kill)
@@ -82,6 +86,11 @@ def test_a_restarted_browser_stage_takes_over_the_bot_still_in_the_room(room: Ro
         # The same participant in the room throughout: nobody saw the bot leave or a new one come.
         assert room_ids(room.janus.http_url, ROOM_ID, "bot") == before
         assert keeper.poll() is None
+        # A stop reaches the stage's whole process group (supervisord's stopasgroup): it ends promptly.
+        t_stop = time.monotonic()
+        os.killpg(bot.pid, signal.SIGTERM)
+        assert bot.wait(STOP_TIMEOUT_S) == 0
+        print(f"stage stopped {time.monotonic() - t_stop:.2f} s after SIGTERM")
     finally:
         collector.close()
 

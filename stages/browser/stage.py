@@ -23,7 +23,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 from playwright.async_api import Browser, BrowserContext, Page, Playwright, async_playwright
 
 from protocol import (
@@ -66,6 +66,7 @@ WATCHDOG_INTERVAL_S = 1.0
 NOT_JOINED_GRACE_S = 1.0
 DROPPED_REASON = "dropped from the room"
 BROWSER_CLOSE_TIMEOUT_S = 5.0
+SOCKET_CLOSE_TIMEOUT_S = 1.0
 DEFAULT_MAX_RESTARTS = 5
 DEFAULT_RESTART_WINDOW_S = 300.0
 # Rejoin delays: none for the first rejoin in the restart window (a single fault, such as a crashed renderer, is
@@ -259,6 +260,7 @@ class BrowserStage(Stage):
         self._cdp_token = secrets.token_urlsafe(16)  # never in the page: whoever has it drives the browser
         self._cdp_url = ""
         self._take_over_tried = False
+        self._cdp_sockets: set[web.WebSocketResponse] = set()
         self._runner: web.AppRunner | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._connections: set[PageConnection] = set()
@@ -365,6 +367,14 @@ class BrowserStage(Stage):
             self._connections.discard(conn)
         return ws
 
+    async def _close_sockets(self) -> None:
+        """Close the page's sockets and the driver's: a kept Chromium outlives this stage, and the server's cleanup
+        would otherwise wait for them (aiohttp's shutdown timeout, a minute) before the stage could exit."""
+        sockets = [conn.ws for conn in self._connections] + list(self._cdp_sockets)
+        if sockets:
+            await asyncio.wait([asyncio.ensure_future(ws.close(code=WSCloseCode.GOING_AWAY)) for ws in sockets],
+                               timeout=SOCKET_CLOSE_TIMEOUT_S)
+
     async def _cdp_handler(self, request: web.Request) -> web.StreamResponse:
         """Playwright's driver to the kept Chromium (cdplink.py)."""
         if not secrets.compare_digest(request.query.get("token", ""), self._cdp_token):
@@ -376,7 +386,11 @@ class BrowserStage(Stage):
             raise web.HTTPServiceUnavailable(text=str(exc)) from None
         ws = web.WebSocketResponse(compress=False, max_msg_size=cdplink.MAX_MESSAGE_BYTES)
         await ws.prepare(request)
-        await cdplink.relay(ws, reader, writer)
+        self._cdp_sockets.add(ws)
+        try:
+            await cdplink.relay(ws, reader, writer)
+        finally:
+            self._cdp_sockets.discard(ws)
         return ws
 
     async def _rx_acks(self, conn: PageConnection) -> None:
@@ -730,6 +744,7 @@ class BrowserStage(Stage):
                     await pw.stop()
             await self._drop_browser()
             if self._runner is not None:
+                await self._close_sockets()
                 await self._runner.cleanup()
 
     async def _start_playwright(self) -> Playwright:
@@ -856,10 +871,13 @@ class BrowserStage(Stage):
             for track in list(self._tracks.values()):
                 await self._track_ended(track.key, "session ended")
             self._pending.clear()
-            if kept is not None:
+            # A browser already gone (Chromium dead, or our driver stopped with us at a group stop) cannot close
+            # anything: Playwright would wait out each timeout.
+            alive = self._browser is not None and self._browser.is_connected()
+            if kept is not None and alive:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(kept.close(), BROWSER_CLOSE_TIMEOUT_S)
-            if context is not None:
+            if context is not None and alive:
                 try:
                     await asyncio.wait_for(context.close(), BROWSER_CLOSE_TIMEOUT_S)
                 except Exception:  # a browser that cannot close a context is not reused
@@ -877,7 +895,7 @@ class BrowserStage(Stage):
 
     async def _drop_browser(self) -> None:
         browser, self._browser = self._browser, None
-        if browser is not None:
+        if browser is not None and browser.is_connected():
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(browser.close(), BROWSER_CLOSE_TIMEOUT_S)
 
