@@ -69,11 +69,13 @@ BROWSER_CLOSE_TIMEOUT_S = 5.0
 SOCKET_CLOSE_TIMEOUT_S = 1.0
 DEFAULT_MAX_RESTARTS = 5
 DEFAULT_RESTART_WINDOW_S = 300.0
-# Rejoin delays: none for the first rejoin in the restart window (a single fault, such as a crashed renderer, is
-# recovered at once: the delay was 0.5 s of every such room gap, issue 15), then doubling from RESTART_BACKOFF_S up
-# to MAX_RESTART_BACKOFF_S, so a page that keeps failing is not hammered.
+# Rejoin delays: none for a rejoin with no other in the last RESTART_BURST_S (a single fault, such as a crashed
+# renderer, is recovered at once: the delay was 0.5 s of every such room gap, issue 15), then doubling from
+# RESTART_BACKOFF_S up to MAX_RESTART_BACKOFF_S with each rejoin in that burst, so a page that keeps failing is not
+# hammered. Giving up (max_restarts) counts over the longer restart window.
 RESTART_BACKOFF_S = 0.5
 MAX_RESTART_BACKOFF_S = 4.0
+RESTART_BURST_S = 10.0
 # CALL_STATE values (stages.janus.sip.CallState) that say a SIP call is up, and that it is over.
 CALL_UP_STATES = frozenset({"accepted", "media_up"})
 CALL_OVER_STATES = frozenset({"ended", "failed", "declined", "janus_disconnected"})
@@ -203,7 +205,7 @@ def _capture_ms(msg: VideoFrame | AudioFrame) -> float | None:
 
 
 def rejoin_delay_s(recent_restarts: int) -> float:
-    """How long to wait before a rejoin, given the restarts in the window, this one included."""
+    """How long to wait before a rejoin, given the restarts in the last RESTART_BURST_S, this one included."""
     if recent_restarts <= 1:
         return 0.0
     return min(MAX_RESTART_BACKOFF_S, RESTART_BACKOFF_S * 2 ** (recent_restarts - 2))
@@ -735,7 +737,7 @@ class BrowserStage(Stage):
                     raise RuntimeError(f"giving up after {len(self._restarts)} restarts in "
                                        f"{self.config.restart_window_s:.0f} s; last: {reason}")
                 await self._set_state("rejoining", reason=reason, **explained)
-                await asyncio.sleep(rejoin_delay_s(len(self._restarts)))
+                await asyncio.sleep(rejoin_delay_s(sum(1 for t in self._restarts if now - t <= RESTART_BURST_S)))
         finally:
             trimmer.cancel()
             repeater.cancel()
