@@ -154,3 +154,55 @@ def test_the_keeper_serves_one_client_at_a_time_restarts_chromium_and_stops_it_o
     finally:
         if keeper.poll() is None:
             keeper.kill()
+
+
+def test_the_driver_hears_at_once_when_the_keeper_drops_it(tmp_path: Path) -> None:
+    """The keeper drops its client when Chromium dies; the driver's WebSocket must close then, not when the driver
+    next sends a command (it may send none for seconds, and the rejoin waits on its 'disconnected')."""
+    import asyncio
+
+    import aiohttp
+    from aiohttp import web
+
+    from stages.browser import cdplink
+
+    async def scenario() -> list[aiohttp.WSMsgType]:
+        async def fake_keeper(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write(b'{"method":"Target.targetCreated"}\0')
+            await writer.drain()
+            await asyncio.sleep(0.2)
+            writer.close()  # as the keeper does when Chromium dies
+
+        server = await asyncio.start_unix_server(fake_keeper, path=str(tmp_path / "k.sock"))
+
+        async def handler(request: web.Request) -> web.WebSocketResponse:
+            reader, writer = await asyncio.open_unix_connection(str(tmp_path / "k.sock"))
+            ws = web.WebSocketResponse()
+            await ws.prepare(request)
+            await cdplink.relay(ws, reader, writer)
+            return ws
+
+        app = web.Application()
+        app.router.add_get("/cdp", handler)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        seen = []
+        try:
+            async with aiohttp.ClientSession() as http, http.ws_connect(f"http://127.0.0.1:{port}/cdp") as ws:
+                # The driver sends nothing: only the relay can end this.
+                while True:
+                    msg = await asyncio.wait_for(ws.receive(), 10)
+                    seen.append(msg.type)
+                    if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED):
+                        break
+        finally:
+            await runner.cleanup()
+            server.close()
+        return seen
+
+    seen = asyncio.run(scenario())
+    assert seen[0] == aiohttp.WSMsgType.TEXT
+    assert seen[-1] in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)

@@ -53,12 +53,18 @@ async def relay(ws: web.WebSocketResponse, reader: asyncio.StreamReader, writer:
     """Pass messages both ways until either side closes."""
 
     async def from_keeper() -> None:
-        while True:
-            try:
-                raw = await reader.readuntil(b"\0")
-            except (asyncio.IncompleteReadError, ConnectionError):
-                return
-            await ws.send_str(raw[:-1].decode())
+        try:
+            while True:
+                try:
+                    raw = await reader.readuntil(b"\0")
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return
+                await ws.send_str(raw[:-1].decode())
+        finally:
+            # The keeper drops its client when Chromium dies: close the driver's end now, so Playwright reports the
+            # browser gone at once rather than when it next sends a command.
+            with contextlib.suppress(Exception):
+                await ws.close()
 
     down = asyncio.ensure_future(from_keeper())
     try:

@@ -385,6 +385,8 @@ class BrowserStage(Stage):
         try:
             reader, writer = await cdplink.open_keeper(Path(self.config.chromium_socket), KEEPER_CONNECT_TIMEOUT_S)
         except cdplink.KeeperUnavailable as exc:
+            # Playwright reports only the status; the reason belongs in this stage's log.
+            self.log.warning("%s", exc)
             raise web.HTTPServiceUnavailable(text=str(exc)) from None
         ws = web.WebSocketResponse(compress=False, max_msg_size=cdplink.MAX_MESSAGE_BYTES)
         await ws.prepare(request)
