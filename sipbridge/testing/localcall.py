@@ -84,6 +84,9 @@ class CallOptions:
     capture: str = "encoded"
     page_video: str = "shown"  # the bot page's video elements: "hidden" is not displayed
     sip_scenario: str = "uas_echo"  # a scenario for ``sipp_scenario`` (echoes with -rtp_echo)
+    # Return the bridge's keyframe requests to it (rtcpecho.py), as a peer that honours them would answer with a
+    # keyframe: sipp echoes RTP only.
+    rtcp_echo: bool = True
     # Calls the SIP peer takes before it exits: more than one when the bridge may dial again (after a Janus
     # restart the re-dialled call is a second call: the first never got its BYE).
     sip_calls: int = 1
@@ -373,6 +376,14 @@ class LocalCall:
         wait_until(lambda: SIP_PEER_PORT in udp_ports() or proc.poll() is not None, START_TIMEOUT_S, "sipp to listen")
         if proc.poll() is not None:
             raise RuntimeError(f"sipp exited at start; see {self.run_dir}/logs/sipp.log")
+        if self.options.rtcp_echo:
+            rtcp_ports = [SIP_PEER_MEDIA_PORT + 1, SIP_PEER_MEDIA_PORT + 3]  # next to sipp's audio and video
+            echo = self._spawn("rtcpecho", [sys.executable, "-m", "sipbridge.testing.rtcpecho", "127.0.0.1",
+                                            *map(str, rtcp_ports)])
+            wait_until(lambda: set(rtcp_ports) <= set(udp_ports()) or echo.poll() is not None, START_TIMEOUT_S,
+                       "the RTCP echo to listen")
+            if echo.poll() is not None:
+                raise RuntimeError(f"the RTCP echo exited at start; see {self.run_dir}/logs/rtcpecho.log")
 
     def _start_capture(self) -> None:
         ports = f"udp port {SIP_PEER_PORT} or udp portrange {SIP_PEER_MEDIA_PORT}-{SIP_PEER_MEDIA_PORT + 3}"
