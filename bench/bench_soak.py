@@ -260,9 +260,11 @@ def analyse(samples: list[dict[str, Any]]) -> dict[str, Any]:
         value = endurance.slope([m for m, _ in points], [v for _, v in points])
         settled = [(m, v) for m, v in points if m > warmup]
         after = endurance.slope([m for m, _ in settled], [v for _, v in settled])
+        floor = endurance.floor_slope([m for m, _ in settled], [v for _, v in settled])
         pss[key] = {
             "slope_mb_per_min": None if value is None else round(value, 4),
             "slope_after_warmup_mb_per_min": None if after is None else round(after, 4),
+            "floor_slope_after_warmup_mb_per_min": None if floor is None else round(floor, 4),
             "warmup_min": warmup,
             "first_mb": points[0][1] if points else None, "last_mb": points[-1][1] if points else None,
             "cores_mean": round(sum(s["processes"][key]["cores"] for s in samples if key in s["processes"])
@@ -272,6 +274,8 @@ def analyse(samples: list[dict[str, Any]]) -> dict[str, Any]:
                        else endurance.met(value, endurance.TARGET_PSS_SLOPE_MB_PER_MIN)),
             "target_after_warmup": ("" if key.startswith("room-sim/")
                                     else endurance.met(after, endurance.TARGET_PSS_SLOPE_MB_PER_MIN)),
+            "target_floor": ("" if key.startswith("room-sim/")
+                             else endurance.met(floor, endurance.TARGET_PSS_SLOPE_MB_PER_MIN)),
         }  # fmt: skip
     latency = {}
     for key in LATENCY_KEYS:
@@ -346,12 +350,16 @@ def print_report(r: dict[str, Any]) -> None:
                f"{min(loads):.1f}-{max(loads):.1f}, median {sorted(loads)[len(loads) // 2]:.1f}")
     warmup = next((p["warmup_min"] for p in r["pss"].values()), 0)
     click.echo(f"{'process':<40}{'PSS first':>10}{'last':>8}{'slope MB/min':>14}{f'after {warmup} min':>14}"
-               f"{'cores':>7}  target < {endurance.TARGET_PSS_SLOPE_MB_PER_MIN} MB/min: whole / after warm-up")
+               f"{'floor':>9}{'cores':>7}  target < {endurance.TARGET_PSS_SLOPE_MB_PER_MIN} MB/min: whole / after "
+               "warm-up / floor after warm-up")
     for key, p in sorted(r["pss"].items(), key=lambda kv: (kv[1]["simulation"], kv[0])):
         whole = "-" if p["slope_mb_per_min"] is None else f"{p['slope_mb_per_min']:+.4f}"
         after = "-" if p["slope_after_warmup_mb_per_min"] is None else f"{p['slope_after_warmup_mb_per_min']:+.4f}"
-        judged = f"{p['target']} / {p['target_after_warmup']}" if p["target"] else "(simulation, not judged)"
-        click.echo(f"{key:<40}{p['first_mb']:>10.1f}{p['last_mb']:>8.1f}{whole:>14}{after:>14}"
+        floor_value = p.get("floor_slope_after_warmup_mb_per_min")  # results written before it have none
+        floor = "-" if floor_value is None else f"{floor_value:+.4f}"
+        judged = (f"{p['target']} / {p['target_after_warmup']} / {p.get('target_floor', 'no data')}" if p["target"]
+                  else "(simulation, not judged)")
+        click.echo(f"{key:<40}{p['first_mb']:>10.1f}{p['last_mb']:>8.1f}{whole:>14}{after:>14}{floor:>9}"
                    f"{p['cores_mean']:>7.2f}  {judged}")
     if r.get("malloc"):
         click.echo(f"\n{'glibc heap, after warm-up (MB/min)':<40}{'heap':>10}{'in use':>10}{'free':>10}{'mmapped':>10}"
@@ -385,11 +393,31 @@ def _fmt(v: float | None) -> str:
     return "-" if v is None else f"{v:+.1f}"
 
 
+def reanalyse(path: Path) -> list[dict[str, Any]]:
+    """Each soak in a results file (one run, or `--runs N`'s list) analysed again from its per-minute samples."""
+    try:
+        data = json.loads(path.read_text())
+        results = [run["result"] for run in data["runs"]] if "runs" in data else [data]
+        again = []
+        for old in results:
+            fresh = analyse(old["samples"])
+            again.append({**old, **fresh})
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise click.ClickException(f"{path}: not a soak results file ({type(exc).__name__}: {exc})") from None
+    return again
+
+
 @click.command()
 @click.option("--minutes", type=click.IntRange(2, 24 * 60), default=10, show_default=True,
               help="Length of the soak; one sample per minute.")
-def main(minutes: int) -> None:
+@click.option("--report", "report_of", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Run nothing: print the report of an earlier soak's results file, analysed again.")
+def main(minutes: int, report_of: Path | None) -> None:
     """One bridged call for MINUTES: each process's PSS slope, latency and lip-sync drift, drop counter growth."""
+    if report_of is not None:
+        for result in reanalyse(report_of):
+            print_report(result)
+        return
     if os.geteuid() != 0:
         raise click.ClickException("needs root (network namespace)")
     result = run(minutes)

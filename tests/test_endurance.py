@@ -134,3 +134,30 @@ def test_capture_missed_tells_the_captures_holes_from_the_medias() -> None:
     assert endurance.capture_missed(restarted, 10.0, 12.0) == 0
     # An open gap (no packet after it, the window's end) is real.
     assert endurance.capture_missed(real, 12.0, 70.0) == 0
+
+
+def sawtooth(minutes: int, floor: float, leak_per_min: float, tooth_min: int = 7, height: float = 50.0) -> list[float]:
+    """A collected heap: up by `height` at each collection-free stretch's start, down by the minute to its floor."""
+    return [floor + leak_per_min * m + height * (1 - (m % tooth_min) / tooth_min) for m in range(minutes)]
+
+
+def test_the_floor_slope_sees_no_growth_in_a_sawtooth_that_a_least_squares_slope_reads_as_growth() -> None:
+    minutes = list(range(11, 61))
+    values = sawtooth(61, 200.0, 0.0)[11:]
+    values[-3] += 40.0  # a tooth near the end, as the renderer's at minute 59
+    assert endurance.slope(minutes, values) > endurance.TARGET_PSS_SLOPE_MB_PER_MIN
+    floor = endurance.floor_slope(minutes, values)
+    assert floor is not None and abs(floor) < 0.01
+
+
+def test_the_floor_slope_finds_a_leak_under_the_sawtooth() -> None:
+    minutes = list(range(11, 61))
+    values = sawtooth(61, 200.0, 0.2)[11:]
+    floor = endurance.floor_slope(minutes, values)
+    assert floor is not None and floor == pytest.approx(0.2, abs=0.03)
+
+
+def test_the_floor_slope_needs_two_windows() -> None:
+    assert endurance.floor_slope([1, 2, 3], [5.0, 6.0, 7.0]) is None
+    assert endurance.floor_slope([], []) is None
+    assert endurance.floor_slope([1.0, 30.0], [5.0, None]) is None

@@ -19,6 +19,10 @@ from typing import Any
 TARGET_GAP_S = {"python_stage": 2.0, "browser": 3.0, "janus": 10.0}
 # Soak targets of issue 15: no process grows faster than this (MB per minute, least squares over the soak).
 TARGET_PSS_SLOPE_MB_PER_MIN = 0.05
+# The floor of a sawtooth (floor_slope): the lowest sample in each window this long. Longer than the longest
+# tooth: Chromium's renderer took up to 10 minutes to come back down to its floor in an hour's soak, and 5-minute
+# windows then caught the middle of a descent (214 MB against a 200-202 MB floor) as if it were the floor.
+FLOOR_WINDOW_MIN = 10.0
 # "No drift": the median of the last quarter of the soak within this of the first quarter's median. A bridged
 # hop's latency p50 moves by a few ms with the machine's load; more than this is a trend, not load.
 TARGET_LATENCY_DRIFT_MS = 10.0
@@ -104,6 +108,29 @@ def slope(xs: Sequence[float], ys: Sequence[float | None]) -> float | None:
     if sxx == 0:
         return None
     return sum((x - mx) * (y - my) for x, y in pairs) / sxx
+
+
+def floor_slope(xs: Sequence[float], ys: Sequence[float | None], window: float = FLOOR_WINDOW_MIN) -> float | None:
+    """Least-squares slope of the lowest y in each consecutive ``window`` of xs (at the window's middle).
+
+    A garbage-collected heap (Chromium's renderer, node) moves in a sawtooth of tens of MB: a least-squares slope
+    through every sample then follows where the teeth happen to fall (one hour's renderer, 200-254 MB with its
+    floor at 200-202 MB throughout, read +0.09 MB/min; the same process read -0.25 in another soak), while what a
+    leak raises is the floor the collector comes back to. None with fewer than two windows."""
+    pairs = [(x, float(y)) for x, y in zip(xs, ys, strict=True) if y is not None and math.isfinite(y)]
+    if not pairs or window <= 0:
+        return None
+    start = min(x for x, _ in pairs)
+    lows: dict[int, float] = {}
+    for x, y in pairs:
+        index = int((x - start) // window)
+        lows[index] = min(y, lows.get(index, y))
+    # A last window shorter than half a window holds too few samples to find the floor.
+    last = max(lows)
+    if max(x for x, _ in pairs) - (start + last * window) < window / 2 and len(lows) > 2:
+        del lows[last]
+    indices = sorted(lows)
+    return slope([start + (i + 0.5) * window for i in indices], [lows[i] for i in indices])
 
 
 def _median(values: Sequence[float]) -> float:
