@@ -344,22 +344,29 @@ def test_a_chosen_call_id_is_checked_and_never_takes_an_existing_folder(run_root
 
 
 async def _weighing(run_root: Path) -> None:
-    # A stand-in call whose session holds a shell and, after a moment, a different child: the call's processes
-    # change between two samples, as when a stage is restarted.
-    shell = subprocess.Popen(["sh", "-c", "sleep 0.5; sleep 30"], start_new_session=True)
+    # A stand-in call whose session holds a shell and its child; the test kills the child and the shell starts a
+    # different one: the call's processes change between two samples, as when a stage is restarted. (The child
+    # once ended by itself after 0.5 s, and on a loaded machine the first sample came after it, or before the
+    # shell had started it.)
+    shell = subprocess.Popen(["sh", "-c", "sleep 300; sleep 300"], start_new_session=True)
+
+    def session() -> set[int]:
+        return {p.pid for p in scan_sessions({shell.pid}).get(shell.pid, [])}
+
     async with node_client(settings_for(run_root, slots=1)) as (node, _client):
         call = Call("w", plan_call(cheap_call(), allow_pipelines=True), run_root, {})
         call.state, call.proc = "running", shell
         node.calls["w"] = call
         try:
+            await until(lambda: len(session()) == 2, 10, "the shell's first child")
             await node.sample()  # the first sample weighs every call
             first = call.weighed_pids
             assert shell.pid in first and len(first) == 2 and call.memory_bytes > 0
             call.memory_bytes = 1  # a sentinel: a sample that does not weigh the call leaves it
             await node.sample()
             assert call.memory_bytes == 1 and call.weighed_pids == first
-            await until(lambda: {p.pid for p in scan_sessions({shell.pid})[shell.pid]} - first,
-                        10, "the shell's second child")
+            os.kill(next(pid for pid in first if pid != shell.pid), signal.SIGKILL)
+            await until(lambda: session() - first, 10, "the shell's second child")
             await node.sample()  # not a weighing round (every 5th), but the call's processes changed
             assert call.memory_bytes > 1 and call.weighed_pids != first and shell.pid in call.weighed_pids
         finally:
