@@ -15,6 +15,7 @@ import pytest
 import protocol
 from protocol import Codec, KeyframeRequest
 from sipbridge.janus_server import JanusServer
+from sipbridge.testing.rtcpecho import feedback_formats
 from tests.sipfix import (
     Capture,
     Sipp,
@@ -71,14 +72,7 @@ def _pli(sender_ssrc: int, media_ssrc: int) -> bytes:
 
 
 def _rtcp_has_pli(data: bytes) -> bool:
-    """Walk a compound RTCP packet looking for a PLI."""
-    offset = 0
-    while offset + 4 <= len(data):
-        first, packet_type, length = struct.unpack_from("!BBH", data, offset)
-        if packet_type == RTCP_PSFB and first & 0x1F == RTCP_FMT_PLI:
-            return True
-        offset += (length + 1) * 4
-    return False
+    return RTCP_FMT_PLI in feedback_formats(data)
 
 
 async def _keyframes(tmp_path: Path, janus: JanusServer) -> None:

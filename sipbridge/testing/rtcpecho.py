@@ -24,17 +24,24 @@ FMT_FIR = 4  # RFC 5104
 RTCP_HEADER_BYTES = 4
 
 
-def asks_for_keyframe(data: bytes) -> bool:
-    """Whether an RTCP compound packet holds a PLI or FIR (walks the packets by their length words)."""
+def feedback_formats(data: bytes) -> set[int]:
+    """The payload-specific feedback formats (FMT_PLI, FMT_FIR, ...) in an RTCP compound packet, walked by the
+    packets' length words; the walk stops at anything that is not RTCP version 2."""
+    found: set[int] = set()
     offset = 0
     while offset + RTCP_HEADER_BYTES <= len(data):
         first, packet_type = data[offset], data[offset + 1]
-        if first >> 6 != 2:  # not RTCP version 2: stop walking
-            return False
-        if packet_type == PSFB and (first & 0x1F) in (FMT_PLI, FMT_FIR):
-            return True
+        if first >> 6 != 2:
+            break
+        if packet_type == PSFB:
+            found.add(first & 0x1F)
         offset += (int.from_bytes(data[offset + 2:offset + 4], "big") + 1) * 4
-    return False
+    return found
+
+
+def asks_for_keyframe(data: bytes) -> bool:
+    """Whether an RTCP compound packet holds a PLI or FIR."""
+    return bool(feedback_formats(data) & {FMT_PLI, FMT_FIR})
 
 
 def serve(host: str, ports: list[int]) -> int:
