@@ -174,8 +174,29 @@ def busy_loops(count: int) -> list[subprocess.Popen[bytes]]:
     return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
 
 
-def run(seconds: float, generators: str = "aiortc", busy: int = 0, nice: int = 0, page_video: str = "shown"
-        ) -> dict[str, Any]:
+# `--fuse`: which of the call's Python stages share one process ([processes] fuse, stages/fused.py).
+FUSE_GROUPS: dict[str, list[list[str]]] = {
+    "none": [],
+    # The room -> SIP transcode chain in one process; the janus stage and the SIP decoder apart.
+    "to-sip": [["room-decoder", "room-transformer", "sip-encoder"]],
+    # Every Python media stage of the call in one process: one chain from the room's decoder through the janus
+    # stage to the SIP side's decoder (the browser stage stays apart: it owns Playwright and its own group).
+    "all": [["room-decoder", "room-transformer", "sip-encoder", "janus", "sip-decoder"]],
+}
+
+
+def processes_toml(nice: int, fuse: str) -> str:
+    """The bridge file's [processes] table for a niceness and a fuse choice ("" when both are the defaults)."""
+    lines = []
+    if nice:
+        lines.append(f"nice = {nice}")
+    if FUSE_GROUPS[fuse]:
+        lines.append(f"fuse = {json.dumps(FUSE_GROUPS[fuse])}")
+    return "[processes]\n" + "\n".join(lines) + "\n" if lines else ""
+
+
+def run(seconds: float, generators: str = "aiortc", busy: int = 0, nice: int = 0, page_video: str = "shown",
+        fuse: str = "none") -> dict[str, Any]:
     from sipbridge.status import StatusCollector
 
     options = CallOptions(
@@ -191,7 +212,7 @@ def run(seconds: float, generators: str = "aiortc", busy: int = 0, nice: int = 0
         viewer=True,  # receives alice directly (the lip-sync baseline) and the bot
         sync_marks=True,
         generators=generators,
-        bridge_extra=f"[processes]\nnice = {nice}\n" if nice else "",
+        bridge_extra=processes_toml(nice, fuse),
         page_video=page_video,
     )
     floor = codec_floor_ms()
@@ -251,6 +272,7 @@ def run(seconds: float, generators: str = "aiortc", busy: int = 0, nice: int = 0
             "busy_loops": busy,
             "nice": nice,
             "page_video": page_video,
+            "fuse": FUSE_GROUPS[fuse],
         },
         "latency": {
             "room_to_sip_video": lat(janus_in, "room-video"),
@@ -399,11 +421,14 @@ def print_lipsync(ls: dict[str, Any]) -> None:
               help="The call's niceness ([processes] nice; the harness's Janus too).")
 @click.option("--page-video", type=click.Choice(["shown", "hidden"]), default="shown", show_default=True,
               help="The bot page's video elements ([room] page_video).")
-def main(seconds: float, generators: str, busy: int, nice: int, page_video: str) -> None:
+@click.option("--fuse", type=click.Choice(sorted(FUSE_GROUPS)), default="none", show_default=True,
+              help="Python stages that share one process ([processes] fuse): to-sip = the room -> SIP transcode "
+                   "chain, all = every media stage from the room's decoder to the SIP side's.")
+def main(seconds: float, generators: str, busy: int, nice: int, page_video: str, fuse: str) -> None:
     """Bridge-added latency both ways and the whole call's CPU and PSS at 640x480@30."""
     if os.geteuid() != 0:
         raise click.ClickException("needs root (network namespace)")
-    result = run(seconds, generators, busy, nice, page_video)
+    result = run(seconds, generators, busy, nice, page_video, fuse)
     print_table(result)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")

@@ -15,7 +15,7 @@ import pytest
 from protocol import EventType
 from stages.base import EOS_DRAIN_TIMEOUT_S
 from stages.browser.keeper import GREETING
-from stages.browser.procs import chromium_pids
+from stages.browser.procs import chromium_pids, chromium_role
 from tests.roomfix import SIPBRIDGE, Collector, Room, room_fixture, wait_until  # noqa: F401  (pytest fixture)
 from tests.sipfix import janus_fixture, netns_fixture  # noqa: F401  (pytest fixtures)
 from tests.test_room_robust import janus_call, readded_after, resumed, resumed_gap_s
@@ -70,6 +70,10 @@ def test_a_restarted_browser_stage_takes_over_the_bot_still_in_the_room(room: Ro
         assert len(before) == 1
         assert not chromium_pids(bot.pid), "the bot's Chromium must be the keeper's, not the stage's"
         assert chromium_pids(keeper.pid)
+        # One renderer, the bot's page: no address-bar popup WebUI and no spare renderer (DISABLED_FEATURES).
+        renderers = [p for p in chromium_pids(keeper.pid) if chromium_role(p) == "renderer"]
+        webui = [p for p in renderers if b"--top-chrome-webui" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        assert len(renderers) == 1 and not webui, f"renderers {renderers}, browser UI among them {webui}"
 
         t_kill = time.monotonic()
         os.kill(bot.pid, signal.SIGKILL)  # as supervisord sees a crash: the stage only, its driver follows

@@ -26,6 +26,20 @@ KEPT_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "XDG_RUNTIME_DIR")
 SETUP_HINT = ("create it with `make setup` (or: useradd --system --user-group --home-dir /nonexistent "
               "--no-create-home --shell /usr/sbin/nologin {user})")
 
+# Chromium takes only the last --disable-features it is given, so every feature the bot turns off is in this one list.
+DISABLED_FEATURES = [
+    # mDNS names instead of the host candidates a loopback-only room needs.
+    "WebRtcHideLocalIpsWithMdns",
+    # Chromium 156 starts the address bar's popup (chrome://omnibox-popup.top-chrome) in a renderer of its own with
+    # every browser window, headless too: 80 MB PSS for a UI nobody opens. The preload of other top-chrome WebUIs
+    # would take its place.
+    "WebUIOmniboxPopup",
+    "WebUIOmniboxAimPopup",
+    "PreloadTopChromeWebUI",
+    # A renderer started ahead for the next site (20 MB); the bot opens one page and stays on it.
+    "SpareRendererForSitePerProcess",
+]
+
 CHROMIUM_FLAGS = [
     "--headless=new",
     "--disable-gpu",
@@ -37,7 +51,7 @@ CHROMIUM_FLAGS = [
     "--use-fake-ui-for-media-stream",
     # Loopback-only rooms: without this Chromium gathers no candidate on 127.x.
     "--allow-loopback-in-peer-connection",
-    "--disable-features=WebRtcHideLocalIpsWithMdns",
+    "--disable-features=" + ",".join(DISABLED_FEATURES),
     # A hidden page must keep its timers and media pipeline at full speed.
     "--disable-background-timer-throttling",
     "--disable-renderer-backgrounding",
