@@ -23,7 +23,7 @@ from stages.janus.callcontrol import (
     parse_command,
     request_id_of,
 )
-from stages.janus.media import SingleNalPacker, split_annex_b
+from stages.janus.media import KeyframeThrottle, SingleNalPacker, split_annex_b
 from stages.janus.sip import CallInfo, SipCall
 
 GOOD = [
@@ -639,3 +639,18 @@ def test_bridge_file_wait_for_room_reaches_the_stage(tmp_path: object) -> None:
     inbound = _bridge_example()  # an inbound call does not wait: the caller is answered
     inbound["sip"] = {"inbound": True, "accept_from": ".*", "wait_for_room_s": 10}
     assert "--wait-for-room-s" not in janus_args(inbound)
+
+
+def test_keyframe_requests_inside_the_interval_are_held_to_its_end_not_lost() -> None:
+    """A restarted SIP-side decoder asks right after a request made for the one it replaced: the encoder must still
+    hear it (it used to be dropped, and the decoder waited a second for its next request)."""
+    throttle = KeyframeThrottle(0.25)
+    assert throttle.request(10.0) == 0.0  # the first goes out at once
+    wait_s = throttle.request(10.1)
+    assert wait_s == pytest.approx(0.15)  # held to the interval's end
+    assert throttle.request(10.2) is None  # rides on the held one
+    throttle.fire(10.25)
+    assert throttle.request(10.3) == pytest.approx(0.2)  # the interval now runs from the held one's sending
+    throttle.cancel()  # its task was cancelled (the stage stopping): the next request is not blocked for good
+    assert throttle.request(10.6) == 0.0
+    assert throttle.request(10.9) == 0.0  # a whole interval later: at once again

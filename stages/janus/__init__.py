@@ -95,7 +95,7 @@ from stages.janus.callcontrol import (
     request_id_of,
 )
 from stages.janus.client import JanusClient, JanusDisconnected, JanusError, JanusHandle
-from stages.janus.media import CODEC_BY_RTP_NAME, PacketTrack, ReceivedFrame, make_packet
+from stages.janus.media import CODEC_BY_RTP_NAME, KeyframeThrottle, PacketTrack, ReceivedFrame, make_packet
 from stages.janus.sip import CallInfo, SipCall
 from stages.janus.sipprobe import ProbeError, learn_sip_address
 from stages.options import build_options, run, stage_options
@@ -183,7 +183,7 @@ class JanusStage(Stage):
         self._seq: dict[str, int] = {}
         self._media_streams_seen: set[str] = set()
         self._upstream_video: str = ""
-        self._last_kf_request = 0.0
+        self._kf_throttle = KeyframeThrottle(KEYFRAME_REQUEST_MIN_INTERVAL_S)
         self._state_changed = asyncio.Event()
         self._first_packet_sent_ns: int | None = None
         self._last_media_rx_s = 0.0  # monotonic time of the last frame from the SIP side (or of media up)
@@ -334,11 +334,22 @@ class JanusStage(Stage):
         self._request_keyframe("PLI/FIR from the SIP peer")
 
     def _request_keyframe(self, reason: str) -> None:
-        now = time.monotonic()
-        if now - self._last_kf_request < KEYFRAME_REQUEST_MIN_INTERVAL_S:
-            return
-        self._last_kf_request = now
-        self._spawn(self.request_keyframe_upstream(self._upstream_video, reason))
+        """Ask the encoder for a keyframe, at most once per KEYFRAME_REQUEST_MIN_INTERVAL_S; a request inside the
+        interval is sent at its end (KeyframeThrottle)."""
+        wait_s = self._kf_throttle.request(time.monotonic())
+        if wait_s == 0.0:
+            self._spawn(self.request_keyframe_upstream(self._upstream_video, reason))
+        elif wait_s is not None:
+            self._spawn(self._request_keyframe_later(wait_s, reason))
+
+    async def _request_keyframe_later(self, wait_s: float, reason: str) -> None:
+        try:
+            await asyncio.sleep(wait_s)
+        except asyncio.CancelledError:
+            self._kf_throttle.cancel()
+            raise
+        self._kf_throttle.fire(time.monotonic())
+        await self.request_keyframe_upstream(self._upstream_video, reason)
 
     # ----- the room's bot ------------------------------------------------------------------------
     async def on_control(self, msg: Message) -> None:

@@ -267,6 +267,34 @@ async def send_pli(receiver: RTCRtpReceiver) -> bool:
     return True
 
 
+class KeyframeThrottle:
+    """At most one keyframe request per ``interval_s``, and none lost: a request inside the interval is held to its
+    end, and every other request until then rides on that one. No I/O and no clock of its own: the caller passes
+    the time, sends when told, and reports the held request sent (``fire``) or abandoned (``cancel``)."""
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+        self.last_s = float("-inf")  # when the last request went out
+        self.pending = False  # a request is held to the end of the interval
+
+    def request(self, now_s: float) -> float | None:
+        """0.0: send now; > 0: send after that many seconds, then call ``fire``; None: a held request covers it."""
+        if self.pending:
+            return None
+        wait_s = self.last_s + self.interval_s - now_s
+        if wait_s <= 0:
+            self.last_s = now_s
+            return 0.0
+        self.pending = True
+        return wait_s
+
+    def fire(self, now_s: float) -> None:
+        self.pending, self.last_s = False, now_s
+
+    def cancel(self) -> None:
+        self.pending = False
+
+
 # ----- RFC 4733 (RFC 2833) telephone events received from the SIP side ----------------------------
 TELEPHONE_EVENT_PT = 126  # a dynamic payload type aiortc never assigns (its video codecs use 97-102)
 DTMF_EVENTS = "0123456789*#ABCD"
