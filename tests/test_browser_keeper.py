@@ -68,6 +68,8 @@ def test_a_restarted_browser_stage_takes_over_the_bot_still_in_the_room(room: Ro
         wait_until(lambda: len(collector.counters("alice/video")) >= MIN_FRAMES, MEDIA_TIMEOUT_S, "alice's video")
         before = room_ids(room.janus.http_url, ROOM_ID, "bot")
         assert len(before) == 1
+        said = [s["state"] for s in states(collector)]
+        assert said.count("launching") == 1 and said[-1] == "joined", said  # each state said once
         assert not chromium_pids(bot.pid), "the bot's Chromium must be the keeper's, not the stage's"
         assert chromium_pids(keeper.pid)
         # One renderer, the bot's page: no address-bar popup WebUI and no spare renderer (DISABLED_FEATURES).

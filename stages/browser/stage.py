@@ -769,7 +769,8 @@ class BrowserStage(Stage):
         """The session's browser: the previous one while it is alive (a rejoin then costs no launch)."""
         if self._browser is not None and self._browser.is_connected():
             return self._browser
-        await self._set_state("launching")
+        if self._state != "launching":  # already said while the driver started (_start_playwright)
+            await self._set_state("launching")
         if self.config.chromium_socket:
             return self._adopt(await pw.chromium.connect_over_cdp(self._cdp_url))
         return self._adopt(await launch_chromium(pw, self.config.chromium_args))
