@@ -15,7 +15,7 @@ import pytest
 import protocol
 from protocol import Codec, KeyframeRequest
 from sipbridge.janus_server import JanusServer
-from sipbridge.testing.rtcpecho import feedback_formats
+from sipbridge.testing.rtcpecho import FMT_PLI, PSFB, feedback_formats
 from tests.sipfix import (
     Capture,
     Sipp,
@@ -25,9 +25,6 @@ from tests.sipfix import (
 from tests.test_sip_control import PEER, SIPP_MEDIA_PORT, SIPP_PORT, Rig
 
 pytestmark = [pytest.mark.media]
-
-RTCP_PSFB = 206
-RTCP_FMT_PLI = 1
 
 
 async def _audio_only(tmp_path: Path, janus: JanusServer, scenario: str, codec: Codec,
@@ -68,11 +65,11 @@ def test_audio_only_peer_codec(janus: JanusServer, tmp_path: Path, scenario: str
 
 
 def _pli(sender_ssrc: int, media_ssrc: int) -> bytes:
-    return struct.pack("!BBHII", 0x80 | RTCP_FMT_PLI, RTCP_PSFB, 2, sender_ssrc, media_ssrc)
+    return struct.pack("!BBHII", 0x80 | FMT_PLI, PSFB, 2, sender_ssrc, media_ssrc)
 
 
 def _rtcp_has_pli(data: bytes) -> bool:
-    return RTCP_FMT_PLI in feedback_formats(data)
+    return FMT_PLI in feedback_formats(data)
 
 
 async def _keyframes(tmp_path: Path, janus: JanusServer) -> None:
