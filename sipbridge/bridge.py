@@ -74,6 +74,9 @@ class MediaLeg:
     # libx264 speed/quality trade-off. superfast encodes 640x480 in about half the CPU of veryfast
     # (1.5 vs 2.8 ms per frame measured here); baseline profile already rules out most of what slower buys.
     preset: str = "superfast"
+    # to_sip only: the shown participant's H.264 goes to the SIP side as the room sent it (no decode, no layout, no
+    # encode) whenever its profile is the one the SIP side was offered; other cameras and the slate as usual.
+    passthrough: bool = False
 
 
 @dataclass
@@ -179,7 +182,8 @@ def _secret(value: str | None, where: str) -> str | None:
 
 
 def _leg(table: Any, where: str, default: MediaLeg) -> MediaLeg:
-    t = _check_keys(table, where, {"video_codec", "audio_codec", "width", "height", "fps", "bitrate_kbps", "preset"})
+    t = _check_keys(table, where, {"video_codec", "audio_codec", "width", "height", "fps", "bitrate_kbps", "preset",
+                                   "passthrough"})
     leg = MediaLeg(
         video_codec=_choice(
             _take(t, where, "video_codec", str, default.video_codec), f"{where}.video_codec", VIDEO_CODECS
@@ -192,6 +196,7 @@ def _leg(table: Any, where: str, default: MediaLeg) -> MediaLeg:
         fps=_take(t, where, "fps", int, default.fps),
         bitrate_kbps=_take(t, where, "bitrate_kbps", int, default.bitrate_kbps),
         preset=_choice(_take(t, where, "preset", str, default.preset), f"{where}.preset", X264_PRESETS),
+        passthrough=_take(t, where, "passthrough", bool, default.passthrough),
     )
     for key in ("width", "height"):
         value = getattr(leg, key)
@@ -434,6 +439,7 @@ def parse_bridge(data: dict[str, Any]) -> BridgeConfig:
     layout_points = sorted(read_layout(LAYOUT).get("insert", {}))
     cfg.transforms = _transforms(_take(data, "bridge file", "transform", list, []), layout_points)
     cfg.stages = _stage_overrides(data.get("stages", {}))
+    _check_passthrough(cfg)
     processes = _check_keys(data.get("processes", {}), "processes", {"fuse", "nice"})
     cfg.nice = _take(processes, "processes", "nice", int, 0)
     if not NICE_MIN <= cfg.nice <= NICE_MAX:
@@ -447,6 +453,28 @@ def parse_bridge(data: dict[str, Any]) -> BridgeConfig:
     except GraphError as exc:
         raise BridgeConfigError(str(exc)) from None
     return cfg
+
+
+def _check_passthrough(cfg: BridgeConfig) -> None:
+    """Passthrough forwards one camera's frames undecoded: only where nothing between needs its pictures."""
+    if cfg.to_room.passthrough:
+        raise BridgeConfigError("media.to_room.passthrough is not available: the SIP side's video reaches the room "
+                                "decoded (the bot's Chromium encodes it again)")
+    if not cfg.to_sip.passthrough:
+        return
+    problems = []
+    if cfg.to_sip.video_codec != "h264":
+        problems.append(f'media.to_sip.video_codec = "h264" (not {cfg.to_sip.video_codec!r})')
+    if cfg.layout != "single":
+        problems.append(f'layout.mode = "single" (not {cfg.layout!r}: a composite is drawn, so encoded)')
+    if cfg.capture != "encoded":
+        problems.append('room.capture = "encoded" (raw capture hands over pictures, already decoded)')
+    inserted = [t.name for t in cfg.transforms if t.at in ("to_sip", "to_sip_composite")]
+    if inserted:
+        problems.append(f"no [[transform]] at to_sip or to_sip_composite (found {', '.join(inserted)}: they would "
+                        "see no pictures of the passed camera)")
+    if problems:
+        raise BridgeConfigError("media.to_sip.passthrough needs " + "; ".join(problems))
 
 
 def missing_secrets(cfg: BridgeConfig, environ: dict[str, str] | None = None) -> list[str]:
@@ -603,6 +631,7 @@ def _room_transformer_args(cfg: BridgeConfig) -> list[str]:
         "--audio",
         # At the SIP rate from the start: an empty room's mix sends silence before any stream came.
         f"mix:{sip_rate}",
+        *(["--passthrough"] if cfg.to_sip.passthrough else []),
         "--compose-id",
         "room-video",
         "--mix-id",
@@ -617,7 +646,8 @@ ARGUMENT_BUILDERS: dict[str, Callable[[BridgeConfig], list[str]]] = {
     "janus": _janus_args,
     "sip-encoder": _sip_encoder_args,
     "room-transformer": _room_transformer_args,
-    "room-decoder": lambda cfg: ["--hwm", str(ENCODED_EDGE_HWM_MSGS)],
+    "room-decoder": lambda cfg: ["--hwm", str(ENCODED_EDGE_HWM_MSGS),
+                                 *(["--pass-video", "h264"] if cfg.to_sip.passthrough else [])],
 }
 
 

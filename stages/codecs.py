@@ -189,6 +189,38 @@ def h264_nal_types(view: memoryview) -> list[int]:
     return types
 
 
+def h264_sps_profile(data: Buffer) -> tuple[int, int, int] | None:
+    """(profile_idc, constraint flags byte, level_idc) of the first sequence parameter set in an Annex B access
+    unit; None when it carries none."""
+    view = bytes(memoryview(data).cast("B"))
+    start = view.find(b"\x00\x00\x01")
+    while start != -1 and start + 3 < len(view):
+        if view[start + 3] & 0x1F == 7 and start + 7 <= len(view):
+            return view[start + 4], view[start + 5], view[start + 6]
+        start = view.find(b"\x00\x00\x01", start + 3)
+    return None
+
+
+def _offered_h264_profile() -> tuple[int, int]:
+    """(profile_idc, level_idc) of the H.264 profile our SDP offers (the registry's profile-level-id)."""
+    fmtp = BY_CODEC[Codec.H264].fmtp or ""
+    value = dict(part.split("=", 1) for part in fmtp.split(";") if "=" in part)["profile-level-id"]
+    return int(value[0:2], 16), int(value[4:6], 16)
+
+
+def h264_fits_offer(data: Buffer) -> bool | None:
+    """Whether an H.264 access unit's SPS fits the profile our SIP offer names (baseline, its level or lower), so a
+    SIP peer that took our offer can decode it as it is; None when the access unit carries no SPS.
+
+    Baseline without constraint_set1 is accepted: WebRTC encoders send constrained baseline with or without the
+    flag, and neither uses the baseline tools (FMO, ASO) a constrained-baseline decoder lacks."""
+    sps = h264_sps_profile(data)
+    if sps is None:
+        return None
+    profile_idc, level_idc = _offered_h264_profile()
+    return sps[0] == profile_idc and sps[2] <= level_idc
+
+
 def check_payload(codec: Codec, data: Buffer) -> str | None:
     """Cheap structural checks FFmpeg does not do (it conceals damage instead); returns a problem or None."""
     view = memoryview(data).cast("B")

@@ -10,6 +10,11 @@ Damage handling (never a crash):
 * a sequence-number gap on a video stream means a lost reference: the decoder asks
   upstream for a keyframe and drops (``drops["await_keyframe"]``) until one arrives.
 
+Passthrough (``--pass-video h264``): an H.264 video stream whose SPS fits the profile the
+SIP side is offered leaves this stage as it came (still encoded), with the same keyframe
+gating, for a bridge that forwards it to SIP undecoded; one that does not fit (another
+profile, a higher level) is decoded as usual. Each keyframe with an SPS decides again.
+
 Keyframe requests originate on the codec thread (inside ``process``) while the
 control sockets belong to the event loop, so they are handed to the loop with
 ``run_coroutine_threadsafe``.
@@ -54,11 +59,16 @@ class DecodeStream:
     last_request_s: float = -1e9  # monotonic time of the last keyframe request sent for this stream
     resampler: Any = None  # av.AudioResampler to packed s16, made on the first non-s16 frame
     resampled_pts: int | None = None  # next pts, in samples at the decoder's output rate (audio_rate set)
+    passing: bool = False  # video: forwarded encoded (pass_video), decided at each keyframe that carries an SPS
 
 
 class Decoder(Stage):
-    def __init__(self, options: StageOptions, opus_channels: int = 2, threads: int = 1, audio_rate: int = 0) -> None:
+    def __init__(self, options: StageOptions, opus_channels: int = 2, threads: int = 1, audio_rate: int = 0,
+                 pass_video: Codec | None = None) -> None:
         super().__init__(options)
+        # Video of this codec that the SIP side takes as it is leaves undecoded (only H.264 is checked so).
+        self.pass_video = pass_video
+        self.packets_passed = 0
         self.opus_channels = opus_channels
         # 0 keeps each codec's own rate; else audio leaves resampled to this rate (saves a transformer hop).
         self.audio_rate = audio_rate
@@ -100,6 +110,7 @@ class Decoder(Stage):
                 return []
             self._decoders[sid] = state
         video = packet.codec.is_video
+        keyframe = False
         seq = packet.header.seq
         gap = state.last_seq is not None and seq != state.last_seq + 1
         state.last_seq = seq
@@ -112,6 +123,12 @@ class Decoder(Stage):
                 if not state.await_keyframe:
                     state.await_keyframe = True
                     self._request_keyframe(sid, f"sequence gap before seq {seq}", state)
+            if keyframe and packet.codec is self.pass_video:
+                passing = codecs.h264_fits_offer(packet.data)
+                if passing is not None and passing != state.passing:
+                    state.passing = passing
+                    self.log.info("%s: %s", sid, "passed on encoded" if passing else
+                                  "decoded: its H.264 profile or level is not the one the SIP side was offered")
             if state.await_keyframe:
                 if not keyframe:
                     self.drops["await_keyframe"] += 1
@@ -123,6 +140,8 @@ class Decoder(Stage):
         problem = codecs.check_payload(packet.codec, packet.data)
         if problem is not None:
             return self._corrupt(state, sid, problem)
+        if state.passing:
+            return [self._passed(state, packet, keyframe)]
         av_packet = av.Packet(bytes(packet.data))
         av_packet.pts = packet.header.pts
         av_packet.dts = packet.dts if packet.dts is not None else packet.header.pts
@@ -136,6 +155,14 @@ class Decoder(Stage):
         except (av.FFmpegError, ValueError) as exc:
             return self._corrupt(state, sid, f"{type(exc).__name__}: {exc}")
         return [m for m in (self._to_message(state, sid, frame) for frame in frames) if m is not None]
+
+    def _passed(self, state: DecodeStream, packet: EncodedPacket, keyframe: bool) -> EncodedPacket:
+        """The packet as it came, numbered in this stage's sequence for its stream."""
+        h = packet.header
+        state.out_seq += 1
+        self.packets_passed += 1
+        return EncodedPacket(MediaHeader(h.stream_id, state.out_seq - 1, h.pts, h.time_base, h.capture_time_ns),
+                             packet.codec, keyframe, packet.data, packet.dts)
 
     def _corrupt(self, state: DecodeStream, sid: str, problem: str) -> list[Message]:
         self.drops["corrupt"] += 1
@@ -218,6 +245,8 @@ class Decoder(Stage):
             "decoders": {sid: s.codec.name for sid, s in self._decoders.items()},
             "frames_decoded": self.frames_decoded,
             "keyframes_in": self.keyframes_in,
+            "packets_passed": self.packets_passed,
+            "passed_streams": sorted(sid for sid, s in self._decoders.items() if s.passing),
         }
 
     def _report(self, code: str, message: str, stream_id: str = "") -> None:
@@ -239,7 +268,11 @@ class Decoder(Stage):
               help="Slice threads per video decoder (0 = one per core).")
 @click.option("--audio-rate", type=click.IntRange(0, 192000), default=0, show_default=True,
               help="Resample decoded audio to this rate in Hz (0 = the codec's own rate).")
+@click.option("--pass-video", type=click.Choice(["h264"]), default=None,
+              help="Pass this codec's video on encoded when the SIP side takes it as it is (the SPS fits the "
+                   "profile the SIP side is offered); else decode it.")
 def command(**params: Any) -> None:
     """Decode H.264/VP8/VP9/Opus/G.711/G.722 packets into raw I420 video and s16 audio."""
     options = build_options(params)
-    run(Decoder(options, **params))
+    pass_video = params.pop("pass_video")
+    run(Decoder(options, **params, pass_video=codecs.codec_from_name(pass_video) if pass_video else None))

@@ -5,8 +5,12 @@ B-frames) or VP8 (libvpx realtime); audio to Opus, PCMU, PCMA or G.722 in 20 ms
 frames. One codec context per stream id, opened on the first frame of the stream
 on the stage's codec thread. Frames whose size differs from the configured (or
 first seen) size are scaled; audio is resampled to the codec's rate and layout and
-re-chunked to the codec's frame size with continuous pts. Encoded packets that
-arrive here pass through.
+re-chunked to the codec's frame size with continuous pts. Encoded packets pass
+through. Encoded video in the configured codec (a passthrough bridge forwards the
+room's H.264 undecoded) is numbered in this stage's sequence for its stream; while
+a stream passes on such frames, keyframe requests for it go upstream (to whoever
+made them), and the first picture encoded here after them is a keyframe (the
+receiver's references are someone else's).
 
 A keyframe request on the control edge makes the next frame of that stream a
 keyframe (``pict_type = I``). Output timestamps are in the codec's clock
@@ -125,6 +129,11 @@ class Encoder(Stage):
         self.keyframes_out = 0
         self.forced_keyframes = 0
         self.scaled_frames = 0
+        self.packets_passed = 0
+        self.video_frames_encoded = 0
+        # Video streams whose last message was an encoded frame passed on (not one encoded here).
+        self._passing: set[str] = set()
+        self._pass_seq: dict[str, int] = {}  # next sequence number of a passing stream with no encoder yet
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def run(self) -> int:
@@ -144,9 +153,33 @@ class Encoder(Stage):
                 self.drops["refused_by_peer"] += 1
                 return ()
             return self._encode_audio(msg)
-        return (msg,)  # encoded packets and the rest pass through
+        if isinstance(msg, EncodedPacket) and msg.codec.is_video:
+            return self._pass_video(msg)
+        return (msg,)  # encoded audio and the rest pass through
+
+    def _pass_video(self, packet: EncodedPacket) -> tuple[Message, ...]:
+        sid = packet.header.stream_id
+        if "video" in self.refused_kinds:
+            self.drops["refused_by_peer"] += 1
+            return ()
+        if packet.codec is not self.settings.video_codec:
+            return (packet,)  # not ours to judge (the janus stage drops a codec its call did not negotiate)
+        self._passing.add(sid)
+        self.packets_passed += 1
+        # Numbered in this stage's sequence for the stream, shared with the frames encoded here.
+        state = self._video.get(sid)
+        if state is not None:
+            seq, state.out_seq = state.out_seq, state.out_seq + 1
+        else:
+            seq = self._pass_seq.get(sid, 0)
+            self._pass_seq[sid] = seq + 1
+        h = packet.header
+        return (EncodedPacket(MediaHeader(sid, seq, h.pts, h.time_base, h.capture_time_ns), packet.codec,
+                              packet.keyframe, packet.data, packet.dts),)
 
     def on_keyframe_request(self, request: KeyframeRequest) -> bool:
+        if request.stream_id in self._passing or (not request.stream_id and self._passing):
+            return False  # the frames going out now were made upstream: so is their keyframe
         targets = [request.stream_id] if request.stream_id else list(self._video)
         for sid in targets:
             state = self._video.get(sid)
@@ -157,6 +190,8 @@ class Encoder(Stage):
 
     def _encode_video(self, frame: VideoFrame) -> list[Message]:
         sid = frame.header.stream_id
+        resumed = sid in self._passing
+        self._passing.discard(sid)
         state = self._video.get(sid)
         if state is None:
             width = self.settings.width or frame.width
@@ -168,9 +203,12 @@ class Encoder(Stage):
                 message = f"cannot encode a {frame.width}x{frame.height} frame"
                 codecs.call_on_loop(self._loop, self.report_error, "bad_size", message, sid)
                 return []
-            state = VideoStream(video_context(self.settings, width, height), width, height, force_keyframe=True)
+            state = VideoStream(video_context(self.settings, width, height), width, height, force_keyframe=True,
+                                out_seq=self._pass_seq.pop(sid, 0))
             self._video[sid] = state
             self.log.info("opened %s encoder for %s at %dx%d", self.settings.video_codec.name, sid, width, height)
+        if resumed:
+            state.force_keyframe = True
         picture = codecs.i420_to_av(frame)
         if (frame.width, frame.height) != (state.width, state.height):
             picture = picture.reformat(width=state.width, height=state.height, format="yuv420p")
@@ -188,6 +226,7 @@ class Encoder(Stage):
         if len(state.pending) >= MAX_PENDING_TIMESTAMPS:
             state.pending.pop(next(iter(state.pending)))
         state.pending[pts] = frame.header.capture_time_ns
+        self.video_frames_encoded += 1
         return self._video_packets(sid, state, state.context.encode(picture))
 
     def _video_packets(self, sid: str, state: VideoStream, packets: Iterable[Any]) -> list[Message]:
@@ -318,6 +357,8 @@ class Encoder(Stage):
             "keyframes_out": self.keyframes_out,
             "forced_keyframes": self.forced_keyframes,
             "scaled_frames": self.scaled_frames,
+            "packets_passed": self.packets_passed,
+            "video_frames_encoded": self.video_frames_encoded,
             "video_streams": {sid: f"{s.width}x{s.height}" for sid, s in self._video.items()},
         }
 

@@ -33,7 +33,7 @@ import av
 import click
 import numpy as np
 
-from protocol import AudioFrame, Event, EventType, MediaHeader, Message, VideoFrame
+from protocol import AudioFrame, EncodedPacket, Event, EventType, KeyframeRequest, MediaHeader, Message, VideoFrame
 from stages import codecs
 from stages.base import Stage, StageOptions
 from stages.bitmapfont import GLYPH_H, draw_text, fit_text, text_width
@@ -71,6 +71,8 @@ SPEAKER_SMOOTHING = 0.9
 # long repeats its last picture once per this long, so that the SIP side's video never stops (carriers hang up
 # on RTP inactivity).
 GRID_REPEAT_AFTER_S = 0.5
+# Passthrough: while the shown camera's frames wait for a keyframe (a switch to it), ask upstream this often.
+PASS_KEYFRAME_REPEAT_S = 1.0
 # How often the stage lets slates, repeats and silence out (each paces itself).
 TICK_INTERVAL_S = 0.01
 CLOCK_EPSILON_S = 1e-6  # schedules add up periods in floating point
@@ -313,6 +315,7 @@ class _Slot:
     interval_s: float | None = None  # smoothed time between this stream's frames
     joined: int = 0  # room grid: order of arrival (a stream that ends and comes back arrives anew)
     tile_size: tuple[int, int] = (0, 0)  # room grid: the size ``tile`` was scaled to
+    encoded: bool = False  # room grid with passthrough: this camera arrives encoded (no picture to draw)
 
     def arrived(self, now: float) -> None:
         if self.last_seen:
@@ -668,6 +671,9 @@ class GridOptions:
     title: str = ""
     fps: float = GRID_DEFAULT_FPS
     slate: bool = False  # compose:active and compose:speaker too send a slate and repeats (compose:grid always)
+    # compose:grid with one tile: the shown camera's encoded frames go on as they came (the decoder passed them on
+    # undecoded because the SIP side takes them): no drawing, no encoding; slates and decoded cameras as usual.
+    passthrough: bool = False
 
 
 class RoomGrid(Compose):
@@ -712,6 +718,16 @@ class RoomGrid(Compose):
         self.loud_since: dict[str, float] = {}
         self.spoke_at: dict[str, float] = {}
         self._slate: np.ndarray | None = None
+        if self.options.passthrough and max_tiles != 1:
+            raise TransformSpecError("passthrough needs compose:grid with one tile (the single layout)")
+        # Passthrough: the camera whose encoded frames are going out now (its chain started at a keyframe), and the
+        # offset from its pts (1/90000) to ours; the hook the stage sets to ask upstream for a keyframe.
+        self.passing: str | None = None
+        self.pass_offset = 0
+        self.packets_passed = 0
+        self.pass_awaiting_keyframe = 0
+        self.keyframe_asked_at: dict[str, float] = {}
+        self.request_keyframe: Callable[[str, str], None] | None = None
 
     # ----- who is shown where ----------------------------------------------------------------------------------
     def process(self, msg: Message) -> Iterable[Message]:
@@ -719,6 +735,8 @@ class RoomGrid(Compose):
         if isinstance(msg, AudioFrame):
             self._hear(participant_of(msg.header.stream_id), msg, now)
             return (msg,)
+        if isinstance(msg, EncodedPacket) and msg.codec.is_video and self.options.passthrough:
+            return self._pass(msg, now)
         if not isinstance(msg, VideoFrame):
             return (msg,)
         sid = msg.header.stream_id
@@ -736,12 +754,55 @@ class RoomGrid(Compose):
             self._arrange()
         else:
             slot.arrived(now)
-            slot.frame, slot.tile = msg, None
+            slot.frame, slot.tile, slot.encoded = msg, None, False
         sending = [p for p in self.positions if p is not None and now - self.slots[p].last_seen < STALE_STREAM_S]
         if sid not in sending or self._lead(sending, now) != sid:
             return ()
         self.pacer.live(now)
         return (self._draw(now),)
+
+    def _pass(self, msg: EncodedPacket, now: float) -> tuple[Message, ...]:
+        """Passthrough: a camera's encoded frame. It takes part in who is shown like a picture; the shown camera's
+        frames go out as they came, renamed to the grid's output and restamped on its clock, from a keyframe on."""
+        sid = msg.header.stream_id
+        if self.pinned and self._pin(sid) is None:
+            return ()  # not one of ours, and nothing downstream decodes it
+        slot = self.slots.get(sid)
+        if slot is None:
+            self.arrivals += 1
+            slot = self.slots[sid] = _Slot(joined=self.arrivals, encoded=True)
+            slot.arrived(now)
+            self._arrange()
+        else:
+            slot.arrived(now)
+            slot.frame, slot.tile, slot.encoded = None, None, True
+        if not self.positions or self.positions[0] != sid:
+            return ()
+        pts_90k = codecs.rescale(msg.header.pts, msg.header.time_base, codecs.VIDEO_TIME_BASE)
+        if self.passing != sid:
+            if not msg.keyframe:
+                # A switch to this camera: its frames decode only from a keyframe on.
+                self.pass_awaiting_keyframe += 1
+                if now - self.keyframe_asked_at.get(sid, -math.inf) >= PASS_KEYFRAME_REPEAT_S:
+                    self.keyframe_asked_at[sid] = now
+                    if self.request_keyframe is not None:
+                        self.request_keyframe(sid, "passthrough switched to this camera")
+                return ()
+            self.passing = sid
+            # From here on the camera's own timing, anchored at our clock's now.
+            self.pass_offset = round((now - self.pacer.start) * 90000) - pts_90k
+        pts = max(self.pacer.last_pts + 1, pts_90k + self.pass_offset)
+        self.pacer.last_pts = pts  # a slate or picture after this continues the same clock
+        self.pacer.live(now)
+        self.seq += 1
+        self.packets_passed += 1
+        h = msg.header
+        return (EncodedPacket(MediaHeader(self.output_id, self.seq, pts, codecs.VIDEO_TIME_BASE, h.capture_time_ns),
+                              msg.codec, msg.keyframe, msg.data, None),)
+
+    def keyframe_source(self, stream_id: str) -> str | None:
+        """Passthrough: the camera a keyframe request for our output must reach (None: we make our pictures)."""
+        return self.passing if stream_id in (self.output_id, "") else None
 
     def _hear(self, who: str, msg: AudioFrame, now: float) -> None:
         level = frame_level_dbfs(msg)
@@ -833,6 +894,7 @@ class RoomGrid(Compose):
         return self._output(stamp, canvas, max(captures) if captures else time.time_ns())
 
     def _output(self, stamp: float, canvas: np.ndarray, capture_ns: int) -> VideoFrame:
+        self.passing = None  # a picture of ours in between: passed-on frames resume only at a keyframe
         pts = self.pacer.pts(stamp)
         self.seq += 1
         width, height = self.size
@@ -843,6 +905,9 @@ class RoomGrid(Compose):
         """Called a few times per frame interval: the slate while nobody is shown, a repeat while every camera
         is stalled."""
         now = self.clock()
+        if any(sid is not None and (slot := self.slots.get(sid)) is not None and slot.encoded
+               for sid in self.positions):
+            return []  # the shown camera arrives encoded: no picture of ours to repeat (nor one to draw)
         at = self.pacer.due_at(now, any(self.positions))
         return [] if at is None else [self._draw(now, at)]
 
@@ -858,6 +923,9 @@ class RoomGrid(Compose):
             "compose_leader": self.leader,
         }
         figures["grid_layout"] = "{}x{}".format(*self.layout)
+        if self.options.passthrough:
+            figures.update(passthrough=self.passing, packets_passed=self.packets_passed,
+                           pass_awaiting_keyframe=self.pass_awaiting_keyframe)
         figures["grid_tiles"] = [participant_of(sid) if sid else None for sid in list(self.positions)]
         figures.update(self.pacer.figures())
         return figures
@@ -1104,9 +1172,35 @@ class TransformerStage(Stage):
         super().__init__(options)
         self.transforms = transforms
         self.video_transforms = video_transforms
+        self._loop: asyncio.AbstractEventLoop | None = None
+        for transform in transforms:
+            if hasattr(transform, "request_keyframe"):
+                transform.request_keyframe = self._request_keyframe
+
+    async def run(self) -> int:
+        # Keep the loop so codec-thread code (a passthrough's switch) can ask upstream for a keyframe.
+        self._loop = asyncio.get_running_loop()
+        return await super().run()
+
+    def _request_keyframe(self, stream_id: str, reason: str) -> None:
+        """From the codec thread: the control sockets live on the event loop."""
+        if self._loop is not None:
+            asyncio.run_coroutine_threadsafe(self.request_keyframe_upstream(stream_id, reason), self._loop)
+
+    def on_keyframe_request(self, request: KeyframeRequest) -> bool:
+        """A request for a passed-on camera's frames goes to that camera (renamed); anything else upstream as is."""
+        for transform in self.transforms:
+            source = getattr(transform, "keyframe_source", None)
+            upstream = source(request.stream_id) if source is not None else None
+            if upstream is not None:
+                self._request_keyframe(upstream, request.reason)
+                return True
+        return False
 
     def process(self, msg: Message) -> Iterable[Message]:
         kind = "video" if isinstance(msg, VideoFrame) else "audio" if isinstance(msg, AudioFrame) else None
+        if isinstance(msg, EncodedPacket):
+            kind = "video" if msg.codec.is_video else "audio"
         if kind is not None and kind in self.refused_kinds:
             # The SIP peer refused this kind (an upstream CALL_STATE from the janus stage): compose nothing for it.
             self.drops["refused_by_peer"] += 1
@@ -1176,6 +1270,8 @@ class TransformerStage(Stage):
 @click.option("--grid-fps", type=float, default=GRID_DEFAULT_FPS, help="compose:grid: rate of slates and repeats.")
 @click.option("--slate/--no-slate", default=False,
               help="compose:active and compose:speaker: a slate while nobody sends video (compose:grid always).")
+@click.option("--passthrough/--no-passthrough", default=False,
+              help="compose:grid with one tile: the shown camera's encoded frames go on as they came.")
 def command(
     video: tuple[str, ...],
     audio: tuple[str, ...],
@@ -1186,11 +1282,15 @@ def command(
     slate_title: str,
     grid_fps: float,
     slate: bool,
+    passthrough: bool,
     **params: Any,
 ) -> None:
     """Crop, resize, split, compose, mix, resample or a plugged-in transform."""
-    grid = GridOptions(names=tile_names, fit=fit, title=slate_title, fps=grid_fps, slate=slate)
+    grid = GridOptions(names=tile_names, fit=fit, title=slate_title, fps=grid_fps, slate=slate,
+                       passthrough=passthrough)
     transforms = [parse_transform(s, compose_id, grid) for s in video if s != "identity"]
+    if passthrough and not any(isinstance(t, RoomGrid) for t in transforms):
+        raise click.UsageError("--passthrough works with --video compose:grid:WxH:1 only")
     video_transforms = len(transforms)
     transforms += [parse_transform(s, mix_id) for s in audio if s != "identity"]
     options = build_options(params)

@@ -28,7 +28,9 @@ from sipbridge.room.cheap import (
     tolerate_slow_consent,
 )
 from sipbridge.room.cheap_viewer import BurstDetector, first_channel, mark_band_bright
-from sipbridge.testing.localcall import BOT_NAME, VIEWER_NAME, CallOptions, LocalCall
+from sipbridge.status import StatusCollector
+from sipbridge.testing.capture import h264_frames_from_capture, tile_counters
+from sipbridge.testing.localcall import BOT_NAME, SIP_PEER_MEDIA_PORT, VIEWER_NAME, CallOptions, LocalCall
 from stages.pattern import dominant_frequency, read_counter
 from tests.roomfix import Collector, JsonLines, Room, in_order, room_fixture, wait_until  # noqa: F401  (fixture)
 from tests.sipfix import janus_fixture, netns_fixture  # noqa: F401  (pytest fixtures)
@@ -295,6 +297,58 @@ def test_bridged_call_with_cheap_generators(tmp_path: Path, page_video: str) -> 
         assert tones and abs(tones[-1] - 440.0) < 25.0, tones  # alice's tone, through PCMU and back
         # The publisher said when each mark left (the harness's source-alignment figure).
         assert call.participants is not None and call.participants.matching(event="mark_sent", participant="alice")
+
+
+PASS_WINDOW_S = 4.0  # steady-state window in which the passthrough call's stages are read
+
+
+@pytest.mark.media
+@pytest.mark.timeout(360)
+def test_bridged_call_passes_h264_through(tmp_path: Path) -> None:
+    """``[media.to_sip] passthrough``: a browserless publisher sends H.264 (constrained baseline, 320x240) and the
+    SIP peer takes H.264: the SIP peer receives the publisher's own frames (its size, not the bridge's 640x480,
+    counters in order) while the bridge decodes and encodes no video of hers; the echo still reaches the room."""
+    for tool in ("janus", "sipp", "tshark", "chromium"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is not installed")
+    if os.geteuid() != 0:
+        pytest.skip("needs root for network namespaces")
+    options = CallOptions(participants=[("alice", 440.0)], room_codec="h264", layout="single", max_tiles=1,
+                          split=None, layout_ids=["alice/video"], generators="aiortc", passthrough=True)
+    width, height = (int(v) for v in options.participant_size.split("x"))
+    with LocalCall(tmp_path / "run", options) as call:
+        try:
+            wait_until(lambda: len({c for c in call_counters(call, BOT_NAME) if c}) >= MIN_FRAMES,
+                       CALL_MEDIA_TIMEOUT_S, "the passed-through picture echoed back into the room")
+        except TimeoutError as exc:
+            logs = "\n".join(call.stage_log(n, 15) for n in ("room-decoder", "room-transformer", "sip-encoder"))
+            raise AssertionError(f"{exc}\n{logs}") from exc
+        collector = StatusCollector(call.run_dir)
+        try:
+            collector.poll(1.5)
+            before = {stage: dict(fig) for stage, fig in collector.figures.items()}
+            collector.poll(PASS_WINDOW_S)
+            after = collector.figures
+        finally:
+            collector.close()
+        call.stop_bridge()
+        echoed = [c for c in call_counters(call, BOT_NAME) if c]
+    encoder, grid = after["sip-encoder"], after["room-transformer"]
+    # Steady state: alice's frames pass every stage encoded, none is decoded or encoded for the SIP side.
+    assert after["room-decoder"]["passed_streams"] == ["alice/video"], after["room-decoder"]
+    assert grid["passthrough"] == "alice/video", grid
+    passed = encoder["packets_passed"] - before["sip-encoder"]["packets_passed"]
+    assert passed >= PASS_WINDOW_S * options.participant_fps * 0.5, (passed, encoder)
+    assert encoder["video_frames_encoded"] == before["sip-encoder"]["video_frames_encoded"], encoder
+    # The SIP wire: her own pictures, at her size, counters going forward.
+    frames = h264_frames_from_capture(call.pcap, SIP_PEER_MEDIA_PORT + 2)
+    hers = [f for f in frames if (f.width, f.height) == (width, height)]
+    assert len(hers) >= MIN_FRAMES, sorted({(f.width, f.height) for f in frames})
+    seen = [c for f in hers if (c := tile_counters(f, 1, 1)[0])]
+    loop_frames = DEFAULT_LOOP_S * options.participant_fps
+    assert len(seen) >= MIN_FRAMES and mostly_forward(seen, loop_frames), seen[:40]
+    # And back through the SIP decoder into the room.
+    assert mostly_forward(echoed, loop_frames), echoed[:40]
 
 
 def mostly_forward(values: list[int], loop_frames: int) -> bool:

@@ -96,6 +96,8 @@ class CallOptions:
     height: int = 480
     fps: int = 15
     bitrate_kbps: int = 800
+    # [media.to_sip] passthrough: the shown participant's H.264 goes to the SIP side as it came (layout single).
+    passthrough: bool = False
     layout: str = "grid"
     max_tiles: int = 2
     split: str | None = "2x1"
@@ -156,6 +158,7 @@ width = {self.width}
 height = {self.height}
 fps = {self.fps}
 bitrate_kbps = {self.bitrate_kbps}
+passthrough = {str(self.passthrough).lower()}
 
 [layout]
 mode = "{self.layout}"
