@@ -75,6 +75,12 @@ GRID_REPEAT_AFTER_S = 0.5
 PASS_KEYFRAME_REPEAT_S = 1.0
 # How often the stage lets slates, repeats and silence out (each paces itself).
 TICK_INTERVAL_S = 0.01
+# The longest a stage waits between ticks. Each tick is a hand-off to the codec thread (100 a second at
+# TICK_INTERVAL_S, more than the media's own), so a transform that can say when it will next have something to send
+# (``tick_wait_s``) is ticked then, within [TICK_INTERVAL_S, IDLE_TICK_INTERVAL_S]: while live media goes out
+# that is the longest (a stall or an empty room is judged over half a second; media that ends one is seen at the
+# next tick), a slate at 30 fps every 33 ms.
+IDLE_TICK_INTERVAL_S = 0.05
 CLOCK_EPSILON_S = 1e-6  # schedules add up periods in floating point
 GRID_DEFAULT_FPS = 15.0
 GRID_DEFAULT_MAX_TILES = 4
@@ -241,6 +247,14 @@ class _Pacer:
 
     def live(self, now: float) -> None:
         self.last_live = now
+
+    def wait_s(self, now: float, present: bool) -> float:
+        """Seconds until ``due_at`` may give a time (0: now)."""
+        if present and now - self.last_live < GRID_REPEAT_AFTER_S:
+            return self.last_live + GRID_REPEAT_AFTER_S - now
+        if self.due is None or present != self.was_present:
+            return 0.0
+        return max(0.0, self.due - now)
 
     def due_at(self, now: float, present: bool) -> float | None:
         """When a picture of its own is due now: the time to stamp it with (on the schedule); else None."""
@@ -905,11 +919,20 @@ class RoomGrid(Compose):
         """Called a few times per frame interval: the slate while nobody is shown, a repeat while every camera
         is stalled."""
         now = self.clock()
-        if any(sid is not None and (slot := self.slots.get(sid)) is not None and slot.encoded
-               for sid in self.positions):
+        if self._shows_encoded():
             return []  # the shown camera arrives encoded: no picture of ours to repeat (nor one to draw)
         at = self.pacer.due_at(now, any(self.positions))
         return [] if at is None else [self._draw(now, at)]
+
+    def tick_wait_s(self) -> float | None:
+        """Seconds until ``tick`` may make something (None: not while the shown camera passes through)."""
+        if self._shows_encoded():
+            return None
+        return self.pacer.wait_s(self.clock(), any(self.positions))
+
+    def _shows_encoded(self) -> bool:
+        return any(sid is not None and (slot := self.slots.get(sid)) is not None and slot.encoded
+                   for sid in self.positions)
 
     def figures(self) -> dict[str, Any]:
         now = self.clock()
@@ -1046,6 +1069,16 @@ class Mix(Identity):
             self.silence_due = now + MIX_CHUNK_S
         return out
 
+    def tick_wait_s(self) -> float | None:
+        """Seconds until ``tick`` may make silence (None: without a rate it never does)."""
+        if self.rate is None:
+            return None
+        now = self.clock()
+        live = any(not i.ended or i.buffered for i in self.inputs.values())
+        if live and self.last_input_at is not None and now - self.last_input_at < MIX_STALL_S:
+            return self.last_input_at + MIX_STALL_S - now
+        return 0.0 if self.silence_due is None else max(0.0, self.silence_due - now)
+
     def figures(self) -> dict[str, Any]:
         return {"mix_silent_chunks": self.silent_chunks}
 
@@ -1173,6 +1206,7 @@ class TransformerStage(Stage):
         self.transforms = transforms
         self.video_transforms = video_transforms
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.ticks = 0  # codec-thread hand-offs made for ticks (slates, silence, repeats)
         for transform in transforms:
             if hasattr(transform, "request_keyframe"):
                 transform.request_keyframe = self._request_keyframe
@@ -1221,15 +1255,21 @@ class TransformerStage(Stage):
         """Transforms with a ``tick`` (a grid's slate, a mix's silence) make media without input: call them."""
         if not any(hasattr(t, "tick") for t in self.transforms):
             return
+        wait_s = TICK_INTERVAL_S
         while True:
-            await asyncio.sleep(TICK_INTERVAL_S)
+            await asyncio.sleep(wait_s)
             if self._consumers == 0:
+                wait_s = TICK_INTERVAL_S
                 continue  # nobody to send to yet: a slate now would only count as a dropped frame
-            for out in await self.run_codec(self._tick_all):
+            produced, wait_s = await self.run_codec(self._tick_all)
+            self.ticks += 1
+            for out in produced:
                 await self.emit(out)
 
-    def _tick_all(self) -> list[Message]:
+    def _tick_all(self) -> tuple[list[Message], float]:
+        """Every transform's tick, and how long to wait before the next (the soonest any transform may need)."""
         out: list[Message] = []
+        wait_s = IDLE_TICK_INTERVAL_S
         refused = self.refused_kinds
         for index, transform in enumerate(self.transforms):
             tick = getattr(transform, "tick", None)
@@ -1239,10 +1279,14 @@ class TransformerStage(Stage):
             for later in self.transforms[index + 1 :]:
                 produced = [o for item in produced for o in later.process(item)]
             out.extend(produced)
-        return out
+            hint = getattr(transform, "tick_wait_s", None)
+            transform_wait = hint() if hint is not None else TICK_INTERVAL_S  # no hint: every TICK_INTERVAL_S
+            if transform_wait is not None:
+                wait_s = min(wait_s, transform_wait)
+        return out, max(TICK_INTERVAL_S, wait_s)
 
     def extra_figures(self) -> dict[str, Any]:
-        figures: dict[str, Any] = {}
+        figures: dict[str, Any] = {"ticks": self.ticks}
         for transform in self.transforms:
             if hasattr(transform, "figures"):
                 figures.update(transform.figures())

@@ -15,6 +15,7 @@ import pytest
 
 from protocol import AudioFrame, MediaHeader, Message, VideoFrame
 from sipbridge.bridge import BridgeConfigError, bridge_stages, parse_bridge
+from stages.base import StageOptions
 from stages.bitmapfont import text_mask
 from stages.pattern import PatternGenerator, i420_planes, read_counter
 from stages.transformer import (
@@ -23,6 +24,7 @@ from stages.transformer import (
     Mix,
     RoomGrid,
     Speaker,
+    TransformerStage,
     cell_rects,
     label_box,
     parse_transform,
@@ -637,3 +639,50 @@ def test_resample_then_mix_sends_each_chunk_with_the_input_frame_that_completes_
     mixed = np.concatenate([np.frombuffer(c.data, np.int16) for c in chunks]).astype(np.int32)
     shift_s = int(np.argmax(np.abs(mixed))) / rate_out - click_at / rate_in
     assert 0 <= shift_s <= 0.0025, shift_s  # the output runs 2 ms behind its input, no more
+
+
+def test_ticks_come_when_a_transform_has_something_to_send(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The transformer's ticks (slates, silence, repeats) are a codec-thread hand-off each: the stage ticks when the
+    soonest transform may send something, within [TICK_INTERVAL_S, IDLE_TICK_INTERVAL_S]. Driven clock: the empty
+    room's slate at 30 fps (a tick per slate, each on time), a camera whose frames keep coming (ticks at the idle
+    interval), its stall (a repeat half a second after its last frame, then every half second)."""
+    import asyncio
+
+    from stages import transformer
+
+    clock = DrivenClock()
+    grid = RoomGrid(640, 480, 1, None, "room-video", GridOptions(names=False, title="room 1", fps=30.0), clock)
+    stage = TransformerStage(StageOptions(name="room-transformer"), [grid], 1)
+    stage._consumers = 1
+    emitted: list[tuple[float, Message]] = []
+    frames = iter(range(1, 1000))
+    sleeps: list[float] = []
+
+    async def emit(msg: Message) -> None:
+        emitted.append((clock(), msg))
+
+    async def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        clock.advance(seconds)
+        if 1.0 <= clock() - start < 2.0:  # a camera at 30 fps: its frames go out as they come, ticks make none
+            while grid.slots.get("alice/video") is None or clock() - grid.slots["alice/video"].last_seen >= 1 / 30:
+                list(grid.process(person_frame("alice", next(frames))))
+        if clock() - start >= 3.2:
+            raise asyncio.CancelledError
+
+    async def drive() -> None:
+        with pytest.raises(asyncio.CancelledError):
+            await stage.produce()
+
+    start = clock()
+    monkeypatch.setattr(stage, "emit", emit)
+    monkeypatch.setattr(transformer.asyncio, "sleep", sleep)
+    asyncio.run(drive())
+    slates = [t - start for t, _ in emitted if t - start < 1.0]
+    # A tick per slate, then at the idle interval: 3.2 s took 320 ticks at a fixed TICK_INTERVAL_S.
+    assert len(slates) == 30 and stage.ticks <= 80, (len(slates), stage.ticks)
+    assert all(abs(b - a - 1 / 30) < 0.011 for a, b in itertools.pairwise(slates)), slates
+    live_ticks = [s for s in sleeps[len(slates):] if s == transformer.IDLE_TICK_INTERVAL_S]
+    assert not [t for t, _ in emitted if 1.0 <= t - start < 2.0] and len(live_ticks) >= 18
+    repeats = [t - start for t, _ in emitted if t - start >= 2.0]
+    assert len(repeats) == 2 and 2.4 < repeats[0] < 2.56 and repeats[1] - repeats[0] == pytest.approx(0.5), repeats
