@@ -196,7 +196,7 @@ def processes_toml(nice: int, fuse: str) -> str:
 
 
 def run(seconds: float, generators: str = "aiortc", busy: int = 0, nice: int = 0, page_video: str = "shown",
-        fuse: str = "none", passthrough: bool = False) -> dict[str, Any]:
+        fuse: str = "none", passthrough: bool = False, inject: str = "auto") -> dict[str, Any]:
     from sipbridge.status import StatusCollector
 
     options = CallOptions(
@@ -215,6 +215,7 @@ def run(seconds: float, generators: str = "aiortc", busy: int = 0, nice: int = 0
         bridge_extra=processes_toml(nice, fuse),
         page_video=page_video,
         passthrough=passthrough,
+        inject=inject,
     )
     floor = codec_floor_ms()
     run_dir = Path(tempfile.mkdtemp(prefix="sb-bench-bridge-"))
@@ -275,6 +276,7 @@ def run(seconds: float, generators: str = "aiortc", busy: int = 0, nice: int = 0
             "page_video": page_video,
             "fuse": FUSE_GROUPS[fuse],
             "passthrough": passthrough,
+            "inject": inject,
         },
         "latency": {
             "room_to_sip_video": lat(janus_in, "room-video"),
@@ -334,7 +336,8 @@ def print_table(r: dict[str, Any]) -> None:
         f"bridged call, {r['config']['size']}@{r['config']['fps']}, {r['config']['room']} <-> "
         f"{r['config']['sip']}, {r['config']['seconds']} s (load avg {r['machine']['loadavg_1m_at_end']:.1f}; "
         f"{r['config']['busy_loops']} busy loops beside it; the call at nice {r['config']['nice']}"
-        + ("; video to SIP passed through" if r["config"].get("passthrough") else "") + ")"
+        + ("; video to SIP passed through" if r["config"].get("passthrough") else "")
+        + ("; SIP video decoded in the bridge" if r["config"].get("inject") == "raw" else "") + ")"
     )
     click.echo(f"{'measure':<28}{'p50 ms':>10}{'p95 ms':>10}{'frames':>9}{'floor ms':>10}{'ratio':>8}  target")
     floors = r["baseline_codec_floor_ms"]
@@ -429,11 +432,15 @@ def print_lipsync(ls: dict[str, Any]) -> None:
                    "chain, all = every media stage from the room's decoder to the SIP side's.")
 @click.option("--passthrough/--no-passthrough", default=False, show_default=True,
               help="[media.to_sip] passthrough: the participant's H.264 goes to SIP undecoded.")
-def main(seconds: float, generators: str, busy: int, nice: int, page_video: str, fuse: str, passthrough: bool) -> None:
+@click.option("--inject", type=click.Choice(["auto", "raw", "encoded"]), default="auto", show_default=True,
+              help="[room] inject: the SIP side's video decoded by the SIP decoder (raw) or in the bot's page "
+                   "(encoded; auto: encoded here).")
+def main(seconds: float, generators: str, busy: int, nice: int, page_video: str, fuse: str, passthrough: bool,
+         inject: str) -> None:
     """Bridge-added latency both ways and the whole call's CPU and PSS at 640x480@30."""
     if os.geteuid() != 0:
         raise click.ClickException("needs root (network namespace)")
-    result = run(seconds, generators, busy, nice, page_video, fuse, passthrough)
+    result = run(seconds, generators, busy, nice, page_video, fuse, passthrough, inject)
     print_table(result)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")

@@ -36,6 +36,7 @@ X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium"
 LAYOUTS = ("single", "grid", "active", "speaker")
 FITS = ("letterbox", "stretch")  # how a picture fills its grid tile: its own shape with bars, or all of the tile
 CAPTURE_MODES = ("raw", "encoded")
+INJECT_MODES = ("auto", "raw", "encoded")
 CODEC_AUDIO_RATE_HZ = {name: codecs.BY_NAME[name].sample_rate_hz or 0 for name in AUDIO_CODECS}
 ROOM_AUDIO_RATE_HZ = 48000
 SECRET_ENV_PREFIX = "SIPBRIDGE_SECRET_"
@@ -104,6 +105,10 @@ class BridgeConfig:
     recipe: str = "local-room"
     display_name: str = "SIP bridge"
     capture: str = "encoded"
+    # "encoded": the SIP side's H.264 and VP8 reach the bot's page as they came and are decoded there (WebCodecs),
+    # not by the SIP decoder: no decode in the bridge and no raw picture between processes. "raw": decoded here.
+    # "auto": encoded unless something on the way to the room needs the pictures (a split, a to_room transform).
+    inject: str = "auto"
     page_video: str = "shown"  # "hidden": the bot page's video elements are not displayed (no painting for nobody)
     # The bot's Chromium in a program of its own (stages/browser/keeper.py): a restarted browser stage takes over the
     # bot still in the room instead of joining again. False: each browser stage launches its own.
@@ -349,7 +354,7 @@ def parse_bridge(data: dict[str, Any]) -> BridgeConfig:
     if "room" not in data:
         raise BridgeConfigError("missing section [room] (url and recipe of the room the bot joins)")
     room = _check_keys(data.get("room"), "room",
-                       {"url", "recipe", "display_name", "capture", "vars", "page_video", "keep_browser"})
+                       {"url", "recipe", "display_name", "capture", "inject", "vars", "page_video", "keep_browser"})
     if "url" not in room:
         raise BridgeConfigError("room.url is required")
     janus = _check_keys(data.get("janus", {}), "janus", {"url", "api_secret", "start"})
@@ -367,6 +372,7 @@ def parse_bridge(data: dict[str, Any]) -> BridgeConfig:
     cfg.recipe = _take(room, "room", "recipe", str, cfg.recipe)
     cfg.display_name = _take(room, "room", "display_name", str, cfg.display_name)
     cfg.capture = _choice(_take(room, "room", "capture", str, cfg.capture), "room.capture", CAPTURE_MODES)
+    cfg.inject = _choice(_take(room, "room", "inject", str, cfg.inject), "room.inject", INJECT_MODES)
     cfg.page_video = _choice(_take(room, "room", "page_video", str, cfg.page_video), "room.page_video",
                              ("shown", "hidden"))
     cfg.keep_browser = _take(room, "room", "keep_browser", bool, cfg.keep_browser)
@@ -458,8 +464,13 @@ def parse_bridge(data: dict[str, Any]) -> BridgeConfig:
 def _check_passthrough(cfg: BridgeConfig) -> None:
     """Passthrough forwards one camera's frames undecoded: only where nothing between needs its pictures."""
     if cfg.to_room.passthrough:
-        raise BridgeConfigError("media.to_room.passthrough is not available: the SIP side's video reaches the room "
-                                "decoded (the bot's Chromium encodes it again)")
+        raise BridgeConfigError('media.to_room.passthrough is not available: room.inject = "encoded" hands the SIP '
+                                "side's video to the bot's page undecoded (the bot's Chromium encodes it again)")
+    inserted = [t.name for t in cfg.transforms if t.at == "to_room"]
+    if cfg.inject == "encoded" and (cfg.split or inserted):
+        what = "room_side.split" if cfg.split else f"the [[transform]] at to_room ({', '.join(inserted)})"
+        raise BridgeConfigError(f'room.inject = "encoded" hands the SIP side\'s video to the page undecoded, but '
+                                f"{what} needs its pictures: use inject = \"raw\"")
     if not cfg.to_sip.passthrough:
         return
     problems = []
@@ -475,6 +486,14 @@ def _check_passthrough(cfg: BridgeConfig) -> None:
                         "see no pictures of the passed camera)")
     if problems:
         raise BridgeConfigError("media.to_sip.passthrough needs " + "; ".join(problems))
+
+
+def injects_encoded(cfg: BridgeConfig) -> bool:
+    """Whether the SIP side's video reaches the bot's page encoded (``room.inject``; "auto": unless a split or a
+    to_room transform needs its pictures)."""
+    if cfg.inject != "auto":
+        return cfg.inject == "encoded"
+    return not cfg.split and not any(t.at == "to_room" for t in cfg.transforms)
 
 
 def missing_secrets(cfg: BridgeConfig, environ: dict[str, str] | None = None) -> list[str]:
@@ -642,12 +661,13 @@ def _room_transformer_args(cfg: BridgeConfig) -> list[str]:
 # What each stage of the layout (sipbridge/pipelines/bridge.toml, its `args_from`) gets from the configuration.
 ARGUMENT_BUILDERS: dict[str, Callable[[BridgeConfig], list[str]]] = {
     "browser": _browser_args,
-    "sip-decoder": lambda cfg: ["--audio-rate", str(ROOM_AUDIO_RATE_HZ)],
+    "sip-decoder": lambda cfg: ["--audio-rate", str(ROOM_AUDIO_RATE_HZ),
+                                *(["--pass-video", "h264", "--pass-video", "vp8"] if injects_encoded(cfg) else [])],
     "janus": _janus_args,
     "sip-encoder": _sip_encoder_args,
     "room-transformer": _room_transformer_args,
     "room-decoder": lambda cfg: ["--hwm", str(ENCODED_EDGE_HWM_MSGS),
-                                 *(["--pass-video", "h264"] if cfg.to_sip.passthrough else [])],
+                                 *(["--pass-video", "h264-offer"] if cfg.to_sip.passthrough else [])],
 }
 
 

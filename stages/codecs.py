@@ -48,6 +48,7 @@ class CodecInfo:
     fmtp: str | None = None  # what our SDP offer says in a=fmtp
     sip: bool = False  # the janus stage can send it to a SIP peer (aiortc packetises it, Janus relays it)
     keyframe: Callable[[memoryview], bool] | None = None  # video: whether a payload starts a decodable picture
+    webcodecs: str | None = None  # video: the codec string the bot's page configures a WebCodecs VideoDecoder with
 
     @property
     def is_video(self) -> bool:
@@ -84,9 +85,9 @@ def _h264_keyframe(view: memoryview) -> bool:
 CODECS: tuple[CodecInfo, ...] = (
     CodecInfo("h264", Codec.H264, "H264", VIDEO_CLOCK_HZ, "video/H264", ("h264",), "libx264",
               fmtp="level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42e01f", sip=True,
-              keyframe=_h264_keyframe),
+              keyframe=_h264_keyframe, webcodecs="avc1.42E01F"),
     CodecInfo("vp8", Codec.VP8, "VP8", VIDEO_CLOCK_HZ, "video/VP8", ("vp8", "libvpx"), "libvpx", sip=True,
-              keyframe=_vp8_keyframe),
+              keyframe=_vp8_keyframe, webcodecs="vp8"),
     CodecInfo("vp9", Codec.VP9, "VP9", VIDEO_CLOCK_HZ, "video/VP9", ("vp9", "libvpx-vp9"), "libvpx-vp9",
               keyframe=_vp9_keyframe),
     CodecInfo("av1", Codec.AV1, "AV1", VIDEO_CLOCK_HZ, "video/AV1", ("libdav1d", "av1", "libaom-av1"), None),

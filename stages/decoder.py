@@ -10,10 +10,12 @@ Damage handling (never a crash):
 * a sequence-number gap on a video stream means a lost reference: the decoder asks
   upstream for a keyframe and drops (``drops["await_keyframe"]``) until one arrives.
 
-Passthrough (``--pass-video h264``): an H.264 video stream whose SPS fits the profile the
-SIP side is offered leaves this stage as it came (still encoded), with the same keyframe
-gating, for a bridge that forwards it to SIP undecoded; one that does not fit (another
-profile, a higher level) is decoded as usual. Each keyframe with an SPS decides again.
+Passthrough (``--pass-video``): video of the named codecs leaves this stage as it came
+(still encoded), with the same keyframe gating, for a consumer that takes it encoded: the
+bot's page decodes the SIP side's H.264 and VP8 itself (``--pass-video h264 --pass-video
+vp8``); the SIP side takes the room's H.264 only in the profile it was offered
+(``--pass-video h264-offer``: an SPS that does not fit, another profile or a higher
+level, is decoded as usual; each keyframe with an SPS decides again).
 
 Keyframe requests originate on the codec thread (inside ``process``) while the
 control sockets belong to the event loop, so they are handed to the loop with
@@ -42,6 +44,8 @@ from stages.options import build_options, run, stage_options
 MAX_PENDING_TIMESTAMPS = 64
 # While waiting for a keyframe, ask again this often (the first request may be lost or ignored).
 KEYFRAME_REPEAT_INTERVAL_S = 1.0
+# --pass-video: codec and whether its SPS must fit the SIP offer's profile.
+PASS_VIDEO_SPECS = {"h264": (Codec.H264, False), "h264-offer": (Codec.H264, True), "vp8": (Codec.VP8, False)}
 
 
 @dataclass
@@ -64,10 +68,10 @@ class DecodeStream:
 
 class Decoder(Stage):
     def __init__(self, options: StageOptions, opus_channels: int = 2, threads: int = 1, audio_rate: int = 0,
-                 pass_video: Codec | None = None) -> None:
+                 pass_video: dict[Codec, bool] | None = None) -> None:
         super().__init__(options)
-        # Video of this codec that the SIP side takes as it is leaves undecoded (only H.264 is checked so).
-        self.pass_video = pass_video
+        # Video of these codecs leaves undecoded; True: only H.264 whose SPS fits the SIP offer's profile.
+        self.pass_video = pass_video or {}
         self.packets_passed = 0
         self.opus_channels = opus_channels
         # 0 keeps each codec's own rate; else audio leaves resampled to this rate (saves a transformer hop).
@@ -123,8 +127,8 @@ class Decoder(Stage):
                 if not state.await_keyframe:
                     state.await_keyframe = True
                     self._request_keyframe(sid, f"sequence gap before seq {seq}", state)
-            if keyframe and packet.codec is self.pass_video:
-                passing = codecs.h264_fits_offer(packet.data)
+            if keyframe and packet.codec in self.pass_video:
+                passing = codecs.h264_fits_offer(packet.data) if self.pass_video[packet.codec] else True
                 if passing is not None and passing != state.passing:
                     state.passing = passing
                     self.log.info("%s: %s", sid, "passed on encoded" if passing else
@@ -268,11 +272,11 @@ class Decoder(Stage):
               help="Slice threads per video decoder (0 = one per core).")
 @click.option("--audio-rate", type=click.IntRange(0, 192000), default=0, show_default=True,
               help="Resample decoded audio to this rate in Hz (0 = the codec's own rate).")
-@click.option("--pass-video", type=click.Choice(["h264"]), default=None,
-              help="Pass this codec's video on encoded when the SIP side takes it as it is (the SPS fits the "
-                   "profile the SIP side is offered); else decode it.")
+@click.option("--pass-video", type=click.Choice(sorted(PASS_VIDEO_SPECS)), multiple=True,
+              help="Pass this codec's video on encoded (repeatable); h264-offer: only H.264 whose SPS fits the "
+                   "profile the SIP side is offered, the rest decoded.")
 def command(**params: Any) -> None:
     """Decode H.264/VP8/VP9/Opus/G.711/G.722 packets into raw I420 video and s16 audio."""
     options = build_options(params)
-    pass_video = params.pop("pass_video")
-    run(Decoder(options, **params, pass_video=codecs.codec_from_name(pass_video) if pass_video else None))
+    pass_video = dict(PASS_VIDEO_SPECS[spec] for spec in params.pop("pass_video"))
+    run(Decoder(options, **params, pass_video=pass_video))

@@ -258,12 +258,15 @@ def test_bot_chromium_reads_cheap_publishers(room: Room, tmp_path: Path, mode: s
 
 @pytest.mark.media
 @pytest.mark.timeout(360)
-@pytest.mark.parametrize("page_video", ["shown", "hidden"])
-def test_bridged_call_with_cheap_generators(tmp_path: Path, page_video: str) -> None:
+@pytest.mark.parametrize(("page_video", "inject"), [("shown", "auto"), ("hidden", "auto"), ("shown", "raw")])
+def test_bridged_call_with_cheap_generators(tmp_path: Path, page_video: str, inject: str) -> None:
     """The harness with ``generators="aiortc"``: a browserless publisher (H.264 + Opus) bridged to an H.264 + PCMU
     sipp echo; the browserless viewer reads the bot's camera (the echo) with its counters in order, the echoed tone,
     and the lip-sync marks of the participant (directly) and of the bot (through the bridge and back). With the bot
-    page's video elements hidden (``[room] page_video``) capture and identification are the same."""
+    page's video elements hidden (``[room] page_video``) capture and identification are the same. By default (``[room]
+    inject = "auto"``, nothing on the way needing pictures) the SIP side's H.264 reaches the page undecoded (the SIP
+    decoder passes it on, the page's WebCodecs decoder makes the camera's pictures); ``inject = "raw"`` decodes it
+    in the SIP decoder; all of the above holds either way."""
     for tool in ("janus", "sipp", "tshark", "chromium"):
         if shutil.which(tool) is None:
             pytest.skip(f"{tool} is not installed")
@@ -271,7 +274,7 @@ def test_bridged_call_with_cheap_generators(tmp_path: Path, page_video: str) -> 
         pytest.skip("needs root for network namespaces")
     options = CallOptions(participants=[("alice", 440.0)], room_codec="h264", layout="single", max_tiles=1,
                           split=None, layout_ids=["alice/video"], sync_marks=True, generators="aiortc",
-                          page_video=page_video)
+                          page_video=page_video, inject=inject)
     assert options.viewer  # aiortc publishers receive nothing: the viewer reports what the room gets
     with LocalCall(tmp_path / "run", options) as call:
         assert call.observer == call.sync_observer == VIEWER_NAME
@@ -287,7 +290,12 @@ def test_bridged_call_with_cheap_generators(tmp_path: Path, page_video: str) -> 
         wait_until(lambda: all(marks_seen(call, s) >= 2 for s in sources), MEDIA_TIMEOUT_S,
                    "lip-sync marks at the viewer, direct and through the bridge")
         tones = [r["tone_hz"] for r in call_records(call, BOT_NAME) if r.get("tone_hz")]
+        figures = stage_figures(call)
         call.stop_bridge()
+        # Who decoded the echo: the SIP decoder (raw injection) or the page (encoded).
+        passed = figures["sip-decoder"]["passed_streams"]
+        assert passed == (["sip-video"] if inject != "raw" else []), figures["sip-decoder"]
+        assert (figures["browser"]["inject_packets"] > 0) == (inject != "raw"), figures["browser"]
         loop_frames = DEFAULT_LOOP_S * options.participant_fps
         for source in sources:
             # 0: a camera before its first frame; a set-up that takes minutes on a loaded machine may see the wrap.
@@ -349,6 +357,16 @@ def test_bridged_call_passes_h264_through(tmp_path: Path) -> None:
     assert len(seen) >= MIN_FRAMES and mostly_forward(seen, loop_frames), seen[:40]
     # And back through the SIP decoder into the room.
     assert mostly_forward(echoed, loop_frames), echoed[:40]
+
+
+def stage_figures(call: LocalCall) -> dict[str, Any]:
+    """Every stage's latest statistics, read over a second and a half of the running call."""
+    collector = StatusCollector(call.run_dir)
+    try:
+        collector.poll(1.5)
+        return {stage: dict(fig) for stage, fig in collector.figures.items()}
+    finally:
+        collector.close()
 
 
 def mostly_forward(values: list[int], loop_frames: int) -> bool:

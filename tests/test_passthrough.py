@@ -1,7 +1,9 @@
-"""Room -> SIP H.264 passthrough, stage by stage without sockets: the room decoder passes a fitting H.264 camera on
-encoded, the single layout forwards the shown camera's frames renamed from a keyframe on, the encoder lets them by
-(and its keyframe requests go upstream), and the bridge file allows it only where nothing needs the pictures.
-The whole path on real components: tests/test_cheap_room.py (test_bridged_call_passes_h264_through)."""
+"""Encoded video through the bridge, stage by stage without sockets. Room -> SIP passthrough: the room decoder passes
+a fitting H.264 camera on encoded, the single layout forwards the shown camera's frames renamed from a keyframe on,
+the encoder lets them by (and its keyframe requests go upstream). SIP -> room encoded injection: the SIP decoder
+passes H.264 and VP8 on for the bot's page to decode. The bridge file allows each only where nothing needs the
+pictures. The whole paths on real components: tests/test_cheap_room.py (test_bridged_call_passes_h264_through,
+test_bridged_call_with_cheap_generators[shown-encoded])."""
 
 from __future__ import annotations
 
@@ -68,7 +70,7 @@ def test_the_sps_decides_whether_the_sip_side_takes_h264_as_it_is() -> None:
 
 
 def test_decoder_passes_a_fitting_h264_camera_on_and_decodes_another() -> None:
-    decoder = Decoder(StageOptions(name="room-decoder"), pass_video=Codec.H264)
+    decoder = Decoder(StageOptions(name="room-decoder"), pass_video={Codec.H264: True})
     packets = h264_packets(5)
     out = [m for p in packets for m in decoder.process(p)]
     passed = encoded(out)
@@ -85,7 +87,7 @@ def test_decoder_passes_a_fitting_h264_camera_on_and_decodes_another() -> None:
 
 
 def test_decoder_still_waits_for_a_keyframe_after_a_gap_before_passing_on() -> None:
-    decoder = Decoder(StageOptions(name="room-decoder"), pass_video=Codec.H264)
+    decoder = Decoder(StageOptions(name="room-decoder"), pass_video={Codec.H264: True})
     packets = h264_packets(4)
     assert len(encoded(list(decoder.process(packets[0])))) == 1
     assert not list(decoder.process(packets[2]))  # packet 1 lost: its successors reference it
@@ -181,7 +183,7 @@ def example(**changes: Any) -> dict[str, Any]:
 
 def test_bridge_file_turns_passthrough_into_stage_arguments(tmp_path: Path) -> None:
     specs = {s.name: s for s in bridge_stages(parse_bridge(example()), tmp_path)}
-    assert specs["room-decoder"].args[-2:] == ["--pass-video", "h264"]
+    assert specs["room-decoder"].args[-2:] == ["--pass-video", "h264-offer"]
     assert "--passthrough" in specs["room-transformer"].args
     assert any(a.startswith("compose:grid:640x480:1") for a in specs["room-transformer"].args)
     plain = {s.name: s for s in bridge_stages(parse_bridge(example(**{"media.to_sip.passthrough": False})), tmp_path)}
@@ -199,3 +201,20 @@ def test_bridge_file_turns_passthrough_into_stage_arguments(tmp_path: Path) -> N
 def test_bridge_file_refuses_passthrough_where_pictures_are_needed(changes: dict[str, Any], named: str) -> None:
     with pytest.raises(BridgeConfigError, match=named.replace(".", r"\.")):
         parse_bridge(example(**changes))
+
+
+def test_encoded_injection_passes_the_sip_sides_video_on_to_the_page(tmp_path: Path) -> None:
+    specs = {s.name: s for s in bridge_stages(parse_bridge(example(**{"room.inject": "encoded"})), tmp_path)}
+    args = specs["sip-decoder"].args
+    assert args[args.index("--pass-video") :][:4] == ["--pass-video", "h264", "--pass-video", "vp8"]
+    decoder = Decoder(StageOptions(name="sip-decoder"), pass_video={Codec.H264: False, Codec.VP8: False})
+    high = h264_packets(3, "high", stream="sip-video")  # the page decodes any profile: passed all the same
+    assert [p.data for p in encoded([m for p in high for m in decoder.process(p)])] == [p.data for p in high]
+    # By default ("auto") only where nothing on the way to the room needs the pictures.
+    assert "--pass-video" in {s.name: s for s in bridge_stages(parse_bridge(example()), tmp_path)}["sip-decoder"].args
+    split = {s.name: s for s in bridge_stages(parse_bridge(example(**{"room_side.split": "2x1"})), tmp_path)}
+    assert "--pass-video" not in split["sip-decoder"].args
+    for refused in ({"room_side.split": "2x1"}, {"transform": [{"at": "to_room", "video": "resize:320x240"}]},
+                    {"room.inject": "yes"}):
+        with pytest.raises(BridgeConfigError, match="inject"):
+            parse_bridge(example(**{"room.inject": "encoded", **refused}))

@@ -82,6 +82,7 @@ class CallOptions:
     participant_size: str = "320x240"
     participant_fps: int = 15
     capture: str = "encoded"
+    inject: str = "auto"  # [room] inject: "encoded" hands the SIP side's video to the bot's page undecoded
     page_video: str = "shown"  # the bot page's video elements: "hidden" is not displayed
     sip_scenario: str = "uas_echo"  # a scenario for ``sipp_scenario`` (echoes with -rtp_echo)
     # Return the bridge's keyframe requests to it (rtcpecho.py), as a peer that honours them would answer with a
@@ -138,6 +139,7 @@ url = "http://127.0.0.1:{ROOM_HTTP_PORT}/"
 recipe = "local-room"
 display_name = "{BOT_NAME}"
 capture = "{self.capture}"
+inject = "{self.inject}"
 page_video = "{self.page_video}"
 vars = {{ room = "{self.room}", codec = "h264" }}
 

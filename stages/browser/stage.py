@@ -199,7 +199,7 @@ def pack_page_message(header: dict[str, Any], payload: Any) -> bytes:
 _STREAM_ID_UNSAFE = re.compile(r"[^A-Za-z0-9_.@+-]+")
 
 
-def _capture_ms(msg: VideoFrame | AudioFrame) -> float | None:
+def _capture_ms(msg: VideoFrame | AudioFrame | EncodedPacket) -> float | None:
     """The frame's capture time in ms since the epoch (the page's clock for injected timestamps), if known."""
     return msg.header.capture_time_ns / 1e6 if msg.header.capture_time_ns else None
 
@@ -275,6 +275,8 @@ class BrowserStage(Stage):
         self._active_stream_ids: set[str] = set()
         self._inject_slots: dict[str, int] = {}
         self._inject_seq = 0
+        self._inject_packets: dict[int, int] = {}  # camera -> encoded packets injected (the page checks they follow)
+        self._page_inject_keyframe_requests = 0  # the page's decoders asked for keyframes (encoded injection)
         self._inject_latency_ms: collections.deque[float] = collections.deque(maxlen=LATENCY_WINDOW)
         self._capture_latency_ms: dict[str, collections.deque[float]] = collections.defaultdict(
             lambda: collections.deque(maxlen=LATENCY_WINDOW))
@@ -313,6 +315,8 @@ class BrowserStage(Stage):
             "inject_latency_ms_p95": percentile(self._inject_latency_ms, 0.95),
             "chromium_pids": chromium_pids(os.getpid()),
             "page_keyframe_requests": self._page_keyframe_requests,
+            "page_inject_keyframe_requests": self._page_inject_keyframe_requests,
+            "inject_packets": sum(list(self._inject_packets.values())),
             "inject_audio_gap_ms": self._inject_audio_gaps,
             "call": self._call,
         }
@@ -454,6 +458,18 @@ class BrowserStage(Stage):
                 self._page_keyframe_requests += sent
         elif kind == "inject":
             self._inject_audio_gaps = body.get("audio_gap_ms")
+        elif kind == "injerr":
+            message = (f"the page cannot decode {str(body.get('codec'))[:40]} ({str(body.get('error'))[:200]}): the "
+                       "SIP side's video does not reach the room; set [room] inject = \"raw\" to decode it here")
+            self.log.error("%s", message)
+            self.report_error("inject_decoder_unavailable", message)
+        elif kind == "injkf":
+            # The page's decoder of an encoded camera lost its references (a gap, an error): the SIP side resends.
+            slot = body.get("slot")
+            self._page_inject_keyframe_requests += 1
+            for stream_id, index in list(self._inject_slots.items()):
+                if index == slot:
+                    await self.request_keyframe_upstream(stream_id, "the page's decoder needs a keyframe")
         elif kind == "ack":
             seq = body.get("seq")
             sent = conn.in_flight.pop(seq, None) if isinstance(seq, int) else None
@@ -590,17 +606,26 @@ class BrowserStage(Stage):
         """Runs on the codec thread: pack the frame for the page and hand it to the event loop."""
         received_ns = time.time_ns()
         if isinstance(msg, VideoFrame):
-            slot = self._inject_slots.get(msg.header.stream_id)
+            slot = self._inject_slot(msg.header.stream_id)
             if slot is None:
-                if len(self._inject_slots) >= self.config.video_tracks:
-                    self.drops["inject_no_slot"] += 1
-                    return []
-                slot = len(self._inject_slots)
-                self._inject_slots[msg.header.stream_id] = slot
-                self.log.info("injecting %s as camera %d", msg.header.stream_id, slot)
+                return []
             self._inject_seq += 1
             header = {"t": "v", "slot": slot, "w": msg.width, "h": msg.height, "seq": self._inject_seq,
                       "ct": _capture_ms(msg)}
+            data = pack_page_message(header, msg.data)
+            assert self._loop is not None
+            self._loop.call_soon_threadsafe(self._inject, data, (self._inject_seq, received_ns))
+        elif isinstance(msg, EncodedPacket) and codecs.BY_CODEC[msg.codec].webcodecs:
+            # Encoded injection: the page decodes it (WebCodecs) into the camera; no raw picture crosses here.
+            # ``n`` numbers each camera's packets, so the page sees any that were lost on the way (and waits for
+            # a keyframe); ``seq`` is the acknowledgement's, shared with raw frames.
+            slot = self._inject_slot(msg.header.stream_id)
+            if slot is None:
+                return []
+            self._inject_seq += 1
+            self._inject_packets[slot] = self._inject_packets.get(slot, 0) + 1
+            header = {"t": "ve", "slot": slot, "codec": codecs.BY_CODEC[msg.codec].webcodecs, "key": msg.keyframe,
+                      "n": self._inject_packets[slot], "seq": self._inject_seq, "ct": _capture_ms(msg)}
             data = pack_page_message(header, msg.data)
             assert self._loop is not None
             self._loop.call_soon_threadsafe(self._inject, data, (self._inject_seq, received_ns))
@@ -612,6 +637,18 @@ class BrowserStage(Stage):
         else:
             self.drops["inject_unsupported"] += 1
         return []
+
+    def _inject_slot(self, stream_id: str) -> int | None:
+        """The camera a stream is injected as (codec thread); None when every camera is taken (a counted drop)."""
+        slot = self._inject_slots.get(stream_id)
+        if slot is None:
+            if len(self._inject_slots) >= self.config.video_tracks:
+                self.drops["inject_no_slot"] += 1
+                return None
+            slot = len(self._inject_slots)
+            self._inject_slots[stream_id] = slot
+            self.log.info("injecting %s as camera %d", stream_id, slot)
+        return slot
 
     def _inject(self, data: bytes, video: tuple[int, int] | None) -> None:
         conn = self._top_page()

@@ -352,6 +352,8 @@
         hook.injected.video++;
         sendJson({ t: "ack", seq: header.seq, slot: header.slot || 0 });
       }, () => drop("inject_video_error"));
+    } else if (header.t === "ve") {
+      injectEncoded(header, payload);
     } else if (header.t === "a") {
       const now = performance.now();
       if (lastAudioAt !== null) audioGaps.push(now - lastAudioAt);
@@ -359,6 +361,90 @@
       const audio = new AudioData({ format: "s16", sampleRate: header.sr, numberOfChannels: header.ch,
         numberOfFrames: header.n, timestamp: captureTimestamp(header, "a"), data: payload });
       audioSlotGet().writer.write(audio).then(() => { hook.injected.audio++; }, () => drop("inject_audio_error"));
+    }
+  }
+
+  // Encoded injection: the SIP side's H.264 or VP8 as it came, decoded here (WebCodecs, Chromium's own software
+  // decoder) into the camera. Each camera's packets are numbered; a gap or a decoder error makes it wait for a
+  // keyframe, which it asks the SIP side for (through Python) at most once a second.
+  const reportedCodecs = new Set();
+  const MAX_DECODE_QUEUE = 8; // chunks waiting in a decoder: beyond it the page is behind; drop to a keyframe
+
+  function injectDecoder(index, codec) {
+    const slot = videoSlot(index);
+    if (slot.decoder && slot.decoder.state !== "closed" && slot.decoderCodec === codec) return slot;
+    if (slot.decoder && slot.decoder.state !== "closed") slot.decoder.close();
+    slot.decoderCodec = codec;
+    slot.awaitKey = true;
+    slot.acks = []; // the ack seq of each chunk in the decoder, in order (a decoder outputs in decode order)
+    const decoder = new VideoDecoder({
+      output: (frame) => {
+        const seq = slot.acks.shift();
+        slot.writer.write(frame).then(() => {
+          hook.injected.video++;
+          if (seq !== undefined) sendJson({ t: "ack", seq, slot: index });
+        }, () => drop("inject_video_error"));
+      },
+      error: (e) => {
+        if (slot.decoder === decoder) slot.decoder = null; // the next packet opens a new one, from a keyframe
+        if (e && e.name === "NotSupportedError") { unsupported(codec, e); return; }
+        drop("inject_decode_error");
+        askKeyframe(index);
+      },
+    });
+    decoder.configure({ codec, optimizeForLatency: true });
+    slot.decoder = decoder;
+    return slot;
+  }
+
+  // This Chromium cannot decode the codec (a build without H.264): say so once; every packet is a counted drop.
+  function unsupported(codec, e) {
+    drop("inject_decoder_unavailable");
+    if (!reportedCodecs.has(codec) && wsReady()) {
+      reportedCodecs.add(codec);
+      sendJson({ t: "injerr", codec, error: String(e) });
+    }
+  }
+
+  function askKeyframe(index) {
+    const slot = videoSlot(index);
+    const now = performance.now();
+    if (slot.keyAskedAt !== undefined && now - slot.keyAskedAt < 1000) return;
+    slot.keyAskedAt = now;
+    if (wsReady()) sendJson({ t: "injkf", slot: index });
+  }
+
+  function injectEncoded(header, payload) {
+    const index = header.slot || 0;
+    if (reportedCodecs.has(String(header.codec))) { drop("inject_decoder_unavailable"); return; }
+    let slot;
+    try {
+      slot = injectDecoder(index, String(header.codec));
+    } catch (e) {
+      unsupported(String(header.codec), e);
+      return;
+    }
+    const gap = slot.lastN !== undefined && header.n !== slot.lastN + 1;
+    slot.lastN = header.n;
+    if (gap || slot.decoder.decodeQueueSize > MAX_DECODE_QUEUE) {
+      if (!slot.awaitKey) drop(gap ? "inject_gap" : "inject_decode_backlog");
+      slot.awaitKey = true;
+    }
+    if (slot.awaitKey && !header.key) {
+      drop("inject_await_key");
+      askKeyframe(index);
+      return;
+    }
+    slot.awaitKey = false;
+    slot.acks.push(header.seq);
+    try {
+      slot.decoder.decode(new EncodedVideoChunk({ type: header.key ? "key" : "delta", data: payload,
+        timestamp: captureTimestamp(header, "v" + index) }));
+    } catch (e) {
+      slot.acks.pop();
+      drop("inject_decode_error");
+      slot.awaitKey = true;
+      askKeyframe(index);
     }
   }
 
