@@ -14,7 +14,10 @@ from typing import Any
 import av
 import numpy as np
 import pytest
+import zmq
 
+import protocol
+from protocol import KeyframeRequest
 from sipbridge.room.cheap import (
     AUDIO_PACKET_MS,
     DEFAULT_LOOP_S,
@@ -31,6 +34,7 @@ from sipbridge.room.cheap_viewer import BurstDetector, first_channel, mark_band_
 from sipbridge.status import StatusCollector
 from sipbridge.testing.capture import h264_frames_from_capture, tile_counters
 from sipbridge.testing.localcall import BOT_NAME, SIP_PEER_MEDIA_PORT, VIEWER_NAME, CallOptions, LocalCall
+from stages.base import control_endpoint
 from stages.pattern import dominant_frequency, read_counter
 from tests.roomfix import Collector, JsonLines, Room, in_order, room_fixture, wait_until  # noqa: F401  (fixture)
 from tests.sipfix import janus_fixture, netns_fixture  # noqa: F401  (pytest fixtures)
@@ -336,9 +340,23 @@ def test_bridged_call_passes_h264_through(tmp_path: Path) -> None:
             collector.poll(1.5)
             before = {stage: dict(fig) for stage, fig in collector.figures.items()}
             collector.poll(PASS_WINDOW_S)
-            after = collector.figures
+            after = {stage: dict(fig) for stage, fig in collector.figures.items()}
         finally:
             collector.close()
+        # The SIP peer asks for a keyframe (a PLI, which the janus stage hands the encoder as a KeyframeRequest): with
+        # her frames passing through, it reaches the room's sender of them through the bot's page, not the encoder.
+        ctx = zmq.Context()
+        push = ctx.socket(zmq.PUSH)
+        push.connect(control_endpoint(f"ipc://{call.run_dir}/sip-encoder.sock"))
+        try:
+            push.send_multipart(protocol.encode(KeyframeRequest("room-video", "test: the SIP peer asks")))
+            handed = after["browser"]["page_keyframe_requests"]
+            wait_until(lambda: stage_figures(call)["browser"]["page_keyframe_requests"] > handed, MEDIA_TIMEOUT_S,
+                       "the SIP peer's keyframe request reaching the room's sender through the page")
+        finally:
+            push.close(linger=0)
+            ctx.term()
+        forced = stage_figures(call)["sip-encoder"]["forced_keyframes"]
         call.stop_bridge()
         echoed = [c for c in call_counters(call, BOT_NAME) if c]
     encoder, grid = after["sip-encoder"], after["room-transformer"]
@@ -348,6 +366,7 @@ def test_bridged_call_passes_h264_through(tmp_path: Path) -> None:
     passed = encoder["packets_passed"] - before["sip-encoder"]["packets_passed"]
     assert passed >= PASS_WINDOW_S * options.participant_fps * 0.5, (passed, encoder)
     assert encoder["video_frames_encoded"] == before["sip-encoder"]["video_frames_encoded"], encoder
+    assert forced == encoder["forced_keyframes"], (forced, encoder)  # the request was not the encoder's to answer
     # The SIP wire: her own pictures, at her size, counters going forward.
     frames = h264_frames_from_capture(call.pcap, SIP_PEER_MEDIA_PORT + 2)
     hers = [f for f in frames if (f.width, f.height) == (width, height)]

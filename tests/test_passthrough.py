@@ -218,3 +218,49 @@ def test_encoded_injection_passes_the_sip_sides_video_on_to_the_page(tmp_path: P
                     {"room.inject": "yes"}):
         with pytest.raises(BridgeConfigError, match="inject"):
             parse_bridge(example(**{"room.inject": "encoded", **refused}))
+
+
+def test_a_corrupt_packet_is_not_passed_on_and_the_stream_waits_for_a_keyframe() -> None:
+    """What the page's decoder (or the SIP peer's) would choke on stops at the decoder, as when it decodes itself:
+    the structural checks drop it, counted, and the stream waits for a keyframe it asks upstream for."""
+    decoder = Decoder(StageOptions(name="sip-decoder"), pass_video={Codec.H264: False})
+    asked: list[str] = []
+    decoder._request_keyframe = lambda sid, reason, state: asked.append(reason)  # type: ignore[method-assign]
+    decoder._report = lambda *args: None  # type: ignore[method-assign]  # no event loop here
+    packets = h264_packets(4, stream="sip-video")
+    assert encoded(list(decoder.process(packets[0])))
+    bad = packets[1]
+    garbage = EncodedPacket(bad.header, bad.codec, False, b"\x00\x00\x01\xe5" + bad.data[4:])  # forbidden bit
+    assert not list(decoder.process(garbage)) and decoder.drops["corrupt"] == 1 and asked
+    assert not list(decoder.process(packets[2])) and decoder.drops["await_keyframe"] == 1
+    assert decoder.packets_passed == 1
+
+
+def test_injection_drops_to_a_keyframe_and_never_drops_the_keyframe() -> None:
+    """Encoded injection under backpressure (the page behind, say on a host with two calls on two cores): a packet
+    beyond the in-flight bound is dropped, and with it the camera's chain: its next packets wait here for a keyframe,
+    asked upstream once a second; the keyframe goes past the bound (the way out of the backlog). Before this (a bound
+    of 3 raw frames for packets too) two calls on two cores dropped hundreds of packets, keyframes among them, and
+    the echo showed 0-10 fps in the room."""
+    from stages.browser.recipes import load_recipe
+    from stages.browser.stage import MAX_INJECT_IN_FLIGHT_PACKETS, BrowserConfig, BrowserStage, PageConnection
+
+    stage = BrowserStage(StageOptions(name="browser"), BrowserConfig(recipe=load_recipe("local-room", {})))
+    conn = PageConnection(ws=None, role="page", top=True)  # type: ignore[arg-type]  # nothing is sent here
+    stage._connections.add(conn)
+    asked: list[str] = []
+    stage._spawn_keyframe_request = asked.append  # type: ignore[method-assign]
+    for seq in range(MAX_INJECT_IN_FLIGHT_PACKETS):
+        stage._inject_packet(b"delta", (seq, 0), 0, False, "sip-video")
+    assert len(conn.queue) == MAX_INJECT_IN_FLIGHT_PACKETS and not asked
+    stage._inject_packet(b"delta", (100, 0), 0, False, "sip-video")
+    assert stage.drops["inject_backlog"] == 1 and asked == ["sip-video"]
+    conn.queue.clear()  # the page caught up
+    stage._inject_packet(b"delta", (101, 0), 0, False, "sip-video")
+    assert stage.drops["inject_await_keyframe"] == 1 and not conn.queue and asked == ["sip-video"]  # once a second
+    for seq in range(MAX_INJECT_IN_FLIGHT_PACKETS):  # behind again, and the keyframe comes: it goes past the bound
+        stage._inject_packet(b"delta", (200 + seq, 0), 1, False, "sip-video-2")
+    stage._inject_packet(b"key", (300, 0), 0, True, "sip-video")
+    stage._inject_packet(b"delta", (301, 0), 0, False, "sip-video")
+    assert [data for data, _ in conn.queue][-1:] == [b"key"]  # the delta after it is over the bound: dropped
+    assert stage.drops["inject_backlog"] == 2

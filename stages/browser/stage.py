@@ -13,6 +13,7 @@ import contextlib
 import enum
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -82,6 +83,12 @@ CALL_OVER_STATES = frozenset({"ended", "failed", "declined", "janus_disconnected
 CALL_ENDED_REASON = "the SIP call ended"
 # Injection: video frames the page has not yet written into its generator; more means the page is behind.
 MAX_INJECT_IN_FLIGHT_FRAMES = 3
+# Encoded injection: the page decodes asynchronously, so more packets are on their way to the camera at once (about
+# half a second at 30 fps). A packet dropped here breaks its camera's chain of references: the camera's next
+# packets are dropped here too until a keyframe, which is asked for upstream and let past the bound (it is the way
+# out of a backlog, not more of it).
+MAX_INJECT_IN_FLIGHT_PACKETS = 15
+INJECT_KEYFRAME_REPEAT_S = 1.0
 MAX_INJECT_QUEUE_MSGS = 64
 MAX_PENDING_PER_TRACK_MSGS = 32
 MAX_PENDING_TRACKS = 16
@@ -276,6 +283,9 @@ class BrowserStage(Stage):
         self._inject_slots: dict[str, int] = {}
         self._inject_seq = 0
         self._inject_packets: dict[int, int] = {}  # camera -> encoded packets injected (the page checks they follow)
+        self._inject_broken: set[int] = set()  # cameras whose encoded chain a drop here broke: waiting for a keyframe
+        self._inject_keyframe_asked: dict[int, float] = {}  # camera -> when a keyframe was last asked for (monotonic)
+        self._background: set[asyncio.Task[None]] = set()
         self._page_inject_keyframe_requests = 0  # the page's decoders asked for keyframes (encoded injection)
         self._inject_latency_ms: collections.deque[float] = collections.deque(maxlen=LATENCY_WINDOW)
         self._capture_latency_ms: dict[str, collections.deque[float]] = collections.defaultdict(
@@ -628,7 +638,8 @@ class BrowserStage(Stage):
                       "n": self._inject_packets[slot], "seq": self._inject_seq, "ct": _capture_ms(msg)}
             data = pack_page_message(header, msg.data)
             assert self._loop is not None
-            self._loop.call_soon_threadsafe(self._inject, data, (self._inject_seq, received_ns))
+            self._loop.call_soon_threadsafe(self._inject_packet, data, (self._inject_seq, received_ns), slot,
+                                            msg.keyframe, msg.header.stream_id)
         elif isinstance(msg, AudioFrame):
             header = {"t": "a", "sr": msg.sample_rate, "ch": msg.channels, "n": msg.samples, "ct": _capture_ms(msg)}
             data = pack_page_message(header, msg.data)
@@ -650,11 +661,12 @@ class BrowserStage(Stage):
             self.log.info("injecting %s as camera %d", stream_id, slot)
         return slot
 
-    def _inject(self, data: bytes, video: tuple[int, int] | None) -> None:
+    def _inject(self, data: bytes, video: tuple[int, int] | None, limit: int = MAX_INJECT_IN_FLIGHT_FRAMES) -> bool:
+        """Queue a message for the page (event loop); False when it was dropped (counted)."""
         conn = self._top_page()
         if conn is None:
             self.drops["inject_no_page"] += 1
-            return
+            return False
         if video is not None:
             # Frames the page never acknowledged (it reloaded, or is far behind) must not block forever.
             now = time.time_ns()
@@ -662,14 +674,39 @@ class BrowserStage(Stage):
                 if now - sent > 1_000_000_000:
                     del conn.in_flight[seq]
             queued_video = sum(1 for _, s in conn.queue if s is not None)
-            if len(conn.in_flight) + queued_video >= MAX_INJECT_IN_FLIGHT_FRAMES:
+            if len(conn.in_flight) + queued_video >= limit:
                 self.drops["inject_backlog"] += 1
-                return
+                return False
         if len(conn.queue) >= MAX_INJECT_QUEUE_MSGS:
             self.drops["inject_queue_full"] += 1
-            return
+            return False
         conn.queue.append((data, video))
         conn.wakeup.set()
+        return True
+
+    def _inject_packet(self, data: bytes, video: tuple[int, int], slot: int, keyframe: bool, stream_id: str) -> None:
+        """An encoded packet for the page (event loop): after a drop, the camera's packets wait for a keyframe."""
+        if slot in self._inject_broken and not keyframe:
+            self.drops["inject_await_keyframe"] += 1
+            self._ask_inject_keyframe(slot, stream_id)
+            return
+        if self._inject(data, video, limit=10**6 if keyframe else MAX_INJECT_IN_FLIGHT_PACKETS):
+            self._inject_broken.discard(slot)
+        else:
+            self._inject_broken.add(slot)
+            self._ask_inject_keyframe(slot, stream_id)
+
+    def _ask_inject_keyframe(self, slot: int, stream_id: str) -> None:
+        now = time.monotonic()
+        if now - self._inject_keyframe_asked.get(slot, -math.inf) < INJECT_KEYFRAME_REPEAT_S:
+            return
+        self._inject_keyframe_asked[slot] = now
+        self._spawn_keyframe_request(stream_id)
+
+    def _spawn_keyframe_request(self, stream_id: str) -> None:
+        task = asyncio.ensure_future(self.request_keyframe_upstream(stream_id, "injection dropped a packet"))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def on_keyframe_request(self, request: KeyframeRequest) -> bool:
         """A consumer of an encoded track lost sync: ask the room's sender for a keyframe via the page."""

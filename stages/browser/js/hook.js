@@ -368,7 +368,7 @@
   // decoder) into the camera. Each camera's packets are numbered; a gap or a decoder error makes it wait for a
   // keyframe, which it asks the SIP side for (through Python) at most once a second.
   const reportedCodecs = new Set();
-  const MAX_DECODE_QUEUE = 8; // chunks waiting in a decoder: beyond it the page is behind; drop to a keyframe
+  const MAX_DECODE_QUEUE = 15; // chunks waiting in a decoder (half a second): beyond it, drop to a keyframe
 
   function injectDecoder(index, codec) {
     const slot = videoSlot(index);
