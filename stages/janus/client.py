@@ -27,6 +27,9 @@ SUBPROTOCOL = "janus-protocol"
 KEEPALIVE_INTERVAL_S = 25.0  # Janus drops a silent session after 60 s by default
 REQUEST_TIMEOUT_S = 10.0
 CONNECT_TIMEOUT_S = 5.0
+# Closing the WebSocket waits for Janus's close frame; a Janus that does not send one (seen once right after a
+# Janus restart: the stage's SIGTERM then waited out aiohttp's 10 s and was killed) is not waited for longer.
+WS_CLOSE_TIMEOUT_S = 2.0
 
 DISCONNECTED = {"janus": "disconnected"}
 
@@ -136,8 +139,9 @@ class JanusClient:
             if task is not asyncio.current_task():
                 task.cancel()
         if self._ws is not None:
-            await self._ws.close()
-        if self._http is not None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._ws.close(), WS_CLOSE_TIMEOUT_S)
+        if self._http is not None:  # closes the connection, answered or not
             await self._http.close()
         self._fail_pending()
 
