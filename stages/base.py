@@ -512,6 +512,11 @@ class Stage:
             return False
         return True
 
+    def request_keyframe_threadsafe(self, stream_id: str, reason: str) -> None:
+        """``request_keyframe_upstream`` from the codec thread (the control sockets belong to the event loop)."""
+        if self._loop is not None:
+            asyncio.run_coroutine_threadsafe(self.request_keyframe_upstream(stream_id, reason), self._loop)
+
     async def request_keyframe_upstream(self, stream_id: str, reason: str) -> None:
         parts = protocol.encode(KeyframeRequest(stream_id, reason))
         for sock in self._in_controls:

@@ -259,9 +259,7 @@ class Decoder(Stage):
     def _request_keyframe(self, stream_id: str, reason: str, state: DecodeStream) -> None:
         """Ask upstream for a keyframe from the codec thread (the sockets live on the event loop)."""
         state.last_request_s = time.monotonic()
-        if self._loop is None:
-            return
-        asyncio.run_coroutine_threadsafe(self.request_keyframe_upstream(stream_id, reason), self._loop)
+        self.request_keyframe_threadsafe(stream_id, reason)
 
 
 @click.command("decoder")

@@ -759,21 +759,26 @@ class RoomGrid(Compose):
         if msg.width % 2 or msg.height % 2:
             # Kept, it would fail every composite it is drawn into; refused, it is one counted drop.
             raise ValueError(f"{sid}: {msg.width}x{msg.height} is not an even size; the grid takes even sizes only")
-        slot = self.slots.get(sid)
-        if slot is None:
-            self.arrivals += 1
-            slot = self.slots[sid] = _Slot(joined=self.arrivals)
-            slot.arrived(now)
-            slot.frame = msg
-            self._arrange()
-        else:
-            slot.arrived(now)
-            slot.frame, slot.tile, slot.encoded = msg, None, False
+        self._arrive(sid, now, msg)
         sending = [p for p in self.positions if p is not None and now - self.slots[p].last_seen < STALE_STREAM_S]
         if sid not in sending or self._lead(sending, now) != sid:
             return ()
         self.pacer.live(now)
         return (self._draw(now),)
+
+    def _arrive(self, sid: str, now: float, frame: VideoFrame | None) -> None:
+        """A camera's picture (or, passing through, its encoded frame: ``None``) arrived: a newcomer is arranged."""
+        slot = self.slots.get(sid)
+        if slot is None:
+            self.arrivals += 1
+            slot = self.slots[sid] = _Slot(joined=self.arrivals)
+            new = True
+        else:
+            new = False
+        slot.arrived(now)
+        slot.frame, slot.tile, slot.encoded = frame, None, frame is None
+        if new:
+            self._arrange()
 
     def _pass(self, msg: EncodedPacket, now: float) -> tuple[Message, ...]:
         """Passthrough: a camera's encoded frame. It takes part in who is shown like a picture; the shown camera's
@@ -781,15 +786,7 @@ class RoomGrid(Compose):
         sid = msg.header.stream_id
         if self.pinned and self._pin(sid) is None:
             return ()  # not one of ours, and nothing downstream decodes it
-        slot = self.slots.get(sid)
-        if slot is None:
-            self.arrivals += 1
-            slot = self.slots[sid] = _Slot(joined=self.arrivals, encoded=True)
-            slot.arrived(now)
-            self._arrange()
-        else:
-            slot.arrived(now)
-            slot.frame, slot.tile, slot.encoded = None, None, True
+        self._arrive(sid, now, None)
         if not self.positions or self.positions[0] != sid:
             return ()
         pts_90k = codecs.rescale(msg.header.pts, msg.header.time_base, codecs.VIDEO_TIME_BASE)
@@ -1205,21 +1202,10 @@ class TransformerStage(Stage):
         super().__init__(options)
         self.transforms = transforms
         self.video_transforms = video_transforms
-        self._loop: asyncio.AbstractEventLoop | None = None
         self.ticks = 0  # codec-thread hand-offs made for ticks (slates, silence, repeats)
         for transform in transforms:
-            if hasattr(transform, "request_keyframe"):
-                transform.request_keyframe = self._request_keyframe
-
-    async def run(self) -> int:
-        # Keep the loop so codec-thread code (a passthrough's switch) can ask upstream for a keyframe.
-        self._loop = asyncio.get_running_loop()
-        return await super().run()
-
-    def _request_keyframe(self, stream_id: str, reason: str) -> None:
-        """From the codec thread: the control sockets live on the event loop."""
-        if self._loop is not None:
-            asyncio.run_coroutine_threadsafe(self.request_keyframe_upstream(stream_id, reason), self._loop)
+            if hasattr(transform, "request_keyframe"):  # a passthrough's switch asks from the codec thread
+                transform.request_keyframe = self.request_keyframe_threadsafe
 
     def on_keyframe_request(self, request: KeyframeRequest) -> bool:
         """A request for a passed-on camera's frames goes to that camera (renamed); anything else upstream as is."""
@@ -1227,7 +1213,7 @@ class TransformerStage(Stage):
             source = getattr(transform, "keyframe_source", None)
             upstream = source(request.stream_id) if source is not None else None
             if upstream is not None:
-                self._request_keyframe(upstream, request.reason)
+                self.request_keyframe_threadsafe(upstream, request.reason)
                 return True
         return False
 

@@ -260,6 +260,15 @@ def test_bot_chromium_reads_cheap_publishers(room: Room, tmp_path: Path, mode: s
         collector.close()
 
 
+def need_call_tools() -> None:
+    """A bridged call needs these programs and root (network namespaces)."""
+    for tool in ("janus", "sipp", "tshark", "chromium"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is not installed")
+    if os.geteuid() != 0:
+        pytest.skip("needs root for network namespaces")
+
+
 @pytest.mark.media
 @pytest.mark.timeout(360)
 @pytest.mark.parametrize(("page_video", "inject"), [("shown", "auto"), ("hidden", "auto"), ("shown", "raw")])
@@ -271,11 +280,7 @@ def test_bridged_call_with_cheap_generators(tmp_path: Path, page_video: str, inj
     inject = "auto"``, nothing on the way needing pictures) the SIP side's H.264 reaches the page undecoded (the SIP
     decoder passes it on, the page's WebCodecs decoder makes the camera's pictures); ``inject = "raw"`` decodes it
     in the SIP decoder; all of the above holds either way."""
-    for tool in ("janus", "sipp", "tshark", "chromium"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"{tool} is not installed")
-    if os.geteuid() != 0:
-        pytest.skip("needs root for network namespaces")
+    need_call_tools()
     options = CallOptions(participants=[("alice", 440.0)], room_codec="h264", layout="single", max_tiles=1,
                           split=None, layout_ids=["alice/video"], sync_marks=True, generators="aiortc",
                           page_video=page_video, inject=inject)
@@ -320,11 +325,7 @@ def test_bridged_call_passes_h264_through(tmp_path: Path) -> None:
     """``[media.to_sip] passthrough``: a browserless publisher sends H.264 (constrained baseline, 320x240) and the
     SIP peer takes H.264: the SIP peer receives the publisher's own frames (its size, not the bridge's 640x480,
     counters in order) while the bridge decodes and encodes no video of hers; the echo still reaches the room."""
-    for tool in ("janus", "sipp", "tshark", "chromium"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"{tool} is not installed")
-    if os.geteuid() != 0:
-        pytest.skip("needs root for network namespaces")
+    need_call_tools()
     options = CallOptions(participants=[("alice", 440.0)], room_codec="h264", layout="single", max_tiles=1,
                           split=None, layout_ids=["alice/video"], generators="aiortc", passthrough=True)
     width, height = (int(v) for v in options.participant_size.split("x"))

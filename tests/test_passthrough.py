@@ -145,7 +145,7 @@ def test_transformer_stage_sends_an_output_keyframe_request_to_the_passed_camera
     grid = passing_grid(clock, asked)
     stage = TransformerStage(StageOptions(name="room-transformer"), [grid], 1)
     forwarded: list[tuple[str, str]] = []
-    stage._request_keyframe = lambda sid, reason: forwarded.append((sid, reason))  # type: ignore[method-assign]
+    stage.request_keyframe_threadsafe = lambda sid, reason: forwarded.append((sid, reason))  # type: ignore[method-assign]
     assert stage.on_keyframe_request(KeyframeRequest("room-video", "pli")) is False  # nothing passed yet
     list(stage.process(h264_packets(1)[0]))
     assert stage.on_keyframe_request(KeyframeRequest("room-video", "pli")) is True
