@@ -33,8 +33,10 @@ import contextlib
 import enum
 import logging
 import os
+import queue
 import signal
 import socket
+import threading
 import time
 from collections.abc import Callable, ItemsView, Iterable
 from dataclasses import dataclass, field
@@ -88,6 +90,9 @@ MAX_TRACKED_STREAMS = 64
 STREAM_IDLE_EXPIRY_S = 60.0
 # How long a probe waits for an ipc endpoint's owner to answer before the endpoint counts as free.
 IPC_PROBE_TIMEOUT_S = 0.5
+# A media thread (Stage.media_thread) wakes for a call from the event loop or a stop through its wake pipe; this only
+# bounds a wait should a wake-up be missed, and how often a send blocked under VideoPolicy.ALL checks for a stop.
+MEDIA_WAKE_TIMEOUT_MS = 500
 
 # The one default run folder (sockets, logs, reports); SIPBRIDGE_RUN_DIR or --run-dir choose another.
 DEFAULT_RUN_DIR = "/tmp/sipbridge"
@@ -325,6 +330,14 @@ class Stage:
     #: Whether ``run`` installs this process's SIGTERM/SIGINT handlers. A fused process (stages/fused.py) runs
     #: several stages on one loop and stops them itself, upstream first.
     own_signals = True
+    #: Whether the codec thread carries media end to end: it reads the inputs, processes and sends on the output
+    #: itself, blocking, instead of the event loop handing each batch over and taking each result back. A hand-off
+    #: is two thread wake-ups and a few asyncio futures per message: about a third of a light stage's CPU, whose
+    #: own work is small (a passed packet, an audio frame). The event loop keeps control, statistics and what a
+    #: subclass runs there; its run_codec calls reach the codec thread through a queue and a wake pipe, and its
+    #: emits are sent by the codec thread, the one owner of the data sockets. Stages whose media comes from the
+    #: event loop (produce(): browser, janus, sources) keep the loop's path.
+    media_thread = False
 
     def __init__(self, options: StageOptions) -> None:
         self.options = options
@@ -336,6 +349,16 @@ class Stage:
         self._out: zmq.asyncio.Socket | None = None
         self._out_control: zmq.asyncio.Socket | None = None
         self._ins: list[zmq.asyncio.Socket] = []
+        # media_thread: the data sockets, plain (blocking) ones on the same ZeroMQ context, used by the codec thread
+        # only; the calls the event loop makes on that thread while it carries media, and the pipe that wakes it.
+        self._media_out: zmq.Socket[Any] | None = None
+        self._media_ins: list[zmq.Socket[Any]] = []
+        self._calls: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...], concurrent.futures.Future[Any]]] = (
+            queue.SimpleQueue())
+        self._calls_lock = threading.Lock()
+        self._media_running = False  # the codec thread is in _media_main: run_codec goes through _calls
+        self._media_stop = False
+        self._wake_r, self._wake_w = -1, -1
         self._in_controls: list[zmq.asyncio.Socket] = []
         self._stats_pub: zmq.asyncio.Socket | None = None
         self._out_monitor: zmq.asyncio.Socket | None = None
@@ -398,7 +421,39 @@ class Stage:
 
     # ----- helpers for subclasses ------------------------------------------------------------
     async def run_codec(self, fn: Any, *args: Any) -> Any:
+        """Run ``fn(*args)`` on the codec thread and return its result."""
+        queued = self._call_on_media_thread(fn, *args)
+        if queued is not None:
+            return await asyncio.wrap_future(queued)
         return await asyncio.get_running_loop().run_in_executor(self._codec_thread, fn, *args)
+
+    def _call_on_media_thread(self, fn: Any, *args: Any) -> concurrent.futures.Future[Any] | None:
+        """Queue a call for the codec thread while it carries media (else None: the executor takes it)."""
+        with self._calls_lock:
+            if not self._media_running:
+                return None
+            future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+            self._calls.put((fn, args, future))
+        self._wake_media_thread()
+        return future
+
+    def _wake_media_thread(self) -> None:
+        with contextlib.suppress(OSError):  # a full pipe wakes it already; a closed one has nobody to wake
+            os.write(self._wake_w, b"\0")
+
+    def _run_calls(self) -> None:
+        """Codec thread: the event loop's queued calls, in order."""
+        while True:
+            try:
+                fn, args, future = self._calls.get_nowait()
+            except queue.Empty:
+                return
+            if not future.set_running_or_notify_cancel():
+                continue  # its caller gave up (a cancelled task)
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:  # handed to the awaiting caller, as run_in_executor would
+                future.set_exception(exc)
 
     def report_error(self, code: str, message: str, stream_id: str = "", call_id: str = "") -> None:
         """Count an error, log it (rate-limited) and publish it on the statistics socket."""
@@ -422,59 +477,113 @@ class Stage:
         Returns False when the message was dropped. Nothing on this path ends the stage: a message that cannot
         be encoded (a transform that labelled its output wrongly) or sent is a counted drop and a log line.
         """
+        if self.media_thread:
+            return bool(await self.run_codec(self._emit_now, msg))
         try:
             return await self._emit(msg)
         except (asyncio.CancelledError, zmq.ContextTerminated):
             raise
         except Exception as exc:
-            self.drops["emit_error"] += 1
-            stream_id = getattr(getattr(msg, "header", None), "stream_id", "") or getattr(msg, "stream_id", "")
-            self.report_error("emit_failed", f"{type(msg).__name__} not sent: {type(exc).__name__}: {exc}",
-                              str(stream_id))
+            self._emit_failed(msg, exc)
             return False
+
+    def _emit_failed(self, msg: Message, exc: Exception) -> None:
+        self.drops["emit_error"] += 1
+        stream_id = getattr(getattr(msg, "header", None), "stream_id", "") or getattr(msg, "stream_id", "")
+        self.report_error("emit_failed", f"{type(msg).__name__} not sent: {type(exc).__name__}: {exc}", str(stream_id))
+
+    def _send_plan(self, msg: Message) -> tuple[list[Any], bool, int | None]:
+        """The edge's backpressure policy for one message: (parts, copy, how long it may wait for room in ms, None
+        for as long as it takes).
+
+        Under VideoPolicy.ALL everything waits. Real-time video never waits: the consumer keeps up or misses a frame
+        (encoded video then asks for a keyframe, see _unsent). Audio may wait briefly for room, but a consumer that is
+        gone or stalled must not stall this stage: once a wait ran out, further audio is dropped at once until a
+        send goes through again. Waiting 200 ms per message would slow this stage to 5 messages a second, and its
+        own producers would queue up behind it (a stalled decoder made the browser stage's page socket hold seconds
+        of media). Events still wait.
+        """
+        parts = protocol.encode(msg)
+        copy = payload_size(msg) < ZERO_COPY_THRESHOLD_BYTES
+        if self.options.video_policy is VideoPolicy.ALL:
+            return parts, copy, None
+        if isinstance(msg, VideoFrame) or (isinstance(msg, EncodedPacket) and msg.codec.is_video):
+            return parts, copy, 0
+        stalled = self._audio_send_stalled and isinstance(msg, (AudioFrame, EncodedPacket))
+        return parts, copy, 0 if stalled else AUDIO_SEND_WAIT_MS
+
+    def _unsent(self, msg: Message) -> KeyframeRequest | None:
+        """Count a message that found no room; for encoded video, the keyframe request that resynchronises the
+        consumer, who will miss a reference frame (made here if this stage encodes, else asked upstream)."""
+        if isinstance(msg, VideoFrame) or (isinstance(msg, EncodedPacket) and msg.codec.is_video):
+            self.drops["send_full"] += 1
+            return KeyframeRequest(msg.header.stream_id, "dropped on send") if isinstance(msg, EncodedPacket) else None
+        self._audio_send_stalled = self._audio_send_stalled or isinstance(msg, (AudioFrame, EncodedPacket))
+        self.drops["send_timeout"] += 1
+        return None
+
+    def _sent(self, msg: Message) -> None:
+        if isinstance(msg, (VideoFrame, AudioFrame, EncodedPacket)):
+            if _audio_time_s(msg) is not None:
+                self._audio_send_stalled = False
+            figures = self.streams[msg.header.stream_id]
+            figures.frames_out += 1
+            figures.bytes_out += payload_size(msg)
 
     async def _emit(self, msg: Message) -> bool:
         if self._out is None:
             return False
-        parts = protocol.encode(msg)
-        size = payload_size(msg)
-        copy = size < ZERO_COPY_THRESHOLD_BYTES
-        realtime_video = isinstance(msg, (VideoFrame, EncodedPacket)) and not (
-            isinstance(msg, EncodedPacket) and not msg.codec.is_video
-        )
-        if self.options.video_policy is VideoPolicy.ALL:
+        parts, copy, wait_ms = self._send_plan(msg)
+        if wait_ms is None:
             await self._out.send_multipart(parts, copy=copy)
-        elif realtime_video:
-            try:
-                await self._out.send_multipart(parts, flags=zmq.NOBLOCK, copy=copy)
-            except zmq.Again:
-                stream_id = msg.header.stream_id  # type: ignore[union-attr]
-                self.drops["send_full"] += 1
-                if isinstance(msg, EncodedPacket):
-                    # The consumer will miss a reference frame: make the next one a keyframe, here if this
-                    # stage encodes, else by asking whoever does upstream.
-                    request = KeyframeRequest(stream_id, "dropped on send")
-                    if not await self.run_codec(self.on_keyframe_request, request):
-                        await self.request_keyframe_upstream(stream_id, request.reason)
-                return False
-        else:
-            # Audio may wait briefly for room, but a consumer that is gone or stalled must not stall this stage: once
-            # a wait ran out, further audio is dropped at once until a send goes through again. Waiting 200 ms per
-            # message would slow this stage to 5 messages a second, and its own producers would queue up behind it
-            # (a stalled decoder made the browser stage's page socket hold seconds of media). Events still wait.
-            audio = isinstance(msg, (AudioFrame, EncodedPacket))
-            wait_ms = 0 if audio and self._audio_send_stalled else AUDIO_SEND_WAIT_MS
-            if not await self._send_waiting(parts, copy, wait_ms):
-                self._audio_send_stalled = self._audio_send_stalled or audio
-                self.drops["send_timeout"] += 1
-                return False
-            if audio:
-                self._audio_send_stalled = False
-        if isinstance(msg, (VideoFrame, AudioFrame, EncodedPacket)):
-            figures = self.streams[msg.header.stream_id]
-            figures.frames_out += 1
-            figures.bytes_out += size
+        elif not await self._send_waiting(parts, copy, wait_ms):
+            request = self._unsent(msg)
+            if request is not None and not await self.run_codec(self.on_keyframe_request, request):
+                await self.request_keyframe_upstream(request.stream_id, request.reason)
+            return False
+        self._sent(msg)
         return True
+
+    def _emit_now(self, msg: Message) -> bool:
+        """Codec thread, media_thread: ``emit`` on the blocking output socket."""
+        if self._media_out is None:
+            return False
+        try:
+            parts, copy, wait_ms = self._send_plan(msg)
+            if not self._send_now(parts, copy, wait_ms):
+                request = self._unsent(msg)
+                if request is not None and not self.on_keyframe_request(request):
+                    self.request_keyframe_threadsafe(request.stream_id, request.reason)
+                return False
+        except zmq.ContextTerminated:
+            raise
+        except Exception as exc:
+            self._emit_failed(msg, exc)
+            return False
+        self._sent(msg)
+        return True
+
+    def _send_now(self, parts: list[Any], copy: bool, timeout_ms: int | None) -> bool:
+        """Codec thread: send if there is room within ``timeout_ms`` (None: until there is, or until a stop while
+        media runs, as the loop's send would be cancelled then)."""
+        out = self._media_out
+        assert out is not None
+        deadline = None if timeout_ms is None else time.monotonic() + timeout_ms / 1000
+        while True:
+            try:
+                out.send_multipart(parts, flags=zmq.NOBLOCK, copy=copy)
+                return True
+            except zmq.Again:
+                pass
+            if deadline is None:
+                if self._media_running and self._media_stop:
+                    return False
+                wait_ms = MEDIA_WAKE_TIMEOUT_MS
+            else:
+                wait_ms = int((deadline - time.monotonic()) * 1000)
+                if wait_ms <= 0:
+                    return False
+            out.poll(wait_ms, zmq.POLLOUT)
 
     async def _send_waiting(self, parts: list[Any], copy: bool, timeout_ms: int) -> bool:
         """Send now if there is room (the common case, no poller); else wait up to ``timeout_ms`` for room."""
@@ -499,18 +608,33 @@ class Stage:
 
     async def _send_control(self, msg: Message, timeout_s: float = EOS_DRAIN_TIMEOUT_S) -> bool:
         """Send a downstream control message in order with media; give up if nobody takes it."""
-        if self._out is None:
-            return False
-        try:
-            parts = protocol.encode(msg)
-        except ProtocolError as exc:
-            self.drops["emit_error"] += 1
-            self.report_error("emit_failed", f"{type(msg).__name__} not sent: {exc}")
+        if self.media_thread:
+            return bool(await self.run_codec(self._send_control_now, msg, timeout_s))
+        parts = self._control_parts(msg) if self._out is not None else None
+        if parts is None:
             return False
         if not await self._send_waiting(parts, True, int(timeout_s * 1000)):
             self.drops["control_timeout"] += 1
             return False
         return True
+
+    def _send_control_now(self, msg: Message, timeout_s: float = EOS_DRAIN_TIMEOUT_S) -> bool:
+        """Codec thread, media_thread: ``_send_control`` on the blocking output socket."""
+        parts = self._control_parts(msg) if self._media_out is not None else None
+        if parts is None:
+            return False
+        if not self._send_now(parts, True, int(timeout_s * 1000)):
+            self.drops["control_timeout"] += 1
+            return False
+        return True
+
+    def _control_parts(self, msg: Message) -> list[Any] | None:
+        try:
+            return protocol.encode(msg)
+        except ProtocolError as exc:
+            self.drops["emit_error"] += 1
+            self.report_error("emit_failed", f"{type(msg).__name__} not sent: {exc}")
+            return None
 
     def request_keyframe_threadsafe(self, stream_id: str, reason: str) -> None:
         """``request_keyframe_upstream`` from the codec thread (the control sockets belong to the event loop)."""
@@ -569,20 +693,33 @@ class Stage:
         for endpoint in (opts.output, control_endpoint(opts.output) if opts.output else None, opts.stats):
             if endpoint:
                 check_bind_free(endpoint)
+        # media_thread: blocking data sockets on the same context (inproc and the monitor still reach them).
+        plain: zmq.Context[Any] | None = zmq.Context.shadow(self._ctx.underlying) if self.media_thread else None
         if opts.output:
-            self._out = self._socket(zmq.PUSH)
-            self._out.setsockopt(zmq.SNDHWM, opts.hwm)
+            out = self._socket(zmq.PUSH) if plain is None else self._plain_socket(plain, zmq.PUSH)
+            out.setsockopt(zmq.SNDHWM, opts.hwm)
             # The monitor first: a consumer accepted between bind and monitor would never be counted, and at the
             # end this stage would find "no consumer" and skip the end of stream it is waiting for (seen under load).
-            self._out_monitor = self._out.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
-            self._out.bind(opts.output)
+            # The monitor's own end is the event loop's whoever owns the output.
+            monitor_endpoint = f"inproc://monitor.{self.name}.{id(out)}"
+            out.monitor(monitor_endpoint, zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+            self._out_monitor = self._socket(zmq.PAIR)
+            self._out_monitor.connect(monitor_endpoint)
+            out.bind(opts.output)
+            if plain is None:
+                self._out = out  # type: ignore[assignment]  # made by the asyncio context
+            else:
+                self._media_out = out
             self._out_control = self._socket(zmq.PULL)
             self._out_control.bind(control_endpoint(opts.output))
         for endpoint in opts.inputs:
-            sock = self._socket(zmq.PULL)
+            sock = self._socket(zmq.PULL) if plain is None else self._plain_socket(plain, zmq.PULL)
             sock.setsockopt(zmq.RCVHWM, opts.hwm)
             sock.connect(endpoint)
-            self._ins.append(sock)
+            if plain is None:
+                self._ins.append(sock)  # type: ignore[arg-type]  # made by the asyncio context
+            else:
+                self._media_ins.append(sock)
             self._input_streams.append(set())
             ctl = self._socket(zmq.PUSH)
             ctl.setsockopt(zmq.SNDHWM, 16)
@@ -595,6 +732,12 @@ class Stage:
 
     def _socket(self, kind: int) -> zmq.asyncio.Socket:
         sock = self._ctx.socket(kind)
+        sock.setsockopt(zmq.LINGER, LINGER_ON_CLOSE_MS)
+        return sock
+
+    @staticmethod
+    def _plain_socket(context: zmq.Context[Any], kind: int) -> zmq.Socket[Any]:
+        sock = context.socket(kind)
         sock.setsockopt(zmq.LINGER, LINGER_ON_CLOSE_MS)
         return sock
 
@@ -648,9 +791,16 @@ class Stage:
             tasks.append(asyncio.create_task(self._control_loop(), name="control"))
         if self._out_monitor is not None:
             tasks.append(asyncio.create_task(self._monitor_consumers(), name="monitor"))
-        work: list[asyncio.Task[Any]] = []
+        work: list[asyncio.Future[Any]] = []
         for index, sock in enumerate(self._ins):
             work.append(asyncio.create_task(self._input_loop(index, sock), name=f"input{index}"))
+        media: asyncio.Future[None] | None = None
+        if self._media_ins:
+            self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            with self._calls_lock:
+                self._media_running = True
+            media = asyncio.wrap_future(self._codec_thread.submit(self._media_main))
+            work.append(media)
         work.append(asyncio.create_task(self._produce_and_finish(), name="produce"))
         stop_wait = asyncio.create_task(self._stopping.wait())
         done, _ = await asyncio.wait([*work, stop_wait], return_when=asyncio.FIRST_COMPLETED)
@@ -662,12 +812,19 @@ class Stage:
                 self._stopping.set()
         if not self._stopping.is_set():
             await self._stopping.wait()
+        if media is not None:
+            # The codec thread ends its batch and returns; the loop's pending calls run on it first.
+            self._media_stop = True
+            self._wake_media_thread()
+            await asyncio.wait([media])
         for task in [*work, stop_wait]:
             task.cancel()
         await asyncio.gather(*work, stop_wait, return_exceptions=True)
         # Hang up on the producers now: each of them waits for that before it exits.
         for sock in self._ins:
             sock.close(linger=0)
+        for plain in self._media_ins:
+            plain.close(linger=0)
         if self.exit_code == 0:
             await self._finish()
         else:
@@ -691,16 +848,17 @@ class Stage:
 
     async def _produce_and_finish(self) -> None:
         await self.produce()
-        if not self._ins:
+        if not self.options.inputs:
             self._stopping.set()
         else:
             await asyncio.Event().wait()  # inputs decide when the stage ends
 
     async def _finish(self) -> None:
         await self._flush_and_emit("")
-        if self._out is not None and self._consumers == 0:
+        has_output = self._out is not None or self._media_out is not None
+        if has_output and self._consumers == 0:
             self.log.info("no consumer connected: nobody to send the end of stream to")
-        elif self._out is not None:
+        elif has_output:
             disconnects = self._disconnects
             if await self._send_control(EndOfStream("")):
                 await self._wait_for_consumers_to_leave(disconnects)
@@ -743,21 +901,8 @@ class Stage:
             # Drain what is already queued so a slow stage sees its backlog and can skip stale video.
             while len(batch) < MAX_RECEIVE_BATCH_MSGS and self._readable(sock):
                 batch.append(await sock.recv_multipart(copy=False))
-            self._last_batch = len(batch)
-            messages: list[Message] = []
-            for frames in batch:
-                try:
-                    messages.append(protocol.decode([f.buffer for f in frames]))
-                except ProtocolError as exc:
-                    self.drops["malformed"] += 1
-                    self.report_error("malformed_message", str(exc))
-            if self.options.video_policy is VideoPolicy.LATEST:
-                messages = self._skip_stale_video(messages)
-                messages, stale_audio = skip_queued_audio(messages, MAX_AUDIO_BACKLOG_S)
-                if stale_audio:
-                    self.drops["stale_audio"] += stale_audio
             media: list[Message] = []
-            for msg in messages:
+            for msg in self._decode_batch(batch):
                 if isinstance(msg, (VideoFrame, AudioFrame, EncodedPacket)):
                     media.append(msg)
                     continue
@@ -771,6 +916,122 @@ class Stage:
                 await self._handle_control(msg)
             if media:
                 await self._handle_media(media, index)
+
+    def _decode_batch(self, batch: list[list[zmq.Frame]]) -> list[Message]:
+        """The messages of one receive, malformed ones counted and dropped, stale media skipped in real time."""
+        self._last_batch = len(batch)
+        messages: list[Message] = []
+        for frames in batch:
+            try:
+                messages.append(protocol.decode([f.buffer for f in frames]))
+            except ProtocolError as exc:
+                self.drops["malformed"] += 1
+                self.report_error("malformed_message", str(exc))
+        if self.options.video_policy is VideoPolicy.LATEST:
+            messages = self._skip_stale_video(messages)
+            messages, stale_audio = skip_queued_audio(messages, MAX_AUDIO_BACKLOG_S)
+            if stale_audio:
+                self.drops["stale_audio"] += stale_audio
+        return messages
+
+    # ----- media_thread: the codec thread carries media ----------------------------------------
+    def _media_main(self) -> None:
+        """Codec thread: read every input, process, send, and run the event loop's calls in between, until a stop
+        or (finite stages) the end of every input."""
+        poller = zmq.Poller()
+        for sock in self._media_ins:
+            poller.register(sock, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        try:
+            while not self._media_stop:
+                ready = dict(poller.poll(MEDIA_WAKE_TIMEOUT_MS))
+                if self._wake_r in ready:
+                    self._drain_wake()
+                self._run_calls()
+                for index, sock in enumerate(self._media_ins):
+                    if sock in ready and not self._media_stop and self._media_input(index, sock):
+                        return
+        finally:
+            with self._calls_lock:
+                self._media_running = False
+            self._run_calls()  # queued before the flag fell: their callers wait for them
+
+    def _drain_wake(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self._wake_r, 4096):
+                pass
+
+    def _media_input(self, index: int, sock: zmq.Socket[Any]) -> bool:
+        """Codec thread: one receive of an input, handled in order; True when the stage is over (finite only)."""
+        batch: list[list[zmq.Frame]] = []
+        while len(batch) < MAX_RECEIVE_BATCH_MSGS:
+            try:
+                batch.append(sock.recv_multipart(flags=zmq.NOBLOCK, copy=False))
+            except zmq.Again:
+                break
+        media: list[Message] = []
+        for msg in self._decode_batch(batch):
+            if isinstance(msg, (VideoFrame, AudioFrame, EncodedPacket)):
+                media.append(msg)
+                continue
+            if media:  # control keeps its place: what came before it is handled first
+                self._media_batch(media, index)
+                media = []
+            if isinstance(msg, EndOfStream):
+                if self._media_end_of_stream(msg, index, sock):
+                    return True
+                continue
+            self._wait_for_loop(self._handle_control(msg))
+        if media:
+            self._media_batch(media, index)
+        return False
+
+    def _media_batch(self, batch: list[Message], index: int) -> None:
+        """Codec thread: ``_handle_media`` without the hand-offs."""
+        for msg in self._admit_batch(batch, index):
+            outputs, elapsed_ms = self._process_one(msg)
+            if isinstance(outputs, Exception):
+                self._process_failed(msg, outputs)
+                continue
+            self._process_ms.append(elapsed_ms)
+            for out in outputs:
+                self._emit_now(out)
+
+    def _media_end_of_stream(self, msg: EndOfStream, index: int, sock: zmq.Socket[Any]) -> bool:
+        """Codec thread: ``_on_end_of_stream``."""
+        if msg.stream_id:
+            self._media_end_stream(msg.stream_id, index)
+            return False
+        if self.options.live:
+            for stream_id in self._live_input_ended(index):
+                self._media_end_stream(stream_id, index)
+            self._reconnect(sock, index)
+            return False
+        if self._last_input_ended():
+            assert self._loop is not None
+            self._loop.call_soon_threadsafe(self._stopping.set)
+            return True
+        return False
+
+    def _media_end_stream(self, stream_id: str, index: int) -> None:
+        for out in self._flush_outputs(stream_id):
+            self._emit_now(out)
+        self._input_streams[index].discard(stream_id)
+        if self.forwards_control:
+            self._send_control_now(EndOfStream(stream_id))
+
+    def _wait_for_loop(self, coro: Any) -> None:
+        """Codec thread: run a coroutine on the event loop and wait for it, running the calls it makes here."""
+        assert self._loop is not None
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        future.add_done_callback(lambda _done: self._wake_media_thread())
+        poller = zmq.Poller()
+        poller.register(self._wake_r, zmq.POLLIN)
+        while not future.done():
+            if poller.poll(MEDIA_WAKE_TIMEOUT_MS):
+                self._drain_wake()
+            self._run_calls()
+        future.result()
 
     @staticmethod
     def _readable(sock: zmq.asyncio.Socket) -> bool:
@@ -794,14 +1055,17 @@ class Stage:
             kept.append(msg)
         return kept
 
-    async def _flush_and_emit(self, stream_id: str) -> None:
+    def _flush_outputs(self, stream_id: str) -> list[Message]:
+        """Codec thread: what ``flush`` gives; nothing, counted and reported, if it fails."""
         try:
-            outputs = await self.run_codec(lambda: list(self.flush(stream_id)))
+            return list(self.flush(stream_id))
         except Exception as exc:
             self.drops["flush_error"] += 1
             self.report_error("flush_failed", f"{type(exc).__name__}: {exc}", stream_id)
-            return
-        for out in outputs:
+            return []
+
+    async def _flush_and_emit(self, stream_id: str) -> None:
+        for out in await self.run_codec(self._flush_outputs, stream_id):
             await self.emit(out)
 
     async def _end_stream(self, stream_id: str, index: int | None) -> None:
@@ -817,23 +1081,34 @@ class Stage:
             await self._end_stream(msg.stream_id, index)
             return False
         if self.options.live:
-            # The producer stopped (a restart, or the bridge stopping in order): its streams ended, the bridge
-            # did not. Flush what came from it, then hang up and connect again: the hang-up tells the producer
-            # that everything was read, and the new connection finds its restart.
-            ended = sorted(self._input_streams[index])
-            self.log.info("input %s ended (%s); staying up for its restart", self.options.inputs[index],
-                          ", ".join(ended) or "no streams")
-            for stream_id in ended:
+            for stream_id in self._live_input_ended(index):
                 await self._end_stream(stream_id, index)
-            endpoint = self.options.inputs[index]
-            with contextlib.suppress(zmq.ZMQError):
-                sock.disconnect(endpoint)
-            sock.connect(endpoint)
+            self._reconnect(sock, index)
             return False
-        self._eos_inputs += 1
-        if self._eos_inputs >= len(self._ins):
-            self.log.info("end of stream on every input")
+        if self._last_input_ended():
             self._stopping.set()
+            return True
+        return False
+
+    def _live_input_ended(self, index: int) -> list[str]:
+        """The producer stopped (a restart, or the bridge stopping in order): its streams ended, the bridge did
+        not. What came from it is flushed, then the stage hangs up and connects again (``_reconnect``)."""
+        ended = sorted(self._input_streams[index])
+        self.log.info("input %s ended (%s); staying up for its restart", self.options.inputs[index],
+                      ", ".join(ended) or "no streams")
+        return ended
+
+    def _reconnect(self, sock: zmq.Socket[Any], index: int) -> None:
+        """The hang-up tells the producer that everything was read; the new connection finds its restart."""
+        endpoint = self.options.inputs[index]
+        with contextlib.suppress(zmq.ZMQError):
+            sock.disconnect(endpoint)
+        sock.connect(endpoint)
+
+    def _last_input_ended(self) -> bool:
+        self._eos_inputs += 1
+        if self._eos_inputs >= len(self.options.inputs):
+            self.log.info("end of stream on every input")
             return True
         return False
 
@@ -868,12 +1143,9 @@ class Stage:
         waits for as long as the audio takes. Results come back one by one while the thread goes on, so the first
         message's outputs do not wait for the rest of the batch.
         """
-        now = time.time_ns()
-        admitted = [m for m in batch if self._admit(m, index, now)]  # type: ignore[arg-type]  # media only
+        admitted = self._admit_batch(batch, index)
         if not admitted:
             return
-        if len(admitted) > 1:
-            admitted.sort(key=lambda m: _audio_time_s(m) is None)
         loop = asyncio.get_running_loop()
         done: asyncio.Queue[tuple[list[Message] | Exception, float] | None] = asyncio.Queue()
 
@@ -890,15 +1162,36 @@ class Stage:
                     break  # the codec thread refused the batch: `await worker` below raises why
                 outputs, elapsed_ms = result
                 if isinstance(outputs, Exception):
-                    self.drops["process_error"] += 1
-                    self.report_error("process_failed", f"{type(outputs).__name__}: {outputs}",
-                                      msg.header.stream_id)  # type: ignore[union-attr]  # media only
+                    self._process_failed(msg, outputs)
                     continue
                 self._process_ms.append(elapsed_ms)
                 for out in outputs:
                     await self.emit(out)
         finally:
             await worker
+
+    def _admit_batch(self, batch: list[Message], index: int | None) -> list[Message]:
+        """The media of one receive that is admitted, audio first (see ``_handle_media``)."""
+        now = time.time_ns()
+        admitted = [m for m in batch if self._admit(m, index, now)]  # type: ignore[arg-type]  # media only
+        if len(admitted) > 1:
+            admitted.sort(key=lambda m: _audio_time_s(m) is None)
+        return admitted
+
+    def _process_one(self, msg: Message) -> tuple[list[Message] | Exception, float]:
+        """Codec thread: one message's outputs, or the exception that dropped it, and the milliseconds it took."""
+        started = time.perf_counter()
+        outputs: list[Message] | Exception
+        try:
+            outputs = list(self.process(msg))
+        except Exception as exc:
+            outputs = exc
+        return outputs, (time.perf_counter() - started) * 1000
+
+    def _process_failed(self, msg: Message, exc: Exception) -> None:
+        self.drops["process_error"] += 1
+        self.report_error("process_failed", f"{type(exc).__name__}: {exc}",
+                          msg.header.stream_id)  # type: ignore[union-attr]  # media only
 
     async def _handle_control(self, msg: Message) -> None:
         try:
@@ -917,13 +1210,7 @@ class Stage:
         """Codec thread: each message's outputs, or the exception that dropped it (one bad message drops alone),
         with the milliseconds it took, handed to ``finished`` in order as each is done."""
         for msg in batch:
-            started = time.perf_counter()
-            outputs: list[Message] | Exception
-            try:
-                outputs = list(self.process(msg))
-            except Exception as exc:
-                outputs = exc
-            finished((outputs, (time.perf_counter() - started) * 1000))
+            finished(self._process_one(msg))
 
     async def _control_loop(self) -> None:
         assert self._out_control is not None
@@ -956,21 +1243,32 @@ class Stage:
             await asyncio.sleep(min(HEARTBEAT_INTERVAL_S, STATS_INTERVAL_S))
             self._publish(Heartbeat(self.name, time.time_ns(), os.getpid()))
             await self._expire_idle_streams()
-            self._publish_stats()
+            # media_thread: the codec thread changes the figures as it goes, so it reads them too.
+            figures = await self.run_codec(self.figures) if self._media_running else self.figures()
+            self._publish(Stats(self.name, time.time_ns(), figures))
             if time.monotonic() >= next_log:
                 next_log += LOG_STATS_INTERVAL_S
-                self.log.info("%s", self._summary_line())
+                self.log.info("%s", await self.run_codec(self._summary_line) if self._media_running
+                              else self._summary_line())
             if self._memtrace is not None and self._memtrace.due():
                 self._memtrace.step()
 
     async def _expire_idle_streams(self) -> None:
         """An idle stream is over: forget its figures and flush its codec state (bounded memory)."""
+        ended = await self.run_codec(self._expire_streams) if self._media_running else self._expire_streams()
+        for stream_id in ended:
+            self.log.info("stream %s idle for %.0f s: ended", stream_id, self.streams.idle_s)
+            await self._flush_and_emit(stream_id)
+
+    def _expire_streams(self) -> list[str]:
+        """Forget idle streams; those that carried media, to flush."""
+        ended = []
         for stream_id, figures in self.streams.expire():
             for streams in self._input_streams:
                 streams.discard(stream_id)
             if figures.frames_in:
-                self.log.info("stream %s idle for %.0f s: ended", stream_id, self.streams.idle_s)
-                await self._flush_and_emit(stream_id)
+                ended.append(stream_id)
+        return ended
 
     def figures(self) -> dict[str, Any]:
         now = time.time_ns()
@@ -999,7 +1297,7 @@ class Stage:
             # Messages found waiting at the last read. Never ask the sockets here: reading ZMQ_EVENTS from
             # another task would consume the edge-triggered wake-up a pending receive is waiting for.
             "input_backlog": self._last_batch,
-            "codec_queue": self._codec_thread._work_queue.qsize(),
+            "codec_queue": self._codec_thread._work_queue.qsize() + self._calls.qsize(),
             "keyframe_requests_in": self.keyframe_requests_in,
             "keyframe_requests_out": self.keyframe_requests_out,
             "streams_refused": self.streams.refused,
@@ -1033,12 +1331,18 @@ class Stage:
         with contextlib.suppress(Exception):
             await self.run_codec(self.teardown)
         self._codec_thread.shutdown(wait=True)
-        if self._out is not None and self._out_monitor is not None:
-            with contextlib.suppress(zmq.ZMQError):
-                self._out.disable_monitor()
-        for sock in [self._out_monitor, self._out, self._out_control, *self._ins, *self._in_controls, self._stats_pub]:
+        for out in (self._out, self._media_out):
+            if out is not None and self._out_monitor is not None:
+                with contextlib.suppress(zmq.ZMQError):
+                    out.monitor(None, 0)  # type: ignore[arg-type]  # stub lacks None, which stops the monitor
+        for sock in [self._out_monitor, self._out, self._media_out, self._out_control, *self._ins, *self._media_ins,
+                     *self._in_controls, self._stats_pub]:
             if sock is not None and not sock.closed:
                 sock.close()
+        for fd in (self._wake_r, self._wake_w):
+            if fd >= 0:
+                os.close(fd)
+        self._wake_r = self._wake_w = -1
         # destroy, not term: it also closes any socket still open (a subclass's own socket whose bind failed),
         # which would otherwise block term() forever and the stage would never exit.
         self._ctx.destroy(linger=LINGER_ON_CLOSE_MS)

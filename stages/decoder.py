@@ -67,6 +67,8 @@ class DecodeStream:
 
 
 class Decoder(Stage):
+    media_thread = True  # its media never touches the event loop (stages/base.py)
+
     def __init__(self, options: StageOptions, opus_channels: int = 2, threads: int = 1, audio_rate: int = 0,
                  pass_video: dict[Codec, bool] | None = None) -> None:
         super().__init__(options)

@@ -121,6 +121,8 @@ class AudioStream:
 
 
 class Encoder(Stage):
+    media_thread = True  # its media never touches the event loop (stages/base.py)
+
     def __init__(self, options: StageOptions, settings: EncoderSettings) -> None:
         super().__init__(options)
         self.settings = settings

@@ -1197,6 +1197,8 @@ def parse_transform(spec: str, output_id: str, grid: GridOptions | None = None) 
 
 
 class TransformerStage(Stage):
+    media_thread = True  # its media never touches the event loop (stages/base.py)
+
     def __init__(self, options: StageOptions, transforms: list[Transform], video_transforms: int = 0) -> None:
         """``video_transforms``: how many of the first ``transforms`` came from --video (their ticks make video)."""
         super().__init__(options)
@@ -1247,10 +1249,15 @@ class TransformerStage(Stage):
             if self._consumers == 0:
                 wait_s = TICK_INTERVAL_S
                 continue  # nobody to send to yet: a slate now would only count as a dropped frame
-            produced, wait_s = await self.run_codec(self._tick_all)
+            wait_s = await self.run_codec(self._tick_and_send)
             self.ticks += 1
-            for out in produced:
-                await self.emit(out)
+
+    def _tick_and_send(self) -> float:
+        """Codec thread: tick, send what the ticks made, and say how long to wait for the next."""
+        produced, wait_s = self._tick_all()
+        for out in produced:
+            self._emit_now(out)
+        return wait_s
 
     def _tick_all(self) -> tuple[list[Message], float]:
         """Every transform's tick, and how long to wait before the next (the soonest any transform may need)."""

@@ -658,8 +658,9 @@ def test_ticks_come_when_a_transform_has_something_to_send(monkeypatch: pytest.M
     frames = iter(range(1, 1000))
     sleeps: list[float] = []
 
-    async def emit(msg: Message) -> None:
+    def emit(msg: Message) -> bool:  # the codec thread sends what a tick made
         emitted.append((clock(), msg))
+        return True
 
     async def sleep(seconds: float) -> None:
         sleeps.append(seconds)
@@ -675,7 +676,7 @@ def test_ticks_come_when_a_transform_has_something_to_send(monkeypatch: pytest.M
             await stage.produce()
 
     start = clock()
-    monkeypatch.setattr(stage, "emit", emit)
+    monkeypatch.setattr(stage, "_emit_now", emit)
     monkeypatch.setattr(transformer.asyncio, "sleep", sleep)
     asyncio.run(drive())
     slates = [t - start for t, _ in emitted if t - start < 1.0]
