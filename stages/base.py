@@ -338,6 +338,10 @@ class Stage:
     #: emits are sent by the codec thread, the one owner of the data sockets. Stages whose media comes from the
     #: event loop (produce(): browser, janus, sources) keep the loop's path.
     media_thread = False
+    #: Whether ``process`` runs on the event loop: for a stage whose processing is no codec work and ends on the
+    #: loop anyway (the janus stage wraps a packet and hands it to its peer connection), a trip to the codec thread
+    #: and back is two wake-ups for nothing.
+    process_on_loop = False
 
     def __init__(self, options: StageOptions) -> None:
         self.options = options
@@ -1144,6 +1148,10 @@ class Stage:
         message's outputs do not wait for the rest of the batch.
         """
         admitted = self._admit_batch(batch, index)
+        if self.process_on_loop:
+            for msg in admitted:
+                await self._deliver(msg, *self._process_one(msg))
+            return
         if not admitted:
             return
         loop = asyncio.get_running_loop()
@@ -1160,15 +1168,18 @@ class Stage:
                 result = await done.get()
                 if result is None:
                     break  # the codec thread refused the batch: `await worker` below raises why
-                outputs, elapsed_ms = result
-                if isinstance(outputs, Exception):
-                    self._process_failed(msg, outputs)
-                    continue
-                self._process_ms.append(elapsed_ms)
-                for out in outputs:
-                    await self.emit(out)
+                await self._deliver(msg, *result)
         finally:
             await worker
+
+    async def _deliver(self, msg: Message, outputs: list[Message] | Exception, elapsed_ms: float) -> None:
+        """Emit what processing ``msg`` gave, or count the exception that dropped it."""
+        if isinstance(outputs, Exception):
+            self._process_failed(msg, outputs)
+            return
+        self._process_ms.append(elapsed_ms)
+        for out in outputs:
+            await self.emit(out)
 
     def _admit_batch(self, batch: list[Message], index: int | None) -> list[Message]:
         """The media of one receive that is admitted, audio first (see ``_handle_media``)."""

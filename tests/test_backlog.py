@@ -195,3 +195,31 @@ def test_outputs_leave_as_each_message_is_done_not_when_the_whole_batch_is() -> 
     assert stage.handoffs == [[("cam", 1), ("cam", 2), ("cam", 3)]]  # still one hand-off
     assert stage.seen_while_processing == [True]
     assert stage.emitted == [("cam", 1), ("cam", 2), ("cam", 3)]
+
+
+class _OnLoop(_Recording):
+    """Processing that is no codec work, done where its result is sent."""
+
+    process_on_loop = True
+
+    def __init__(self, options: StageOptions) -> None:
+        super().__init__(options)
+        self.threads: set[str] = set()
+
+    def process(self, msg: Message) -> list[Message]:
+        self.threads.add(threading.current_thread().name)
+        return super().process(msg)
+
+
+def test_a_stage_that_processes_on_its_loop_makes_no_hand_off_and_keeps_the_same_order() -> None:
+    stage = _OnLoop(StageOptions(name="rec"))
+    batch: list[Message] = [picture("cam", 1), audio("alice", 1), picture("bad", 1), picture("cam", 2),
+                            audio("alice", 2)]
+    try:
+        asyncio.run(stage._handle_media(batch, None))
+    finally:
+        stage._codec_thread.shutdown()
+        stage._ctx.term()
+    assert stage.handoffs == [] and stage.threads == {threading.current_thread().name}
+    assert stage.emitted == [("alice", 1), ("alice", 2), ("cam", 1), ("cam", 2)]
+    assert stage.drops["process_error"] == 1

@@ -254,6 +254,7 @@ class BrowserStage(Stage):
 
     # The end of the direction that feeds it (see Stage.forwards_control).
     forwards_control = False
+    process_on_loop = True  # process() packs a message for the page, which the loop sends: no codec work
 
     def __init__(self, options: StageOptions, config: BrowserConfig,
                  early: asyncio.Future[Started] | None = None) -> None:
@@ -613,7 +614,7 @@ class BrowserStage(Stage):
 
     # ----- pipeline -> page (injection) --------------------------------------------------------------------------
     def process(self, msg: Message) -> list[Message]:
-        """Runs on the codec thread: pack the frame for the page and hand it to the event loop."""
+        """Runs on the event loop (``process_on_loop``): pack the frame for the page and queue it there."""
         received_ns = time.time_ns()
         if isinstance(msg, VideoFrame):
             slot = self._inject_slot(msg.header.stream_id)
@@ -622,9 +623,7 @@ class BrowserStage(Stage):
             self._inject_seq += 1
             header = {"t": "v", "slot": slot, "w": msg.width, "h": msg.height, "seq": self._inject_seq,
                       "ct": _capture_ms(msg)}
-            data = pack_page_message(header, msg.data)
-            assert self._loop is not None
-            self._loop.call_soon_threadsafe(self._inject, data, (self._inject_seq, received_ns))
+            self._inject(pack_page_message(header, msg.data), (self._inject_seq, received_ns))
         elif isinstance(msg, EncodedPacket) and codecs.BY_CODEC[msg.codec].webcodecs:
             # Encoded injection: the page decodes it (WebCodecs) into the camera; no raw picture crosses here.
             # ``n`` numbers each camera's packets, so the page sees any that were lost on the way (and waits for
@@ -636,21 +635,17 @@ class BrowserStage(Stage):
             self._inject_packets[slot] = self._inject_packets.get(slot, 0) + 1
             header = {"t": "ve", "slot": slot, "codec": codecs.BY_CODEC[msg.codec].webcodecs, "key": msg.keyframe,
                       "n": self._inject_packets[slot], "seq": self._inject_seq, "ct": _capture_ms(msg)}
-            data = pack_page_message(header, msg.data)
-            assert self._loop is not None
-            self._loop.call_soon_threadsafe(self._inject_packet, data, (self._inject_seq, received_ns), slot,
-                                            msg.keyframe, msg.header.stream_id)
+            self._inject_packet(pack_page_message(header, msg.data), (self._inject_seq, received_ns), slot,
+                                msg.keyframe, msg.header.stream_id)
         elif isinstance(msg, AudioFrame):
             header = {"t": "a", "sr": msg.sample_rate, "ch": msg.channels, "n": msg.samples, "ct": _capture_ms(msg)}
-            data = pack_page_message(header, msg.data)
-            assert self._loop is not None
-            self._loop.call_soon_threadsafe(self._inject, data, None)
+            self._inject(pack_page_message(header, msg.data), None)
         else:
             self.drops["inject_unsupported"] += 1
         return []
 
     def _inject_slot(self, stream_id: str) -> int | None:
-        """The camera a stream is injected as (codec thread); None when every camera is taken (a counted drop)."""
+        """The camera a stream is injected as; None when every camera is taken (a counted drop)."""
         slot = self._inject_slots.get(stream_id)
         if slot is None:
             if len(self._inject_slots) >= self.config.video_tracks:

@@ -167,6 +167,7 @@ class SipSettings:
 class JanusStage(Stage):
     # The end of the direction that feeds it (see Stage.forwards_control).
     forwards_control = False
+    process_on_loop = True  # process() wraps a packet for aiortc, on the loop where it is sent
 
     def __init__(self, options: StageOptions, settings: SipSettings) -> None:
         super().__init__(options)
@@ -240,15 +241,14 @@ class JanusStage(Stage):
 
     # ----- input: packets to send to the SIP peer (codec thread) -----------------------------------
     def process(self, msg: Message) -> Iterable[Message]:
+        """Runs on the event loop (``process_on_loop``): wrap the packet and hand it to the call's track."""
         if isinstance(msg, (VideoFrame, AudioFrame)):
             self.drops["raw_frame_not_sendable"] += 1
             return ()
         if not isinstance(msg, EncodedPacket):
             return ()
         packet = make_packet(bytes(msg.data), msg.header.pts, msg.header.time_base, msg.keyframe)
-        assert self._loop is not None
-        self._loop.call_soon_threadsafe(self._send_packet, msg.codec, msg.header.stream_id, packet,
-                                        msg.header.capture_time_ns)
+        self._send_packet(msg.codec, msg.header.stream_id, packet, msg.header.capture_time_ns)
         return ()
 
     def _send_packet(self, codec: Codec, stream_id: str, packet: Any, capture_ns: int) -> None:
