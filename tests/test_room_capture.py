@@ -144,8 +144,10 @@ def test_decoded_video_recovers_after_frames_are_lost(room: Room, tmp_path: Path
         # Frames were lost on the way, and whoever saw the loss asked the page for a keyframe: the bot's stage
         # when its send found the decoder's queue full (it then holds the page's pictures until a keyframe), or
         # the decoder when it saw a gap in the sequence numbers (its request arrives on the bot's control socket).
-        browser = browser_stats.latest_stats(lambda f: f["drops"].get("send_full", 0) >= 1
-                                             and f.get("page_keyframe_requests", 0) >= 1)
+        # Which of the bot's bounds takes the loss depends on timing: the full queue, or before it the page's lag
+        # bound, when the stage's audio waits for room and the page drops what the stage has not read (page_lag).
+        browser = browser_stats.latest_stats(lambda f: f["drops"].get("send_full", 0) + f["drops"].get("page_lag", 0)
+                                             >= 1 and f.get("page_keyframe_requests", 0) >= 1)
         assert not [r for r in browser["drops"] if r.startswith("page_keyframe_request_failed")], browser["drops"]
         # The decoder restarted from a keyframe after every stall (the first picture's plus one per stall) and
         # never fed its codec a picture whose references were lost: no decoding errors.
