@@ -196,7 +196,8 @@ def processes_toml(nice: int, fuse: str) -> str:
 
 
 def run(seconds: float, generators: str = "aiortc", busy: int = 0, nice: int = 0, page_video: str = "shown",
-        fuse: str = "none", passthrough: bool = False, inject: str = "auto") -> dict[str, Any]:
+        fuse: str = "none", passthrough: bool = False, inject: str = "auto",
+        room_passthrough: bool = False) -> dict[str, Any]:
     from sipbridge.status import StatusCollector
 
     options = CallOptions(
@@ -215,6 +216,7 @@ def run(seconds: float, generators: str = "aiortc", busy: int = 0, nice: int = 0
         bridge_extra=processes_toml(nice, fuse),
         page_video=page_video,
         passthrough=passthrough,
+        room_passthrough=room_passthrough,
         inject=inject,
     )
     floor = codec_floor_ms()
@@ -276,6 +278,7 @@ def run(seconds: float, generators: str = "aiortc", busy: int = 0, nice: int = 0
             "page_video": page_video,
             "fuse": FUSE_GROUPS[fuse],
             "passthrough": passthrough,
+            "room_passthrough": room_passthrough,
             "inject": inject,
         },
         "latency": {
@@ -337,6 +340,7 @@ def print_table(r: dict[str, Any]) -> None:
         f"{r['config']['sip']}, {r['config']['seconds']} s (load avg {r['machine']['loadavg_1m_at_end']:.1f}; "
         f"{r['config']['busy_loops']} busy loops beside it; the call at nice {r['config']['nice']}"
         + ("; video to SIP passed through" if r["config"].get("passthrough") else "")
+        + ("; video to the room passed through" if r["config"].get("room_passthrough") else "")
         + ("; SIP video decoded in the bridge" if r["config"].get("inject") == "raw" else "") + ")"
     )
     click.echo(f"{'measure':<28}{'p50 ms':>10}{'p95 ms':>10}{'frames':>9}{'floor ms':>10}{'ratio':>8}  target")
@@ -432,15 +436,18 @@ def print_lipsync(ls: dict[str, Any]) -> None:
                    "chain, all = every media stage from the room's decoder to the SIP side's.")
 @click.option("--passthrough/--no-passthrough", default=False, show_default=True,
               help="[media.to_sip] passthrough: the participant's H.264 goes to SIP undecoded.")
+@click.option("--room-passthrough/--no-room-passthrough", default=False, show_default=True,
+              help="[media.to_room] passthrough: the SIP side's H.264 goes into the room as it came (the bot's "
+                   "Chromium encodes a placeholder instead of the SIP side's pictures).")
 @click.option("--inject", type=click.Choice(["auto", "raw", "encoded"]), default="auto", show_default=True,
               help="[room] inject: the SIP side's video decoded by the SIP decoder (raw) or in the bot's page "
                    "(encoded; auto: encoded here).")
 def main(seconds: float, generators: str, busy: int, nice: int, page_video: str, fuse: str, passthrough: bool,
-         inject: str) -> None:
+         room_passthrough: bool, inject: str) -> None:
     """Bridge-added latency both ways and the whole call's CPU and PSS at 640x480@30."""
     if os.geteuid() != 0:
         raise click.ClickException("needs root (network namespace)")
-    result = run(seconds, generators, busy, nice, page_video, fuse, passthrough, inject)
+    result = run(seconds, generators, busy, nice, page_video, fuse, passthrough, inject, room_passthrough)
     print_table(result)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")

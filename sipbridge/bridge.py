@@ -75,8 +75,10 @@ class MediaLeg:
     # libx264 speed/quality trade-off. superfast encodes 640x480 in about half the CPU of veryfast
     # (1.5 vs 2.8 ms per frame measured here); baseline profile already rules out most of what slower buys.
     preset: str = "superfast"
-    # to_sip only: the shown participant's H.264 goes to the SIP side as the room sent it (no decode, no layout, no
+    # to_sip: the shown participant's H.264 goes to the SIP side as the room sent it (no decode, no layout, no
     # encode) whenever its profile is the one the SIP side was offered; other cameras and the slate as usual.
+    # to_room: the SIP side's frames go into the room as they came wherever the room takes their codec (the bot's
+    # camera carries a placeholder for Chromium to encode, whose frames the page replaces); elsewhere it decodes.
     passthrough: bool = False
 
 
@@ -463,14 +465,16 @@ def parse_bridge(data: dict[str, Any]) -> BridgeConfig:
 
 def _check_passthrough(cfg: BridgeConfig) -> None:
     """Passthrough forwards one camera's frames undecoded: only where nothing between needs its pictures."""
-    if cfg.to_room.passthrough:
-        raise BridgeConfigError('media.to_room.passthrough is not available: room.inject = "encoded" hands the SIP '
-                                "side's video to the bot's page undecoded (the bot's Chromium encodes it again)")
     inserted = [t.name for t in cfg.transforms if t.at == "to_room"]
     if cfg.inject == "encoded" and (cfg.split or inserted):
         what = "room_side.split" if cfg.split else f"the [[transform]] at to_room ({', '.join(inserted)})"
         raise BridgeConfigError(f'room.inject = "encoded" hands the SIP side\'s video to the page undecoded, but '
                                 f"{what} needs its pictures: use inject = \"raw\"")
+    if cfg.to_room.passthrough and not injects_encoded(cfg):
+        why = ('room.inject = "raw"' if cfg.inject == "raw" else "room_side.split" if cfg.split
+               else f"the [[transform]] at to_room ({', '.join(inserted)})")
+        raise BridgeConfigError(f"media.to_room.passthrough sends the SIP side's frames as they came, but {why} "
+                                "needs them decoded")
     if not cfg.to_sip.passthrough:
         return
     problems = []
@@ -605,6 +609,7 @@ def _browser_args(cfg: BridgeConfig) -> list[str]:
         cfg.page_video,
         "--video-tracks",
         str(video_tracks),
+        *(["--passthrough"] if cfg.to_room.passthrough else []),
         "--hwm",
         str(ENCODED_EDGE_HWM_MSGS),
     ]

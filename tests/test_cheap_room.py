@@ -324,10 +324,14 @@ PASS_WINDOW_S = 4.0  # steady-state window in which the passthrough call's stage
 def test_bridged_call_passes_h264_through(tmp_path: Path) -> None:
     """``[media.to_sip] passthrough``: a browserless publisher sends H.264 (constrained baseline, 320x240) and the
     SIP peer takes H.264: the SIP peer receives the publisher's own frames (its size, not the bridge's 640x480,
-    counters in order) while the bridge decodes and encodes no video of hers; the echo still reaches the room."""
+    counters in order) while the bridge decodes and encodes no video of hers. ``[media.to_room] passthrough``: the
+    echo reaches the room as the SIP side sent it, the bot's camera carrying only a 16x16 placeholder for Chromium
+    to encode: the viewer reads the echoed counters, which no placeholder carries, and the page says it sent each
+    frame as it came."""
     need_call_tools()
     options = CallOptions(participants=[("alice", 440.0)], room_codec="h264", layout="single", max_tiles=1,
-                          split=None, layout_ids=["alice/video"], generators="aiortc", passthrough=True)
+                          split=None, layout_ids=["alice/video"], generators="aiortc", passthrough=True,
+                          room_passthrough=True)
     width, height = (int(v) for v in options.participant_size.split("x"))
     with LocalCall(tmp_path / "run", options) as call:
         try:
@@ -360,7 +364,11 @@ def test_bridged_call_passes_h264_through(tmp_path: Path) -> None:
         forced = stage_figures(call)["sip-encoder"]["forced_keyframes"]
         call.stop_bridge()
         echoed = [c for c in call_counters(call, BOT_NAME) if c]
-    encoder, grid = after["sip-encoder"], after["room-transformer"]
+    encoder, grid, page = after["sip-encoder"], after["room-transformer"], after["browser"]
+    # Into the room: the SIP side's frames as they came, none decoded by the page.
+    assert page["room_send_codecs"] == {"0": "video/h264"} and page["passing"] == {"0": True}, page
+    sent = page["inject_passed_frames"] - before["browser"]["inject_passed_frames"]
+    assert sent >= PASS_WINDOW_S * options.participant_fps * 0.5, (sent, page)
     # Steady state: alice's frames pass every stage encoded, none is decoded or encoded for the SIP side.
     assert after["room-decoder"]["passed_streams"] == ["alice/video"], after["room-decoder"]
     assert grid["passthrough"] == "alice/video", grid

@@ -186,8 +186,11 @@ def test_bridge_file_turns_passthrough_into_stage_arguments(tmp_path: Path) -> N
     assert specs["room-decoder"].args[-2:] == ["--pass-video", "h264-offer"]
     assert "--passthrough" in specs["room-transformer"].args
     assert any(a.startswith("compose:grid:640x480:1") for a in specs["room-transformer"].args)
-    plain = {s.name: s for s in bridge_stages(parse_bridge(example(**{"media.to_sip.passthrough": False})), tmp_path)}
+    assert "--passthrough" in specs["browser"].args  # [media.to_room] passthrough
+    plain = {s.name: s for s in bridge_stages(parse_bridge(example(**{"media.to_sip.passthrough": False,
+                                                                      "media.to_room.passthrough": False})), tmp_path)}
     assert "--pass-video" not in plain["room-decoder"].args and "--passthrough" not in plain["room-transformer"].args
+    assert "--passthrough" not in plain["browser"].args
 
 
 @pytest.mark.parametrize(("changes", "named"), [
@@ -195,7 +198,8 @@ def test_bridge_file_turns_passthrough_into_stage_arguments(tmp_path: Path) -> N
     ({"media.to_sip.video_codec": "vp8"}, "media.to_sip.video_codec"),
     ({"room.capture": "raw"}, "room.capture"),
     ({"transform": [{"at": "to_sip", "video": "resize:320x240"}]}, "to_sip"),
-    ({"media.to_room.passthrough": True}, "media.to_room.passthrough"),
+    ({"room.inject": "raw"}, "media.to_room.passthrough"),
+    ({"room_side.split": "2x1"}, "media.to_room.passthrough"),
     ({"media.to_sip.passthrough": "yes"}, "media.to_sip.passthrough"),
 ])
 def test_bridge_file_refuses_passthrough_where_pictures_are_needed(changes: dict[str, Any], named: str) -> None:
@@ -212,7 +216,8 @@ def test_encoded_injection_passes_the_sip_sides_video_on_to_the_page(tmp_path: P
     assert [p.data for p in encoded([m for p in high for m in decoder.process(p)])] == [p.data for p in high]
     # By default ("auto") only where nothing on the way to the room needs the pictures.
     assert "--pass-video" in {s.name: s for s in bridge_stages(parse_bridge(example()), tmp_path)}["sip-decoder"].args
-    split = {s.name: s for s in bridge_stages(parse_bridge(example(**{"room_side.split": "2x1"})), tmp_path)}
+    split = {s.name: s for s in bridge_stages(parse_bridge(example(**{"room_side.split": "2x1",
+                                                                      "media.to_room.passthrough": False})), tmp_path)}
     assert "--pass-video" not in split["sip-decoder"].args
     for refused in ({"room_side.split": "2x1"}, {"transform": [{"at": "to_room", "video": "resize:320x240"}]},
                     {"room.inject": "yes"}):

@@ -99,6 +99,9 @@ class CallOptions:
     bitrate_kbps: int = 800
     # [media.to_sip] passthrough: the shown participant's H.264 goes to the SIP side as it came (layout single).
     passthrough: bool = False
+    # [media.to_room] passthrough: the SIP side's H.264 goes into the room as it came (the bot's Chromium encodes a
+    # placeholder whose frames the page replaces).
+    room_passthrough: bool = False
     layout: str = "grid"
     max_tiles: int = 2
     split: str | None = "2x1"
@@ -161,6 +164,9 @@ height = {self.height}
 fps = {self.fps}
 bitrate_kbps = {self.bitrate_kbps}
 passthrough = {str(self.passthrough).lower()}
+
+[media.to_room]
+passthrough = {str(self.room_passthrough).lower()}
 
 [layout]
 mode = "{self.layout}"

@@ -59,6 +59,10 @@ def _parse_route(text: str) -> Any:
 @click.option("--page-video", type=click.Choice(["shown", "hidden"]), default="shown", show_default=True,
               help="hidden: the page's video elements are not displayed, so the bot's renderer does not paint "
               "pictures nobody looks at; capture is unchanged.")
+@click.option("--passthrough/--no-passthrough", default=False, show_default=True,
+              help="Send the SIP side's encoded video into the room as it came wherever the room takes its codec: "
+              "the bot's camera then carries a small placeholder for Chromium to encode, and each encoded "
+              "placeholder is replaced by the SIP side's frame. Elsewhere the page decodes it as usual.")
 @click.option("--video-tracks", type=int, default=1, show_default=True,
               help="Cameras the bot offers (one per injected video stream).")
 @click.option("--max-backlog-mb", type=float, default=2.0, show_default=True,
@@ -118,6 +122,7 @@ def _build_stage(options: Any, params: dict[str, Any], recipe: Any, early: Any) 
         recipe=recipe,
         mode=CaptureMode(params["mode"]),
         page_video=params["page_video"],
+        passthrough=params["passthrough"],
         ws_port=params["ws_port"],
         max_backlog_bytes=int(params["max_backlog_mb"] * 1024 * 1024),
         max_page_lag_ms=params["max_page_lag_ms"],

@@ -129,6 +129,8 @@ class BrowserConfig:
     mode: CaptureMode = CaptureMode.RAW
     # "hidden": the page's video elements are not displayed (nobody looks at a bot's page); capture is unchanged.
     page_video: str = "shown"
+    # The SIP side's encoded video sent into the room as it came where the room takes its codec (js/hook.js).
+    passthrough: bool = False
     ws_host: str = "127.0.0.1"
     ws_port: int = 0
     max_backlog_bytes: int = DEFAULT_MAX_BACKLOG_BYTES
@@ -225,12 +227,13 @@ def stream_name(participant: str) -> str:
 def init_script(ws_url: str, recipe: Recipe, *, mode: CaptureMode = CaptureMode.RAW,
                 max_backlog_bytes: int = DEFAULT_MAX_BACKLOG_BYTES, identify_timeout_s: float = IDENTIFY_TIMEOUT_S,
                 video_tracks: int = 1, max_page_lag_ms: int = DEFAULT_MAX_PAGE_LAG_MS,
-                page_video: str = "shown") -> str:
+                page_video: str = "shown", passthrough: bool = False) -> str:
     """The page hook (js/hook.js and its workers) as one init script, talking to the socket at ``ws_url``."""
     cfg = {
         "wsUrl": ws_url,
         "mode": mode.value,
         "pageVideo": page_video,
+        "passthrough": passthrough,
         "maxBacklogBytes": max_backlog_bytes,
         "maxLagMs": max_page_lag_ms,
         "identifyTimeoutMs": int(identify_timeout_s * 1000),
@@ -302,6 +305,9 @@ class BrowserStage(Stage):
         self._browser: Browser | None = None
         self._page_keyframe_requests = 0  # keyframe requests the page handed to a room sender's receiver
         self._inject_audio_gaps: Any = None  # the page's last period: gaps between injected audio chunks (ms)
+        self._inject_passed = 0  # passthrough: SIP-side frames the page sent into the room as they came
+        self._send_codecs: dict[int, str] = {}  # camera -> the codec its sender encodes (passthrough)
+        self._passing: dict[int, bool] = {}  # camera -> whether it carries the SIP side's frames (passthrough)
         # join_on_call: the SIP call the bot is in the room for ({call_id, peer, vars}), None between calls.
         self._call: dict[str, Any] | None = None
         self._call_changed = asyncio.Event()
@@ -329,6 +335,9 @@ class BrowserStage(Stage):
             "page_inject_keyframe_requests": self._page_inject_keyframe_requests,
             "inject_packets": sum(list(self._inject_packets.values())),
             "inject_audio_gap_ms": self._inject_audio_gaps,
+            "inject_passed_frames": self._inject_passed,
+            "room_send_codecs": {str(k): v for k, v in self._send_codecs.items()},
+            "passing": {str(k): v for k, v in self._passing.items()},
             "call": self._call,
         }
 
@@ -468,7 +477,22 @@ class BrowserStage(Stage):
             if isinstance(sent, int) and sent > 0:
                 self._page_keyframe_requests += sent
         elif kind == "inject":
-            self._inject_audio_gaps = body.get("audio_gap_ms")
+            if body.get("audio_gap_ms") is not None:
+                self._inject_audio_gaps = body.get("audio_gap_ms")
+            passed = body.get("passed")
+            if isinstance(passed, int) and passed > 0:
+                self._inject_passed += passed
+        elif kind == "sendcodec":
+            slot, mime = body.get("slot"), str(body.get("mime"))[:40]
+            if isinstance(slot, int) and self._send_codecs.get(slot) != mime:
+                self._send_codecs[slot] = mime
+                self.log.info("camera %d: the room is sent %s", slot, mime)
+        elif kind == "passing":
+            slot, on = body.get("slot"), bool(body.get("on"))
+            if isinstance(slot, int):
+                self._passing[slot] = on
+                self.log.info("camera %d: %s", slot, "the SIP side's frames go to the room as they came" if on
+                              else "the page decodes the SIP side's frames (the room takes another codec)")
         elif kind == "injerr":
             message = (f"the page cannot decode {str(body.get('codec'))[:40]} ({str(body.get('error'))[:200]}): the "
                        "SIP side's video does not reach the room; set [room] inject = \"raw\" to decode it here")
@@ -724,7 +748,7 @@ class BrowserStage(Stage):
                            max_backlog_bytes=self.config.max_backlog_bytes,
                            max_page_lag_ms=self.config.max_page_lag_ms,
                            identify_timeout_s=self.config.identify_timeout_s, video_tracks=self.config.video_tracks,
-                           page_video=self.config.page_video)
+                           page_video=self.config.page_video, passthrough=self.config.passthrough)
 
     async def _set_state(self, state: str, **attributes: Any) -> None:
         self._state = state

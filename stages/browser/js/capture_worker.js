@@ -4,9 +4,15 @@
 // * encoded: this worker is the RTCRtpScriptTransform of the track's receiver; each encoded frame is copied as
 //   received from the room (no decoding here) and then passed on unchanged, so the app still renders it and the
 //   receiver does not keep asking for keyframes.
+// * passthrough (send): this worker is also the RTCRtpScriptTransform of each sender of a bot camera; it reports the
+//   codec Chromium encodes the camera in and, while the page passes the SIP side's frames, sends one of them in
+//   place of each frame Chromium encoded (a placeholder picture).
 // Messages from the page: {t: "config", port, maxBacklogBytes, statsIntervalMs}, {t: "raw", key, kind, readable},
-// {t: "activate", key} (encoded: start copying), {t: "kf", key} (ask the sender for a keyframe), {t: "end", key}.
-// To the page: {t: "done", key} when a raw track's stream finished.
+// {t: "activate", key} (encoded: start copying), {t: "kf", key} (ask the sender for a keyframe), {t: "end", key},
+// {t: "pass", slot, on} (a camera starts or stops carrying the SIP side's frames), {t: "au", slot, data, key} (one).
+// To the page: {t: "done", key} when a raw track's stream finished; {t: "sendcodec", slot, mime} when a camera's
+// sender encodes in another codec ("layered": more than one stream, kept as Chromium encodes it); {t: "passkf", slot}
+// when a camera needs a keyframe from the SIP side (the room asked for one, or frames were lost here).
 // Binary messages to Python: [u32 LE header length][JSON header, even length][payload]; headers
 //   raw video  {t: "v", k, w, h, ts (us), ct (ms, wall clock)} + I420
 //   raw audio  {t: "a", k, sr, ch, n, ts (us), ct} + s16 interleaved
@@ -144,8 +150,72 @@ function captureEncoded(key, entry, frame) {
   sendBinary(out, config.maxBacklogBytes, key);
 }
 
+// ----- passthrough (send) ---------------------------------------------------------------------------------------
+// Frames wait here at most this many (a sixth of a second at 30 fps): more means Chromium's encoder is dropping
+// placeholders (a paused encoder, a congested link), so the waiting frames are dropped and the camera restarts on the
+// SIP side's next keyframe instead of falling further behind.
+const PASS_QUEUE_MAX_FRAMES = 5;
+const passing = new Map(); // camera index -> whether the page passes the SIP side's frames
+const senders = new Set(); // {slot, queue, awaitKey, mime, ssrcs, layered, sent}
+
+function passFrame(entry, frame) {
+  const md = frame.getMetadata();
+  const mime = String(md.mimeType || "").toLowerCase();
+  entry.ssrcs.add(md.synchronizationSource);
+  const reported = entry.ssrcs.size > 1 ? "layered" : mime;
+  if (reported !== entry.mime) {
+    entry.mime = reported;
+    self.postMessage({ t: "sendcodec", slot: entry.slot, mime: reported });
+  }
+  if (!passing.get(entry.slot) || reported === "layered") return true; // Chromium's own encoding of the camera
+  // Chromium encodes a keyframe when the room asks for one (past the first, which a new placeholder size makes).
+  if (frame.type === "key" && entry.sent > 0) self.postMessage({ t: "passkf", slot: entry.slot });
+  const au = entry.queue.shift();
+  if (!au) { drop("pass_no_frame"); return false; }
+  frame.data = au;
+  entry.sent += 1;
+  return true;
+}
+
+function queueFrame(msg) {
+  for (const entry of senders) {
+    if (entry.slot !== msg.slot) continue;
+    if (entry.awaitKey && !msg.key) { drop("pass_await_key"); continue; }
+    entry.awaitKey = false;
+    if (entry.queue.length >= PASS_QUEUE_MAX_FRAMES) {
+      drop("pass_behind");
+      entry.queue = [];
+      entry.awaitKey = !msg.key;
+      self.postMessage({ t: "passkf", slot: entry.slot });
+      if (entry.awaitKey) continue;
+    }
+    entry.queue.push(msg.data);
+  }
+}
+
+function onSendTransform(transformer, slot) {
+  const entry = { slot, queue: [], awaitKey: true, mime: null, ssrcs: new Set(), sent: 0 };
+  senders.add(entry);
+  transformer.readable
+    .pipeThrough(new TransformStream({
+      transform(frame, controller) {
+        let send = true;
+        try {
+          send = passFrame(entry, frame);
+        } catch (err) {
+          drop("pass_error");
+        }
+        if (send) controller.enqueue(frame);
+      },
+    }))
+    .pipeTo(transformer.writable)
+    .catch(() => {})
+    .finally(() => senders.delete(entry));
+}
+
 self.onrtctransform = (event) => {
   const transformer = event.transformer;
+  if (transformer.options.role === "send") { onSendTransform(transformer, transformer.options.slot); return; }
   const { key, kind } = transformer.options;
   const entry = entryFor(key);
   entry.transformer = transformer;
@@ -203,6 +273,13 @@ self.onmessage = (event) => {
   } else if (msg.t === "kf") {
     const entry = entries.get(msg.key);
     if (entry) { entry.needKey = entry.kind === "video"; requestKeyframe(entry); }
+  } else if (msg.t === "au") {
+    queueFrame(msg);
+  } else if (msg.t === "pass") {
+    passing.set(msg.slot, msg.on);
+    for (const entry of senders) {
+      if (entry.slot === msg.slot) { entry.queue = []; entry.awaitKey = true; entry.sent = 0; }
+    }
   } else if (msg.t === "end") {
     const entry = entries.get(msg.key);
     if (entry) entry.active = false;

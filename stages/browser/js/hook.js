@@ -1,7 +1,7 @@
 // sipbridge page hook: injected with one Playwright add_init_script before any page script runs.
 // The Python side prepends two constants:
 //   SB_CONFIG         {wsUrl, mode: "raw"|"encoded", pageVideo: "shown"|"hidden", maxBacklogBytes, maxLagMs,
-//                      identifyTimeoutMs,
+//                      identifyTimeoutMs, passthrough (the SIP side's frames sent to the room as they came),
 //                      participantAttribute, participantScript, videoTracks, statsIntervalMs}
 //   SB_WORKER_SOURCE  the text of capture_worker.js (a Blob worker: raw capture and RTCRtpScriptTransform)
 //   SB_RELAY_SOURCE   the text of relay_worker.js (a Blob SharedWorker holding the WebSockets to Python)
@@ -10,6 +10,8 @@
 //     participant the page shows it for), announced to Python, and captured in a worker: raw
 //     (MediaStreamTrackProcessor, I420 video and s16 audio) or encoded (RTCRtpScriptTransform, frames as received).
 //   * navigator.mediaDevices.getUserMedia hands out tracks of MediaStreamTrackGenerators that Python feeds.
+//   * passthrough: the senders of those tracks get an RTCRtpScriptTransform that sends the SIP side's encoded frames
+//     in place of Chromium's own encoding, where the room takes the SIP side's codec.
 // Page <-> Python messages travel over local WebSockets held by a SharedWorker relay. Binary messages
 // are [u32 LE header length][UTF-8 JSON header, padded to even length][payload]; text messages are JSON.
 "use strict";
@@ -32,7 +34,7 @@
   // gum: getUserMedia calls and what they asked for; gumTracks: the tracks handed out (so `sipbridge recipe check`
   // can tell whether what a connection sends is the bot's own camera).
   const hook = { tracks: new Map(), pcs: new Set(), drops: {}, injected: { video: 0, audio: 0 }, ws: null,
-    gum: { calls: 0, audio: false, video: false }, gumTracks: new WeakSet() };
+    gum: { calls: 0, audio: false, video: false }, gumTracks: new WeakSet(), passed: 0 };
   window.__sipbridgeHook = hook;
   // Nobody looks at a bot's page: with pageVideo "hidden" its video elements are not displayed, so the renderer
   // does not paint them. They keep their srcObject, which is how tracks are identified.
@@ -174,6 +176,7 @@
       worker.onmessage = (ev) => {
         const info = hook.tracks.get(ev.data.key);
         if (ev.data.t === "done" && info) trackEnded(info, "ended");
+        else onWorkerMessage(ev.data);
       };
     }
     return worker;
@@ -253,6 +256,18 @@
       sendJson({ t: "pc", pc: this.__sbId, state: "new" });
     }
 
+    addTrack(track, ...streams) {
+      const sender = super.addTrack(track, ...streams);
+      attachSendTransform(sender);
+      return sender;
+    }
+
+    addTransceiver(trackOrKind, init) {
+      const transceiver = super.addTransceiver(trackOrKind, init);
+      attachSendTransform(transceiver.sender);
+      return transceiver;
+    }
+
     close() {
       for (const info of [...hook.tracks.values()]) if (info.pc === this) trackEnded(info, "closed");
       hook.pcs.delete(this);
@@ -262,6 +277,14 @@
   }
   window.RTCPeerConnection = SipbridgePeerConnection;
   if (window.webkitRTCPeerConnection) window.webkitRTCPeerConnection = SipbridgePeerConnection;
+  if (cfg.passthrough && window.RTCRtpSender) {
+    const nativeReplaceTrack = RTCRtpSender.prototype.replaceTrack;
+    RTCRtpSender.prototype.replaceTrack = function (track) {
+      const done = nativeReplaceTrack.call(this, track);
+      done.then(() => attachSendTransform(this), () => {});
+      return done;
+    };
+  }
 
   // ----- injection: the bot's camera and microphone ---------------------------------------------------------------
   const videoSlots = []; // {generator, writer}
@@ -273,6 +296,93 @@
       videoSlots.push({ generator, writer: generator.writable.getWriter() });
     }
     return videoSlots[index];
+  }
+
+  // The camera each handed-out track shows (clones share the generator's frames, so an app stopping its track does
+  // not end the source).
+  const cameraOf = new WeakMap();
+  function cameraTrack(index) {
+    const track = videoSlot(index).generator.clone();
+    cameraOf.set(track, index);
+    return track;
+  }
+
+  // Passthrough: every sender of a bot camera gets a transform in the capture worker, which reports the codec
+  // Chromium encodes the camera in ("sendcodec"). Where that is the codec of the SIP side's frames, the camera shows a
+  // small grey placeholder per frame (Chromium's encoder then has next to nothing to do, and nothing here decodes)
+  // and the worker sends the SIP side's frame in place of each encoded placeholder. Elsewhere, or until a sender
+  // reports, the page decodes as below. Layered senders (simulcast) keep Chromium's own encoding.
+  const PLACEHOLDER_SIDE_PX = 16;
+  const placeholderI420 = new Uint8Array(PLACEHOLDER_SIDE_PX * PLACEHOLDER_SIDE_PX * 3 / 2).fill(128);
+
+  function attachSendTransform(sender) {
+    if (!cfg.passthrough || !sender || !sender.track || sender.__sbPass || !relay) return;
+    const index = cameraOf.get(sender.track);
+    if (index === undefined) return;
+    sender.__sbPass = true;
+    try {
+      sender.transform = new RTCRtpScriptTransform(captureWorker(), { role: "send", slot: index });
+    } catch (err) {
+      drop("pass_transform_error");
+    }
+  }
+
+  // The MIME type of the codec a SIP-side frame is in (its WebCodecs codec string), as a sender reports it.
+  function mimeOfCodec(codec) {
+    const c = String(codec).toLowerCase();
+    if (c.startsWith("avc1") || c.startsWith("avc3")) return "video/h264";
+    if (c === "vp8") return "video/vp8";
+    if (c.startsWith("vp09") || c === "vp9") return "video/vp9";
+    if (c.startsWith("av01")) return "video/av1";
+    return null;
+  }
+
+  function onWorkerMessage(msg) {
+    if (msg.t === "sendcodec") {
+      const slot = videoSlot(msg.slot);
+      slot.sendMime = msg.mime;
+      sendJson({ t: "sendcodec", slot: msg.slot, mime: msg.mime });
+    } else if (msg.t === "passkf") {
+      askKeyframe(msg.slot); // the room asked the bot's camera for a keyframe, or the worker lost its place
+    }
+  }
+
+  // The camera stops showing decoded pictures and starts carrying the SIP side's frames: it starts on a keyframe.
+  function startPassing(index, slot) {
+    slot.passing = true;
+    slot.passAwaitKey = true;
+    if (slot.decoder && slot.decoder.state !== "closed") slot.decoder.close();
+    slot.decoder = null;
+    for (const seq of slot.acks || []) sendJson({ t: "ack", seq, slot: index }); // what the closed decoder held
+    slot.acks = [];
+    worker.postMessage({ t: "pass", slot: index, on: true });
+    sendJson({ t: "passing", slot: index, on: true });
+  }
+
+  function stopPassing(index, slot) {
+    slot.passing = false;
+    worker.postMessage({ t: "pass", slot: index, on: false });
+    sendJson({ t: "passing", slot: index, on: false });
+  }
+
+  function passEncoded(index, slot, header, data, offset, gap) {
+    if (!slot.passing) startPassing(index, slot);
+    if (gap && !slot.passAwaitKey) { drop("inject_gap"); slot.passAwaitKey = true; }
+    if (slot.passAwaitKey && !header.key) {
+      drop("inject_await_key");
+      askKeyframe(index);
+      return;
+    }
+    slot.passAwaitKey = false;
+    const frameBytes = data.slice(offset);
+    worker.postMessage({ t: "au", slot: index, data: frameBytes, key: !!header.key }, [frameBytes]);
+    const frame = new VideoFrame(placeholderI420, { format: "I420", codedWidth: PLACEHOLDER_SIDE_PX,
+      codedHeight: PLACEHOLDER_SIDE_PX, timestamp: captureTimestamp(header, "v" + index) });
+    slot.writer.write(frame).then(() => {
+      hook.injected.video++;
+      hook.passed++;
+      sendJson({ t: "ack", seq: header.seq, slot: index });
+    }, () => drop("inject_video_error"));
   }
 
   function audioSlotGet() {
@@ -300,8 +410,8 @@
       if (constraints && constraints.video) {
         const chosen = deviceIndex(constraints.video);
         // Clones share the generator's frames, so an app stopping its track does not end the source.
-        if (chosen !== null) tracks.push(videoSlot(chosen).generator.clone());
-        else for (let i = 0; i < Math.max(1, cfg.videoTracks); i++) tracks.push(videoSlot(i).generator.clone());
+        if (chosen !== null) tracks.push(cameraTrack(chosen));
+        else for (let i = 0; i < Math.max(1, cfg.videoTracks); i++) tracks.push(cameraTrack(i));
       }
       hook.gum.calls++;
       hook.gum.audio = hook.gum.audio || !!(constraints && constraints.audio);
@@ -353,7 +463,7 @@
         sendJson({ t: "ack", seq: header.seq, slot: header.slot || 0 });
       }, () => drop("inject_video_error"));
     } else if (header.t === "ve") {
-      injectEncoded(header, payload);
+      injectEncoded(header, data, offset);
     } else if (header.t === "a") {
       const now = performance.now();
       if (lastAudioAt !== null) audioGaps.push(now - lastAudioAt);
@@ -414,8 +524,19 @@
     if (wsReady()) sendJson({ t: "injkf", slot: index });
   }
 
-  function injectEncoded(header, payload) {
+  function injectEncoded(header, data, offset) {
     const index = header.slot || 0;
+    const camera = videoSlot(index);
+    if (cfg.passthrough && worker) {
+      const gap = camera.lastN !== undefined && header.n !== camera.lastN + 1;
+      if (camera.sendMime && camera.sendMime === mimeOfCodec(header.codec)) {
+        camera.lastN = header.n;
+        passEncoded(index, camera, header, data, offset, gap);
+        return;
+      }
+      if (camera.passing) stopPassing(index, camera); // the room now takes another codec: decode again
+    }
+    const payload = new Uint8Array(data, offset);
     if (reportedCodecs.has(String(header.codec))) { drop("inject_decoder_unavailable"); return; }
     let slot;
     try {
@@ -463,6 +584,7 @@
 
   // Drop counts travel to Python as deltas, so the stage's figures include what the page lost.
   let reported = {};
+  let reportedPassed = 0;
   setInterval(() => {
     const delta = {};
     let any = false;
@@ -473,7 +595,9 @@
     reported = { ...hook.drops };
     if (any && wsReady()) sendJson({ t: "drops", drops: delta });
     const gaps = gapFigures();
-    if (gaps && wsReady()) sendJson({ t: "inject", audio_gap_ms: gaps });
+    const passed = hook.passed - reportedPassed;
+    reportedPassed = hook.passed;
+    if ((gaps || passed) && wsReady()) sendJson({ t: "inject", audio_gap_ms: gaps, passed });
   }, cfg.statsIntervalMs);
 
   connect();
