@@ -38,7 +38,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, ItemsView, Iterable
+from collections.abc import Callable, ItemsView, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -905,21 +905,29 @@ class Stage:
             # Drain what is already queued so a slow stage sees its backlog and can skip stale video.
             while len(batch) < MAX_RECEIVE_BATCH_MSGS and self._readable(sock):
                 batch.append(await sock.recv_multipart(copy=False))
-            media: list[Message] = []
-            for msg in self._decode_batch(batch):
-                if isinstance(msg, (VideoFrame, AudioFrame, EncodedPacket)):
-                    media.append(msg)
-                    continue
-                if media:  # control keeps its place: what came before it is handled first
-                    await self._handle_media(media, index)
-                    media = []
-                if isinstance(msg, EndOfStream):
-                    if await self._on_end_of_stream(msg, index, sock):
+            for run in self._runs(batch):
+                if isinstance(run, list):
+                    await self._handle_media(run, index)
+                elif isinstance(run, EndOfStream):
+                    if await self._on_end_of_stream(run, index, sock):
                         return
-                    continue
-                await self._handle_control(msg)
+                else:
+                    await self._handle_control(run)
+
+    def _runs(self, batch: list[list[zmq.Frame]]) -> Iterator[list[Message] | Message]:
+        """The messages of one receive in order, as runs of media and single control messages: control keeps its
+        place among the media (what came before it is handled first)."""
+        media: list[Message] = []
+        for msg in self._decode_batch(batch):
+            if isinstance(msg, (VideoFrame, AudioFrame, EncodedPacket)):
+                media.append(msg)
+                continue
             if media:
-                await self._handle_media(media, index)
+                yield media
+                media = []
+            yield msg
+        if media:
+            yield media
 
     def _decode_batch(self, batch: list[list[zmq.Frame]]) -> list[Message]:
         """The messages of one receive, malformed ones counted and dropped, stale media skipped in real time."""
@@ -973,21 +981,14 @@ class Stage:
                 batch.append(sock.recv_multipart(flags=zmq.NOBLOCK, copy=False))
             except zmq.Again:
                 break
-        media: list[Message] = []
-        for msg in self._decode_batch(batch):
-            if isinstance(msg, (VideoFrame, AudioFrame, EncodedPacket)):
-                media.append(msg)
-                continue
-            if media:  # control keeps its place: what came before it is handled first
-                self._media_batch(media, index)
-                media = []
-            if isinstance(msg, EndOfStream):
-                if self._media_end_of_stream(msg, index, sock):
+        for run in self._runs(batch):
+            if isinstance(run, list):
+                self._media_batch(run, index)
+            elif isinstance(run, EndOfStream):
+                if self._media_end_of_stream(run, index, sock):
                     return True
-                continue
-            self._wait_for_loop(self._handle_control(msg))
-        if media:
-            self._media_batch(media, index)
+            else:
+                self._wait_for_loop(self._handle_control(run))
         return False
 
     def _media_batch(self, batch: list[Message], index: int) -> None:

@@ -152,15 +152,23 @@ class _Recording(Stage):
         return True
 
 
-def test_a_batch_goes_to_the_codec_thread_once_audio_first_and_a_bad_message_drops_alone() -> None:
-    stage = _Recording(StageOptions(name="rec"))
-    batch: list[Message] = [picture("cam", 1), audio("alice", 1), picture("bad", 1), picture("cam", 2),
-                            audio("alice", 2)]
+def handle(stage: _Recording, batch: list[Message]) -> None:
+    """One received batch through the stage's media path, then the stage's thread and context closed."""
     try:
         asyncio.run(stage._handle_media(batch, None))
     finally:
         stage._codec_thread.shutdown()
         stage._ctx.term()
+
+
+# Video and audio interleaved, one corrupt picture among them.
+MIXED_BATCH: list[Message] = [picture("cam", 1), audio("alice", 1), picture("bad", 1), picture("cam", 2),
+                              audio("alice", 2)]
+
+
+def test_a_batch_goes_to_the_codec_thread_once_audio_first_and_a_bad_message_drops_alone() -> None:
+    stage = _Recording(StageOptions(name="rec"))
+    handle(stage, MIXED_BATCH)
     assert stage.handoffs == [[("alice", 1), ("alice", 2), ("cam", 1), ("bad", 1), ("cam", 2)]]
     assert stage.emitted == [("alice", 1), ("alice", 2), ("cam", 1), ("cam", 2)]
     assert stage.drops["process_error"] == 1
@@ -187,11 +195,7 @@ class _WaitsForTheFirstOutput(_Recording):
 
 def test_outputs_leave_as_each_message_is_done_not_when_the_whole_batch_is() -> None:
     stage = _WaitsForTheFirstOutput(StageOptions(name="rec"))
-    try:
-        asyncio.run(stage._handle_media([picture("cam", 1), picture("cam", 2), picture("cam", 3)], None))
-    finally:
-        stage._codec_thread.shutdown()
-        stage._ctx.term()
+    handle(stage, [picture("cam", 1), picture("cam", 2), picture("cam", 3)])
     assert stage.handoffs == [[("cam", 1), ("cam", 2), ("cam", 3)]]  # still one hand-off
     assert stage.seen_while_processing == [True]
     assert stage.emitted == [("cam", 1), ("cam", 2), ("cam", 3)]
@@ -213,13 +217,7 @@ class _OnLoop(_Recording):
 
 def test_a_stage_that_processes_on_its_loop_makes_no_hand_off_and_keeps_the_same_order() -> None:
     stage = _OnLoop(StageOptions(name="rec"))
-    batch: list[Message] = [picture("cam", 1), audio("alice", 1), picture("bad", 1), picture("cam", 2),
-                            audio("alice", 2)]
-    try:
-        asyncio.run(stage._handle_media(batch, None))
-    finally:
-        stage._codec_thread.shutdown()
-        stage._ctx.term()
+    handle(stage, MIXED_BATCH)
     assert stage.handoffs == [] and stage.threads == {threading.current_thread().name}
     assert stage.emitted == [("alice", 1), ("alice", 2), ("cam", 1), ("cam", 2)]
     assert stage.drops["process_error"] == 1
