@@ -14,6 +14,9 @@ import zmq
 
 import protocol
 from protocol import EventType
+from sipbridge.status import StatusCollector
+from stages import codecs
+from stages.encoder import EncoderSettings, video_context
 from stages.pattern import PatternGenerator, tone
 from tests.roomfix import Collector, Room, in_order, room_fixture, wait_until  # noqa: F401  (pytest fixture)
 from tests.sipfix import janus_fixture, netns_fixture  # noqa: F401  (pytest fixtures)
@@ -34,8 +37,11 @@ SECOND_STREAM_OFFSET = 20000
 class Pusher:
     """A test-side pipeline upstream of the bot: the lead's pattern and a tone, paced in real time."""
 
-    def __init__(self, endpoint: str, video_streams: int = 1) -> None:
+    def __init__(self, endpoint: str, video_streams: int = 1, encoded: bool = False) -> None:
         self.video_streams = video_streams
+        # encoded: H.264 packets of the pattern (a keyframe a second: nothing here answers keyframe requests).
+        self.encoder = video_context(EncoderSettings(fps=FPS, keyframe_interval_s=1.0), WIDTH, HEIGHT) if encoded \
+            else None
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.PUSH)
         self.sock.setsockopt(zmq.SNDHWM, 16)
@@ -56,7 +62,14 @@ class Pusher:
                     header = protocol.MediaHeader(f"pipeline/video{stream}", frame_index, frame_index,
                                                   Fraction(1, FPS), time.time_ns())
                     msg: protocol.Message = protocol.VideoFrame(header, WIDTH, HEIGHT, pattern.frame(counter))
-                    self._send(msg)
+                    if self.encoder is None:
+                        self._send(msg)
+                        continue
+                    picture = codecs.i420_to_av(msg)
+                    picture.pts = frame_index
+                    for packet in self.encoder.encode(picture):
+                        self._send(protocol.EncodedPacket(header, protocol.Codec.H264, packet.is_keyframe,
+                                                          bytes(packet)))
                 frame_index += 1
             if audio_index * AUDIO_FRAME_SAMPLES / SAMPLE_RATE <= now:
                 first = audio_index * AUDIO_FRAME_SAMPLES
@@ -123,6 +136,38 @@ def test_two_pipeline_video_streams_become_two_cameras(room: Room, tmp_path: Pat
         ranges = sorted([(min(first), max(first)), (min(second), max(second))])
         assert ranges[0][1] < SECOND_STREAM_OFFSET <= ranges[1][0], ranges
         assert in_order(first) and in_order(second)
+    finally:
+        pusher.close()
+
+
+def test_passthrough_into_a_room_that_takes_another_codec_decodes_in_the_page(room: Room, tmp_path: Path) -> None:
+    """``--passthrough`` (``[media.to_room] passthrough``) where the bot's camera goes to the room as VP8 and the
+    pipeline sends H.264: nothing can be sent as it came, so the page decodes it as without passthrough; alice reads
+    the injected counters from the bot's video, at the pipeline's size. (Where the room takes H.264 the frames go as
+    they came: tests/test_cheap_room.py::test_bridged_call_passes_h264_through.)"""
+    inject = f"ipc://{tmp_path}/inject.sock"
+    pusher = Pusher(inject, encoded=True)
+    try:
+        _, probe = room.participants(ROOM_ID + 3, [("alice", 440.0)], probe=True, codec="vp8")
+        room.bot(ROOM_ID + 3, f"ipc://{tmp_path}/bot.sock", inputs=(inject,), codec="vp8", extra=("--passthrough",))
+
+        def from_bot() -> list[dict]:
+            return probe.matching(lambda r: r.get("event") == "received" and r.get("from") == "bot")
+
+        wait_until(lambda: sum(len(r["counters"]) for r in from_bot()) >= MIN_FRAMES, MEDIA_TIMEOUT_S,
+                   "alice receiving the bot's camera decoded from H.264")
+        records = from_bot()
+        assert in_order([c for r in records for c in r["counters"]])
+        assert (records[-1]["width"], records[-1]["height"]) == (WIDTH, HEIGHT)  # not the 16x16 placeholder
+        collector = StatusCollector(room.run_dir)
+        try:
+            collector.poll(1.5)
+            figures = collector.figures["browser-raw"]
+        finally:
+            collector.close()
+        # The page saw the room take VP8 and never passed the H.264 on; it decoded every packet it was given.
+        assert figures["room_send_codecs"] == {"0": "video/vp8"} and figures["inject_passed_frames"] == 0, figures
+        assert figures["passing"] in ({}, {"0": False}), figures
     finally:
         pusher.close()
 
