@@ -429,8 +429,7 @@ def print_lipsync(ls: dict[str, Any]) -> None:
               help="Busy-looping processes (batch work at nice 0) beside the call during the window.")
 @click.option("--nice", type=click.IntRange(-20, 19), default=0, show_default=True,
               help="The call's niceness ([processes] nice; the harness's Janus too).")
-@click.option("--page-video", type=click.Choice(["shown", "hidden", "placeholder"]), default="shown",
-              show_default=True,
+@click.option("--page-video", type=click.Choice(["shown", "hidden"]), default="shown", show_default=True,
               help="The bot page's video elements ([room] page_video).")
 @click.option("--fuse", type=click.Choice(sorted(FUSE_GROUPS)), default="none", show_default=True,
               help="Python stages that share one process ([processes] fuse): to-sip = the room -> SIP transcode "

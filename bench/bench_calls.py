@@ -54,10 +54,11 @@ class CallRunner(threading.Thread):
     """One bridged call on its own thread: a network namespace is entered per thread."""
 
     def __init__(self, index: int, ready: threading.Event, measure: threading.Event, done: threading.Event,
-                 generators: str = "aiortc") -> None:
+                 generators: str = "aiortc", passthrough: bool = False, page_video: str = "shown") -> None:
         super().__init__(name=f"call-{index}", daemon=True)
         self.index = index
         self.generators = generators
+        self.passthrough, self.page_video = passthrough, page_video
         self.ready, self.measure, self.done = ready, measure, done
         self.window_s = 0.0
         self.result: dict[str, Any] = {}
@@ -67,7 +68,8 @@ class CallRunner(threading.Thread):
         options = CallOptions(
             participants=[("alice", 440.0)], room_codec="h264", participant_size=f"{WIDTH}x{HEIGHT}",
             participant_fps=FPS, fps=FPS, layout="single", max_tiles=1, split=None, layout_ids=["alice/video"],
-            generators=self.generators,
+            generators=self.generators, passthrough=self.passthrough, room_passthrough=self.passthrough,
+            page_video=self.page_video,
         )
         try:
             run_dir = Path(tempfile.mkdtemp(prefix=f"sb-bench-call{self.index}-"))
@@ -121,14 +123,15 @@ def summarise(figures: dict[str, Any], echoed_fps: float) -> dict[str, Any]:
     }
 
 
-def run_calls(count: int, seconds: float, generators: str = "aiortc") -> dict[str, Any]:
+def run_calls(count: int, seconds: float, generators: str = "aiortc", passthrough: bool = False,
+              page_video: str = "shown") -> dict[str, Any]:
     measure, done = threading.Event(), threading.Event()
     runners = []
     # One after the other: each set-up takes the machine for a few seconds, and LocalCall sets process-wide
     # environment variables while it starts its bridge.
     for index in range(count):
         ready = threading.Event()
-        runner = CallRunner(index + 1, ready, measure, done, generators)
+        runner = CallRunner(index + 1, ready, measure, done, generators, passthrough, page_video)
         runner.start()
         ready.wait(MEDIA_TIMEOUT_S + 60)
         runners.append(runner)
@@ -149,6 +152,7 @@ def run_calls(count: int, seconds: float, generators: str = "aiortc") -> dict[st
     cores = (os.cpu_count() or 1) * (busy1 - busy0) / max(1, total1 - total0)
     generator_cores = sum(r.result.get("generators_cores", 0.0) for r in runners)
     return {"calls": count, "machine_cores_busy": round(cores, 2), "generators": generators,
+            "passthrough": passthrough, "page_video": page_video,
             "generators_cores": round(generator_cores, 3), "per_call": [r.result for r in runners]}
 
 
@@ -162,14 +166,19 @@ def worst(runs: dict[str, Any], key: str, which: int) -> float:
 @click.option("--seconds", type=float, default=15.0, show_default=True, help="Measurement window.")
 @click.option("--generators", type=click.Choice(GENERATORS), default="aiortc", show_default=True,
               help="Who simulates each room: browserless aiortc participants or a Chromium page each.")
-def main(calls: int, seconds: float, generators: str) -> None:
+@click.option("--passthrough/--no-passthrough", default=False, show_default=True,
+              help="[media.to_sip] and [media.to_room] passthrough: H.264 both ways as it came.")
+@click.option("--page-video", type=click.Choice(["shown", "hidden"]), default="shown",
+              show_default=True, help="The bot page's video elements ([room] page_video).")
+def main(calls: int, seconds: float, generators: str, passthrough: bool, page_video: str) -> None:
     if os.geteuid() != 0:
         raise click.ClickException("run as root (each call gets its own network namespace)")
-    single = run_calls(1, seconds, generators)
-    several = run_calls(calls, seconds, generators)
+    single = run_calls(1, seconds, generators, passthrough, page_video)
+    several = run_calls(calls, seconds, generators, passthrough, page_video)
     load = os.getloadavg()[0]
     print(f"\n{calls} simultaneous bridged calls vs 1, each 640x480@30 H.264+Opus <-> H.264+PCMU sipp echo, "
-          f"{seconds:.0f} s windows (load avg {load:.1f}, {os.cpu_count()} cores)")
+          f"{seconds:.0f} s windows (load avg {load:.1f}, {os.cpu_count()} cores"
+          f"{'; H.264 passed through both ways' if passthrough else ''}; page video {page_video})")
     print(f"{'measure (worst call)':28s} {'1 call p50/p95 ms':>18s} {f'{calls} calls p50/p95 ms':>20s} "
           f"{'p50 ratio':>9s}  target")
     for key in ("room_to_sip_video", "room_to_sip_audio", "sip_to_room_video", "sip_to_room_audio"):

@@ -57,7 +57,6 @@ WAIT_FOR_ROOM_S = 120.0
 WAIT_FOR_ROOM_MAX_S = 3600.0
 LAYOUT = "bridge"  # sipbridge/pipelines/bridge.toml: the graph of a bridged call
 # The first word of a transformer spec (stages/transformer.py parse_transform): checked here, loaded in the stage.
-PAGE_VIDEO_MODES = ("shown", "hidden", "placeholder")
 TRANSFORM_NAMES = ("identity", "crop", "resize", "split", "compose", "mix", "resample", "plugin", "entry")
 
 
@@ -112,9 +111,7 @@ class BridgeConfig:
     # not by the SIP decoder: no decode in the bridge and no raw picture between processes. "raw": decoded here.
     # "auto": encoded unless something on the way to the room needs the pictures (a split, a to_room transform).
     inject: str = "auto"
-    # "hidden": the bot page's video elements are not displayed (no painting for nobody); "placeholder" (encoded
-    # capture): Chromium decodes and shows a 16x16 grey picture in place of each participant's frames.
-    page_video: str = "shown"
+    page_video: str = "shown"  # "hidden": the bot page's video elements are not displayed (no painting for nobody)
     # The bot's Chromium in a program of its own (stages/browser/keeper.py): a restarted browser stage takes over the
     # bot still in the room instead of joining again. False: each browser stage launches its own.
     keep_browser: bool = True
@@ -379,10 +376,7 @@ def parse_bridge(data: dict[str, Any]) -> BridgeConfig:
     cfg.capture = _choice(_take(room, "room", "capture", str, cfg.capture), "room.capture", CAPTURE_MODES)
     cfg.inject = _choice(_take(room, "room", "inject", str, cfg.inject), "room.inject", INJECT_MODES)
     cfg.page_video = _choice(_take(room, "room", "page_video", str, cfg.page_video), "room.page_video",
-                             PAGE_VIDEO_MODES)
-    if cfg.page_video == "placeholder" and cfg.capture != "encoded":
-        raise BridgeConfigError('room.page_video = "placeholder" needs room.capture = "encoded" (raw capture reads '
-                                "the pictures Chromium decodes)")
+                             ("shown", "hidden"))
     cfg.keep_browser = _take(room, "room", "keep_browser", bool, cfg.keep_browser)
     recipe_vars = _take(room, "room", "vars", dict, {})
     if not all(isinstance(v, str) for v in recipe_vars.values()):

@@ -234,19 +234,15 @@ def test_cheap_marks_reach_the_cheap_viewer_together(room: Room) -> None:
 
 @pytest.mark.media
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize(("mode", "codec", "page_video"), [("raw", "h264", "shown"), ("encoded", "vp8", "placeholder"),
-                                                     ("encoded", "h264", "placeholder")])
-def test_bot_chromium_reads_cheap_publishers(room: Room, tmp_path: Path, mode: str, codec: str,
-                                             page_video: str) -> None:
+@pytest.mark.parametrize(("mode", "codec"), [("raw", "h264"), ("encoded", "vp8")])
+def test_bot_chromium_reads_cheap_publishers(room: Room, tmp_path: Path, mode: str, codec: str) -> None:
     """The product's side is a real browser: the bot's Chromium takes the loop (decoded, or its encoded frames as
-    they arrive, decoded by the test), counters in order, tones right. With ``page_video = "placeholder"`` the
-    capture is the same while the page's own decoder gets a 16x16 grey stream of the codec instead (the pictures
-    its video elements show are 16x16, every received frame was replaced)."""
+    they arrive, decoded by the test), counters in order, tones right."""
     cheap_publishers(room, ROOM_ID + 2, PUBLISHERS, codec=codec)
     out = f"ipc://{tmp_path}/bot.sock"
     collector = Collector(out)
     try:
-        room.bot(ROOM_ID + 2, out, mode=mode, codec=codec, extra=("--page-video", page_video))
+        room.bot(ROOM_ID + 2, out, mode=mode, codec=codec)
         wait_until(lambda: all(len(collector.counters(f"{n}/video")) >= MIN_FRAMES
                                and collector.tone(f"{n}/audio") is not None for n, _ in PUBLISHERS),
                    MEDIA_TIMEOUT_S, "both cheap publishers at the bot")
@@ -260,19 +256,6 @@ def test_bot_chromium_reads_cheap_publishers(room: Room, tmp_path: Path, mode: s
             if mode == "encoded":
                 assert collector.streams[f"{name}/video"].codecs == {codec.upper()}
                 assert collector.streams[f"{name}/audio"].codecs == {"OPUS"}
-        status = StatusCollector(room.run_dir)
-        try:
-            status.poll(2.5)
-            page = status.figures[f"browser-{mode}"]
-        finally:
-            status.close()
-        expected = "16x16" if page_video == "placeholder" else f"{SIZE[0]}x{SIZE[1]}"
-        assert page["page_video_sizes"] == [expected] * len(PUBLISHERS), page
-        if page_video == "placeholder":  # about every captured frame, as the figures lag up to a second
-            captured = sum(collector.streams[f"{n}/video"].packets for n, _ in PUBLISHERS)
-            assert captured > 0 and page["page_placeholder_frames"] >= captured // 2, (captured, page)
-        else:
-            assert page["page_placeholder_frames"] == 0, page
     finally:
         collector.close()
 

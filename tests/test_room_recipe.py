@@ -215,14 +215,3 @@ def test_the_page_lag_bound_reaches_the_page_and_the_relay_applies_it() -> None:
     assert '"maxLagMs": 123' in script
     relay = (JS_DIR / "relay_worker.js").read_text()
     assert "cfg.maxLagMs" in relay and "drops.lag" in relay
-
-
-def test_placeholder_pictures_need_encoded_capture() -> None:
-    """Raw capture reads the pictures Chromium decodes: placeholders there would be what the pipeline gets."""
-    from click.testing import CliRunner
-
-    from sipbridge.cli import cli
-
-    result = CliRunner().invoke(cli, ["stage", "browser", "--name", "b", "--out", "ipc:///nowhere", "--mode", "raw",
-                                      "--page-video", "placeholder"])
-    assert result.exit_code == 2 and "placeholder needs --mode encoded" in result.output, result.output

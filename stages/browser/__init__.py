@@ -56,11 +56,9 @@ def _parse_route(text: str) -> Any:
 @click.option("--display-name", default=None, help="Name the bot joins with (recipe variable display_name).")
 @click.option("--mode", type=click.Choice(["raw", "encoded"]), default="raw", show_default=True,
               help="raw: decoded I420/s16 out of the page; encoded: frames as received, for the decoder stage.")
-@click.option("--page-video", type=click.Choice(["shown", "hidden", "placeholder"]), default="shown",
-              show_default=True,
+@click.option("--page-video", type=click.Choice(["shown", "hidden"]), default="shown", show_default=True,
               help="hidden: the page's video elements are not displayed, so the bot's renderer does not paint "
-              "pictures nobody looks at; placeholder (--mode encoded): Chromium decodes and shows a 16x16 grey "
-              "picture in place of each received frame, once it is copied for the pipeline. Capture is unchanged.")
+              "pictures nobody looks at; capture is unchanged.")
 @click.option("--passthrough/--no-passthrough", default=False, show_default=True,
               help="Send the SIP side's encoded video into the room as it came wherever the room takes its codec: "
               "the bot's camera then carries a small placeholder for Chromium to encode, and each encoded "
@@ -90,9 +88,6 @@ def command(ctx: click.Context, **params: Any) -> None:
     """Join a WebRTC room with headless Chromium: capture every participant, inject the pipeline's media."""
     from stages.browser.recipes import RecipeError, load_recipe, recipe_from_mapping
 
-    if params["page_video"] == "placeholder" and params["mode"] != "encoded":
-        raise click.BadParameter("placeholder needs --mode encoded (raw capture reads the pictures Chromium "
-                                 "decodes)", param_hint="--page-video")
     options = build_options(params)
     variables = _parse_vars(params["variables"])
     if params["url"]:

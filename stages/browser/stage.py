@@ -41,7 +41,7 @@ from protocol import (
 )
 from stages import codecs, memtrace
 from stages.base import Stage, StageOptions, percentile, run_dir
-from stages.browser import cdplink, placeholder
+from stages.browser import cdplink
 from stages.browser.chromium import ChromiumUserError, launch_chromium
 from stages.browser.diagnose import Diagnosis, PageWatch, diagnose
 from stages.browser.early import Started
@@ -111,7 +111,6 @@ RELINK = "(url) => window.__sipbridgeHook ? window.__sipbridgeHook.relink(url) :
 TAKE_OVER_EVAL_TIMEOUT_S = 5.0
 
 HEADER_LENGTH = struct.Struct("<I")
-MAX_REPORTED_VIDEOS = 32  # remote video sizes kept from one page report
 CODEC_BY_MIME = {mime: info.codec for mime, info in codecs.BY_MIME.items()}  # lower-cased MIME types
 
 
@@ -128,9 +127,7 @@ class PageMessageError(ValueError):
 class BrowserConfig:
     recipe: Recipe
     mode: CaptureMode = CaptureMode.RAW
-    # "hidden": the page's video elements are not displayed (nobody looks at a bot's page); "placeholder" (encoded
-    # capture): Chromium decodes a 16x16 grey picture in place of each received frame (placeholder.py). Capture is
-    # unchanged.
+    # "hidden": the page's video elements are not displayed (nobody looks at a bot's page); capture is unchanged.
     page_video: str = "shown"
     # The SIP side's encoded video sent into the room as it came where the room takes its codec (js/hook.js).
     passthrough: bool = False
@@ -237,7 +234,6 @@ def init_script(ws_url: str, recipe: Recipe, *, mode: CaptureMode = CaptureMode.
         "mode": mode.value,
         "pageVideo": page_video,
         "passthrough": passthrough,
-        "placeholders": placeholder.for_page() if page_video == "placeholder" else None,
         "maxBacklogBytes": max_backlog_bytes,
         "maxLagMs": max_page_lag_ms,
         "identifyTimeoutMs": int(identify_timeout_s * 1000),
@@ -309,8 +305,6 @@ class BrowserStage(Stage):
         self._browser: Browser | None = None
         self._page_keyframe_requests = 0  # keyframe requests the page handed to a room sender's receiver
         self._inject_audio_gaps: Any = None  # the page's last period: gaps between injected audio chunks (ms)
-        self._page_placeholder_frames = 0  # page_video "placeholder": frames Chromium decoded as placeholders
-        self._page_video_sizes: list[str] = []  # "WxH" of each remote video the page shows, as last reported
         self._inject_passed = 0  # passthrough: SIP-side frames the page sent into the room as they came
         self._send_codecs: dict[int, str] = {}  # camera -> the codec its sender encodes (passthrough)
         self._passing: dict[int, bool] = {}  # camera -> whether it carries the SIP side's frames (passthrough)
@@ -342,8 +336,6 @@ class BrowserStage(Stage):
             "inject_packets": sum(list(self._inject_packets.values())),
             "inject_audio_gap_ms": self._inject_audio_gaps,
             "inject_passed_frames": self._inject_passed,
-            "page_placeholder_frames": self._page_placeholder_frames,
-            "page_video_sizes": self._page_video_sizes,
             "room_send_codecs": {str(k): v for k, v in self._send_codecs.items()},
             "passing": {str(k): v for k, v in self._passing.items()},
             "call": self._call,
@@ -484,13 +476,6 @@ class BrowserStage(Stage):
             sent = body.get("kfreq")
             if isinstance(sent, int) and sent > 0:
                 self._page_keyframe_requests += sent
-            placed = body.get("placed")
-            if isinstance(placed, int) and placed > 0:
-                self._page_placeholder_frames += placed
-        elif kind == "videos":
-            sizes = body.get("sizes")
-            if isinstance(sizes, list):
-                self._page_video_sizes = sorted(str(s)[:20] for s in sizes[:MAX_REPORTED_VIDEOS])
         elif kind == "inject":
             if body.get("audio_gap_ms") is not None:
                 self._inject_audio_gaps = body.get("audio_gap_ms")

@@ -4,9 +4,6 @@
 // * encoded: this worker is the RTCRtpScriptTransform of the track's receiver; each encoded frame is copied as
 //   received from the room (no decoding here) and then passed on unchanged, so the app still renders it and the
 //   receiver does not keep asking for keyframes.
-// * placeholders (page_video "placeholder"): once a received video frame is copied, Chromium's decoder gets a
-//   16x16 grey frame of the same codec and kind in its place (stages/browser/placeholder.py), so the page decodes
-//   and draws next to nothing; codecs without a placeholder are decoded as received.
 // * passthrough (send): this worker is also the RTCRtpScriptTransform of each sender of a bot camera; it reports the
 //   codec Chromium encodes the camera in and, while the page passes the SIP side's frames, sends one of them in
 //   place of each frame Chromium encoded (a placeholder picture).
@@ -125,37 +122,6 @@ async function captureRaw(key, kind, readable) {
   }
 }
 
-// ----- placeholders ---------------------------------------------------------------------------------------------
-let placeholders = null; // MIME type -> {key: [ArrayBuffer], delta: [ArrayBuffer]}
-let placed = 0; // frames given to Chromium's decoder as placeholders, reported with the drops
-
-function decodePlaceholders(byMime) {
-  if (!byMime) return null;
-  const bytes = (b64) => Uint8Array.from(atob(b64), (c) => c.charCodeAt(0)).buffer;
-  const out = {};
-  for (const [mime, set] of Object.entries(byMime)) {
-    out[mime] = { key: set.key.map(bytes), delta: set.delta.map(bytes) };
-  }
-  return out;
-}
-
-// Keyframes in turn (H.264: consecutive IDRs differ), delta frames in order from the last keyframe (H.264: by
-// frame_num, 1, 2, ...), so the decoder sees a valid stream of its own whatever the room's frames were.
-function toPlaceholder(entry, frame) {
-  const set = placeholders[String(frame.getMetadata().mimeType || "").toLowerCase()];
-  if (!set) return;
-  if (frame.type === "key") {
-    entry.phKeys = (entry.phKeys || 0) + 1;
-    entry.phDeltas = 0;
-    frame.data = set.key[entry.phKeys % set.key.length].slice(0);
-    placed += 1;
-  } else if (entry.phKeys) {
-    entry.phDeltas += 1;
-    frame.data = set.delta[entry.phDeltas % set.delta.length].slice(0);
-    placed += 1;
-  }
-}
-
 // ----- encoded --------------------------------------------------------------------------------------------------
 function entryFor(key) {
   if (!entries.has(key)) entries.set(key, { transformer: null, kind: null, active: false, needKey: true });
@@ -262,13 +228,6 @@ self.onrtctransform = (event) => {
         } catch (err) {
           drop("capture_error");
         }
-        if (placeholders && entry.kind === "video") {
-          try {
-            toPlaceholder(entry, frame);
-          } catch (err) {
-            drop("placeholder_error");
-          }
-        }
         controller.enqueue(frame);
       },
     }))
@@ -281,7 +240,6 @@ self.onmessage = (event) => {
   const msg = event.data;
   if (msg.t === "config") {
     config = msg;
-    placeholders = decodePlaceholders(msg.placeholders);
     relay = msg.port;
     relay.onmessage = (ev) => {
       // The relay dropped an encoded frame: the decoder downstream lost a reference, resynchronise on a keyframe.
@@ -297,11 +255,8 @@ self.onmessage = (event) => {
         if (d > 0) { delta[reason] = d; any = true; }
       }
       reported = { ...drops };
-      if (any || keyframeRequests || placed) {
-        sendText(JSON.stringify({ t: "drops", drops: delta, kfreq: keyframeRequests, placed }));
-      }
+      if (any || keyframeRequests) sendText(JSON.stringify({ t: "drops", drops: delta, kfreq: keyframeRequests }));
       keyframeRequests = 0;
-      placed = 0;
     }, config.statsIntervalMs);
   } else if (msg.t === "raw") {
     captureRaw(msg.key, msg.kind, msg.readable);

@@ -1,9 +1,8 @@
 // sipbridge page hook: injected with one Playwright add_init_script before any page script runs.
 // The Python side prepends two constants:
-//   SB_CONFIG         {wsUrl, mode: "raw"|"encoded", pageVideo: "shown"|"hidden"|"placeholder", maxBacklogBytes,
-//                      maxLagMs, identifyTimeoutMs, passthrough (the SIP side's frames sent to the room as they came),
-//                      participantAttribute, participantScript, videoTracks, statsIntervalMs,
-//                      placeholders (pageVideo "placeholder": MIME type -> {key, delta}, base64 frames)}
+//   SB_CONFIG         {wsUrl, mode: "raw"|"encoded", pageVideo: "shown"|"hidden", maxBacklogBytes, maxLagMs,
+//                      identifyTimeoutMs, passthrough (the SIP side's frames sent to the room as they came),
+//                      participantAttribute, participantScript, videoTracks, statsIntervalMs}
 //   SB_WORKER_SOURCE  the text of capture_worker.js (a Blob worker: raw capture and RTCRtpScriptTransform)
 //   SB_RELAY_SOURCE   the text of relay_worker.js (a Blob SharedWorker holding the WebSockets to Python)
 // It works with WebRTC apps that know nothing of it:
@@ -188,7 +187,7 @@
     const channel = new MessageChannel();
     relay.postMessage(relayConfig({ port: channel.port1 }), [channel.port1]);
     worker.postMessage({ t: "config", port: channel.port2, maxBacklogBytes: cfg.maxBacklogBytes,
-      statsIntervalMs: cfg.statsIntervalMs, placeholders: cfg.placeholders || null }, [channel.port2]);
+      statsIntervalMs: cfg.statsIntervalMs }, [channel.port2]);
   }
 
   // Raw capture runs in the worker too: the track's MediaStreamTrackProcessor readable is transferred there, so
@@ -583,18 +582,6 @@
     return { n: sorted.length, p50: at(0.5), p95: at(0.95), max: at(1) };
   }
 
-  // The size of the pictures the page shows for each remote video (what Chromium's decoder made of it: with
-  // pageVideo "placeholder", 16x16).
-  function remoteVideoSizes() {
-    const sizes = [];
-    for (const info of hook.tracks.values()) {
-      if (info.kind !== "video" || info.ended) continue;
-      const el = elementShowing(info.track);
-      if (el && el.videoWidth) sizes.push(el.videoWidth + "x" + el.videoHeight);
-    }
-    return sizes;
-  }
-
   // Drop counts travel to Python as deltas, so the stage's figures include what the page lost.
   let reported = {};
   let reportedPassed = 0;
@@ -611,8 +598,6 @@
     const passed = hook.passed - reportedPassed;
     reportedPassed = hook.passed;
     if ((gaps || passed) && wsReady()) sendJson({ t: "inject", audio_gap_ms: gaps, passed });
-    const sizes = remoteVideoSizes();
-    if (sizes.length && wsReady()) sendJson({ t: "videos", sizes });
   }, cfg.statsIntervalMs);
 
   connect();
