@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import threading
 import time
 from fractions import Fraction
@@ -168,6 +169,56 @@ def test_passthrough_into_a_room_that_takes_another_codec_decodes_in_the_page(ro
         # The page saw the room take VP8 and never passed the H.264 on; it decoded every packet it was given.
         assert figures["room_send_codecs"] == {"0": "video/vp8"} and figures["inject_passed_frames"] == 0, figures
         assert figures["passing"] in ({}, {"0": False}), figures
+    finally:
+        pusher.close()
+
+
+# Once joined, the app puts a black 160x120 canvas on the sender that carried the bot's camera (as a screen share
+# would), five seconds in, when the SIP side's frames already pass.
+REPLACE_CAMERA_JS = """async () => {
+  await new Promise((r) => setTimeout(r, 5000));
+  const canvas = document.createElement("canvas");
+  canvas.width = 160; canvas.height = 120;
+  const g = canvas.getContext("2d");
+  setInterval(() => { g.fillStyle = "#000"; g.fillRect(0, 0, 160, 120); }, 50);
+  const track = canvas.captureStream(15).getVideoTracks()[0];
+  for (const pc of window.__sipbridgeHook.pcs)
+    for (const s of pc.getSenders()) if (s.track && s.track.kind === "video") await s.replaceTrack(track);
+}"""
+
+
+def test_passthrough_leaves_a_sender_the_app_gave_another_track(room: Room, tmp_path: Path) -> None:
+    """``--passthrough``: the SIP side's frames go only on senders of the bot's camera. When the app replaces the
+    camera on its sender by another track, alice receives that track (160x120, black: counter 0), not the SIP side's
+    320x240 counters the sender carried before."""
+    inject = f"ipc://{tmp_path}/inject.sock"
+    pusher = Pusher(inject, encoded=True)
+    recipe = tmp_path / "replaces.toml"
+    recipe.write_text(f'url = "{room.url}?room={ROOM_ID + 4}&codec=h264"\n'
+                      'participant_attribute = "data-participant"\n'
+                      'joined_selector = "#status[data-state=\'joined\']"\n'
+                      'steps = [{ fill = "#display-name", value = "bot" }, { click = "#join-button" },\n'
+                      '  { wait_for = "#status[data-state=\'joined\']", timeout_s = 20 },\n'
+                      # Recipe strings are format strings: the script's braces doubled.
+                      f'  {{ evaluate = {json.dumps(REPLACE_CAMERA_JS.replace("{", "{{").replace("}", "}}"))} }}]\n')
+    try:
+        _, probe = room.participants(ROOM_ID + 4, [("alice", 440.0)], probe=True)
+        room.bot(ROOM_ID + 4, f"ipc://{tmp_path}/bot.sock", inputs=(inject,), extra=("--passthrough", "--recipe",
+                                                                                     str(recipe)))
+
+        def from_bot() -> list[dict]:
+            return probe.matching(lambda r: r.get("event") == "received" and r.get("from") == "bot")
+
+        wait_until(lambda: len([r for r in from_bot() if r["width"] == 160]) >= 4, MEDIA_TIMEOUT_S,
+                   "alice receiving the track the app put on the camera's sender")
+        records = from_bot()
+        before = [c for r in records if r["width"] == WIDTH for c in r["counters"]]
+        # A record holds a second of frames and the last one's size: the first at 160 wide may hold both tracks.
+        after = records[records.index(next(r for r in records if r["width"] == 160)) + 1:]
+        assert len([c for c in before if c]) >= 5, records  # the camera went out before, counters and all
+        assert all(r["width"] == 160 for r in after), [(r["width"], r["counters"][:3]) for r in after]
+        assert sum(len(r["counters"]) for r in after) >= 20, after
+        assert not any(c for r in after for c in r["counters"]), [r["counters"] for r in after]
     finally:
         pusher.close()
 

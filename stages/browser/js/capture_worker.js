@@ -9,7 +9,8 @@
 //   place of each frame Chromium encoded (a placeholder picture).
 // Messages from the page: {t: "config", port, maxBacklogBytes, statsIntervalMs}, {t: "raw", key, kind, readable},
 // {t: "activate", key} (encoded: start copying), {t: "kf", key} (ask the sender for a keyframe), {t: "end", key},
-// {t: "pass", slot, on} (a camera starts or stops carrying the SIP side's frames), {t: "au", slot, data, key} (one).
+// {t: "pass", slot, on} (a camera starts or stops carrying the SIP side's frames), {t: "au", slot, data, key} (one),
+// {t: "sendslot", sid, slot} (a sender now carries that camera; null: none of the bot's).
 // To the page: {t: "done", key} when a raw track's stream finished; {t: "sendcodec", slot, mime} when a camera's
 // sender encodes in another codec ("layered": more than one stream, kept as Chromium encodes it); {t: "passkf", slot}
 // when a camera needs a keyframe from the SIP side (the room asked for one, or frames were lost here).
@@ -156,9 +157,10 @@ function captureEncoded(key, entry, frame) {
 // SIP side's next keyframe instead of falling further behind.
 const PASS_QUEUE_MAX_FRAMES = 5;
 const passing = new Map(); // camera index -> whether the page passes the SIP side's frames
-const senders = new Set(); // {slot, queue, awaitKey, mime, ssrcs, layered, sent}
+const senders = new Set(); // {sid, slot, queue, awaitKey, mime, ssrcs, layered, sent}
 
 function passFrame(entry, frame) {
+  if (entry.slot === null) return true; // the sender carries none of the bot's cameras now
   const md = frame.getMetadata();
   const mime = String(md.mimeType || "").toLowerCase();
   entry.ssrcs.add(md.synchronizationSource);
@@ -193,8 +195,8 @@ function queueFrame(msg) {
   }
 }
 
-function onSendTransform(transformer, slot) {
-  const entry = { slot, queue: [], awaitKey: true, mime: null, ssrcs: new Set(), sent: 0 };
+function onSendTransform(transformer, slot, sid) {
+  const entry = { sid, slot, queue: [], awaitKey: true, mime: null, ssrcs: new Set(), sent: 0 };
   senders.add(entry);
   transformer.readable
     .pipeThrough(new TransformStream({
@@ -215,7 +217,10 @@ function onSendTransform(transformer, slot) {
 
 self.onrtctransform = (event) => {
   const transformer = event.transformer;
-  if (transformer.options.role === "send") { onSendTransform(transformer, transformer.options.slot); return; }
+  if (transformer.options.role === "send") {
+    onSendTransform(transformer, transformer.options.slot, transformer.options.sid);
+    return;
+  }
   const { key, kind } = transformer.options;
   const entry = entryFor(key);
   entry.transformer = transformer;
@@ -275,6 +280,13 @@ self.onmessage = (event) => {
     if (entry) { entry.needKey = entry.kind === "video"; requestKeyframe(entry); }
   } else if (msg.t === "au") {
     queueFrame(msg);
+  } else if (msg.t === "sendslot") {
+    for (const entry of senders) {
+      if (entry.sid !== msg.sid) continue;
+      Object.assign(entry, { slot: msg.slot, queue: [], awaitKey: true, sent: 0, mime: null });
+      // A camera already passing: this sender starts with the SIP side's next keyframe.
+      if (msg.slot !== null && passing.get(msg.slot)) self.postMessage({ t: "passkf", slot: msg.slot });
+    }
   } else if (msg.t === "pass") {
     passing.set(msg.slot, msg.on);
     for (const entry of senders) {

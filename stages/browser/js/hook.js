@@ -81,6 +81,10 @@
     for (const pc of hook.pcs) sendJson({ t: "pc", pc: pc.__sbId, state: pc.connectionState });
     if (hook.gum.calls) sendJson({ t: "gum", audio: hook.gum.audio, video: hook.gum.video });
     for (const info of hook.tracks.values()) if (info.announcement && !info.ended) sendJson(info.announcement);
+    videoSlots.forEach((slot, index) => {
+      if (slot.sendMime) sendJson({ t: "sendcodec", slot: index, mime: slot.sendMime });
+      if (slot.passing) sendJson({ t: "passing", slot: index, on: true });
+    });
     return true;
   };
 
@@ -280,6 +284,12 @@
   if (cfg.passthrough && window.RTCRtpSender) {
     const nativeReplaceTrack = RTCRtpSender.prototype.replaceTrack;
     RTCRtpSender.prototype.replaceTrack = function (track) {
+      // A sender that stops carrying a bot camera (the app shares a screen on it) must not get the SIP side's
+      // frames: its transform is told the camera it now carries, if any, before the switch.
+      if (this.__sbPass && worker) {
+        const index = track ? cameraOf.get(track) : undefined;
+        worker.postMessage({ t: "sendslot", sid: this.__sbPass, slot: index === undefined ? null : index });
+      }
       const done = nativeReplaceTrack.call(this, track);
       done.then(() => attachSendTransform(this), () => {});
       return done;
@@ -315,13 +325,15 @@
   const PLACEHOLDER_SIDE_PX = 16;
   const placeholderI420 = new Uint8Array(PLACEHOLDER_SIDE_PX * PLACEHOLDER_SIDE_PX * 3 / 2).fill(128);
 
+  let nextSenderId = 1;
   function attachSendTransform(sender) {
     if (!cfg.passthrough || !sender || !sender.track || sender.__sbPass || !relay) return;
     const index = cameraOf.get(sender.track);
     if (index === undefined) return;
-    sender.__sbPass = true;
+    sender.__sbPass = nextSenderId++;
     try {
-      sender.transform = new RTCRtpScriptTransform(captureWorker(), { role: "send", slot: index });
+      sender.transform = new RTCRtpScriptTransform(captureWorker(), { role: "send", slot: index,
+        sid: sender.__sbPass });
     } catch (err) {
       drop("pass_transform_error");
     }
