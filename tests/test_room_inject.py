@@ -161,9 +161,14 @@ def test_passthrough_into_a_room_that_takes_another_codec_decodes_in_the_page(ro
         assert in_order([c for r in records for c in r["counters"]])
         assert (records[-1]["width"], records[-1]["height"]) == (WIDTH, HEIGHT)  # not the 16x16 placeholder
         collector = StatusCollector(room.run_dir)
+
+        def reported() -> dict | None:
+            collector.poll(1.0)
+            figures = collector.figures.get("browser-raw", {})
+            return figures if figures.get("room_send_codecs") else None
+
         try:
-            collector.poll(1.5)
-            figures = collector.figures["browser-raw"]
+            figures = wait_until(reported, MEDIA_TIMEOUT_S / 2, "the page saying which codec the room takes")
         finally:
             collector.close()
         # The page saw the room take VP8 and never passed the H.264 on; it decoded every packet it was given.

@@ -613,4 +613,8 @@
   }, cfg.statsIntervalMs);
 
   connect();
+  // Passthrough: the capture worker starts now, not when the app adds the camera to a connection. In one CI run a
+  // send transform made together with its worker reported no frame in 4 s while its sender sent Chromium's own
+  // encoding (so passthrough would never have begun); a worker started with the page has seen none of that.
+  if (cfg.passthrough && relay) captureWorker();
 })();
