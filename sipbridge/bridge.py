@@ -466,13 +466,12 @@ def parse_bridge(data: dict[str, Any]) -> BridgeConfig:
 def _check_passthrough(cfg: BridgeConfig) -> None:
     """Passthrough forwards one camera's frames undecoded: only where nothing between needs its pictures."""
     inserted = [t.name for t in cfg.transforms if t.at == "to_room"]
+    what = "room_side.split" if cfg.split else f"the [[transform]] at to_room ({', '.join(inserted)})"
     if cfg.inject == "encoded" and (cfg.split or inserted):
-        what = "room_side.split" if cfg.split else f"the [[transform]] at to_room ({', '.join(inserted)})"
         raise BridgeConfigError(f'room.inject = "encoded" hands the SIP side\'s video to the page undecoded, but '
                                 f"{what} needs its pictures: use inject = \"raw\"")
     if cfg.to_room.passthrough and not injects_encoded(cfg):
-        why = ('room.inject = "raw"' if cfg.inject == "raw" else "room_side.split" if cfg.split
-               else f"the [[transform]] at to_room ({', '.join(inserted)})")
+        why = 'room.inject = "raw"' if cfg.inject == "raw" else what
         raise BridgeConfigError(f"media.to_room.passthrough sends the SIP side's frames as they came, but {why} "
                                 "needs them decoded")
     if not cfg.to_sip.passthrough:

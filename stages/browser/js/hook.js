@@ -362,7 +362,7 @@
   // The camera stops showing decoded pictures and starts carrying the SIP side's frames: it starts on a keyframe.
   function startPassing(index, slot) {
     slot.passing = true;
-    slot.passAwaitKey = true;
+    slot.awaitKey = true;
     if (slot.decoder && slot.decoder.state !== "closed") slot.decoder.close();
     slot.decoder = null;
     for (const seq of slot.acks || []) sendJson({ t: "ack", seq, slot: index }); // what the closed decoder held
@@ -379,13 +379,7 @@
 
   function passEncoded(index, slot, header, data, offset, gap) {
     if (!slot.passing) startPassing(index, slot);
-    if (gap && !slot.passAwaitKey) { drop("inject_gap"); slot.passAwaitKey = true; }
-    if (slot.passAwaitKey && !header.key) {
-      drop("inject_await_key");
-      askKeyframe(index);
-      return;
-    }
-    slot.passAwaitKey = false;
+    if (waitsForKey(index, slot, header, gap, "inject_gap")) return;
     const frameBytes = data.slice(offset);
     worker.postMessage({ t: "au", slot: index, data: frameBytes, key: !!header.key }, [frameBytes]);
     const frame = new VideoFrame(placeholderI420, { format: "I420", codedWidth: PLACEHOLDER_SIDE_PX,
@@ -536,13 +530,29 @@
     if (wsReady()) sendJson({ t: "injkf", slot: index });
   }
 
+  // A camera's chain restarts on a keyframe (asked of the SIP side) after a lost packet or another reason to
+  // restart; true when this packet is dropped waiting for it.
+  function waitsForKey(index, slot, header, restart, reason) {
+    if (restart) {
+      if (!slot.awaitKey) drop(reason);
+      slot.awaitKey = true;
+    }
+    if (slot.awaitKey && !header.key) {
+      drop("inject_await_key");
+      askKeyframe(index);
+      return true;
+    }
+    slot.awaitKey = false;
+    return false;
+  }
+
   function injectEncoded(header, data, offset) {
     const index = header.slot || 0;
     const camera = videoSlot(index);
+    const gap = camera.lastN !== undefined && header.n !== camera.lastN + 1;
+    camera.lastN = header.n;
     if (cfg.passthrough && worker) {
-      const gap = camera.lastN !== undefined && header.n !== camera.lastN + 1;
       if (camera.sendMime && camera.sendMime === mimeOfCodec(header.codec)) {
-        camera.lastN = header.n;
         passEncoded(index, camera, header, data, offset, gap);
         return;
       }
@@ -557,18 +567,8 @@
       unsupported(String(header.codec), e);
       return;
     }
-    const gap = slot.lastN !== undefined && header.n !== slot.lastN + 1;
-    slot.lastN = header.n;
-    if (gap || slot.decoder.decodeQueueSize > MAX_DECODE_QUEUE) {
-      if (!slot.awaitKey) drop(gap ? "inject_gap" : "inject_decode_backlog");
-      slot.awaitKey = true;
-    }
-    if (slot.awaitKey && !header.key) {
-      drop("inject_await_key");
-      askKeyframe(index);
-      return;
-    }
-    slot.awaitKey = false;
+    const backlog = slot.decoder.decodeQueueSize > MAX_DECODE_QUEUE;
+    if (waitsForKey(index, slot, header, gap || backlog, gap ? "inject_gap" : "inject_decode_backlog")) return;
     slot.acks.push(header.seq);
     try {
       slot.decoder.decode(new EncodedVideoChunk({ type: header.key ? "key" : "delta", data: payload,
